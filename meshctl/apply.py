@@ -1,0 +1,199 @@
+"""Apply a Snapshot to the local proxy: stage, validate, swap, reload, verify, roll back.
+
+Layout under the proxy directory::
+
+    gen/<generation>/...   rendered files of one config generation (never edited)
+    current -> gen/<g>     the live config: a symlink replaced atomically
+
+A generation directory is written under a temporary name, fsynced, renamed,
+then checked by the proxy's own validator *where it will live*, so what was
+validated is byte for byte what the proxy loads. Only then is ``current``
+swapped, the proxy reloaded, and its status socket asked which generation it
+serves. If anything fails the previous generation is restored and reloaded,
+and the proxy keeps serving it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshctl.errors import MeshctlError, ProxyError, ReloadError
+from meshctl.mesh import Snapshot
+from meshctl.proxy.base import ProxyDriver, generation_of
+
+log = logging.getLogger(__name__)
+
+KEEP_GENERATIONS = 4
+
+
+@dataclass
+class ApplyResult:
+    """What the last apply did, for logs and ``meshctl status``."""
+
+    action: str  # unchanged | started | reloaded | endpoints | failed
+    generation: str
+    error: str = ""
+    at: float = field(default_factory=time.time)
+    reloads: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "action": self.action,
+            "generation": self.generation,
+            "error": self.error,
+            "at": self.at,
+            "reloads": self.reloads,
+        }
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
+    """Write ``data`` to ``path`` atomically; skip and return False if unchanged."""
+    try:
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Applier:
+    """Owns the proxy's config directory and its reloads. Not thread-safe: one caller."""
+
+    def __init__(self, driver: ProxyDriver, proxy_dir: Path, reload_min_interval: float = 0.0):
+        self.driver = driver
+        self.proxy_dir = proxy_dir
+        self.gen_dir = proxy_dir / "gen"
+        self.current = proxy_dir / "current"
+        self.reload_min_interval = reload_min_interval
+        self.reloads = 0
+        self._last_reload = 0.0
+        self.last: ApplyResult | None = None
+
+    def current_generation(self) -> str | None:
+        try:
+            return Path(os.readlink(self.current)).name
+        except OSError:
+            return None
+
+    def apply(self, snapshot: Snapshot) -> ApplyResult:
+        """Make the proxy serve ``snapshot``; on failure keep serving the previous one.
+
+        Raises ValidationError or ReloadError (after rolling back).
+        """
+        files = self.driver.render(snapshot, generation="0" * 16)
+        generation = generation_of(files)
+        files = self.driver.render(snapshot, generation=generation)
+        previous = self.current_generation()
+        running = self.driver.running()
+        if previous == generation and running:
+            if self.driver.serving_generation() == generation:
+                return self._done(ApplyResult("unchanged", generation))
+        try:
+            target = self._stage(generation, files)
+            self.driver.validate(target)
+        except MeshctlError as exc:
+            self._done(ApplyResult("failed", generation, error=str(exc)))
+            raise
+        self._swap(generation)
+        try:
+            if not running:
+                self.driver.start()
+                action = "started"
+            else:
+                self._rate_limit()
+                self.driver.reload()
+                self.reloads += 1
+                action = "reloaded"
+            self.driver.wait_serving(generation)
+        except ProxyError as exc:
+            self._rollback(previous, generation)
+            self._done(ApplyResult("failed", generation, error=str(exc)))
+            raise ReloadError(f"{exc}; rolled back to generation {previous or 'none'}") from exc
+        self._prune(keep={generation, previous or ""})
+        log.info("proxy %s: %s generation %s", self.driver.name, action, generation)
+        return self._done(ApplyResult(action, generation))
+
+    def _done(self, result: ApplyResult) -> ApplyResult:
+        result.reloads = self.reloads
+        self.last = result
+        return result
+
+    def _rate_limit(self) -> None:
+        wait = self._last_reload + self.reload_min_interval - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._last_reload = time.monotonic()
+
+    def _stage(self, generation: str, files: dict[str, str]) -> Path:
+        target = self.gen_dir / generation
+        if target.is_dir():
+            return target
+        staging = self.gen_dir / f".{generation}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name, content in files.items():
+            write_atomic(staging / name, content.encode(), 0o644)
+        os.replace(staging, target)
+        _fsync_dir(self.gen_dir)
+        return target
+
+    def _swap(self, generation: str) -> None:
+        tmp = self.proxy_dir / ".current.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(Path("gen") / generation, tmp)
+        os.replace(tmp, self.current)
+        _fsync_dir(self.proxy_dir)
+
+    def _rollback(self, previous: str | None, failed: str) -> None:
+        log.error("proxy %s: generation %s failed; rolling back to %s",
+                  self.driver.name, failed, previous)
+        shutil.rmtree(self.gen_dir / failed, ignore_errors=True)
+        if previous is None:
+            self.current.unlink(missing_ok=True)
+            return
+        self._swap(previous)
+        try:
+            if self.driver.running():
+                self.driver.reload()
+            else:
+                self.driver.start()
+            self.driver.wait_serving(previous)
+        except ProxyError as exc:
+            log.error("proxy %s: rollback to %s did not confirm: %s", self.driver.name, previous, exc)
+
+    def _prune(self, keep: set[str]) -> None:
+        gens = sorted(
+            (p for p in self.gen_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime,
+        )
+        for old in gens[:-KEEP_GENERATIONS]:
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)

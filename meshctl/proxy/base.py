@@ -1,0 +1,228 @@
+"""The proxy-driver interface and the entry-point loader.
+
+A driver turns a Snapshot into files (pure, Jinja2), validates a staged copy
+with the proxy's own checker, starts and reloads the proxy, and confirms the
+proxy serves the generation it was given. Drivers are found through the
+entry-point group ``meshctl.proxies``; a driver from another package is used
+by naming it in the agent config (``proxy = "name"``).
+
+Everything that decides *what* the mesh does lives in compile(); a driver only
+decides how its proxy says it, and reports (``unsupported``) what it cannot say.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import ClassVar
+
+from meshctl.errors import DriverNotFound, ProxyError, ReloadError, ValidationError
+from meshctl.mesh import Snapshot
+
+ENTRY_POINT_GROUP = "meshctl.proxies"
+
+
+@dataclass(frozen=True)
+class ProxyPaths:
+    """Where a driver keeps its files. ``config_dir`` is the live (symlinked) config."""
+
+    config_dir: Path  # the live config directory (a symlink swapped atomically)
+    state_dir: Path  # proxy temp files, logs
+    run_dir: Path  # pid file, control and status sockets
+    plugins_dir: Path  # Lua shipped with meshctl
+
+    @property
+    def status_socket(self) -> Path:
+        return self.run_dir / "proxy-status.sock"
+
+
+def generation_of(files: dict[str, str]) -> str:
+    """A short digest of rendered files; the proxy reports it to prove a reload took."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+class ProxyDriver(abc.ABC):
+    """Base class of every proxy driver.
+
+    Subclasses set ``name`` and implement the abstract methods. ``render`` must be
+    pure: the same Snapshot and paths give the same bytes.
+    """
+
+    name: ClassVar[str]
+    #: the file in the config directory the proxy is started with
+    main_file: ClassVar[str]
+
+    def __init__(self, paths: ProxyPaths, binary: str = "") -> None:
+        self.paths = paths
+        self.binary = binary or self.default_binary()
+
+    # ------------------------------------------------------------ pure part
+
+    @abc.abstractmethod
+    def default_binary(self) -> str:
+        """The proxy executable used when the agent config names none."""
+
+    @abc.abstractmethod
+    def render(self, snapshot: Snapshot, generation: str) -> dict[str, str]:
+        """Return ``{relative file name: content}`` for ``snapshot``.
+
+        ``generation`` must appear in the status answer of the rendered config.
+        Raises CompileError for values the proxy syntax cannot carry safely.
+        """
+
+    def unsupported(self, snapshot: Snapshot) -> list[str]:
+        """Human-readable list of snapshot features this driver cannot express."""
+        return []
+
+    # ------------------------------------------------------------ side effects
+
+    @abc.abstractmethod
+    def validate(self, config_dir: Path) -> None:
+        """Check the config in ``config_dir`` with the proxy's own checker.
+
+        Raises ValidationError holding the proxy's output.
+        """
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start the proxy on the live config (it daemonizes and outlives the agent)."""
+
+    @abc.abstractmethod
+    def reload(self) -> None:
+        """Ask the running proxy to load the live config gracefully."""
+
+    @abc.abstractmethod
+    def pid(self) -> int | None:
+        """The running proxy's master pid, or None."""
+
+    @abc.abstractmethod
+    def version(self) -> str:
+        """The proxy's version string."""
+
+    def running(self) -> bool:
+        pid = self.pid()
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the proxy gracefully (by its pid), then forcefully after ``timeout``."""
+        pid = self.pid()
+        if pid is None:
+            return
+        for sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGKILL, 2.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.05)
+
+    def serving_generation(self, timeout: float = 1.0) -> str | None:
+        """The generation the proxy's workers answer on the status socket, or None."""
+        try:
+            conn = _UnixHTTPConnection(str(self.paths.status_socket), timeout=timeout)
+            conn.request("GET", "/meshctl/generation")
+            resp = conn.getresponse()
+            body = resp.read().decode("ascii", "replace").strip()
+            conn.close()
+        except OSError:
+            return None
+        return body if resp.status == 200 else None
+
+    def wait_serving(self, generation: str, timeout: float = 10.0) -> None:
+        """Wait until the proxy serves ``generation``; raise ReloadError if it does not."""
+        deadline = time.monotonic() + timeout
+        seen = None
+        while time.monotonic() < deadline:
+            seen = self.serving_generation()
+            if seen == generation:
+                return
+            if not self.running():
+                break
+            time.sleep(0.02)
+        raise ReloadError(
+            f"{self.name} did not start serving config generation {generation} "
+            f"(serving: {seen or 'nothing'}); see {self.error_log_hint()}"
+        )
+
+    def error_log_hint(self) -> str:
+        return str(self.paths.state_dir / "logs")
+
+    def update_endpoints(self, snapshot: Snapshot) -> bool:
+        """Apply an endpoint-only change without a reload; False when not supported."""
+        return False
+
+    # ------------------------------------------------------------ helpers
+
+    def _run(self, argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                argv, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except FileNotFoundError:
+            raise ProxyError(f"{self.name}: executable {argv[0]!r} not found") from None
+        except subprocess.TimeoutExpired:
+            raise ProxyError(f"{self.name}: {argv[0]} did not finish in {timeout}s") from None
+
+    def _check(self, argv: list[str], what: str, timeout: float = 30.0) -> str:
+        proc = self._run(argv, timeout)
+        out = (proc.stdout + proc.stderr).strip()
+        if proc.returncode != 0:
+            raise ValidationError(f"{self.name} {what} failed:\n{out}")
+        return out
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def available_drivers() -> dict[str, str]:
+    """Installed drivers: ``{name: "module:Class"}``."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_driver(name: str) -> type[ProxyDriver]:
+    """The driver class registered under ``name`` in ``meshctl.proxies``.
+
+    Raises DriverNotFound listing the installed drivers.
+    """
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, ProxyDriver)):
+                raise DriverNotFound(f"entry point {name!r} ({ep.value}) is not a ProxyDriver")
+            return cls
+    known = ", ".join(sorted(available_drivers())) or "none"
+    raise DriverNotFound(f"no proxy driver named {name!r} (installed: {known})")

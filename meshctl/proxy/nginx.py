@@ -1,0 +1,109 @@
+"""The nginx driver: http and stream blocks, mTLS both ways, graceful reloads."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+from meshctl.errors import ProxyError, ReloadError
+from meshctl.mesh import Snapshot
+from meshctl.proxy.base import ProxyDriver
+from meshctl.proxy.templating import environment
+
+MODULES_DIR = "/usr/lib/nginx/modules"
+
+
+class NginxDriver(ProxyDriver):
+    """Renders one nginx.conf; nginx runs as a daemon that outlives the agent."""
+
+    name = "nginx"
+    main_file = "nginx.conf"
+    worker_processes = 1
+    shutdown_timeout = 10
+    user = ""
+
+    def default_binary(self) -> str:
+        return "nginx"
+
+    def render(self, snapshot: Snapshot, generation: str) -> dict[str, str]:
+        http_out = [o for o in snapshot.outbounds if o.protocol == "http"]
+        stream_out = [o for o in snapshot.outbounds if o.protocol != "http"]
+        http_ids = {wc.cluster for o in http_out for r in o.routes for wc in r.clusters}
+        stream_ids = {wc.cluster for o in stream_out for r in o.routes for wc in r.clusters}
+        text = environment("nginx").get_template("nginx.conf.j2").render(
+            node=snapshot.node,
+            generation=generation,
+            modules_dir=MODULES_DIR,
+            user=self.user,
+            worker_processes=self.worker_processes,
+            shutdown_timeout=self.shutdown_timeout,
+            run_dir=str(self.paths.run_dir),
+            log_dir=str(self.paths.state_dir / "logs"),
+            state_dir=str(self.paths.state_dir),
+            plugins_dir=str(self.paths.plugins_dir / "nginx"),
+            status_socket=str(self.paths.status_socket),
+            http_clusters=[c for c in snapshot.clusters if c.id in http_ids],
+            stream_clusters=[c for c in snapshot.clusters if c.id in stream_ids],
+            http_inbounds=[i for i in snapshot.inbounds if i.protocol == "http"],
+            stream_inbounds=[i for i in snapshot.inbounds if i.protocol != "http"],
+            http_outbounds=http_out,
+            stream_outbounds=stream_out,
+            cluster=snapshot.cluster,
+        )
+        return {self.main_file: text}
+
+    def _prepare_dirs(self) -> None:
+        for sub in ("logs", "tmp"):
+            (self.paths.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _argv(self, config_dir: Path, *extra: str) -> list[str]:
+        return [
+            self.binary,
+            "-p", str(self.paths.state_dir),
+            "-e", str(self.paths.state_dir / "logs" / "nginx-error.log"),
+            "-c", str(config_dir / self.main_file),
+            *extra,
+        ]
+
+    def validate(self, config_dir: Path) -> None:
+        self._prepare_dirs()
+        self._check(self._argv(config_dir, "-t", "-q"), "config test (nginx -t)")
+
+    def start(self) -> None:
+        self._prepare_dirs()
+        if self.running():
+            return
+        # A stale unix status socket would make nginx fail to bind.
+        self.paths.status_socket.unlink(missing_ok=True)
+        proc = self._run(self._argv(self.paths.config_dir))
+        if proc.returncode != 0:
+            raise ReloadError(f"nginx failed to start:\n{(proc.stdout + proc.stderr).strip()}")
+
+    def reload(self) -> None:
+        pid = self.pid()
+        if pid is None:
+            raise ReloadError("nginx is not running (no pid file)")
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            raise ReloadError(f"nginx master (pid {pid}) is gone") from None
+
+    def pid(self) -> int | None:
+        try:
+            text = (self.paths.run_dir / "nginx.pid").read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def version(self) -> str:
+        proc = self._run([self.binary, "-v"], timeout=10)
+        m = re.search(r"nginx/(\S+)", proc.stderr + proc.stdout)
+        if not m:
+            raise ProxyError(f"cannot tell the nginx version from {proc.stderr.strip()!r}")
+        return m.group(1)
+
+    def error_log_hint(self) -> str:
+        return str(self.paths.state_dir / "logs" / "nginx-error.log")
