@@ -89,6 +89,8 @@ class AgentConfig:
     wait_max: float = 1.0
     reload_min_interval: float = 0.0
     advertise_address: str = ""
+    sync_interval: float = 5.0
+    metrics_address: str = "127.0.0.1:9466"
     consul: ConsulSettings = field(default_factory=ConsulSettings)
     vault: VaultSettings = field(default_factory=VaultSettings)
 
@@ -187,6 +189,10 @@ def _validate(cfg: AgentConfig, where: str) -> None:
         raise bad("default_intention_action", "must be 'allow' or 'deny'")
     if not (0 <= cfg.wait_min <= cfg.wait_max):
         raise bad("wait_min", "quiescence needs 0 <= wait_min <= wait_max")
+    if cfg.metrics_address and not re.match(r"^[0-9a-fA-F.:\[\]]+:\d{1,5}$", cfg.metrics_address):
+        raise bad("metrics_address", "expected ip:port, or empty to disable")
+    if cfg.sync_interval <= 0:
+        raise bad("sync_interval", "must be positive")
     if cfg.vault.auth not in ("token", "approle"):
         raise bad("vault.auth", "must be 'token' or 'approle'")
     if cfg.vault.auth == "approle" and not (cfg.vault.role_id_file and cfg.vault.secret_id_file):

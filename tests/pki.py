@@ -26,6 +26,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 @dataclass
 class TestCA:
+    __test__ = False
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
 

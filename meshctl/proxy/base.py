@@ -154,20 +154,32 @@ class ProxyDriver(abc.ABC):
         return body if resp.status == 200 else None
 
     def wait_serving(self, generation: str, timeout: float = 10.0) -> None:
-        """Wait until the proxy serves ``generation``; raise ReloadError if it does not."""
+        """Wait until the proxy serves ``generation``; raise ReloadError if it does not.
+
+        Returns early with the proxy's own words when it reports the reload failed.
+        """
         deadline = time.monotonic() + timeout
         seen = None
+        reason = ""
         while time.monotonic() < deadline:
             seen = self.serving_generation()
             if seen == generation:
                 return
-            if not self.running():
+            reason = self.reload_failure()
+            if reason or not self.running():
                 break
             time.sleep(0.02)
         raise ReloadError(
             f"{self.name} did not start serving config generation {generation} "
-            f"(serving: {seen or 'nothing'}); see {self.error_log_hint()}"
+            f"(serving: {seen or 'nothing'}): {reason or 'see ' + self.error_log_hint()}"
         )
+
+    def mark_reload(self) -> None:
+        """Remember where the proxy's log stands before a reload (see reload_failure)."""
+
+    def reload_failure(self) -> str:
+        """The proxy's own report of a failed reload since mark_reload(), or ''."""
+        return ""
 
     def error_log_hint(self) -> str:
         return str(self.paths.state_dir / "logs")

@@ -20,6 +20,7 @@ class NginxDriver(ProxyDriver):
 
     name = "nginx"
     main_file = "nginx.conf"
+    _log_mark = 0
     worker_processes = 1
     shutdown_timeout = 10
     user = ""
@@ -63,7 +64,7 @@ class NginxDriver(ProxyDriver):
         return [
             self.binary,
             "-p", str(self.paths.state_dir),
-            "-e", str(self.paths.state_dir / "logs" / "nginx-error.log"),
+            "-e", str(self._error_log),
             "-c", str(config_dir / self.main_file),
             *extra,
         ]
@@ -82,7 +83,31 @@ class NginxDriver(ProxyDriver):
         if proc.returncode != 0:
             raise ReloadError(f"nginx failed to start:\n{(proc.stdout + proc.stderr).strip()}")
 
+    def mark_reload(self) -> None:
+        try:
+            self._log_mark = self._error_log.stat().st_size
+        except OSError:
+            self._log_mark = 0
+
+    def reload_failure(self) -> str:
+        # The master logs [emerg] and keeps the old workers when a reload fails.
+        try:
+            with self._error_log.open("rb") as fh:
+                fh.seek(self._log_mark)
+                tail = fh.read(65536).decode("utf-8", "replace")
+        except OSError:
+            return ""
+        for line in tail.splitlines():
+            if "[emerg]" in line:
+                return line.split("[emerg]", 1)[1].strip()
+        return ""
+
+    @property
+    def _error_log(self) -> Path:
+        return self.paths.state_dir / "logs" / "nginx-error.log"
+
     def reload(self) -> None:
+        self.mark_reload()
         pid = self.pid()
         if pid is None:
             raise ReloadError("nginx is not running (no pid file)")
@@ -106,4 +131,4 @@ class NginxDriver(ProxyDriver):
         return m.group(1)
 
     def error_log_hint(self) -> str:
-        return str(self.paths.state_dir / "logs" / "nginx-error.log")
+        return str(self._error_log)

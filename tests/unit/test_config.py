@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+
+from meshctl.config import load_config
+from meshctl.errors import ConfigError
+
+
+def test_defaults_are_valid() -> None:
+    cfg = load_config(env={})
+    assert cfg.consul.addr == "http://127.0.0.1:8500"
+    assert cfg.proxy == "nginx"
+    assert cfg.default_intention_action == "deny"
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text('node_name = "from-file"\nproxy = "haproxy"\n[consul]\naddr = "http://10.0.0.1:8500"\n')
+    cfg = load_config(f, env={"CONSUL_HTTP_ADDR": "http://10.0.0.2:8500", "MESHCTL_NODE_NAME": "from-env"},
+                      overrides={"node_name": "from-flag"})
+    assert cfg.proxy == "haproxy"  # file over default
+    assert cfg.consul.addr == "http://10.0.0.2:8500"  # env over file
+    assert cfg.node_name == "from-flag"  # flag over env
+
+
+def test_tokens_from_env_are_not_in_repr() -> None:
+    cfg = load_config(env={"CONSUL_HTTP_TOKEN": "s3cr3t-consul", "VAULT_TOKEN": "s3cr3t-vault"})
+    assert cfg.consul.token == "s3cr3t-consul"
+    assert "s3cr3t" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("bogus = 1", "bogus: unknown setting"),
+        ("sidecar_port_min = 'x'", "sidecar_port_min: expected an integer"),
+        ('trust_domain = "Bad Domain"', "trust_domain"),
+        ('[vault]\nauth = "approle"', "vault.auth: approle needs"),
+        ('[consul]\naddr = "127.0.0.1:8500"', "consul.addr"),
+        ("node_name = [", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_file_and_field(tmp_path: Path, text: str, needle: str) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f, env={})
+    assert str(f) in str(err.value) or "defaults" in str(err.value)
+    assert needle in str(err.value)

@@ -1,0 +1,85 @@
+import pytest
+
+from meshctl.errors import CompileError
+from meshctl.mesh import Instance, identity_dns, snapshot_from_dict, spiffe_id
+from meshctl.services import Upstream
+from tests.meshdata import snapshot, web
+
+
+def test_compile_builds_inbound_outbound_and_cluster() -> None:
+    snap = snapshot()
+    (inb,) = snap.inbounds
+    assert (inb.listen_address, inb.listen_port, inb.app_port, inb.protocol) == ("198.18.0.11", 21000, 18080, "http")
+    (out,) = snap.outbounds
+    assert (out.caller, out.destination, out.bind_port) == ("web", "api", 19001)
+    cluster = snap.cluster(out.default_cluster)
+    assert cluster.tls_name == "api.svc.meshctl.test"
+    assert [e.address for e in cluster.endpoints] == ["198.18.0.12", "198.18.0.13"]
+
+
+def test_identity_names() -> None:
+    assert identity_dns("api", "meshctl.test") == "api.svc.meshctl.test"
+    assert spiffe_id("api", "meshctl.test", "dc1") == "spiffe://meshctl.test/ns/default/dc/dc1/svc/api"
+
+
+def test_critical_instances_are_not_endpoints() -> None:
+    inst = [Instance("h2", "api-0", "198.18.0.12", 21000, passing=False)]
+    snap = snapshot(instances={"api": inst})
+    assert snap.clusters[0].endpoints == ()
+
+
+def test_default_protocol_is_tcp_and_grpc_is_reported() -> None:
+    assert snapshot(protocols={}).outbounds[0].protocol == "tcp"
+    snap = snapshot(protocols={"api": "grpc", "web": "http"})
+    assert any("grpc" in w for w in snap.warnings)
+
+
+def test_output_is_deterministic_whatever_the_input_order() -> None:
+    a = snapshot(instances={"api": api_list()})
+    b = snapshot(instances={"api": list(reversed(api_list()))})
+    assert a.to_json() == b.to_json()
+
+
+def api_list() -> list[Instance]:
+    return [Instance("h2", "api-a", "198.18.0.12", 21000), Instance("h3", "api-b", "198.18.0.13", 21001)]
+
+
+def test_snapshot_round_trips_through_json() -> None:
+    import json
+
+    snap = snapshot()
+    assert snapshot_from_dict(json.loads(snap.to_json())) == snap
+
+
+def test_structure_key_ignores_endpoints_only() -> None:
+    a, b = snapshot(), snapshot(instances={"api": api_list()[:1]})
+    assert a.structure_key() == b.structure_key()
+    assert snapshot(protocols={}).structure_key() != a.structure_key()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"address": "198.18.0.12; include /etc/passwd"},
+        {"address": "evil.example"},
+        {"port": 0},
+        {"port": 70000},
+    ],
+)
+def test_hostile_instance_values_are_refused(bad: dict[str, object]) -> None:
+    fields: dict[str, object] = {"node": "h2", "service_id": "api-0", "address": "198.18.0.12", "port": 21000}
+    fields.update(bad)
+    with pytest.raises(CompileError):
+        snapshot(instances={"api": [Instance(**fields)]})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["api;", "api}", "API", "a b", "a\nb", '"api"', "$api", "-api"])
+def test_hostile_upstream_names_are_refused(name: str) -> None:
+    with pytest.raises(CompileError, match="upstream"):
+        snapshot(defn=web(upstreams=(Upstream(name, 19001),)))
+
+
+def test_two_upstreams_on_one_port_are_refused() -> None:
+    ups = (Upstream("api", 19001), Upstream("db", 19001))
+    with pytest.raises(CompileError, match="already bound"):
+        snapshot(defn=web(upstreams=ups))
