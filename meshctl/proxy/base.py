@@ -63,6 +63,8 @@ class ProxyDriver(abc.ABC):
     name: ClassVar[str]
     #: the file in the config directory the proxy is started with
     main_file: ClassVar[str]
+    #: the signal that stops the proxy gracefully
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
 
     def __init__(self, paths: ProxyPaths, binary: str = "") -> None:
         self.paths = paths
@@ -113,31 +115,22 @@ class ProxyDriver(abc.ABC):
 
     def running(self) -> bool:
         pid = self.pid()
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid is not None and _alive(pid)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the proxy gracefully (by its pid), then forcefully after ``timeout``."""
+    def stop(self, timeout: float = 10.0, graceful: bool = True) -> None:
+        """Stop the proxy by its pid: gracefully (or fast), then SIGKILL after ``timeout``."""
         pid = self.pid()
         if pid is None:
             return
-        for sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGKILL, 2.0)):
+        first = self.stop_signal if graceful else signal.SIGTERM
+        for sig, wait in ((first, timeout), (signal.SIGKILL, 2.0)):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 return
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
+                if not _alive(pid):
                     return
                 time.sleep(0.05)
 
@@ -206,6 +199,23 @@ class ProxyDriver(abc.ABC):
         if proc.returncode != 0:
             raise ValidationError(f"{self.name} {what} failed:\n{out}")
         return out
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; reaps it first if it is our own exited child."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

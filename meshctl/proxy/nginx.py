@@ -21,6 +21,7 @@ class NginxDriver(ProxyDriver):
     name = "nginx"
     main_file = "nginx.conf"
     _log_mark = 0
+    stop_signal = signal.SIGQUIT
     worker_processes = 1
     shutdown_timeout = 10
     user = ""
