@@ -1,0 +1,412 @@
+"""Leaf certificates on disk: parsing, the reuse and renewal decisions, the store.
+
+Private to :mod:`meshctl.vault`, which re-exports the public names. Everything
+here but :class:`CertStore` is pure: no network, no clock (``now`` is always
+passed in), no global randomness (``rng`` is passed in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import random
+import re
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from meshctl.errors import ConfigError, SourceError
+from meshctl.mesh import CertPaths, check_service_name
+
+log = logging.getLogger("meshctl.vault")
+
+#: Renew at this fraction of a leaf's lifetime …
+RENEW_FRACTION = 2 / 3
+#: … plus or minus this fraction of the lifetime, so a fleet does not renew at once.
+RENEW_JITTER = 0.05
+
+_DURATION = re.compile(r"(\d+)(d|h|m|s)")
+_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value: str | int) -> int:
+    """Seconds in a Vault-style duration: ``3600``, ``"3600"``, ``"72h"``, ``"1h30m"``, ``"7d"``.
+
+    Raises ConfigError when ``value`` is not such a duration.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"duration {value!r}: must not be negative")
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return int(text)
+        parts = _DURATION.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return sum(int(n) * _UNIT[u] for n, u in parts)
+    raise ConfigError(f"duration {value!r}: expected seconds or a duration like '72h' or '1h30m'")
+
+
+def format_serial(serial: int) -> str:
+    """A serial number the way Vault prints it: lower-case hex byte pairs joined by ':'."""
+    digits = f"{serial:x}"
+    if len(digits) % 2:
+        digits = "0" + digits
+    return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))
+
+
+def split_pem_certs(pem: str) -> list[x509.Certificate]:
+    """All certificates in a PEM text, in order; ValueError if there is none or one is bad."""
+    return list(x509.load_pem_x509_certificates(pem.encode("ascii")))
+
+
+def _spki(key: PrivateKeyTypes | x509.Certificate) -> bytes:
+    public = key.public_key()
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    return _issued_by(cert, cert)
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except Exception:  # InvalidSignature, ValueError, TypeError (key type mismatch)
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class LeafCert:
+    """One service's certificate, its private key and the CA chain that issued it.
+
+    ``cert_pem`` holds the leaf first, then any intermediate CAs (what a proxy
+    presents); ``ca_pem`` the issuing chain or trust bundle. ``not_before`` and
+    ``not_after`` are timezone-aware UTC. The key is kept out of ``repr``.
+    """
+
+    cert_pem: str
+    key_pem: str = field(repr=False)
+    ca_pem: str
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    common_name: str
+    dns_names: tuple[str, ...]
+    uri_sans: tuple[str, ...]
+
+    @classmethod
+    def from_pem(cls, cert_pem: str, key_pem: str, ca_pem: str = "", *, where: str) -> LeafCert:
+        """Parse and check a leaf: PEM syntax, private key matches the certificate.
+
+        ``where`` names the origin for messages. Raises SourceError naming
+        ``where`` (never quoting key material).
+        """
+        try:
+            certs = split_pem_certs(cert_pem)
+        except ValueError:
+            raise SourceError(f"{where}: certificate is not valid PEM") from None
+        try:
+            key = serialization.load_pem_private_key(key_pem.encode("ascii"), password=None)
+        except (ValueError, TypeError, UnicodeEncodeError):
+            raise SourceError(f"{where}: private key is not a valid unencrypted PEM key") from None
+        if ca_pem.strip():
+            try:
+                split_pem_certs(ca_pem)
+            except ValueError:
+                raise SourceError(f"{where}: CA bundle is not valid PEM") from None
+        leaf = certs[0]
+        if _spki(key) != _spki(leaf):
+            raise SourceError(f"{where}: private key does not belong to the certificate")
+        try:
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns = tuple(san.get_values_for_type(x509.DNSName))
+            uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+        except x509.ExtensionNotFound:
+            dns, uris = (), ()
+        cns = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        cn = cns[0].value if cns else ""
+        return cls(
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            ca_pem=ca_pem,
+            serial=format_serial(leaf.serial_number),
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
+            common_name=cn if isinstance(cn, str) else cn.decode(),
+            dns_names=dns,
+            uri_sans=uris,
+        )
+
+    @property
+    def lifetime(self) -> timedelta:
+        return self.not_after - self.not_before
+
+    def valid_at(self, now: datetime) -> bool:
+        """True if ``now`` lies within the certificate's validity period."""
+        return self.not_before <= now < self.not_after
+
+    def remaining(self, now: datetime) -> timedelta:
+        """Time left until expiry (negative once expired)."""
+        return self.not_after - now
+
+    def chains_to(self, ca_pem: str) -> bool:
+        """True if the leaf (through the intermediates in ``cert_pem``) was issued by a CA
+        in ``ca_pem``. Checks signatures only, not validity periods or policy."""
+        try:
+            chain = split_pem_certs(self.cert_pem)
+            anchors = split_pem_certs(ca_pem)
+        except ValueError:
+            return False
+        current, rest = chain[0], chain[1:]
+        for _ in range(len(chain) + 1):
+            if any(_issued_by(current, anchor) for anchor in anchors):
+                return True
+            parent = next((c for c in rest if _issued_by(current, c)), None)
+            if parent is None:
+                return False
+            current = parent
+            rest = [c for c in rest if c is not parent]
+        return False
+
+
+def leaf_chain_pem(certificate: str, ca_chain: list[str]) -> str:
+    """The PEM a proxy presents: the leaf, then the non-root CAs of its chain."""
+    parts = [certificate.strip()]
+    for pem in ca_chain:
+        try:
+            certs = split_pem_certs(pem)
+        except ValueError:
+            continue
+        if not any(_is_self_signed(c) for c in certs):
+            parts.append(pem.strip())
+    return "\n".join(parts) + "\n"
+
+
+def reuse_problem(
+    leaf: LeafCert,
+    *,
+    dns_name: str,
+    uri_san: str,
+    now: datetime,
+    max_lifetime: timedelta | None = None,
+    ca_pem: str = "",
+) -> str | None:
+    """Why ``leaf`` must not be reused now, or None if it may be.
+
+    A leaf is reused (e.g. after an agent restart) only while it is valid, more
+    than a third of its lifetime remains, its CN and SANs are exactly the wanted
+    identity, it is not longer-lived than wanted (``max_lifetime``, the operator
+    may have shortened the TTL; Vault's 30 s backdating and a 10 % margin are
+    tolerated), and it chains to ``ca_pem`` when a CA bundle is given.
+    """
+    if now < leaf.not_before:
+        return f"not valid before {leaf.not_before.isoformat()}"
+    if now >= leaf.not_after:
+        return f"expired at {leaf.not_after.isoformat()}"
+    if leaf.remaining(now) <= leaf.lifetime * (1 - RENEW_FRACTION):
+        return "less than a third of its lifetime remains"
+    if leaf.common_name != dns_name:
+        return f"common name is {leaf.common_name!r}, wanted {dns_name!r}"
+    if set(leaf.dns_names) != {dns_name}:
+        return f"DNS SANs are {sorted(leaf.dns_names)}, wanted [{dns_name!r}]"
+    if leaf.uri_sans != (uri_san,):
+        return f"URI SANs are {list(leaf.uri_sans)}, wanted [{uri_san!r}]"
+    if max_lifetime is not None and leaf.lifetime > max_lifetime * 1.1 + timedelta(seconds=60):
+        return f"lifetime {leaf.lifetime} exceeds the configured TTL {max_lifetime}"
+    if ca_pem.strip() and not leaf.chains_to(ca_pem):
+        return "not issued by the current mesh CA"
+    return None
+
+
+def renew_at(
+    leaf: LeafCert,
+    *,
+    rng: random.Random | None = None,
+    fraction: float = RENEW_FRACTION,
+    jitter: float = RENEW_JITTER,
+) -> datetime:
+    """When to renew ``leaf``: at ``fraction`` of its lifetime, give or take up to
+    ``jitter`` times the lifetime (uniformly), so a fleet does not renew at once.
+
+    Pure given ``rng``; never later than ``not_after``.
+    """
+    u = (rng or random.Random()).random()  # spreads load; not security
+    offset = fraction + (2 * u - 1) * jitter
+    offset = min(max(offset, 0.0), 1.0)
+    return leaf.not_before + leaf.lifetime * offset
+
+
+# ---------------------------------------------------------------- the store
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, gid: int | None = None) -> bool:
+    """Write ``data`` to ``path`` atomically unless it already holds those bytes.
+
+    The temporary file is created 0600 in the same directory (mkstemp), gets its
+    group and final mode before any byte is written, is fsynced, then renamed
+    over ``path``. Returns True if the file changed. Raises SourceError on I/O
+    failure (naming the path, never the content).
+    """
+    try:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            st = None
+        if st is not None and path.read_bytes() == data:
+            if stat.S_IMODE(st.st_mode) != mode or (gid is not None and st.st_gid != gid):
+                if gid is not None:
+                    os.chown(path, -1, gid)
+                os.chmod(path, mode)
+                log.info("fixed mode of %s to %o", path, mode)
+            return False
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if gid is not None:
+                    os.fchown(fh.fileno(), -1, gid)
+                os.fchmod(fh.fileno(), mode)
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    return True
+
+
+class CertStore:
+    """Leaf certificates and the mesh CA bundle in one directory.
+
+    Layout: ``<service>.crt`` (leaf + intermediates, 0644), ``<service>.key``
+    (0600, or 0640 owned by ``key_group`` so an unprivileged proxy can read it)
+    and ``ca.pem`` (0644). Writes are atomic and skipped when unchanged.
+    """
+
+    CA_FILE = "ca.pem"
+
+    def __init__(self, certs_dir: str | os.PathLike[str], *, key_group: str | int | None = None):
+        """Raises ConfigError if ``key_group`` names no group."""
+        self.dir = Path(certs_dir)
+        self._gid: int | None = None
+        if key_group is not None and key_group != "":
+            if isinstance(key_group, int):
+                self._gid = key_group
+            else:
+                try:
+                    self._gid = grp.getgrnam(key_group).gr_gid
+                except KeyError:
+                    raise ConfigError(
+                        f"certificate key group {key_group!r}: no such group"
+                    ) from None
+
+    @property
+    def key_mode(self) -> int:
+        return 0o640 if self._gid is not None else 0o600
+
+    @property
+    def ca_path(self) -> Path:
+        return self.dir / self.CA_FILE
+
+    def paths(self, service: str) -> CertPaths:
+        """Where ``service``'s certificate, key and the CA bundle live (for compile())."""
+        check_service_name(service)
+        return CertPaths(
+            cert=str(self.dir / f"{service}.crt"),
+            key=str(self.dir / f"{service}.key"),
+            ca=str(self.ca_path),
+        )
+
+    def _ensure_dir(self) -> None:
+        try:
+            self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SourceError(f"{self.dir}: cannot create: {exc.strerror or exc}") from None
+
+    def write_leaf(self, service: str, leaf: LeafCert) -> bool:
+        """Store ``leaf`` for ``service`` (key first, so a crash leaves a pair that
+        :meth:`load` rejects rather than a new certificate with an old key).
+        Returns True if a file changed. Raises SourceError."""
+        paths = self.paths(service)
+        self._ensure_dir()
+        changed = write_atomic(
+            Path(paths.key), leaf.key_pem.encode("ascii"), mode=self.key_mode, gid=self._gid
+        )
+        changed |= write_atomic(Path(paths.cert), leaf.cert_pem.encode("ascii"), mode=0o644)
+        return changed
+
+    def write_ca(self, ca_pem: str) -> bool:
+        """Store the mesh CA bundle. Returns True if it changed. Raises SourceError."""
+        self._ensure_dir()
+        return write_atomic(self.ca_path, ca_pem.encode("ascii"), mode=0o644)
+
+    def read_ca(self) -> str:
+        """The stored CA bundle, or "" if there is none yet."""
+        try:
+            return self.ca_path.read_text("ascii")
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def load(self, service: str) -> LeafCert | None:
+        """The leaf stored for ``service`` (with the CA bundle as ``ca_pem``), or None
+        if it is missing or unusable (bad PEM, key not matching). Does not judge
+        validity: see :func:`reuse_problem`."""
+        paths = self.paths(service)
+        try:
+            cert_pem = Path(paths.cert).read_text("ascii")
+            key_pem = Path(paths.key).read_text("ascii")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read stored certificate of %s: %s", service, exc)
+            return None
+        try:
+            return LeafCert.from_pem(cert_pem, key_pem, self.read_ca(), where=paths.cert)
+        except SourceError as exc:
+            log.warning("ignoring stored certificate of %s: %s", service, exc)
+            return None
+
+    def remove(self, service: str) -> bool:
+        """Delete ``service``'s certificate and key (a service left the host)."""
+        paths = self.paths(service)
+        removed = False
+        for p in (paths.cert, paths.key):
+            try:
+                os.unlink(p)
+                removed = True
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise SourceError(f"{p}: cannot remove: {exc.strerror or exc}") from None
+        return removed
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

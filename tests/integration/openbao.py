@@ -1,0 +1,122 @@
+"""A real OpenBao (Vault-API) dev server on loopback, for integration tests.
+
+``openbao_dev(workdir)`` starts ``bao server -dev`` on a free 127.0.0.1 port
+with a random root token (optionally with ``-dev-tls``), waits until it
+answers, yields an :class:`OpenBao`, and stops it by its pid. Its HOME is the
+work directory and the token helper is disabled, so nothing is written to the
+real home directory.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class OpenBao:
+    addr: str
+    token: str
+    pid: int
+    cacert: str = ""  # set with tls=True
+    log: Path = Path()
+
+
+def find_bao() -> str | None:
+    """The Vault-API server binary: $MESHCTL_BAO, the venv's bao, bao or vault on PATH."""
+    candidates = [
+        os.environ.get("MESHCTL_BAO", ""),
+        str(Path(sys.executable).parent / "bao"),
+        shutil.which("bao") or "",
+        shutil.which("vault") or "",
+    ]
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ready(addr: str, cacert: str) -> bool:
+    ctx = ssl.create_default_context(cafile=cacert) if cacert else None
+    try:
+        with urllib.request.urlopen(f"{addr}/v1/sys/health", timeout=2, context=ctx) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+@contextmanager
+def openbao_dev(workdir: Path, *, tls: bool = False, timeout: float = 60.0) -> Iterator[OpenBao]:
+    binary = find_bao()
+    if binary is None:
+        raise FileNotFoundError("no bao/vault binary (run scripts/deps.sh)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    token = "root-" + secrets.token_hex(16)
+    port = _free_port()
+    args = [
+        binary,
+        "server",
+        "-dev",
+        "-dev-no-store-token",
+        f"-dev-root-token-id={token}",
+        f"-dev-listen-address=127.0.0.1:{port}",
+    ]
+    cacert = ""
+    if tls:
+        certdir = workdir / "tls"
+        certdir.mkdir(exist_ok=True)
+        args += ["-dev-tls", f"-dev-tls-cert-dir={certdir}"]
+        cacert = str(certdir / "vault-ca.pem")
+    scheme = "https" if tls else "http"
+    addr = f"{scheme}://127.0.0.1:{port}"
+    log = workdir / "bao.log"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"bao exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+                )
+            if (not tls or Path(cacert).exists()) and _ready(addr, cacert):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bao did not answer at {addr} within {timeout}s")
+            time.sleep(0.1)
+        yield OpenBao(addr=addr, token=token, pid=proc.pid, cacert=cacert, log=log)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)

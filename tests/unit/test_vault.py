@@ -1,0 +1,137 @@
+"""Pure parts of the Vault adapter: error messages, policies, role settings, input checks.
+
+Behaviour against a real Vault-API server is in tests/integration/test_vault.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hvac.exceptions
+import pytest
+import requests
+
+from meshctl.cli.vault import _load_hosts_file, _parse_host_flags
+from meshctl.config import VaultSettings
+from meshctl.errors import ConfigError
+from meshctl.vault import (
+    VaultClient,
+    _check_inputs,
+    _differs,
+    _translate,
+    host_policy,
+    pki_role_params,
+)
+
+ADDR = "http://127.0.0.1:8200"
+DURATIONS = {"cert_ttl": "72h", "max_ttl": "720h", "ca_ttl": "87600h"}
+
+
+def test_vault_error_text_is_unwrapped_and_secrets_redacted() -> None:
+    exc = hvac.exceptions.Forbidden(
+        "1 error occurred:\n\t* permission denied for s.SECRETTOKEN\n\n",
+        method="post",
+        url=f"{ADDR}/v1/pki/issue/x",
+    )
+    err = _translate(exc, ADDR, "issue web", ["s.SECRETTOKEN"], 10)
+    assert str(err) == f"Vault at {ADDR}: issue web: HTTP 403: permission denied for <redacted>"
+
+
+def test_connection_errors_name_the_address() -> None:
+    exc = requests.exceptions.ConnectionError(
+        "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded "
+        "(Caused by NewConnectionError('<x>: Failed to establish a new connection: "
+        "[Errno 111] Connection refused'))"
+    )
+    err = _translate(exc, ADDR, "login", [], 10)
+    assert str(err) == f"Vault at {ADDR}: login: cannot connect: Connection refused"
+    timeout = _translate(requests.exceptions.ReadTimeout("x"), ADDR, "login", [], 2.5)
+    assert str(timeout) == f"Vault at {ADDR}: login: no answer within 2.5s"
+
+
+def test_client_refuses_a_bad_address() -> None:
+    with pytest.raises(ConfigError, match="http"):
+        VaultClient(VaultSettings(addr="127.0.0.1:8200"))
+    assert "abcdef-secret" not in repr(VaultClient(VaultSettings(token="abcdef-secret")))
+
+
+def test_host_policy_grants_only_its_services() -> None:
+    policy = host_policy("pki-mesh", "mesh-", "h1", ["web", "db", "web"])
+    issue_paths = [line for line in policy.splitlines() if "/issue/" in line]
+    assert issue_paths == [
+        'path "pki-mesh/issue/mesh-db" {',
+        'path "pki-mesh/issue/mesh-web" {',
+    ]
+    assert "*" not in policy
+    assert policy == host_policy("pki-mesh", "mesh-", "h1", ["db", "web"])  # deterministic
+
+
+def test_role_params_pin_the_identity() -> None:
+    p = pki_role_params("web", "mesh.test", "dc1", cert_ttl="72h", max_ttl="720h")
+    assert p["allowed_domains"] == ["web.svc.mesh.test"]
+    assert p["allowed_uri_sans"] == ["spiffe://mesh.test/ns/default/dc/dc1/svc/web"]
+    assert p["allow_bare_domains"] is True
+    for flag in (
+        "allow_subdomains",
+        "allow_glob_domains",
+        "allow_ip_sans",
+        "allow_localhost",
+        "allow_any_name",
+        "allow_wildcard_certificates",
+    ):
+        assert p[flag] is False, flag
+    assert (p["server_flag"], p["client_flag"], p["no_store"]) == (True, True, True)
+    assert (p["key_type"], p["key_bits"]) == ("ec", 256)
+
+
+def test_differs_compares_as_vault_reports() -> None:
+    desired = {"ttl": "72h", "allowed_domains": ["b", "a"], "no_store": True}
+    assert _differs({"ttl": 259200, "allowed_domains": ["a", "b"], "no_store": True}, desired) == []
+    assert _differs({"ttl": 3600, "allowed_domains": ["a"], "no_store": True}, desired) == [
+        "ttl",
+        "allowed_domains",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("hosts", "message"),
+    [
+        ({}, "no hosts"),
+        ({"bad host": ["web"]}, "not a valid host name"),
+        ({"h1": ["Web"]}, "service"),
+        ({"h1": "web"}, "list"),
+        ({"h1": ["web"], "H1": ["db"]}, "twice"),
+    ],
+)
+def test_setup_input_is_checked(hosts: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _check_inputs("mesh.test", "dc1", "pki-mesh", "mesh-", "approle", hosts, DURATIONS)  # type: ignore[arg-type]
+
+
+def test_setup_durations_must_nest() -> None:
+    with pytest.raises(ConfigError, match="durations"):
+        _check_inputs(
+            "mesh.test",
+            "dc1",
+            "pki",
+            "mesh-",
+            "approle",
+            {"h": ["web"]},
+            {**DURATIONS, "max_ttl": "1h"},
+        )
+
+
+def test_hosts_from_file_and_flags(tmp_path: Path) -> None:
+    j = tmp_path / "hosts.json"
+    j.write_text('{"h1": ["web", "db"], "h2": []}')
+    assert _load_hosts_file(str(j)) == {"h1": ["web", "db"], "h2": []}
+    t = tmp_path / "hosts.toml"
+    t.write_text('h1 = ["web"]\n')
+    assert _load_hosts_file(str(t)) == {"h1": ["web"]}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"h1": "web"}')
+    with pytest.raises(ConfigError, match="list of service names"):
+        _load_hosts_file(str(bad))
+    assert _parse_host_flags(["h1=web, db", "h2="]) == {"h1": ["web", "db"], "h2": []}
+    with pytest.raises(ConfigError, match="HOST=SERVICE"):
+        _parse_host_flags(["h1"])
