@@ -15,6 +15,7 @@ and the proxy keeps serving it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -96,6 +97,7 @@ class Applier:
         self.reloads = 0
         self._last_reload = 0.0
         self.last: ApplyResult | None = None
+        self._confirmed: str | None = None
 
     def current_generation(self) -> str | None:
         try:
@@ -113,13 +115,31 @@ class Applier:
         files = self.driver.render(snapshot, generation=generation)
         previous = self.current_generation()
         running = self.driver.running()
-        if previous == generation and running:
-            if self.driver.serving_generation() == generation:
+        endpoints = self.driver.endpoint_state(snapshot)
+        try:
+            previous_endpoints: bytes | None = self.driver.endpoints_file.read_bytes()
+        except OSError:
+            previous_endpoints = None
+        # Written before any (re)load, so the proxy loads the current endpoints.
+        moved = endpoints is not None and write_atomic(
+            self.driver.endpoints_file, json.dumps(endpoints, sort_keys=True).encode(), 0o640
+        )
+        if previous == generation and running and self._serving(generation):
+            if not moved:
                 return self._done(ApplyResult("unchanged", generation))
+            assert endpoints is not None
+            try:
+                self.driver.push_endpoints(endpoints)
+                log.info("proxy %s: endpoints updated without reload", self.driver.name)
+                return self._done(ApplyResult("endpoints", generation))
+            except (ProxyError, OSError) as exc:
+                log.warning("proxy %s: runtime endpoint update failed (%s); reloading",
+                            self.driver.name, exc)
         try:
             target = self._stage(generation, files)
             self.driver.validate(target)
         except MeshctlError as exc:
+            self._restore_endpoints(previous_endpoints)
             self._done(ApplyResult("failed", generation, error=str(exc)))
             raise
         self._swap(generation)
@@ -133,13 +153,24 @@ class Applier:
                 self.reloads += 1
                 action = "reloaded"
             self.driver.wait_serving(generation)
+            self._confirmed = generation
         except ProxyError as exc:
-            self._rollback(previous, generation)
+            self._confirmed = None
+            self._restore_endpoints(previous_endpoints)
+            self._rollback(previous, generation, previous_endpoints)
             self._done(ApplyResult("failed", generation, error=str(exc)))
             raise ReloadError(f"{exc}; rolled back to generation {previous or 'none'}") from exc
         self._prune(keep={generation, previous or ""})
         log.info("proxy %s: %s generation %s", self.driver.name, action, generation)
         return self._done(ApplyResult(action, generation))
+
+    def _serving(self, generation: str) -> bool:
+        # Once confirmed, trust it: right after a reload an old worker may still
+        # answer the probe for a moment, which must not cause another reload.
+        if self._confirmed != generation:
+            if self.driver.serving_generation() == generation:
+                self._confirmed = generation
+        return self._confirmed == generation
 
     def _done(self, result: ApplyResult) -> ApplyResult:
         result.reloads = self.reloads
@@ -172,7 +203,14 @@ class Applier:
         os.replace(tmp, self.current)
         _fsync_dir(self.proxy_dir)
 
-    def _rollback(self, previous: str | None, failed: str) -> None:
+    def _restore_endpoints(self, data: bytes | None) -> None:
+        """Put back the endpoint document of the last good state (read at the next load)."""
+        if data is None:
+            self.driver.endpoints_file.unlink(missing_ok=True)
+        else:
+            write_atomic(self.driver.endpoints_file, data, 0o640)
+
+    def _rollback(self, previous: str | None, failed: str, endpoints: bytes | None) -> None:
         log.error("proxy %s: generation %s failed; rolling back to %s",
                   self.driver.name, failed, previous)
         shutil.rmtree(self.gen_dir / failed, ignore_errors=True)
@@ -186,7 +224,11 @@ class Applier:
             else:
                 self.driver.start()
             self.driver.wait_serving(previous)
-        except ProxyError as exc:
+            # A reload that failed may already have loaded its endpoints into the
+            # proxy's shared state: hand the running workers the last good ones.
+            if endpoints is not None:
+                self.driver.push_endpoints(json.loads(endpoints))
+        except (ProxyError, OSError, ValueError) as exc:
             log.error("proxy %s: rollback to %s did not confirm: %s", self.driver.name, previous, exc)
 
     def _prune(self, keep: set[str]) -> None:

@@ -21,9 +21,9 @@ from typing import Any
 
 from meshctl.errors import ConfigError
 
-_NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
-_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-_MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_/-]{0,127}$")
+_NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\Z")
+_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z")
+_MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_/-]{0,127}\Z")
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def _validate(cfg: AgentConfig, where: str) -> None:
         raise bad("default_intention_action", "must be 'allow' or 'deny'")
     if not (0 <= cfg.wait_min <= cfg.wait_max):
         raise bad("wait_min", "quiescence needs 0 <= wait_min <= wait_max")
-    if cfg.metrics_address and not re.match(r"^[0-9a-fA-F.:\[\]]+:\d{1,5}$", cfg.metrics_address):
+    if cfg.metrics_address and not re.match(r"^[0-9a-fA-F.:\[\]]+:\d{1,5}\Z", cfg.metrics_address):
         raise bad("metrics_address", "expected ip:port, or empty to disable")
     if cfg.sync_interval <= 0:
         raise bad("sync_interval", "must be positive")
@@ -199,10 +199,10 @@ def _validate(cfg: AgentConfig, where: str) -> None:
         raise bad("vault.auth", "approle needs vault.role_id_file and vault.secret_id_file")
     if not _MOUNT.match(cfg.vault.pki_mount):
         raise bad("vault.pki_mount", f"{cfg.vault.pki_mount!r} is not a mount path")
-    if not re.match(r"^[a-z0-9-]{0,32}$", cfg.vault.role_prefix):
+    if not re.match(r"^[a-z0-9-]{0,32}\Z", cfg.vault.role_prefix):
         raise bad("vault.role_prefix", "use lower-case letters, digits and '-' only")
     for name, addr in (("consul.addr", cfg.consul.addr), ("vault.addr", cfg.vault.addr)):
-        if not re.match(r"^https?://[^\s/]+/?$", addr):
+        if not re.match(r"^https?://[^\s/]+/?\Z", addr):
             raise bad(name, f"{addr!r} is not an http(s)://host:port address")
 
 

@@ -15,17 +15,16 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from meshctl.errors import CompileError
+
+# SERVICE_NAME lives in services.py (which mesh imports) and is re-exported here.
+from meshctl.services import SERVICE_NAME as SERVICE_NAME
 from meshctl.services import ServiceDefinition
 
-# Consul service names are DNS-label-like; we accept that and nothing more, so a
-# name can appear in a proxy config, a file name and a certificate unescaped.
-SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 PROTOCOLS = ("tcp", "http", "http2", "grpc")
 
 
@@ -180,11 +179,13 @@ class Snapshot:
     outbounds: tuple[Outbound, ...] = ()
     clusters: tuple[Cluster, ...] = ()
     warnings: tuple[str, ...] = ()
-    _index: dict[str, Cluster] = field(default_factory=dict, compare=False, repr=False)
+    _index: dict[str, Cluster] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {c.id: c for c in self.clusters})
 
     def cluster(self, cluster_id: str) -> Cluster:
-        if not self._index:
-            self._index.update({c.id: c for c in self.clusters})
+        """The cluster with id ``cluster_id`` (KeyError if none)."""
         return self._index[cluster_id]
 
     def to_dict(self) -> dict[str, Any]:

@@ -171,7 +171,7 @@ class VaultClient:
 
     def __init__(self, settings: VaultSettings, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Raises ConfigError for an address that is not ``http(s)://host[:port]``."""
-        if not re.match(r"^https?://[^\s/]+/?$", settings.addr):
+        if not re.match(r"^https?://[^\s/]+/?\Z", settings.addr):
             raise ConfigError(f"Vault address {settings.addr!r}: expected http(s)://host:port")
         if timeout <= 0:
             raise ConfigError(f"Vault timeout {timeout!r}: must be positive")
@@ -509,10 +509,10 @@ def refresh_ca(client: LeafIssuer, store: CertStore, *, include: str = "") -> bo
 
 # ---------------------------------------------------------------- setup
 
-_HOST = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
-_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-_MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,127}$")
-_PREFIX = re.compile(r"^[a-z0-9-]{0,32}$")
+_HOST = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\Z")
+_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z")
+_MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,127}\Z")
+_PREFIX = re.compile(r"^[a-z0-9-]{0,32}\Z")
 
 
 @dataclass(frozen=True)

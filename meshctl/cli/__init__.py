@@ -28,9 +28,19 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from meshctl.cli import lab
+    from meshctl.cli import agent, lab
 
     cli.add_command(lab.lab)
+    from meshctl.cli import vault
+
+    cli.add_command(vault.vault)
+    cli.add_command(agent.agent)
+    cli.add_command(agent.status)
+    cli.add_command(agent.render)
+
+    from meshctl.cli import validate
+
+    cli.add_command(validate.validate)
 
 
 def main() -> None:

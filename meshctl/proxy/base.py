@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from meshctl.errors import DriverNotFound, ProxyError, ReloadError, ValidationError
 from meshctl.mesh import Snapshot
@@ -134,17 +134,25 @@ class ProxyDriver(abc.ABC):
                     return
                 time.sleep(0.05)
 
+    def control_request(self, method: str, path: str, body: str | None = None,
+                        timeout: float = 2.0) -> tuple[int, str]:
+        """One HTTP request to the proxy's control socket; raises OSError if unreachable."""
+        conn = _UnixHTTPConnection(str(self.paths.status_socket), timeout=timeout)
+        try:
+            conn.request(method, path, body=body,
+                         headers={"Content-Type": "application/json"} if body else {})
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode("utf-8", "replace")
+        finally:
+            conn.close()
+
     def serving_generation(self, timeout: float = 1.0) -> str | None:
         """The generation the proxy's workers answer on the status socket, or None."""
         try:
-            conn = _UnixHTTPConnection(str(self.paths.status_socket), timeout=timeout)
-            conn.request("GET", "/meshctl/generation")
-            resp = conn.getresponse()
-            body = resp.read().decode("ascii", "replace").strip()
-            conn.close()
+            status, body = self.control_request("GET", "/meshctl/generation", timeout=timeout)
         except OSError:
             return None
-        return body if resp.status == 200 else None
+        return body.strip() if status == 200 else None
 
     def wait_serving(self, generation: str, timeout: float = 10.0) -> None:
         """Wait until the proxy serves ``generation``; raise ReloadError if it does not.
@@ -177,9 +185,21 @@ class ProxyDriver(abc.ABC):
     def error_log_hint(self) -> str:
         return str(self.paths.state_dir / "logs")
 
-    def update_endpoints(self, snapshot: Snapshot) -> bool:
-        """Apply an endpoint-only change without a reload; False when not supported."""
-        return False
+    @property
+    def endpoints_file(self) -> Path:
+        """Where the runtime endpoint document is kept for the proxy's next (re)load."""
+        return self.paths.state_dir / "endpoints.json"
+
+    def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
+        """The endpoints this driver changes at run time (not rendered into files), or None."""
+        return None
+
+    def push_endpoints(self, state: dict[str, Any]) -> None:
+        """Hand ``state`` (from endpoint_state) to the running proxy without a reload.
+
+        Raises ProxyError when the proxy refuses it.
+        """
+        raise ProxyError(f"{self.name} cannot change endpoints at run time")
 
     # ------------------------------------------------------------ helpers
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 from pathlib import Path
+from typing import Any
 
 from meshctl.errors import ProxyError, ReloadError
 from meshctl.mesh import Snapshot
@@ -46,6 +48,7 @@ class NginxDriver(ProxyDriver):
             state_dir=str(self.paths.state_dir),
             plugins_dir=str(self.paths.plugins_dir / "nginx"),
             status_socket=str(self.paths.status_socket),
+            endpoints_file=str(self.endpoints_file),
             http_clusters=[c for c in snapshot.clusters if c.id in http_ids],
             stream_clusters=[c for c in snapshot.clusters if c.id in stream_ids],
             http_inbounds=[i for i in snapshot.inbounds if i.protocol == "http"],
@@ -55,6 +58,19 @@ class NginxDriver(ProxyDriver):
             cluster=snapshot.cluster,
         )
         return {self.main_file: text}
+
+    def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
+        http_ids = {wc.cluster for o in snapshot.outbounds if o.protocol == "http"
+                    for r in o.routes for wc in r.clusters}
+        return {"clusters": {
+            c.id: [[e.address, e.port] for e in c.endpoints if not e.backup]
+            for c in snapshot.clusters if c.id in http_ids
+        }}
+
+    def push_endpoints(self, state: dict[str, Any]) -> None:
+        status, body = self.control_request("POST", "/meshctl/endpoints", json.dumps(state))
+        if status != 200:
+            raise ProxyError(f"nginx refused the endpoint update ({status}): {body.strip()}")
 
     def _prepare_dirs(self) -> None:
         for sub in ("logs", "tmp"):

@@ -18,8 +18,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from meshctl.errors import CompileError
 from meshctl.resources import templates_dir
 
-_PATH = re.compile(r"^/[A-Za-z0-9_./@+-]*$")
-_IDENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_PATH = re.compile(r"^/[A-Za-z0-9_./@+-]*\Z")
+_IDENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 
 
 def safe_path(value: object) -> str:

@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,3 +150,23 @@ def test_client_without_mesh_certificate_is_refused_at_inbound(loop: Loop) -> No
     # nginx completes the handshake and answers 400; never the app's answer.
     assert b"api" not in reply
     assert reply == b"" or b"No required SSL certificate was sent" in reply
+
+
+def test_endpoint_change_reaches_traffic_and_skips_reload_where_the_driver_can(loop: Loop) -> None:
+    dead = free_port()
+    snap = loop.snapshot()
+    from dataclasses import replace
+
+    def with_port(port: int) -> Snapshot:
+        (c,) = snap.clusters
+        return replace(snap, clusters=(replace(c, endpoints=(replace(c.endpoints[0], port=port),)),))
+
+    loop.applier.apply(with_port(dead))
+    with pytest.raises(urllib.error.HTTPError):
+        loop.get()
+    reloads = loop.applier.reloads
+    result = loop.applier.apply(with_port(loop.api_in))
+    runtime = loop.driver.endpoint_state(snap) is not None
+    assert result.action == ("endpoints" if runtime else "reloaded")
+    assert loop.applier.reloads == reloads + (0 if runtime else 1)
+    assert '"service": "api"' in loop.get()

@@ -21,8 +21,22 @@ def test_http_outbound_verifies_destination_identity_and_presents_own_cert() -> 
     assert "proxy_ssl_verify on;" in text
     assert "proxy_ssl_name api.svc.meshctl.test;" in text
     assert "proxy_ssl_certificate /var/lib/meshctl/certs/web.crt;" in text
-    assert "server 198.18.0.12:21000" in text and "server 198.18.0.13:21000" in text
     assert "keepalive 64;" in text
+    # http endpoints are not in the file: the Lua balancer gets them at run time
+    assert "198.18.0.12" not in text
+    assert 'balance("c_api_' in text
+
+
+def test_http_endpoints_form_the_runtime_document() -> None:
+    state = NginxDriver(PATHS).endpoint_state(snapshot())
+    assert state is not None
+    (peers,) = state["clusters"].values()
+    assert peers == [["198.18.0.12", 21000], ["198.18.0.13", 21000]]
+
+
+def test_stream_endpoints_are_rendered_into_the_file() -> None:
+    text = render(snapshot(protocols={}))
+    assert "server 198.18.0.12:21000 max_fails=1" in text
 
 
 def test_inbound_demands_client_certificate_from_mesh_ca() -> None:
@@ -40,7 +54,9 @@ def test_tcp_services_go_to_the_stream_block() -> None:
 
 
 def test_no_passing_instance_renders_a_down_server() -> None:
-    assert "server 127.0.0.1:1 down;" in render(snapshot(instances={"api": []}))
+    assert "server 127.0.0.1:1 down;" in render(snapshot(instances={"api": []}, protocols={}))
+    state = NginxDriver(PATHS).endpoint_state(snapshot(instances={"api": []}))
+    assert state == {"clusters": {snapshot().clusters[0].id: []}}
 
 
 def test_render_is_deterministic_and_generation_is_stable() -> None:
@@ -54,3 +70,13 @@ def test_render_is_deterministic_and_generation_is_stable() -> None:
 def test_hostile_paths_are_refused(bad: str) -> None:
     with pytest.raises(CompileError, match="path"):
         render(snapshot(certs=CertPaths(bad, "/k.key", "/ca.pem")))
+
+
+@pytest.mark.parametrize("value", ["c_api\n", "c_api\nserver { listen 1; }", "c api", "c;api"])
+def test_names_with_newlines_or_separators_are_refused(value: str) -> None:
+    from meshctl.proxy.templating import ident, safe_path
+
+    with pytest.raises(CompileError):
+        ident(value)
+    with pytest.raises(CompileError):
+        safe_path("/" + value)

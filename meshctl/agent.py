@@ -1,0 +1,615 @@
+"""The host agent: sources → compile() → apply, with quiescence and fail-static.
+
+Threads: the watchdog observer of ``services.d``, one blocking-query loop per
+Consul key (in the Watcher), and this module's reconcile loop, which is the
+only thread that registers, issues certificates, compiles and applies. Every
+source only *signals* the loop; the loop reads the sources' latest good
+values, so a source in error keeps contributing its last good answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshctl import metrics
+from meshctl.apply import Applier, ApplyResult, write_atomic
+from meshctl.config import AgentConfig
+from meshctl._watch import Key, backoff_delay
+from meshctl.consul import ConfigEntry, ConsulClient, HealthConnect, Watcher
+from meshctl.errors import CompileError, ConsulError, DefinitionError, MeshctlError, Problem
+from meshctl.mesh import (
+    CertPaths,
+    Instance,
+    LocalService,
+    Snapshot,
+    compile_snapshot,
+    snapshot_from_dict,
+)
+from meshctl.proxy.base import ProxyDriver, ProxyPaths, generation_of, load_driver
+from meshctl.resources import plugins_dir
+from meshctl.services import ServiceDefinition, load_definitions
+from meshctl._certs import utcnow
+from meshctl.vault import CertStore, VaultClient, ensure_leaf, refresh_ca, renew_at
+
+log = logging.getLogger(__name__)
+
+
+class Quiescence:
+    """Debounce: fire once the trigger has been quiet for ``wait_min``, or after ``wait_max``."""
+
+    def __init__(self, wait_min: float, wait_max: float) -> None:
+        self.wait_min = wait_min
+        self.wait_max = wait_max
+        self._event = threading.Event()
+        self._first: float | None = None
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def trigger(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._first is None:
+                self._first = now
+            self._last = now
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a settled trigger; True if one fired."""
+        if not self._event.wait(timeout):
+            return False
+        while True:
+            with self._lock:
+                first, last = self._first or 0.0, self._last
+            now = time.monotonic()
+            due = min(last + self.wait_min, first + self.wait_max)
+            if now >= due:
+                with self._lock:
+                    self._first = None
+                    self._event.clear()
+                return True
+            time.sleep(min(due - now, 0.05))
+
+
+@dataclass
+class _CertState:
+    paths: CertPaths
+    not_after: float
+    renew_at: float
+
+
+@dataclass
+class AgentState:
+    """What ``meshctl status`` shows; written to ``run_dir/state.json``."""
+
+    node: str
+    proxy: str
+    services: list[dict[str, Any]] = field(default_factory=list)
+    upstreams: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_apply: dict[str, Any] = field(default_factory=dict)
+    updated: float = 0.0
+
+
+class Agent:
+    """One host's meshctl agent."""
+
+    def __init__(self, cfg: AgentConfig, driver: ProxyDriver | None = None) -> None:
+        self.cfg = cfg
+        for d in (cfg.data_dir, cfg.certs_dir, cfg.proxy_dir, cfg.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        cfg.data_dir.chmod(0o750)
+        self.driver = driver or make_driver(cfg)
+        self.applier = Applier(self.driver, cfg.proxy_dir, cfg.reload_min_interval)
+        self.consul = ConsulClient(cfg.consul)
+        self.watcher = Watcher(self.consul, on_change=self._on_source_change)
+        self.vault = VaultClient(cfg.vault)
+        self.store = CertStore(cfg.certs_dir)
+        self.trigger = Quiescence(cfg.wait_min, cfg.wait_max)
+        self._stop = threading.Event()
+        self._file_services: dict[str, list[ServiceDefinition]] = {}
+        self._problems: dict[str, list[Problem]] = {}
+        self._registered: dict[str, str] = {}  # service id -> registration digest
+        self._certs: dict[str, _CertState] = {}
+        self._ports = _PortBook(cfg.data_dir / "sidecar-ports.json", cfg.sidecar_port_min,
+                                cfg.sidecar_port_max)
+        self._address = cfg.advertise_address
+        self._last_snapshot: Snapshot | None = self._load_last_good()
+        self._next_sync = 0.0
+        self._next_ca = 0.0
+        self._retry_at = float("inf")
+        self._apply_failures = 0
+        self._observer: Any = None
+        self._warned: set[str] = set()
+        self._source_state: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        """Run until SIGTERM/SIGINT; deregister on the way out if configured."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.trigger.trigger())
+        metrics.serve(self.cfg.metrics_address)
+        log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
+                 self.driver.name, self._safe_version())
+        if self._last_snapshot is not None:
+            self._serve_last_good(self._last_snapshot)
+        self._start_dir_watch()
+        self.trigger.trigger()
+        try:
+            while not self._stop.is_set():
+                timeout = max(0.05, min(self._next_deadline() - time.time(), 5.0))
+                fired = self.trigger.wait(timeout)
+                if self._stop.is_set():
+                    break
+                if fired or time.time() >= self._next_deadline():
+                    self.reconcile()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.trigger.trigger()
+
+    def _shutdown(self) -> None:
+        log.info("meshctl agent stopping")
+        if self._observer is not None:
+            self._observer.stop()
+        self.watcher.stop()
+        if self.cfg.deregister_on_exit:
+            for sid in sorted(self._registered):
+                try:
+                    self.consul.deregister(sid)
+                    log.info("deregistered %s", sid)
+                except ConsulError as exc:
+                    log.warning("could not deregister %s: %s", sid, exc)
+
+    def _safe_version(self) -> str:
+        try:
+            return self.driver.version()
+        except MeshctlError:
+            return "(version unknown)"
+
+    def _on_source_change(self, key: object, value: object) -> None:
+        log.debug("source changed: %s", key)
+        self.trigger.trigger()
+
+    def _start_dir_watch(self) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        trigger = self.trigger
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type in ("opened", "closed_no_write"):
+                    return  # reads (our own included) change nothing
+                log.debug("services.d: %s %s", event.event_type, event.src_path)
+                trigger.trigger()
+
+        self.cfg.services_dir.mkdir(parents=True, exist_ok=True)
+        self._observer = Observer()
+        self._observer.schedule(Handler(), str(self.cfg.services_dir), recursive=False)
+        self._observer.daemon = True
+        self._observer.start()
+
+    def _next_deadline(self) -> float:
+        times = [self._next_sync, self._retry_at]
+        times += [c.renew_at for c in self._certs.values()]
+        return min(times) if times else time.time() + 1.0
+
+    # ------------------------------------------------------------ reconcile
+
+    def reconcile(self) -> None:
+        """One pass: definitions → registrations → certificates → compile → apply."""
+        log.debug("reconcile")
+        services = self._read_definitions()
+        self._sync_registrations(services)
+        self._refresh_certificates(services)
+        self._watch_upstreams(services)
+        self._compile_and_apply(services)
+
+    def _read_definitions(self) -> list[ServiceDefinition]:
+        defs, problems = load_definitions(self.cfg.services_dir)
+        by_file: dict[str, list[ServiceDefinition]] = {}
+        for d in defs:
+            by_file.setdefault(d.source, []).append(d)
+        bad: dict[str, list[Problem]] = {}
+        for p in problems:
+            bad.setdefault(p.file, []).append(p)
+        for f, probs in bad.items():
+            if self._problems.get(f) != probs:
+                for p in probs:
+                    log.error("definition rejected, keeping the last good one: %s", p)
+        for f in set(self._problems) - set(bad):
+            log.info("definition %s is valid again", f)
+        self._problems = bad
+        present = {str(p) for p in self.cfg.services_dir.glob("*")}
+        merged: dict[str, list[ServiceDefinition]] = {}
+        for f in set(by_file) | set(self._file_services):
+            if f in bad and f in present:
+                merged[f] = self._file_services.get(f, [])  # broken file: keep last good
+            elif f in by_file:
+                merged[f] = by_file[f]
+        self._file_services = merged
+        seen: dict[str, ServiceDefinition] = {}
+        for f in sorted(merged):
+            for d in merged[f]:
+                seen.setdefault(d.id, d)
+        services = sorted(seen.values(), key=lambda d: d.id)
+        self._ports.reserve(services)
+        return services
+
+    def _sidecar_address(self) -> str:
+        if not self._address:
+            try:
+                self._address = self.consul.advertise_address()
+            except ConsulError:
+                if self._last_snapshot and self._last_snapshot.inbounds:
+                    return self._last_snapshot.inbounds[0].listen_address
+                return ""
+        return self._address
+
+    def _sync_registrations(self, services: list[ServiceDefinition]) -> None:
+        now = time.time()
+        force = now >= self._next_sync
+        address = self._sidecar_address()
+        if not address:
+            return
+        try:
+            if force:
+                # Anti-entropy: the Consul agent may have restarted without its state.
+                present = self.consul.registered_ids()
+                for sid in list(self._registered):
+                    if sid not in present:
+                        log.info("registration of %s missing from Consul; registering again", sid)
+                        del self._registered[sid]
+                for sid in present - {d.id for d in services}:
+                    self.consul.deregister(sid)
+                    log.info("deregistered %s (no longer defined)", sid)
+                self._next_sync = now + self.cfg.sync_interval
+            wanted = {d.id: d for d in services}
+            for sid in sorted(set(self._registered) - set(wanted)):
+                self.consul.deregister(sid)
+                del self._registered[sid]
+                log.info("deregistered %s (definition removed)", sid)
+            for sid, d in sorted(wanted.items()):
+                port = self._ports.port_for(d)
+                digest = json.dumps([repr(d), address, port])
+                if self._registered.get(sid) != digest:
+                    self.consul.register(d, address, port)
+                    self._registered[sid] = digest
+                    log.info("registered %s with sidecar %s:%d", sid, address, port)
+            self._source_ok("consul-registration")
+        except ConsulError as exc:
+            self._source_error("consul-registration", exc)
+            self._next_sync = now + min(5.0, self.cfg.sync_interval) * (0.5 + random.random())
+
+    def _refresh_certificates(self, services: list[ServiceDefinition]) -> None:
+        names = sorted({d.name for d in services})
+        now = time.time()
+        due = [n for n in names if n not in self._certs or self._certs[n].renew_at <= now]
+        for name in due:
+            # A leaf already tracked is due for renewal: force a new one. At start
+            # (not tracked yet) a still-valid leaf on disk is reused.
+            force = name in self._certs
+            try:
+                leaf, changed = ensure_leaf(self.vault, self.store, name, self.cfg.trust_domain,
+                                            self.cfg.datacenter, self.cfg.vault.cert_ttl,
+                                            force=force)
+            except MeshctlError as exc:
+                self._source_error("vault", exc)
+                retry = now + 5.0 + random.random() * 5
+                cached = self.store.load(name)
+                if name in self._certs:
+                    self._certs[name].renew_at = retry
+                elif cached is not None and cached.valid_at(utcnow()):
+                    # Vault is down at start: serve with the leaf still on disk.
+                    self._certs[name] = _CertState(self.store.paths(name),
+                                                   cached.not_after.timestamp(), retry)
+                continue
+            self._source_ok("vault")
+            if changed:
+                log.info("certificate for %s issued (serial %s, expires %s)", name, leaf.serial,
+                         leaf.not_after.isoformat())
+            self._certs[name] = _CertState(self.store.paths(name), leaf.not_after.timestamp(),
+                                           renew_at(leaf).timestamp())
+            metrics.CERT_EXPIRY.labels(service=name).set(leaf.not_after.timestamp())
+        if due and now >= self._next_ca:
+            try:
+                refresh_ca(self.vault, self.store)
+                self._next_ca = now + 300.0
+            except MeshctlError as exc:
+                self._source_error("vault", exc)
+        for gone in set(self._certs) - set(names):
+            del self._certs[gone]
+
+    def _watch_upstreams(self, services: list[ServiceDefinition]) -> None:
+        self.watcher.watch_only(source_keys(services))
+
+    def _compile_and_apply(self, services: list[ServiceDefinition]) -> None:
+        address = self._sidecar_address()
+        locals_: list[LocalService] = []
+        for d in services:
+            cert = self._certs.get(d.name)
+            if cert is None:
+                self._warn_once(f"{d.id}: no certificate yet; its sidecar waits for Vault")
+                continue
+            if not address:
+                self._warn_once("sidecar address unknown until Consul answers")
+                continue
+            locals_.append(LocalService(d, address, self._ports.port_for(d), cert.paths))
+        try:
+            snapshot = build_snapshot(self.cfg, locals_, self.watcher.get, self._last_snapshot)
+        except CompileError as exc:
+            self._source_error("compile", exc)
+            self._write_state(services)
+            return
+        self._source_ok("compile")
+        for w in snapshot.warnings:
+            self._warn_once(w)
+        if not locals_ and self._last_snapshot is not None and self._last_snapshot.inbounds:
+            if services:
+                # Nothing can be served yet (no certificates): keep the last good config.
+                self._write_state(services)
+                return
+        try:
+            result = self.applier.apply(snapshot)
+            metrics.APPLY_TOTAL.labels(result=result.action).inc()
+            if result.action != "unchanged":
+                self._persist(snapshot)
+            self._last_snapshot = snapshot
+            self._source_ok("proxy")
+            self._retry_at = float("inf")
+        except MeshctlError as exc:
+            metrics.APPLY_TOTAL.labels(result="failed").inc()
+            self._source_error("proxy", exc)
+            self._apply_failures += 1
+            self._retry_at = time.time() + backoff_delay(self._apply_failures)
+        else:
+            self._apply_failures = 0
+        self._write_state(services)
+
+    # ------------------------------------------------------------ fail static
+
+    def _serve_last_good(self, snapshot: Snapshot) -> None:
+        try:
+            result = self.applier.apply(snapshot)
+            log.info("serving the last good snapshot (%s) before Consul answers", result.action)
+        except MeshctlError as exc:
+            log.error("could not serve the last good snapshot: %s", exc)
+
+    def _load_last_good(self) -> Snapshot | None:
+        try:
+            return snapshot_from_dict(json.loads(self.cfg.snapshot_path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable last good snapshot %s: %s", self.cfg.snapshot_path, exc)
+            return None
+
+    def _persist(self, snapshot: Snapshot) -> None:
+        write_atomic(self.cfg.snapshot_path, snapshot.to_json().encode(), 0o640)
+
+    # ------------------------------------------------------------ state
+
+    def _source_ok(self, name: str) -> None:
+        prev = self._source_state.get(name)
+        if prev is not None and prev["ok"]:
+            return
+        if prev is not None:
+            log.info("%s: recovered", name)
+        self._source_state[name] = {"ok": True, "error": "", "since": time.time()}
+        metrics.SOURCE_UP.labels(source=name).set(1)
+
+    def _source_error(self, name: str, exc: Exception) -> None:
+        """Log once per change of state, not once per retry."""
+        prev = self._source_state.get(name)
+        msg = str(exc)
+        if prev is None or prev["ok"] or prev["error"] != msg:
+            log.error("%s: %s (keeping the last good state; retrying)", name, msg)
+            self._source_state[name] = {"ok": False, "error": msg, "since": time.time()}
+        metrics.SOURCE_UP.labels(source=name).set(0)
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
+
+    def _write_state(self, services: list[ServiceDefinition]) -> None:
+        snap = self._last_snapshot
+        state = AgentState(node=self.cfg.node_name, proxy=self.driver.name)
+        for d in services:
+            cert = self._certs.get(d.name)
+            state.services.append({
+                "name": d.name,
+                "id": d.id,
+                "port": d.port,
+                "sidecar_port": self._ports.port_for(d),
+                "registered": d.id in self._registered,
+                "checks": [c.kind for c in d.checks],
+                "cert_expires": cert.not_after if cert else None,
+                "cert_renews": cert.renew_at if cert else None,
+            })
+        if snap is not None:
+            for o in snap.outbounds:
+                endpoints = [f"{e.address}:{e.port}" for wc in o.routes[-1].clusters
+                             for e in snap.cluster(wc.cluster).endpoints]
+                state.upstreams.append({
+                    "caller": o.caller, "destination": o.destination, "protocol": o.protocol,
+                    "bind": f"{o.bind_address}:{o.bind_port}", "endpoints": endpoints,
+                })
+            state.warnings = list(snap.warnings)
+        state.problems = [str(p) for probs in self._problems.values() for p in probs]
+        state.sources = dict(self._source_state)
+        for key, st in self.watcher.statuses().items():
+            state.sources[str(key)] = st
+        if self.applier.last is not None:
+            state.last_apply = self.applier.last.to_dict()
+        state.updated = time.time()
+        write_atomic(self.cfg.state_path, json.dumps(state.__dict__, indent=2, default=str).encode(), 0o644)
+
+
+Getter = Callable[[Key], Any]
+
+
+def source_keys(services: list[ServiceDefinition]) -> set[Key]:
+    """Every Consul key the snapshot of these local services depends on."""
+    destinations = {u.destination_name for d in services for u in d.upstreams}
+    keys: set[Key] = {HealthConnect(dest) for dest in destinations}
+    for name in destinations | {d.name for d in services}:
+        keys.add(ConfigEntry("service-defaults", name))
+    keys.add(ConfigEntry("proxy-defaults", "global"))
+    return keys
+
+
+def protocols_from(get: Getter, names: set[str]) -> dict[str, str]:
+    """Each service's protocol: service-defaults, else proxy-defaults, else tcp."""
+    default = "tcp"
+    pd = get(ConfigEntry("proxy-defaults", "global"))
+    if isinstance(pd, dict):
+        default = str((pd.get("Config") or {}).get("protocol", default))
+    out: dict[str, str] = {}
+    for name in names:
+        sd = get(ConfigEntry("service-defaults", name))
+        proto = sd.get("Protocol") if isinstance(sd, dict) else None
+        out[name] = str(proto or default)
+    return out
+
+
+def instances_from(get: Getter, destinations: set[str], last: Snapshot | None,
+                   ) -> dict[str, list[Instance]]:
+    """Discovered instances per destination; the persisted ones where Consul never answered."""
+    out: dict[str, list[Instance]] = {}
+    for dest in destinations:
+        value = get(HealthConnect(dest))
+        if value is not None:
+            out[dest] = list(value)
+        elif last is not None:
+            out[dest] = [
+                Instance(node=e.node, service_id=e.instance, address=e.address, port=e.port)
+                for c in last.clusters if c.service == dest and not c.subset
+                for e in c.endpoints
+            ]
+    return out
+
+
+def build_snapshot(cfg: AgentConfig, locals_: list[LocalService], get: Getter,
+                   last: Snapshot | None) -> Snapshot:
+    """compile() fed from a value getter (the watcher's, or a one-shot query)."""
+    destinations = {u.destination_name for ls in locals_ for u in ls.definition.upstreams}
+    names = destinations | {ls.definition.name for ls in locals_}
+    return compile_snapshot(
+        node=cfg.node_name,
+        trust_domain=cfg.trust_domain,
+        datacenter=cfg.datacenter,
+        services=locals_,
+        instances=instances_from(get, destinations, last),
+        protocols=protocols_from(get, names),
+    )
+
+
+def plan_once(cfg: AgentConfig) -> tuple[Snapshot, dict[str, str]]:
+    """What the agent would apply now: asks Consul once, issues no certificate.
+
+    Raises DefinitionError for broken definitions, ConsulError if Consul is down.
+    """
+    defs, problems = load_definitions(cfg.services_dir)
+    if problems:
+        raise DefinitionError(problems)
+    consul = ConsulClient(cfg.consul)
+    session = consul.session()
+    try:
+        address = cfg.advertise_address or consul.advertise_address()
+        ports = _PortBook(cfg.data_dir / "sidecar-ports.json", cfg.sidecar_port_min,
+                          cfg.sidecar_port_max, persist=False)
+        ports.reserve(defs)
+        store = CertStore(cfg.certs_dir)
+        locals_ = [LocalService(d, address, ports.port_for(d), store.paths(d.name)) for d in defs]
+
+        def get(key: Key) -> Any:
+            return key.fetch(session, 0, "1s")[1]
+
+        snapshot = build_snapshot(cfg, locals_, get, None)
+    finally:
+        session.close()
+    driver = make_driver(cfg)
+    files = driver.render(snapshot, generation="0" * 16)
+    return snapshot, driver.render(snapshot, generation_of(files))
+
+
+class _PortBook:
+    """Stable sidecar ports: explicit ones from definitions, else allocated and remembered."""
+
+    def __init__(self, path: Path, low: int, high: int, persist: bool = True) -> None:
+        self.path, self.low, self.high, self.persist = path, low, high, persist
+        self.fixed: set[int] = set()
+        try:
+            self.ports: dict[str, int] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.ports = {}
+
+    def reserve(self, services: list[ServiceDefinition]) -> None:
+        """Ports fixed in definitions (sidecar or upstream listeners) are never allocated."""
+        self.fixed = {d.sidecar_port for d in services if d.sidecar_port} | {
+            u.local_bind_port for d in services for u in d.upstreams}
+        for sid, port in list(self.ports.items()):
+            if port in self.fixed and not any(d.id == sid and d.sidecar_port == port
+                                              for d in services):
+                del self.ports[sid]  # a definition now fixes this port: move the allocation
+
+    def port_for(self, d: ServiceDefinition) -> int:
+        if d.sidecar_port:
+            return d.sidecar_port
+        if d.id in self.ports:
+            return self.ports[d.id]
+        used = set(self.ports.values()) | self.fixed
+        for port in range(self.low, self.high + 1):
+            if port not in used:
+                self.ports[d.id] = port
+                if self.persist:
+                    write_atomic(self.path, json.dumps(self.ports, sort_keys=True).encode(),
+                                 0o644)
+                return port
+        raise CompileError(f"{d.source}: no free sidecar port left in {self.low}-{self.high}")
+
+
+def make_driver(cfg: AgentConfig) -> ProxyDriver:
+    """The configured proxy driver, with the agent's directories."""
+    cls = load_driver(cfg.proxy)
+    paths = ProxyPaths(
+        config_dir=cfg.proxy_dir / "current",
+        state_dir=cfg.data_dir / cfg.proxy,
+        run_dir=cfg.run_dir,
+        plugins_dir=plugins_dir(),
+    )
+    return cls(paths, binary=cfg.proxy_binary)
+
+
+def run_agent(cfg: AgentConfig, ready: Callable[[], None] | None = None) -> None:
+    """Entry point used by ``meshctl agent``."""
+    agent = Agent(cfg)
+    if ready:
+        ready()
+    agent.run()
+
+
+def last_apply(cfg: AgentConfig) -> ApplyResult | None:
+    """The last apply result recorded by a running agent, if any."""
+    try:
+        data = json.loads(cfg.state_path.read_text())
+    except (OSError, ValueError):
+        return None
+    la = data.get("last_apply") or {}
+    return ApplyResult(**la) if la else None

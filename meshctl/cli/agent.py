@@ -1,0 +1,113 @@
+"""``meshctl agent``, ``meshctl status`` and ``meshctl render``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meshctl.cli._output import emit, table
+from meshctl.config import AgentConfig, load_config
+from meshctl.errors import ConfigError
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    default=None, help="Agent config (TOML). Default: /etc/meshctl/agent.toml if it exists.",
+)
+
+
+def _load(config_path: Path | None, **overrides: Any) -> AgentConfig:
+    if config_path is None and Path("/etc/meshctl/agent.toml").exists():
+        config_path = Path("/etc/meshctl/agent.toml")
+    return load_config(config_path, overrides={k: v for k, v in overrides.items() if v is not None})
+
+
+@click.command()
+@config_option
+@click.option("--node-name", default=None, help="Override node_name.")
+@click.option("--proxy", default=None, help="Proxy driver name (nginx, haproxy, ...).")
+@click.option("--services-dir", default=None, help="Override services_dir.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def agent(config_path: Path | None, node_name: str | None, proxy: str | None,
+          services_dir: str | None, log_level: str) -> None:
+    """Run the host agent (register, certificates, discovery, proxy) until SIGTERM."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("urllib3", "watchdog", "hvac"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = _load(config_path, node_name=node_name, proxy=proxy, services_dir=services_dir)
+    from meshctl.agent import run_agent
+
+    run_agent(cfg)
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    delta = ts - time.time()
+    word = "in " if delta > 0 else ""
+    delta = abs(delta)
+    unit = f"{delta:.0f}s" if delta < 120 else (f"{delta/60:.0f}m" if delta < 7200 else f"{delta/3600:.1f}h")
+    return f"{word}{unit}" + ("" if word else " ago")
+
+
+@click.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Local services, sidecars, upstreams and their endpoints, certificates, last apply."""
+    cfg = _load(config_path)
+    try:
+        state = json.loads(cfg.state_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{cfg.state_path}: no agent state (is `meshctl agent` running?)") from None
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.state_path}: unreadable agent state: {exc}") from None
+    parts = [f"node {state['node']}  proxy {state['proxy']}  updated {_ago(state.get('updated'))}", ""]
+    parts.append(table(
+        ["service", "id", "port", "sidecar", "registered", "checks", "cert expires", "renews"],
+        [[s["name"], s["id"], s["port"], s["sidecar_port"], "yes" if s["registered"] else "no",
+          ",".join(s["checks"]), _ago(s["cert_expires"]), _ago(s["cert_renews"])]
+         for s in state["services"]],
+    ))
+    parts += ["", table(
+        ["caller", "upstream", "protocol", "listen", "endpoints"],
+        [[u["caller"], u["destination"], u["protocol"], u["bind"], " ".join(u["endpoints"]) or "(none passing)"]
+         for u in state["upstreams"]],
+    )]
+    la = state.get("last_apply") or {}
+    if la:
+        parts += ["", f"last apply: {la['action']} generation {la['generation']} {_ago(la['at'])}"
+                  f" (reloads {la.get('reloads', 0)})" + (f"\n  error: {la['error']}" if la.get("error") else "")]
+    bad = {k: v for k, v in state.get("sources", {}).items() if not v.get("ok", True)}
+    if bad:
+        parts += ["", table(["source", "error", "since"], [[k, v["error"], _ago(v["since"])] for k, v in sorted(bad.items())])]
+    for title, items in (("problems", state.get("problems")), ("warnings", state.get("warnings"))):
+        if items:
+            parts += ["", f"{title}:"] + [f"  {i}" for i in items]
+    emit(state, as_json, "\n".join(parts))
+
+
+@click.command()
+@config_option
+@click.option("--dry-run", is_flag=True, default=True, help="Print, do not apply (the default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the compiled snapshot as JSON.")
+def render(config_path: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Print the proxy config that would be applied now (asks Consul once, issues nothing)."""
+    cfg = _load(config_path)
+    from meshctl.agent import plan_once
+
+    snapshot, files = plan_once(cfg)
+    if as_json:
+        click.echo(snapshot.to_json())
+        return
+    for name, text in sorted(files.items()):
+        click.echo(f"# ---- {name}")
+        click.echo(text)

@@ -1,0 +1,643 @@
+"""The Consul adapter (py-consul): registration and blocking-query watches.
+
+This is the only module that talks to Consul. It registers each local service
+with its checks and a sidecar of kind ``connect-proxy``, so ``/v1/health/connect``,
+the UI and intentions work as Consul users expect, and it provides the keys the
+agent watches with blocking queries:
+
+- ``HealthConnect(service)`` → tuple of ``meshctl.mesh.Instance`` (the passing
+  sidecars of a destination);
+- ``ConfigEntry(kind, name)`` → the config entry dict, or None when absent;
+- ``DiscoveryChain(service)`` → the ``/v1/discovery-chain/<service>`` answer.
+
+Keys are plain data and run in ``Watcher`` (``meshctl._watch``): one loop per
+distinct key, fail static on errors. Every failure surfaces as ConsulError
+with the operation in its message; tokens never appear in messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import re
+import socket
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import consul
+import requests
+from consul.callback import CB
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from meshctl._watch import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    DEFAULT_WAIT,
+    Key,
+    Subscription,
+    Watcher,
+    WatchStatus,
+    backoff_delay,
+    next_index,
+)
+from meshctl.config import ConsulSettings
+from meshctl.errors import ConsulError
+from meshctl.mesh import Instance
+from meshctl.services import RESERVED_META, SERVICE_ID, SERVICE_NAME, Check, ServiceDefinition
+
+__all__ = [
+    "BACKOFF_BASE",
+    "BACKOFF_CAP",
+    "DEFAULT_WAIT",
+    "ConfigEntry",
+    "ConsulClient",
+    "DiscoveryChain",
+    "HealthConnect",
+    "Key",
+    "Subscription",
+    "WatchStatus",
+    "Watcher",
+    "backoff_delay",
+    "next_index",
+]
+
+log = logging.getLogger("meshctl.consul")
+
+CONFIG_ENTRY_KINDS = frozenset(
+    {
+        "proxy-defaults",
+        "service-defaults",
+        "service-resolver",
+        "service-splitter",
+        "service-router",
+        "service-intentions",
+        "mesh",
+        "exported-services",
+    }
+)
+_DATACENTER = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?\Z")
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, secret-free account of a py-consul / requests failure."""
+    if isinstance(exc, consul.ACLPermissionDenied):
+        return f"permission denied (check the token's policy): {str(exc)[:200]}"
+    if isinstance(exc, consul.ConsulException):
+        return str(exc)[:300] or type(exc).__name__
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.ConnectionError):
+        match = _ERRNO.search(str(exc))
+        return f"unreachable ({match.group(1).strip() if match else type(exc).__name__})"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+_FAILURES = (
+    consul.ConsulException,
+    requests.RequestException,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,  # an answer of the wrong shape
+)
+
+
+# ---------------------------------------------------------------- abortable sessions
+
+
+class _Tracker:
+    """The connections of one session, so another thread can cut them short.
+
+    A blocking query sits in ``recv`` for up to its wait time; shutting the
+    socket down makes it return at once. Connections made after ``abort()``
+    are shut down as soon as they connect, so no query can slip past it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conns: weakref.WeakSet[HTTPConnection] = weakref.WeakSet()
+        self.aborted = False
+
+    def connected(self, conn: HTTPConnection) -> None:
+        with self._lock:
+            if not self.aborted:
+                self._conns.add(conn)
+                return
+        _shutdown(conn)
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            conns = list(self._conns)
+        for conn in conns:
+            _shutdown(conn)
+
+
+def _shutdown(conn: HTTPConnection) -> None:
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _TrackedHTTPConnection(HTTPConnection):
+    tracker: ClassVar[_Tracker]
+
+    def connect(self) -> None:
+        super().connect()
+        self.tracker.connected(self)
+
+
+class _TrackedHTTPSConnection(HTTPSConnection):
+    tracker: ClassVar[_Tracker]
+
+    def connect(self) -> None:
+        super().connect()
+        self.tracker.connected(self)
+
+
+def _make_abortable(client: consul.Consul, tracker: _Tracker) -> None:
+    """Route the client's connections through ``tracker`` (per session, not global)."""
+    http_conn = type("_Conn", (_TrackedHTTPConnection,), {"tracker": tracker})
+    https_conn = type("_TLSConn", (_TrackedHTTPSConnection,), {"tracker": tracker})
+    pools = {
+        "http": type("_Pool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+        "https": type("_TLSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+    }
+    session: requests.Session = client.http.session
+    for prefix in ("http://", "https://"):
+        adapter = session.get_adapter(prefix)
+        adapter.poolmanager.pool_classes_by_scheme = pools  # type: ignore[attr-defined]
+
+
+class ConsulSession:
+    """One watch loop's own py-consul client (own connection pool), abortable."""
+
+    def __init__(self, client: consul.Consul) -> None:
+        self.consul = client
+        self._tracker = _Tracker()
+        _make_abortable(client, self._tracker)
+
+    def abort(self) -> None:
+        self._tracker.abort()
+
+    def close(self) -> None:
+        self.consul.http.session.close()
+
+
+def _blocking_params(index: int, wait: str) -> list[tuple[str, Any]]:
+    return [("index", index), ("wait", wait)] if index > 0 else []
+
+
+def _indexed(allow_404: bool) -> Callable[[Any], tuple[int, Any]]:
+    """py-consul callback: (X-Consul-Index, decoded JSON or None on 404)."""
+    inner = CB.json(index=True, allow_404=allow_404)
+
+    def cb(response: Any) -> tuple[int, Any]:
+        index, data = inner(response)
+        return int(index), data
+
+    return cb
+
+
+# ---------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True)
+class HealthConnect:
+    """The connect-capable instances (sidecars) of ``service``.
+
+    Value: a tuple of ``Instance`` sorted by (address, port, service id);
+    ``passing=True`` asks Consul for passing instances only. An entry whose
+    address is not a literal IP or whose port is not a port number is left
+    out (and logged when that set changes): one bad registration elsewhere
+    must not stop this host's proxy from being configured.
+    """
+
+    service: str
+    passing: bool = True
+    datacenter: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name(self.service, "service")
+        _check_dc(self.datacenter)
+
+    def __str__(self) -> str:
+        extra = "" if self.passing else ",any"
+        extra += f",dc={self.datacenter}" if self.datacenter else ""
+        return f"health.connect({self.service}{extra})"
+
+    def fetch(
+        self, session: ConsulSession, index: int, wait: str
+    ) -> tuple[int, tuple[Instance, ...]]:
+        try:
+            new_index, entries = session.consul.health.connect(
+                self.service,
+                index=index or None,
+                wait=wait,
+                passing=self.passing,
+                dc=self.datacenter or None,
+            )
+            value = instances_from_health(entries or [], str(self))
+        except _FAILURES as exc:
+            raise ConsulError(f"{self}: {_describe(exc)}") from None
+        return int(new_index), value
+
+
+@dataclass(frozen=True)
+class ConfigEntry:
+    """One config entry; value is its dict, or None while it does not exist."""
+
+    kind: str
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONFIG_ENTRY_KINDS:
+            raise ValueError(f"unknown config entry kind {self.kind!r}")
+        if self.name != "global":
+            _check_name(self.name, f"{self.kind} name")
+
+    def __str__(self) -> str:
+        return f"config({self.kind}/{self.name})"
+
+    def fetch(
+        self, session: ConsulSession, index: int, wait: str
+    ) -> tuple[int, dict[str, Any] | None]:
+        try:
+            new_index, data = session.consul.http.get(
+                _indexed(allow_404=True),
+                f"/v1/config/{self.kind}/{self.name}",
+                params=_blocking_params(index, wait),
+                headers=session.consul.prepare_headers(),
+            )
+        except _FAILURES as exc:
+            raise ConsulError(f"{self}: {_describe(exc)}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConsulError(f"{self}: unexpected answer ({type(data).__name__})")
+        return new_index, data
+
+
+@dataclass(frozen=True)
+class DiscoveryChain:
+    """The compiled discovery chain of ``service``: Consul's own L7 decisions.
+
+    Value: the ``/v1/discovery-chain/<service>`` answer (``{"Chain": {...}}``).
+    Uses the agent cache (``?cached``), which supports blocking queries with
+    background refresh, so a fleet of agents does not each hit the servers.
+    """
+
+    service: str
+    compile_dc: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name(self.service, "service")
+        _check_dc(self.compile_dc)
+
+    def __str__(self) -> str:
+        extra = f",dc={self.compile_dc}" if self.compile_dc else ""
+        return f"discovery-chain({self.service}{extra})"
+
+    def fetch(self, session: ConsulSession, index: int, wait: str) -> tuple[int, dict[str, Any]]:
+        params: list[tuple[str, Any]] = [("cached", ""), *_blocking_params(index, wait)]
+        if self.compile_dc:
+            params.append(("compile-dc", self.compile_dc))
+        try:
+            new_index, data = session.consul.http.get(
+                _indexed(allow_404=False),
+                f"/v1/discovery-chain/{self.service}",
+                params=params,
+                headers=session.consul.prepare_headers(),
+            )
+        except _FAILURES as exc:
+            raise ConsulError(f"{self}: {_describe(exc)}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("Chain"), dict):
+            raise ConsulError(f"{self}: unexpected answer (no Chain)")
+        return new_index, data
+
+
+def _check_name(name: str, what: str) -> None:
+    # Names end up in URL paths: only the narrow service-name grammar passes.
+    if not isinstance(name, str) or not SERVICE_NAME.match(name):
+        raise ValueError(f"{what} {name!r} is not a valid service name")
+
+
+def _check_dc(dc: str) -> None:
+    if dc and not _DATACENTER.match(dc):
+        raise ValueError(f"datacenter {dc!r} is not a valid datacenter name")
+
+
+# ---------------------------------------------------------------- health answers
+
+_skipped_lock = threading.Lock()
+_skipped: dict[str, frozenset[str]] = {}
+
+
+def instances_from_health(entries: Any, what: str = "health.connect") -> tuple[Instance, ...]:
+    """Turn a ``/v1/health/connect/<svc>`` answer into sorted ``Instance`` values.
+
+    The sidecar's address is its Service.Address, falling back to the
+    node's address; ``service_id`` is the destination instance's id
+    (``Proxy.DestinationServiceID``). Entries with an address that is not an
+    IP literal, a bad port or a service id outside ``SERVICE_ID`` are skipped
+    and logged once per change.
+    Raises TypeError/KeyError/ValueError on an answer of the wrong shape.
+    """
+    if not isinstance(entries, list):
+        raise TypeError(f"expected a list of entries, got {type(entries).__name__}")
+    out: list[Instance] = []
+    skipped: set[str] = set()
+    for entry in entries:
+        node = entry.get("Node") or {}
+        svc = entry.get("Service") or {}
+        proxy = svc.get("Proxy") or {}
+        dest_id = str(proxy.get("DestinationServiceID") or svc.get("ID") or "")
+        address = str(svc.get("Address") or node.get("Address") or "")
+        port = svc.get("Port")
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            skipped.add(f"{dest_id[:80]!r}@{node.get('Node', '')} (address {address[:80]!r})")
+            continue
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            skipped.add(f"{dest_id[:80]!r}@{node.get('Node', '')} (port {port!r})")
+            continue
+        if not SERVICE_ID.match(dest_id):  # ids reach proxy configs as server names
+            skipped.add(f"{dest_id[:80]!r}@{node.get('Node', '')} (service id)")
+            continue
+        checks = entry.get("Checks") or []
+        meta = svc.get("Meta") or {}
+        out.append(
+            Instance(
+                node=str(node.get("Node") or ""),
+                service_id=dest_id,
+                address=address,
+                port=port,
+                tags=tuple(str(t) for t in (svc.get("Tags") or ())),
+                meta=tuple(sorted((str(k), str(v)) for k, v in meta.items())),
+                passing=all(c.get("Status") == "passing" for c in checks),
+            )
+        )
+    frozen = frozenset(skipped)
+    with _skipped_lock:
+        changed = _skipped.get(what, frozenset()) != frozen
+        _skipped[what] = frozen
+    if changed and frozen:
+        log.warning(
+            "%s: ignoring instances Consul reports with unusable addresses: %s",
+            what,
+            ", ".join(sorted(frozen)),
+        )
+    return tuple(sorted(out, key=lambda i: (i.address, i.port, i.service_id, i.node)))
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _check_payload(check: Check) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if check.check_id:
+        out["CheckID"] = check.check_id
+    if check.name:
+        out["Name"] = check.name
+    if check.kind == "http":
+        out.update(HTTP=check.target, Interval=check.interval, Timeout=check.timeout)
+    elif check.kind == "tcp":
+        out.update(TCP=check.target, Interval=check.interval, Timeout=check.timeout)
+    elif check.kind == "ttl":
+        out["TTL"] = check.ttl
+    else:
+        raise ValueError(f"unknown check kind {check.kind!r}")
+    if check.deregister_after:
+        out["DeregisterCriticalServiceAfter"] = check.deregister_after
+    return out
+
+
+def service_registration(defn: ServiceDefinition) -> dict[str, Any]:
+    """Keyword arguments for py-consul's ``agent.service.register`` (the service itself)."""
+    return {
+        "name": defn.name,
+        "service_id": defn.id,
+        "address": defn.address or None,
+        "port": defn.port,
+        "tags": list(defn.tags),
+        "meta": {**defn.meta_dict, RESERVED_META: "1"},
+        "checks": [_check_payload(c) for c in defn.checks],
+    }
+
+
+def sidecar_registration(
+    defn: ServiceDefinition,
+    sidecar_address: str,
+    sidecar_port: int,
+    check_interval: str = "10s",
+) -> dict[str, Any]:
+    """Keyword arguments for py-consul's ``agent.service.register`` (the sidecar).
+
+    Shaped like the sidecar Consul itself registers for ``connect.sidecar_service``:
+    kind ``connect-proxy``, id ``<id>-sidecar-proxy``, tags and meta inherited
+    from the service, a TCP check on the sidecar's listener and an alias check
+    on the service, so the sidecar is only passing while its service is.
+    """
+    upstreams = []
+    for up in defn.upstreams:
+        item: dict[str, Any] = {
+            "DestinationType": "service",
+            "DestinationName": up.destination_name,
+            "LocalBindAddress": up.local_bind_address,
+            "LocalBindPort": up.local_bind_port,
+        }
+        if up.datacenter:
+            item["Datacenter"] = up.datacenter
+        upstreams.append(item)
+    return {
+        "name": f"{defn.name}-sidecar-proxy",
+        "service_id": defn.sidecar_id,
+        "address": sidecar_address,
+        "port": sidecar_port,
+        "tags": list(defn.tags),
+        "meta": {**defn.meta_dict, RESERVED_META: "1"},
+        "kind": "connect-proxy",
+        "proxy": {
+            "DestinationServiceName": defn.name,
+            "DestinationServiceID": defn.id,
+            "LocalServiceAddress": defn.address or "127.0.0.1",
+            "LocalServicePort": defn.port,
+            "Upstreams": upstreams,
+        },
+        "checks": [
+            {
+                "CheckID": f"service:{defn.sidecar_id}:1",
+                "Name": "Connect Sidecar Listening",
+                "TCP": _host_port(sidecar_address, sidecar_port),
+                "Interval": check_interval,
+            },
+            {
+                "CheckID": f"service:{defn.sidecar_id}:2",
+                "Name": f"Connect Sidecar Aliasing {defn.id}",
+                "AliasService": defn.id,
+            },
+        ],
+    }
+
+
+# ---------------------------------------------------------------- the client
+
+
+class ConsulClient:
+    """Talks to the host's Consul agent, as configured by ``ConsulSettings``.
+
+    ``timeout`` bounds every non-blocking call; ``sidecar_check_interval`` is
+    the interval of the TCP check registered on each sidecar listener.
+    Also the ``Source`` of a ``Watcher``: each watch loop gets its own
+    session from ``session()``. Registration calls are meant for one thread.
+    """
+
+    def __init__(
+        self,
+        settings: ConsulSettings | None = None,
+        *,
+        timeout: float = 10.0,
+        sidecar_check_interval: str = "10s",
+    ) -> None:
+        self.settings = settings or ConsulSettings()
+        self.timeout = timeout
+        self.sidecar_check_interval = sidecar_check_interval
+        self._client: consul.Consul | None = None
+        self._lock = threading.Lock()
+        if self.settings.tls_server_name:
+            log.warning(
+                "consul.tls_server_name is not supported by the HTTP client; "
+                "the certificate must match the host of consul.addr"
+            )
+        if bool(self.settings.client_cert) != bool(self.settings.client_key):
+            log.warning("consul.client_cert and consul.client_key must be set together; ignoring")
+
+    def __repr__(self) -> str:
+        return f"ConsulClient({self.settings.addr!r})"
+
+    def _new(self) -> consul.Consul:
+        s = self.settings
+        try:
+            host, port = s.host_port
+        except ValueError:
+            raise ConsulError(f"consul.addr {s.addr!r} is not scheme://host:port") from None
+        cert = (s.client_cert, s.client_key) if s.client_cert and s.client_key else None
+        client = consul.Consul(
+            host=host,
+            port=port,
+            scheme=s.scheme,
+            token=s.token or None,
+            verify=s.cacert or True,
+            cert=cert,
+            connections_timeout=self.timeout,
+        )
+        # py-consul lets CONSUL_HTTP_TOKEN override the token it is given; our
+        # settings already folded the environment in with the right precedence.
+        client.token = s.token or None
+        return client
+
+    @property
+    def api(self) -> consul.Consul:
+        """The py-consul client for one-shot calls (registration, reads)."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._new()
+            return self._client
+
+    def session(self) -> ConsulSession:
+        """A new abortable session for one watch loop."""
+        return ConsulSession(self._new())
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except _FAILURES as exc:
+            raise ConsulError(f"{what}: {_describe(exc)}") from None
+
+    # -- registration
+
+    def register(self, defn: ServiceDefinition, sidecar_address: str, sidecar_port: int) -> None:
+        """Register ``defn`` and its ``connect-proxy`` sidecar with the local agent.
+
+        Idempotent: the same ids replace the previous registration and its
+        checks (``replace-existing-checks``). Raises ConsulError.
+        """
+        c = self.api
+        svc = service_registration(defn)
+        side = sidecar_registration(
+            defn, sidecar_address, sidecar_port, self.sidecar_check_interval
+        )
+        for payload in (svc, side):
+            checks = payload.pop("checks")
+            sid = payload["service_id"]
+            try:
+                ok = c.agent.service.register(
+                    **payload,
+                    check=checks[0] if checks else None,
+                    extra_checks=checks[1:],
+                    replace_existing_checks=True,
+                )
+            except _FAILURES as exc:
+                raise ConsulError(f"register {sid}: {_describe(exc)}") from None
+            if not ok:
+                raise ConsulError(f"register {sid}: the Consul agent refused the registration")
+
+    def deregister(self, service_id: str) -> None:
+        """Deregister a service and its sidecar; absent ones are fine. Raises ConsulError."""
+        c = self.api
+        for sid in (f"{service_id}-sidecar-proxy", service_id):
+            try:
+                # False means 404 (not registered): already gone is what we want.
+                c.agent.service.deregister(sid)
+            except _FAILURES as exc:
+                raise ConsulError(f"deregister {sid}: {_describe(exc)}") from None
+
+    def registered_ids(self) -> set[str]:
+        """Ids of the services meshctl registered with the local agent (meta ``meshctl=1``).
+
+        A sidecar whose service is gone counts under its service's id, so
+        ``deregister(id)`` removes the orphan. Raises ConsulError.
+        """
+        services = self._call("list services", lambda: self.api.agent.services())
+        if not isinstance(services, Mapping):
+            raise ConsulError("list services: unexpected answer")
+        ids: set[str] = set()
+        for sid, svc in services.items():
+            if (svc.get("Meta") or {}).get(RESERVED_META) != "1":
+                continue
+            if svc.get("Kind") == "connect-proxy":
+                dest = (svc.get("Proxy") or {}).get("DestinationServiceID") or ""
+                ids.add(str(dest or sid.removesuffix("-sidecar-proxy")))
+            else:
+                ids.add(str(sid))
+        return ids
+
+    def advertise_address(self) -> str:
+        """The local agent's LAN address, where sidecars are reachable. Raises ConsulError."""
+        info = self._call("read agent info", lambda: self.api.agent.self())
+        try:
+            addr = (info.get("Member") or {}).get("Addr") or info["Config"]["AdvertiseAddr"]
+            return str(ipaddress.ip_address(addr))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ConsulError("read agent info: no usable advertise address") from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.http.session.close()
+                self._client = None

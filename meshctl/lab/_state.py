@@ -1,0 +1,300 @@
+"""Lab state files and the teardown that works from them alone.
+
+Every lab writes ``<state dir>/<prefix>.json`` *before* it creates anything, and
+rewrites it (atomically) whenever it starts or stops a process. The file names
+every namespace, interface, directory and process (pid + start time) of the lab
+and its owner process (pid + start time). Teardown needs nothing else, so a lab
+whose owner died (SIGKILL, OOM, a lost terminal) is removed completely by the
+next lab that starts, or by ``meshctl lab down``.
+
+A lab whose owner is still alive is never touched by the stale cleanup: several
+engineers' test runs share one machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshctl.errors import LabError
+from meshctl.lab import _sys
+
+STATE_VERSION = 1
+MARKER = ".meshctl-lab"
+
+Progress = Callable[[str], None]
+
+
+def state_dir() -> Path:
+    """Where lab state files live (``$MESHCTL_LAB_STATE_DIR``, default ``/run/meshctl-lab``)."""
+    return Path(os.environ.get("MESHCTL_LAB_STATE_DIR", "/run/meshctl-lab"))
+
+
+@dataclass
+class NodeRecord:
+    """One namespace of a lab: a test host or an infrastructure node."""
+
+    name: str
+    role: str  # "host", "server" (Consul server) or "vault"
+    ns: str
+    ip: str
+    link: str  # root-namespace end of the veth pair
+    workdir: str
+
+
+@dataclass
+class ProcRecord:
+    """One process the lab started."""
+
+    node: str
+    name: str
+    pid: int
+    start_time: int | None
+    log: str
+    argv: list[str]
+
+    def alive(self) -> bool:
+        """Whether the recorded process still runs (same pid *and* start time)."""
+        return _sys.same_process(self.pid, self.start_time)
+
+
+@dataclass
+class LabState:
+    """Everything needed to describe, and to tear down, one lab."""
+
+    prefix: str
+    owner_pid: int
+    owner_start: int | None
+    owner_kind: str  # "library" (a test run, a script) or "cli" (``meshctl lab up``)
+    owner_argv: list[str]
+    created: float
+    bridge: str
+    root: str
+    root_owned: bool
+    keep_logs: bool = False
+    consul_server_addr: str = ""
+    vault_addr: str = ""
+    vault_token_file: str = ""
+    nodes: list[NodeRecord] = field(default_factory=list)
+    procs: list[ProcRecord] = field(default_factory=list)
+    version: int = STATE_VERSION
+
+    @property
+    def path(self) -> Path:
+        return state_dir() / f"{self.prefix}.json"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [n.ns for n in self.nodes]
+
+    @property
+    def links(self) -> list[str]:
+        return [n.link for n in self.nodes]
+
+    def owner_alive(self) -> bool:
+        """Whether the process that owns this lab still runs."""
+        return _sys.same_process(self.owner_pid, self.owner_start)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LabState:
+        raw = dict(data)
+        nodes = [NodeRecord(**n) for n in raw.pop("nodes", [])]
+        procs = [ProcRecord(**p) for p in raw.pop("procs", [])]
+        return cls(**raw, nodes=nodes, procs=procs)
+
+    def save(self) -> None:
+        """Write the state file atomically (temp file, fsync, rename)."""
+        path = self.path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        data = json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> LabState:
+        """Read a state file; LabError if it is unreadable or malformed."""
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise LabError(f"unreadable lab state file {path}: {exc}") from exc
+
+
+def ensure_state_dir() -> Path:
+    d = state_dir()
+    d.mkdir(mode=0o755, parents=True, exist_ok=True)
+    return d
+
+
+def reserve(prefix: str) -> bool:
+    """Claim ``prefix`` by creating its state file exclusively; False if it is taken."""
+    path = ensure_state_dir() / f"{prefix}.json"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def list_states() -> list[LabState]:
+    """Every readable lab state on this machine, oldest first."""
+    d = state_dir()
+    if not d.is_dir():
+        return []
+    out: list[LabState] = []
+    for path in sorted(d.glob("*.json")):
+        with contextlib.suppress(LabError):
+            out.append(LabState.load(path))
+    return sorted(out, key=lambda s: s.created)
+
+
+def load_state(prefix: str) -> LabState:
+    """The state of lab ``prefix``; LabError if there is none."""
+    path = state_dir() / f"{prefix}.json"
+    if not path.exists():
+        raise LabError(f"no lab {prefix!r} on this machine (no {path})")
+    return LabState.load(path)
+
+
+@contextlib.contextmanager
+def cleanup_lock(timeout: float = 120.0) -> Iterator[None]:
+    """Serialise stale cleanups between processes (flock on ``<state dir>/.cleanup.lock``)."""
+    path = ensure_state_dir() / ".cleanup.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as exc:
+                if time.monotonic() > deadline:
+                    raise LabError(f"another process holds {path} for over {timeout}s") from exc
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def teardown(state: LabState, progress: Progress | None = None, timeout: float = 10.0) -> None:
+    """Remove everything ``state`` names: processes, namespaces, interfaces, directory, file.
+
+    Every step runs even when an earlier one failed; missing pieces are fine (a
+    half-built lab is torn down the same way). The state file is removed only when
+    everything is gone, so a failed teardown can be retried. Raises LabError
+    listing what could not be removed.
+    """
+    say = progress or (lambda _msg: None)
+    problems: list[str] = []
+
+    # 1. recorded processes, verified by start time; their process groups too.
+    left = _sys.terminate(((p.pid, p.start_time) for p in state.procs), timeout)
+    problems += [f"pid {pid} survived SIGKILL" for pid in left]
+
+    # 2. anything else still inside our namespaces (children that changed group, strays).
+    strays = [(pid, None) for ns in state.namespaces for pid in _sys.netns_pids(ns)]
+    if strays:
+        say(f"stopping {len(strays)} stray process(es) inside the lab namespaces")
+        left = _sys.terminate(strays, timeout, group=False)
+        problems += [f"pid {pid} in a lab namespace survived SIGKILL" for pid in left]
+
+    # 3. namespaces (their veth ends go with them), then any veth or bridge left over.
+    for ns in state.namespaces:
+        if _sys.netns_exists(ns):
+            try:
+                _sys.ip("netns", "del", ns)
+            except LabError as exc:
+                problems.append(str(exc))
+    for link in [*state.links, state.bridge]:
+        if link and _sys.link_exists(link):
+            try:
+                _sys.ip("link", "del", link)
+            except LabError as exc:
+                if _sys.link_exists(link):
+                    problems.append(str(exc))
+
+    # 4. the lab's directory, only if we created it and it carries our marker.
+    root = Path(state.root) if state.root else None
+    if root is not None and state.root_owned and root.is_dir():
+        if state.keep_logs:
+            say(f"logs kept in {root}")
+        elif _owns_dir(root, state.prefix):
+            shutil.rmtree(root, ignore_errors=True)
+            if root.exists():
+                problems.append(f"could not remove {root}")
+        else:
+            problems.append(f"{root} lacks the {MARKER} marker of lab {state.prefix}; left alone")
+
+    if problems:
+        raise LabError(f"teardown of lab {state.prefix} incomplete: " + "; ".join(problems))
+    with contextlib.suppress(FileNotFoundError):
+        state.path.unlink()
+
+
+def _owns_dir(root: Path, prefix: str) -> bool:
+    try:
+        return (root / MARKER).read_text().strip() == prefix
+    except OSError:
+        return False
+
+
+def cleanup_stale(progress: Progress | None = None) -> list[str]:
+    """Tear down every lab whose owner process is gone; return their prefixes.
+
+    Labs whose owner still runs are left alone, whoever owns them. Unreadable
+    state files are reported and kept.
+    """
+    removed: list[str] = []
+    d = state_dir()
+    if not d.is_dir():
+        return removed
+    say = progress or (lambda _msg: None)
+    with cleanup_lock():
+        for path in sorted(d.glob("*.json")):
+            try:
+                state = LabState.load(path)
+            except LabError as exc:
+                if _empty_reservation(path):
+                    continue
+                say(str(exc))
+                continue
+            if state.owner_alive():
+                continue
+            say(f"removing stale lab {state.prefix} (owner pid {state.owner_pid} is gone)")
+            try:
+                teardown(state, progress)
+            except LabError as exc:
+                say(str(exc))
+                continue
+            removed.append(state.prefix)
+    return removed
+
+
+def _empty_reservation(path: Path) -> bool:
+    """A just-reserved state file is empty for a moment; an old empty one is debris."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return True
+    if st.st_size != 0:
+        return False
+    if time.time() - st.st_mtime > 60:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return True

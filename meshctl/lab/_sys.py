@@ -1,0 +1,303 @@
+"""Operating-system primitives of the lab: programs, ``ip``, network namespaces, pids.
+
+Everything here is a thin, checked wrapper around one system facility. Nothing
+here knows what a lab is; ``_lab`` and ``_state`` compose these.
+
+Process identity: a pid alone can be reused, so every pid the lab records is
+paired with its start time (field 22 of ``/proc/<pid>/stat``, clock ticks since
+boot). A process is only ever signalled after that pair has been verified.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from meshctl.errors import LabError
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = Path("/run/netns")
+IFNAMSIZ = 15  # usable characters of a Linux interface name
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+# ---- programs ---------------------------------------------------------------
+
+
+def search_path() -> str:
+    """PATH used to find and run lab programs: ``<sys.prefix>/bin`` first, sbin dirs last."""
+    parts = [str(Path(sys.prefix) / "bin")]
+    parts += [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    parts += ["/usr/local/sbin", "/usr/sbin", "/sbin"]
+    seen: list[str] = []
+    for p in parts:
+        if p not in seen:
+            seen.append(p)
+    return os.pathsep.join(seen)
+
+
+def find_program(*names: str) -> str | None:
+    """Absolute path of the first of ``names`` found on :func:`search_path`, else None."""
+    path = search_path()
+    for name in names:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    return None
+
+
+def require_program(*names: str) -> str:
+    """Like :func:`find_program` but raises LabError naming what is missing."""
+    found = find_program(*names)
+    if found is None:
+        raise LabError(f"program {' or '.join(names)} not found on PATH ({search_path()})")
+    return found
+
+
+def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of lab processes: ours, PATH from :func:`search_path`, then ``extra``."""
+    env = dict(os.environ)
+    env["PATH"] = search_path()
+    if extra:
+        env.update(extra)
+    return env
+
+
+# ---- ip(8) --------------------------------------------------------------------
+
+
+def ip(*args: str, ns: str | None = None, check: bool = True, timeout: float = 15.0) -> str:
+    """Run ``ip [-n ns] args…`` and return its stdout.
+
+    Raises LabError with ip's stderr when it fails and ``check`` is set.
+    """
+    argv = [require_program("ip")]
+    if ns is not None:
+        argv += ["-n", ns]
+    argv += list(args)
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise LabError(f"{' '.join(argv)} timed out after {timeout}s") from exc
+    if check and res.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed: {res.stderr.strip() or res.stdout.strip()}")
+    return res.stdout
+
+
+def ip_batch(commands: Sequence[str], ns: str | None = None, timeout: float = 30.0) -> None:
+    """Run several ``ip`` commands in one process (``ip -batch -``); stops at the first error.
+
+    Raises LabError with ip's message, which names the failing line.
+    """
+    if not commands:
+        return
+    argv = [require_program("ip")]
+    if ns is not None:
+        argv += ["-n", ns]
+    argv += ["-batch", "-"]
+    try:
+        res = subprocess.run(
+            argv,
+            input="\n".join(commands) + "\n",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise LabError(f"{' '.join(argv)} timed out after {timeout}s") from exc
+    if res.returncode != 0:
+        where = f" in namespace {ns}" if ns else ""
+        raise LabError(f"ip -batch{where} failed: {res.stderr.strip()}")
+
+
+def netns_exists(ns: str) -> bool:
+    return (NETNS_DIR / ns).exists()
+
+
+def link_exists(name: str) -> bool:
+    """Whether an interface of that name exists in the root namespace."""
+    return Path("/sys/class/net", name).exists()
+
+
+def netns_list() -> list[str]:
+    """Names of every named network namespace on the machine."""
+    try:
+        return sorted(p.name for p in NETNS_DIR.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def netns_pids(ns: str) -> list[int]:
+    """Pids of the processes whose network namespace is ``ns`` (``ip netns pids``)."""
+    if not netns_exists(ns):
+        return []
+    out = ip("netns", "pids", ns, check=False)
+    return sorted({int(tok) for tok in out.split() if tok.isdigit()})
+
+
+def enter_netns(ns: str) -> None:
+    """Move the *calling thread* into network namespace ``ns`` (setns(2)).
+
+    The network namespace is a per-thread attribute in Linux, so this affects only
+    the thread that calls it; sockets it opens afterwards live in ``ns``.
+    """
+    fd = os.open(NETNS_DIR / ns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise LabError(f"setns into network namespace {ns} failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def disable_ipv6(ifname: str) -> None:
+    """Disable IPv6 on a root-namespace interface, so it carries no address at all."""
+    knob = Path("/proc/sys/net/ipv6/conf", ifname, "disable_ipv6")
+    if knob.exists():
+        knob.write_text("1\n")
+
+
+# ---- processes -------------------------------------------------------------------
+
+
+def start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot; None if it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm (field 2) is in parentheses and may hold spaces: split after the last ')'.
+    fields = raw[raw.rfind(")") + 2 :].split()
+    state = fields[0]
+    if state in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def same_process(pid: int, started: int | None) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` (and is not a zombie).
+
+    ``started=None`` accepts whichever process has the pid now.
+    """
+    if pid <= 1:
+        return False
+    now = start_time(pid)
+    return now is not None and (started is None or now == started)
+
+
+def _kill(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        raise LabError(f"not allowed to signal pid {pid}: {exc}") from exc
+
+
+def _is_group_leader(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def terminate(
+    targets: Iterable[tuple[int, int | None]], timeout: float = 10.0, *, group: bool = True
+) -> list[int]:
+    """Stop processes that are *not* our children: SIGTERM, wait, then SIGKILL.
+
+    ``targets`` are (pid, start time) pairs; a start time of None means "whatever
+    process has this pid now" and is only used for pids just read from
+    ``ip netns pids``. Every pid is verified before each signal. With ``group``,
+    a process that leads its own process group (the lab starts every process in a
+    new session) has its whole group signalled, which catches proxy workers.
+    Returns the pids that were still alive after SIGKILL (normally none).
+    """
+    pending: dict[int, int | None] = {}
+    for pid, started in targets:
+        if pid != os.getpid() and same_process(pid, started):
+            pending[pid] = start_time(pid) if started is None else started
+    for pid in pending:
+        _kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        pending = {p: s for p, s in pending.items() if same_process(p, s)}
+        if pending:
+            time.sleep(0.05)
+    for pid, started in pending.items():
+        if same_process(pid, started):
+            _kill(pid, signal.SIGKILL, group=group and _is_group_leader(pid))
+    deadline = time.monotonic() + 5.0
+    while pending and time.monotonic() < deadline:
+        pending = {p: s for p, s in pending.items() if same_process(p, s)}
+        if pending:
+            time.sleep(0.05)
+    return sorted(pending)
+
+
+def child_exited(pid: int) -> bool:
+    """Whether our child ``pid`` has exited, *without* reaping it (waitid WNOWAIT).
+
+    While a child is an unreaped zombie its pid (and its process-group id) cannot
+    be reused, so signalling its group is still safe.
+    """
+    try:
+        res = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+    except ChildProcessError:
+        return True  # already reaped
+    return res is not None and res.si_pid == pid
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a process group, ignoring one that no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        raise LabError(f"not allowed to signal process group {pgid}: {exc}") from exc
+
+
+def tail(path: Path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
+    """The last ``lines`` lines of a text file ('' if it does not exist)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except FileNotFoundError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def is_errno(exc: BaseException, *codes: int) -> bool:
+    """Whether ``exc`` (or an OSError it wraps) carries one of ``codes``."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in codes:
+            return True
+        reason = getattr(cur, "reason", None)
+        if isinstance(reason, BaseException):
+            cur = reason
+            continue
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+

@@ -1,0 +1,131 @@
+"""``make demo``: bring up lab hosts, show them, wait for Ctrl-C, tear down.
+
+    python -m meshctl.lab.demo [--hosts 3] [--seconds N] [--keep-logs]
+
+The demo is a *scenario* (a function that gets a running :class:`Lab`) run by
+:func:`run`, which owns the lab's lifetime, signals and teardown. A richer demo
+(the mesh itself) passes its own scenario::
+
+    from meshctl.lab.demo import main, show_lab
+
+    def mesh_demo(lab: Lab) -> None:
+        show_lab(lab)
+        ...  # start agents, services, proxies; print what a user would see
+
+    main(scenario=mesh_demo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+
+from meshctl.errors import LabError
+from meshctl.lab._lab import Lab
+
+Scenario = Callable[[Lab], None]
+
+_SERF_STATUS = {0: "none", 1: "alive", 2: "leaving", 3: "left", 4: "failed"}
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain left-aligned text table."""
+    cells = [[str(h) for h in headers]] + [["-" if v in (None, "") else str(v) for v in r]
+                                            for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in cells)
+
+
+def describe(lab: Lab) -> str:
+    """Hosts, addresses, services and ``consul members`` of a running lab, for people."""
+    rows = []
+    for n in lab.nodes:
+        what = {"server": "consul server", "vault": f"openbao {lab.vault_addr}"}.get(
+            n.role, "consul client, http 127.0.0.1:8500")
+        rows.append((n.name, n.ip, n.ns, what))
+    members = sorted(lab.members(), key=lambda m: (m.get("Tags", {}).get("role") != "consul",
+                                                     m["Name"]))
+    mrows = [(m["Name"], f"{m['Addr']}:{m['Port']}", _SERF_STATUS.get(m["Status"], m["Status"]),
+              "server" if m.get("Tags", {}).get("role") == "consul" else "client",
+              m.get("Tags", {}).get("dc", "")) for m in members]
+    token_file = lab.root / "vault" / "root-token" if lab.root else None
+    lines = [
+        f"lab {lab.prefix}: bridge {lab.bridge}, directory {lab.root}",
+        "",
+        table(("HOST", "ADDRESS", "NAMESPACE", "RUNS"), rows),
+        "",
+        "consul members:",
+        table(("NODE", "ADDRESS", "STATUS", "TYPE", "DC"), mrows),
+        "",
+        f"VAULT_ADDR={lab.vault_addr}  (root token in {token_file})",
+        f"a shell on h1:  ip netns exec {lab.hosts[0].ns} bash",
+    ]
+    return "\n".join(lines)
+
+
+def show_lab(lab: Lab) -> None:
+    """The default scenario: print :func:`describe`."""
+    print(describe(lab), flush=True)
+
+
+@contextlib.contextmanager
+def termination_raises() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, like Ctrl-C, so teardown runs."""
+
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def run(
+    scenario: Scenario = show_lab,
+    *,
+    hosts: int = 3,
+    seconds: float | None = None,
+    keep_logs: bool = False,
+) -> int:
+    """Bring up a lab, run ``scenario`` on it, then hold it until Ctrl-C/SIGTERM or for
+    ``seconds``; always tear down. Returns an exit status (0, or 1 on a LabError)."""
+    try:
+        with termination_raises(), Lab(hosts=hosts, keep_logs=keep_logs, owner_kind="cli") as lab:
+            scenario(lab)
+            if seconds is None:
+                print("lab is up; Ctrl-C tears it down", file=sys.stderr, flush=True)
+                while True:
+                    signal.pause()
+            else:
+                time.sleep(seconds)
+    except KeyboardInterrupt:
+        return 0
+    except LabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, scenario: Scenario = show_lab) -> int:
+    """Command line of the demo (``python -m meshctl.lab.demo``)."""
+    parser = argparse.ArgumentParser(prog="python -m meshctl.lab.demo",
+                                     description="meshctl lab demo: test hosts in namespaces")
+    parser.add_argument("--hosts", type=int, default=3, help="number of test hosts (3)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="tear down after this many seconds instead of waiting for Ctrl-C")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the lab directory")
+    args = parser.parse_args(argv)
+    return run(scenario, hosts=args.hosts, seconds=args.seconds, keep_logs=args.keep_logs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The host agent end to end, on both drivers: what a user of the mesh sees."""
+
+from __future__ import annotations
+
+import collections
+import ssl
+import stat
+import socket
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from meshctl.lab.mesh import Mesh, wait_until
+from tests.e2e.conftest import WEB_API_PORT, WEB_KV_PORT, api_definition
+from tests.pki import TestCA
+
+pytestmark = pytest.mark.root
+
+
+def answers(mesh: Mesh, n: int = 20, port: int = WEB_API_PORT) -> collections.Counter[str]:
+    h1 = mesh["h1"]
+    seen: collections.Counter[str] = collections.Counter()
+    for _ in range(n):
+        status, body = h1.get(port, "/hello")
+        seen[f"{status} {body['host'] if isinstance(body, dict) else body}"] += 1
+    return seen
+
+
+def test_requests_alternate_between_api_instances_over_mtls(mesh: Mesh) -> None:
+    seen = answers(mesh, 20)
+    assert seen == {"200 h2": 10, "200 h3": 10}
+    status, body = mesh["h1"].get(WEB_API_PORT, "/who")
+    assert status == 200 and isinstance(body, dict)
+    assert body["service"] == "api" and body["caller"] == "web"  # identity from the client cert
+
+
+def test_tcp_upstream_rides_the_stream_path(mesh: Mesh) -> None:
+    status, body = mesh["h1"].get(WEB_KV_PORT, "/k")
+    assert status == 200 and isinstance(body, dict)
+    assert body["service"] == "kv" and body["host"] == "h2"
+    assert body["caller"] == ""  # L4: no HTTP header is added
+
+
+def test_consul_sees_services_and_connect_sidecars(mesh: Mesh) -> None:
+    consul = mesh.lab.host("h1").consul()
+    _, entries = consul.health.connect("api", passing=True)
+    assert sorted(e["Node"]["Node"] for e in entries) == ["h2", "h3"]
+    for e in entries:
+        svc = e["Service"]
+        assert svc["Kind"] == "connect-proxy"
+        assert svc["Proxy"]["DestinationServiceName"] == "api"
+        assert svc["Address"] == mesh[e["Node"]["Node"]].ip
+    _, web = consul.health.service("web-sidecar-proxy")
+    ups = web[0]["Service"]["Proxy"]["Upstreams"]
+    assert {(u["DestinationName"], u["LocalBindPort"]) for u in ups} == {("api", WEB_API_PORT), ("kv", WEB_KV_PORT)}
+
+
+def _tls_request(mesh: Mesh, ctx: ssl.SSLContext) -> bytes:
+    h1, h2 = mesh["h1"], mesh["h2"]
+    port = next(s["sidecar_port"] for s in h2.status()["services"] if s["name"] == "api")  # type: ignore[index]
+
+    def attempt() -> bytes:
+        try:
+            with socket.create_connection((h2.ip, port), timeout=5) as raw:
+                with ctx.wrap_socket(raw) as tls:
+                    tls.sendall(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+                    return tls.recv(65536)
+        except (ssl.SSLError, ConnectionResetError):
+            return b""
+
+    return h1.host.call(attempt)
+
+
+def test_client_without_mesh_certificate_is_refused(mesh: Mesh) -> None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    reply = _tls_request(mesh, ctx)
+    assert b'"service": "api"' not in reply
+
+
+def test_certificate_from_another_ca_is_refused(mesh: Mesh, tmp_path: Path) -> None:
+    rogue = TestCA.create("rogue CA")
+    cert, key, _ = rogue.write_leaf(tmp_path, "web")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(cert, key)
+    reply = _tls_request(mesh, ctx)
+    assert b'"service": "api"' not in reply
+
+
+def test_mesh_certificate_is_accepted(mesh: Mesh) -> None:
+    """The positive control of the two refusals above: web's real leaf gets through."""
+    certs = mesh["h1"].data_dir / "certs"
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(str(certs / "web.crt"), str(certs / "web.key"))
+    assert b'"service": "api"' in _tls_request(mesh, ctx)
+
+
+def test_keys_are_private_and_leaves_carry_the_spiffe_identity(mesh: Mesh) -> None:
+    certs = mesh["h2"].data_dir / "certs"
+    for service in ("api", "kv"):
+        mode = stat.S_IMODE((certs / f"{service}.key").stat().st_mode)
+        assert mode & 0o077 == 0, oct(mode)
+        cert = x509.load_pem_x509_certificate((certs / f"{service}.crt").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+            f"spiffe://meshctl.test/ns/default/dc/dc1/svc/{service}"
+        ]
+        assert san.get_values_for_type(x509.DNSName) == [f"{service}.svc.meshctl.test"]
+
+
+def test_failing_health_check_moves_traffic_and_back(mesh: Mesh) -> None:
+    h1, h2 = mesh["h1"], mesh["h2"]
+    h2.set_healthy("api", False)
+    try:
+        wait_until("h2's api to leave web's endpoints", lambda: len(h1.endpoints("api")) == 1)
+        assert answers(mesh, 10) == {"200 h3": 10}
+    finally:
+        h2.set_healthy("api", True)
+    wait_until("h2's api to come back", lambda: len(h1.endpoints("api")) == 2)
+    assert answers(mesh, 10) == {"200 h2": 5, "200 h3": 5}
+
+
+def test_services_d_add_edit_remove_without_touching_others(mesh: Mesh) -> None:
+    h3 = mesh["h3"]
+    consul = mesh.lab.host("h3").consul()
+    def api_index() -> int:
+        _, entries = consul.catalog.service("api")
+        return next(int(e["ModifyIndex"]) for e in entries if e["ServiceID"] == "api-h3")
+
+    before = api_index()
+    h3.start_app("extra", 8090)
+    path = h3.add_service({"name": "extra", "port": 8090, "tags": ["one"]})
+    try:
+        wait_until("extra to register", lambda: "extra" in consul.agent.services(), timeout=5)
+        assert "extra-sidecar-proxy" in consul.agent.services()
+        h3.add_service({"name": "extra", "port": 8090, "tags": ["two"]})
+        wait_until("extra's tags to change",
+                   lambda: consul.agent.services()["extra"]["Tags"] == ["two"], timeout=5)
+    finally:
+        path.unlink()
+    wait_until("extra to deregister", lambda: "extra" not in consul.agent.services(), timeout=5)
+    assert "extra-sidecar-proxy" not in consul.agent.services()
+    assert api_index() == before  # the other service was not touched
+
+
+def test_malformed_definition_is_reported_and_loses_nothing(mesh: Mesh) -> None:
+    h2 = mesh["h2"]
+    consul = mesh.lab.host("h2").consul()
+    path = h2.services_dir / "api-h2.json"
+    good = path.read_text()
+    path.write_text(good.replace('"port": 8080', '"port": "eighty"'))
+    try:
+        wait_until("the problem to be reported",
+                   lambda: any("api-h2.json" in p and "port" in p for p in h2.status()["problems"]),  # type: ignore[index]
+                   timeout=5)
+        assert "api-h2" in consul.agent.services()  # nothing deregistered
+        assert answers(mesh, 10) == {"200 h2": 5, "200 h3": 5}  # still serving
+        res = h2.meshctl("validate", str(h2.services_dir))
+        assert res.returncode == 1 and "api-h2.json: service.port:" in res.stdout + res.stderr
+    finally:
+        path.write_text(good)
+    wait_until("the problem to clear", lambda: not h2.status()["problems"], timeout=5)  # type: ignore[index]
+
+
+def test_hostile_values_never_reach_the_proxy(mesh: Mesh) -> None:
+    h3 = mesh["h3"]
+    consul = mesh.lab.host("h3").consul()
+    evil = {"name": "evil", "port": 8091, "tags": ["x; include /etc/passwd;"],
+            "meta": {"note": "} server { listen 6666; }"}}
+    bad_name = {"name": "bad;name", "port": 8092}
+    h3.add_service(evil, "evil.json")
+    h3.add_service(bad_name, "bad.json")
+    try:
+        wait_until("evil to register", lambda: "evil" in consul.agent.services(), timeout=5)
+        wait_until("bad.json to be refused",
+                   lambda: any("bad.json" in p and "name" in p for p in h3.status()["problems"]),  # type: ignore[index]
+                   timeout=5)
+        assert not any("bad" in s for s in consul.agent.services())
+        conf = next((h3.data_dir / "proxy" / "current").iterdir()).read_text()
+        assert "evil" in conf  # the service is served...
+        assert "include /etc/passwd" not in conf and "6666" not in conf  # ...its values are not
+    finally:
+        h3.remove_service("evil.json")
+        h3.remove_service("bad.json")
+    wait_until("evil to deregister", lambda: "evil" not in consul.agent.services(), timeout=5)
+
+
+def test_status_and_render_for_operators(mesh: Mesh) -> None:
+    h1 = mesh["h1"]
+    res = h1.meshctl("status")
+    assert res.returncode == 0, res.stderr
+    assert "web" in res.stdout and "127.0.0.1:9001" in res.stdout
+    assert f"{mesh['h2'].ip}:" in res.stdout  # api endpoints listed
+    js = h1.meshctl("status", "--json")
+    import json
+
+    data = json.loads(js.stdout)
+    assert {u["destination"] for u in data["upstreams"]} == {"api", "kv"}
+    assert data["services"][0]["cert_expires"] > 0
+    rendered = h1.meshctl("render", "--dry-run")
+    assert rendered.returncode == 0, rendered.stderr
+    assert "9001" in rendered.stdout
+
+
+def test_agent_restart_neither_duplicates_nor_reissues(mesh: Mesh) -> None:
+    h2 = mesh["h2"]
+    consul = mesh.lab.host("h1").consul()
+    crt = h2.data_dir / "certs" / "api.crt"
+    serial = x509.load_pem_x509_certificate(crt.read_bytes()).serial_number
+    h2.stop_agent()
+    h2.start_agent()
+    _, entries = consul.health.connect("api")
+    assert sorted(e["Service"]["ID"] for e in entries) == ["api-h2-sidecar-proxy", "api-h3-sidecar-proxy"]
+    assert x509.load_pem_x509_certificate(crt.read_bytes()).serial_number == serial
+    wait_until("web to see both api instances", lambda: len(mesh["h1"].endpoints("api")) == 2)
+
+
+def test_consul_agent_losing_its_state_gets_registrations_back(mesh: Mesh) -> None:
+    h3 = mesh.lab.host("h3")
+    h3.stop_consul()
+    h3.start_consul(wipe=True)
+    wait_until("h3's registrations to come back",
+               lambda: {"api-h3", "api-h3-sidecar-proxy"} <= set(h3.consul().agent.services()),
+               timeout=20)
+    wait_until("web to see both api instances", lambda: len(mesh["h1"].endpoints("api")) == 2,
+               timeout=20)

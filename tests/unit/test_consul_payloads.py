@@ -1,0 +1,132 @@
+"""Pure parts of the Consul adapter: reading health answers, building registrations.
+
+That Consul accepts these registrations and answers in this shape is shown
+against a real agent in tests/integration/test_consul.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from meshctl.consul import (
+    ConfigEntry,
+    DiscoveryChain,
+    HealthConnect,
+    instances_from_health,
+    sidecar_registration,
+)
+from meshctl.mesh import Instance
+from meshctl.services import Check, ServiceDefinition, Upstream
+
+
+def entry(
+    node: str, node_addr: str, dest_id: str, addr: str, port: Any, *statuses: str
+) -> dict[str, Any]:
+    return {
+        "Node": {"Node": node, "Address": node_addr},
+        "Service": {
+            "Kind": "connect-proxy",
+            "ID": f"{dest_id}-sidecar-proxy",
+            "Address": addr,
+            "Port": port,
+            "Tags": ["t"],
+            "Meta": {"b": "2", "a": "1"},
+            "Proxy": {"DestinationServiceID": dest_id},
+        },
+        "Checks": [{"Status": s} for s in statuses],
+    }
+
+
+def test_instances_from_health() -> None:
+    answer = [
+        entry("n2", "10.0.0.2", "web-2", "", 21000, "passing", "critical"),
+        entry("n1", "10.0.0.1", "web-1", "10.0.1.1", 21001, "passing", "passing"),
+    ]
+    assert instances_from_health(answer) == (
+        Instance("n2", "web-2", "10.0.0.2", 21000, ("t",), (("a", "1"), ("b", "2")), False),
+        Instance("n1", "web-1", "10.0.1.1", 21001, ("t",), (("a", "1"), ("b", "2")), True),
+    )
+
+
+@pytest.mark.parametrize(
+    ("node_addr", "addr", "port"),
+    [
+        ("host.example", "", 21000),
+        ("10.0.0.1", "10.0.0.1; evil", 21000),
+        ("10.0.0.1", "", True),
+        ("10.0.0.1", "", 0),
+        ("10.0.0.1", "", "21000"),
+    ],
+)
+def test_unusable_instances_are_left_out(node_addr: str, addr: str, port: Any) -> None:
+    good = entry("n1", "10.0.0.1", "ok-1", "", 21000, "passing")
+    bad = entry("n2", node_addr, "bad-1", addr, port, "passing")
+    assert [i.service_id for i in instances_from_health([bad, good], "t")] == ["ok-1"]
+
+
+@pytest.mark.parametrize("dest_id", ["web-1\n", "web 1", "web;1", "x" * 129, "a/b"])
+def test_instances_with_unsafe_service_ids_are_left_out(dest_id: str) -> None:
+    good = entry("n1", "10.0.0.1", "ok-1", "", 21000, "passing")
+    bad = entry("n2", "10.0.0.2", dest_id, "", 21000, "passing")
+    assert [i.service_id for i in instances_from_health([bad, good], "t")] == ["ok-1"]
+
+
+def test_malformed_answers_raise() -> None:
+    meta_list = [{"Service": {"ID": "x", "Address": "10.0.0.1", "Port": 1, "Meta": ["x"]}}]
+    for answer in ({"not": "a list"}, [1], meta_list):
+        with pytest.raises((TypeError, AttributeError, ValueError, KeyError)):
+            instances_from_health(answer)
+
+
+def test_sidecar_registration_shape() -> None:
+    d = ServiceDefinition(
+        name="web",
+        id="web-1",
+        port=8080,
+        source="x",
+        address="::1",
+        tags=("v1",),
+        meta=(("k", "v"),),
+        checks=(Check(kind="ttl", target="", ttl="5s"),),
+        upstreams=(Upstream("db", 9191), Upstream("eu", 9192, "127.0.0.2", "dc2")),
+    )
+    reg = sidecar_registration(d, "fd00::5", 21000, "2s")
+    assert reg["kind"] == "connect-proxy"
+    assert (reg["service_id"], reg["name"]) == ("web-1-sidecar-proxy", "web-sidecar-proxy")
+    assert reg["meta"] == {"k": "v", "meshctl": "1"} and reg["tags"] == ["v1"]
+    assert reg["proxy"]["LocalServiceAddress"] == "::1"
+    assert reg["proxy"]["Upstreams"][1] == {
+        "DestinationType": "service",
+        "DestinationName": "eu",
+        "LocalBindAddress": "127.0.0.2",
+        "LocalBindPort": 9192,
+        "Datacenter": "dc2",
+    }
+    assert "Datacenter" not in reg["proxy"]["Upstreams"][0]
+    assert reg["checks"][0]["TCP"] == "[fd00::5]:21000"
+    assert reg["checks"][0]["Interval"] == "2s"
+    assert reg["checks"][1]["AliasService"] == "web-1"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: HealthConnect("web/../../agent"),
+        lambda: HealthConnect("web", datacenter="dc1?x=1"),
+        lambda: ConfigEntry("service-defaults", "../acl"),
+        lambda: ConfigEntry("no-such-kind", "web"),
+        lambda: DiscoveryChain("web\n"),
+    ],
+)
+def test_keys_refuse_names_that_could_change_the_url(make: Any) -> None:
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_keys_are_plain_hashable_data() -> None:
+    assert HealthConnect("web") == HealthConnect("web")
+    assert len({HealthConnect("web"), HealthConnect("web"), HealthConnect("web", False)}) == 2
+    assert str(HealthConnect("web")) == "health.connect(web)"
+    assert str(DiscoveryChain("web", "dc2")) == "discovery-chain(web,dc=dc2)"
