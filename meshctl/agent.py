@@ -129,6 +129,7 @@ class Agent:
         self._next_ca = 0.0
         self._retry_at = float("inf")
         self._apply_failures = 0
+        self._failed_snapshot: Snapshot | None = None
         self._observer: Any = None
         self._warned: set[str] = set()
         self._source_state: dict[str, dict[str, Any]] = {}
@@ -357,13 +358,18 @@ class Agent:
             self._write_state(services)
             return
         self._source_ok("compile")
-        for w in snapshot.warnings:
+        for w in (*snapshot.warnings, *self.driver.unsupported(snapshot)):
             self._warn_once(w)
         if not locals_ and self._last_snapshot is not None and self._last_snapshot.inbounds:
             if services:
                 # Nothing can be served yet (no certificates): keep the last good config.
                 self._write_state(services)
                 return
+        if snapshot == self._failed_snapshot and time.time() < self._retry_at:
+            # The proxy refused exactly this config a moment ago: wait for the
+            # retry time (or a change) instead of churning it on every event.
+            self._write_state(services)
+            return
         try:
             result = self.applier.apply(snapshot)
             metrics.APPLY_TOTAL.labels(result=result.action).inc()
@@ -376,9 +382,13 @@ class Agent:
             metrics.APPLY_TOTAL.labels(result="failed").inc()
             self._source_error("proxy", exc)
             self._apply_failures += 1
-            self._retry_at = time.time() + backoff_delay(self._apply_failures)
+            self._failed_snapshot = snapshot
+            # A refused config rarely fixes itself (a port taken, a file missing):
+            # retry slowly so a persistent failure does not churn the proxy.
+            self._retry_at = time.time() + backoff_delay(self._apply_failures, base=2.0, cap=60.0)
         else:
             self._apply_failures = 0
+            self._failed_snapshot = None
         self._write_state(services)
 
     # ------------------------------------------------------------ fail static
@@ -450,7 +460,7 @@ class Agent:
                     "caller": o.caller, "destination": o.destination, "protocol": o.protocol,
                     "bind": f"{o.bind_address}:{o.bind_port}", "endpoints": endpoints,
                 })
-            state.warnings = list(snap.warnings)
+            state.warnings = [*snap.warnings, *self.driver.unsupported(snap)]
         state.problems = [str(p) for probs in self._problems.values() for p in probs]
         state.sources = dict(self._source_state)
         for key, st in self.watcher.statuses().items():

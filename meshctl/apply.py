@@ -158,8 +158,9 @@ class Applier:
             self._confirmed = None
             self._restore_endpoints(previous_endpoints)
             self._rollback(previous, generation, previous_endpoints)
-            self._done(ApplyResult("failed", generation, error=str(exc)))
-            raise ReloadError(f"{exc}; rolled back to generation {previous or 'none'}") from exc
+            message = f"{exc}; rolled back to generation {previous or 'none'}"
+            self._done(ApplyResult("failed", generation, error=message))
+            raise ReloadError(message) from exc
         self._prune(keep={generation, previous or ""})
         log.info("proxy %s: %s generation %s", self.driver.name, action, generation)
         return self._done(ApplyResult(action, generation))

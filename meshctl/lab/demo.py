@@ -115,16 +115,33 @@ def run(
     return 0
 
 
-def main(argv: Sequence[str] | None = None, scenario: Scenario = show_lab) -> int:
-    """Command line of the demo (``python -m meshctl.lab.demo``)."""
+def main(argv: Sequence[str] | None = None, scenario: Scenario | None = None) -> int:
+    """Command line of the demo (``python -m meshctl.lab.demo``).
+
+    By default it runs the mesh walkthrough and tears down when it is done;
+    ``--hold`` keeps the lab up until Ctrl-C, ``--lab-only`` shows just the lab.
+    """
     parser = argparse.ArgumentParser(prog="python -m meshctl.lab.demo",
-                                     description="meshctl lab demo: test hosts in namespaces")
+                                     description="meshctl demo: the mesh on test hosts in namespaces")
     parser.add_argument("--hosts", type=int, default=3, help="number of test hosts (3)")
+    parser.add_argument("--proxy", default="nginx", help="sidecar proxy driver (nginx, haproxy)")
+    parser.add_argument("--lab-only", action="store_true", help="only bring up and show the lab")
+    parser.add_argument("--hold", action="store_true", help="keep the lab up until Ctrl-C")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="tear down after this many seconds instead of waiting for Ctrl-C")
+                        help="with --hold: tear down after this many seconds")
     parser.add_argument("--keep-logs", action="store_true", help="keep the lab directory")
     args = parser.parse_args(argv)
-    return run(scenario, hosts=args.hosts, seconds=args.seconds, keep_logs=args.keep_logs)
+    if scenario is None:
+        if args.lab_only:
+            scenario = show_lab
+        else:
+            from meshctl.lab.meshdemo import mesh_demo
+
+            def scenario(lab: Lab) -> None:
+                mesh_demo(lab, proxy=args.proxy)
+
+    seconds = args.seconds if args.hold else 0.0
+    return run(scenario, hosts=args.hosts, seconds=seconds, keep_logs=args.keep_logs)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class MeshHost:
         self.apps_dir = self.root / "apps"
         self.config_path = self.root / "agent.toml"
         self.extra_config: dict[str, Any] = {}
+        self.vault_config: dict[str, Any] = {}
         for d in (self.services_dir, self.apps_dir):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -79,9 +80,11 @@ class MeshHost:
 
     # ---------------------------------------------------------------- config
 
-    def write_config(self, **extra: Any) -> Path:
-        """Write agent.toml for this host (``extra`` overrides top-level settings)."""
+    def write_config(self, vault: Mapping[str, Any] | None = None, **extra: Any) -> Path:
+        """Write agent.toml for this host (``extra`` overrides top-level settings,
+        ``vault`` settings of the ``[vault]`` table)."""
         self.extra_config.update(extra)
+        self.vault_config.update(vault or {})
         creds = self.mesh.vault_creds.get(self.name)
         settings: dict[str, Any] = {
             "node_name": self.name,
@@ -103,6 +106,7 @@ class MeshHost:
         if creds is not None:
             lines += ['auth = "approle"', f"role_id_file = {_toml(creds[0])}",
                       f"secret_id_file = {_toml(creds[1])}"]
+        lines += [f"{k} = {_toml(v)}" for k, v in self.vault_config.items()]
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path
