@@ -90,6 +90,7 @@ class AgentConfig:
     reload_min_interval: float = 0.0
     advertise_address: str = ""
     sync_interval: float = 5.0
+    ca_refresh_interval: float = 300.0
     metrics_address: str = "127.0.0.1:9466"
     consul: ConsulSettings = field(default_factory=ConsulSettings)
     vault: VaultSettings = field(default_factory=VaultSettings)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import ssl
 import sys
 import time
 
@@ -34,6 +36,23 @@ def proxy_pid(mh: MeshHost) -> int:
 
 def serial(mh: MeshHost, service: str) -> int:
     return x509.load_pem_x509_certificate((mh.data_dir / "certs" / f"{service}.crt").read_bytes()).serial_number
+
+
+def served_serial(mesh: Mesh, mh: MeshHost, service: str) -> int:
+    """The serial of the certificate ``service``'s sidecar presents on the wire."""
+    port = next(s["sidecar_port"] for s in (mh.status() or {})["services"] if s["name"] == service)
+    certs = mesh["h1"].data_dir / "certs"
+
+    def handshake() -> bytes:
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(str(certs / "web.crt"), str(certs / "web.key"))
+        with socket.create_connection((mh.ip, port), timeout=5) as raw, ctx.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+    return x509.load_der_x509_certificate(mesh["h1"].host.call(handshake)).serial_number
 
 
 def test_consul_down_keeps_traffic_flowing_and_recovers(mesh: Mesh) -> None:
@@ -105,6 +124,9 @@ def test_renewal_survives_a_vault_outage(mesh: Mesh) -> None:
     finally:
         lab_h3.unblock(mesh.lab.vault.ip)
     wait_until("the leaf to be renewed", lambda: serial(h3, "api") != first, timeout=30)
+    # the proxy serves the renewed leaf, not just the file on disk
+    wait_until("the renewed leaf on the wire",
+               lambda: served_serial(mesh, h3, "api") == serial(h3, "api"), timeout=10)
     assert api_ok(mesh)
     h3.stop_agent()
     h3.write_config(vault={"cert_ttl": "72h"})
