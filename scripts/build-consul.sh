@@ -17,6 +17,8 @@ if [ -x "$out" ] && "$out" version 2>/dev/null | grep -q "v$CONSUL_VERSION"; the
     echo "consul $CONSUL_VERSION: cached at $out"
     exit 0
 fi
+# A Go installed from go.dev's tarball lives in /usr/local/go, often not on a CI PATH.
+command -v go >/dev/null || { [ -x /usr/local/go/bin/go ] && export PATH="$PATH:/usr/local/go/bin"; }
 command -v go >/dev/null || { echo "error: Go toolchain not found; install Go >= 1.25 or put a consul $CONSUL_VERSION on PATH" >&2; exit 1; }
 mkdir -p "$cache/bin" "$cache/src"
 echo "consul $CONSUL_VERSION: downloading module source (go mod download)"
