@@ -9,6 +9,7 @@ values, so a source in error keeps contributing its last good answer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -16,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,15 @@ from meshctl import metrics
 from meshctl.apply import Applier, ApplyResult, write_atomic
 from meshctl.config import AgentConfig
 from meshctl._watch import Key, backoff_delay
-from meshctl.consul import ConfigEntry, ConsulClient, HealthConnect, Watcher
+from meshctl.chain import TargetQuery, chain_key, chain_queries
+from meshctl.consul import (
+    ConfigEntry,
+    ConsulClient,
+    DiscoveryChain,
+    HealthConnect,
+    IntentionMatch,
+    Watcher,
+)
 from meshctl.errors import CompileError, ConsulError, DefinitionError, MeshctlError, Problem
 from meshctl.mesh import (
     CertPaths,
@@ -34,13 +43,16 @@ from meshctl.mesh import (
     compile_snapshot,
     snapshot_from_dict,
 )
-from meshctl.proxy.base import ProxyDriver, ProxyPaths, generation_of, load_driver
+from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
 from meshctl.resources import plugins_dir
 from meshctl.services import ServiceDefinition, load_definitions
 from meshctl._certs import utcnow
 from meshctl.vault import CertStore, VaultClient, ensure_leaf, refresh_ca, renew_at
 
 log = logging.getLogger(__name__)
+
+#: seconds a compile waits for the first answer of a health watch a chain change added
+FIRST_ANSWER_WAIT = 3.0
 
 
 class Quiescence:
@@ -84,6 +96,17 @@ class _CertState:
     paths: CertPaths
     not_after: float
     renew_at: float
+
+
+def _with_digest(paths: CertPaths) -> CertPaths:
+    """``paths`` with the fingerprint of the certificate and CA files as they are now."""
+    h = hashlib.sha256()
+    for f in (paths.cert, paths.ca):
+        try:
+            h.update(Path(f).read_bytes())
+        except OSError:
+            h.update(b"missing")
+    return replace(paths, digest=h.hexdigest()[:16])
 
 
 @dataclass
@@ -133,6 +156,7 @@ class Agent:
         self._observer: Any = None
         self._warned: set[str] = set()
         self._source_state: dict[str, dict[str, Any]] = {}
+        self._wanted_since: dict[Key, float] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -206,7 +230,7 @@ class Agent:
         self._observer.start()
 
     def _next_deadline(self) -> float:
-        times = [self._next_sync, self._retry_at]
+        times = [self._next_sync, self._retry_at, self._next_ca]
         times += [c.renew_at for c in self._certs.values()]
         return min(times) if times else time.time() + 1.0
 
@@ -256,7 +280,10 @@ class Agent:
         if not self._address:
             try:
                 self._address = self.consul.advertise_address()
-            except ConsulError:
+                if "consul-agent" in self._source_state:
+                    self._source_ok("consul-agent")
+            except ConsulError as exc:
+                self._source_error("consul-agent", exc)
                 if self._last_snapshot and self._last_snapshot.inbounds:
                     return self._last_snapshot.inbounds[0].listen_address
                 return ""
@@ -317,29 +344,58 @@ class Agent:
                     self._certs[name].renew_at = retry
                 elif cached is not None and cached.valid_at(utcnow()):
                     # Vault is down at start: serve with the leaf still on disk.
-                    self._certs[name] = _CertState(self.store.paths(name),
+                    self._certs[name] = _CertState(_with_digest(self.store.paths(name)),
                                                    cached.not_after.timestamp(), retry)
                 continue
             self._source_ok("vault")
             if changed:
                 log.info("certificate for %s issued (serial %s, expires %s)", name, leaf.serial,
                          leaf.not_after.isoformat())
-            self._certs[name] = _CertState(self.store.paths(name), leaf.not_after.timestamp(),
-                                           renew_at(leaf).timestamp())
+            self._certs[name] = _CertState(_with_digest(self.store.paths(name)),
+                                           leaf.not_after.timestamp(), renew_at(leaf).timestamp())
             metrics.CERT_EXPIRY.labels(service=name).set(leaf.not_after.timestamp())
-        if due and now >= self._next_ca:
+        if now >= self._next_ca and names:
+            # The CA bundle is kept current (a rotation adds an issuer before it signs).
             try:
-                refresh_ca(self.vault, self.store)
-                self._next_ca = now + 300.0
+                if refresh_ca(self.vault, self.store):
+                    log.info("mesh CA bundle changed")
+                    for st in self._certs.values():
+                        st.paths = _with_digest(st.paths)
+                self._next_ca = now + self.cfg.ca_refresh_interval
             except MeshctlError as exc:
                 self._source_error("vault", exc)
+                self._next_ca = now + 10.0 + random.random() * 5
         for gone in set(self._certs) - set(names):
             del self._certs[gone]
 
     def _watch_upstreams(self, services: list[ServiceDefinition]) -> None:
-        self.watcher.watch_only(source_keys(services))
+        # The set follows the discovery chains already known: a chain that now
+        # reaches another target (split, redirect, failover) adds its health watch.
+        keys = source_keys(services, self.watcher.get, self.cfg.datacenter)
+        now = time.time()
+        self._wanted_since = {k: self._wanted_since.get(k, now) for k in keys}
+        self.watcher.watch_only(keys)
+
+    def _awaiting_first_answers(self) -> bool:
+        """True while a target's health watch, new with a chain change, has not answered.
+
+        Compiling then would give the new target no endpoints (503s until the
+        answer arrives); its first answer triggers a reconcile, so wait for it,
+        but never longer than FIRST_ANSWER_WAIT (a failing watch must not stall
+        every other change).
+        """
+        now = time.time()
+        pending = [since for k, since in self._wanted_since.items()
+                   if isinstance(k, HealthConnect) and now - since < FIRST_ANSWER_WAIT
+                   and not self.watcher.has_value(k)]
+        if pending:
+            self._retry_at = min(self._retry_at, min(pending) + FIRST_ANSWER_WAIT)
+        return bool(pending)
 
     def _compile_and_apply(self, services: list[ServiceDefinition]) -> None:
+        if self._awaiting_first_answers():
+            log.debug("waiting for the first answer of new health watches")
+            return
         address = self._sidecar_address()
         locals_: list[LocalService] = []
         for d in services:
@@ -375,6 +431,8 @@ class Agent:
             metrics.APPLY_TOTAL.labels(result=result.action).inc()
             if result.action != "unchanged":
                 self._persist(snapshot)
+                for c in snapshot.clusters:
+                    metrics.UPSTREAM_ENDPOINTS.labels(cluster=c.id).set(len(c.endpoints))
             self._last_snapshot = snapshot
             self._source_ok("proxy")
             self._retry_at = float("inf")
@@ -474,13 +532,53 @@ class Agent:
 Getter = Callable[[Key], Any]
 
 
-def source_keys(services: list[ServiceDefinition]) -> set[Key]:
-    """Every Consul key the snapshot of these local services depends on."""
-    destinations = {u.destination_name for d in services for u in d.upstreams}
-    keys: set[Key] = {HealthConnect(dest) for dest in destinations}
+def _upstreams(services: list[ServiceDefinition]) -> set[tuple[str, str]]:
+    return {(u.destination_name, u.datacenter or "") for d in services for u in d.upstreams}
+
+
+def chain_of(dest: str, dc: str) -> DiscoveryChain:
+    """The discovery-chain key of one upstream (``dc``: the upstream's datacenter, if any)."""
+    return DiscoveryChain(dest, compile_dc=dc)
+
+
+def health_of(query: TargetQuery) -> HealthConnect:
+    """The health key of one chain target: Consul evaluates the subset filter."""
+    return HealthConnect(query.service, passing=query.only_passing,
+                         datacenter=query.datacenter, filter=query.filter)
+
+
+def _queries(get: Getter | None, upstreams: set[tuple[str, str]], datacenter: str,
+             ) -> set[TargetQuery]:
+    out: set[TargetQuery] = set()
+    for dest, dc in sorted(upstreams):
+        chain = get(chain_of(dest, dc)) if get is not None else None
+        if isinstance(chain, dict):
+            try:
+                out |= chain_queries(chain, datacenter)
+            except CompileError:
+                continue  # compile() reports it; nothing to watch for a refused chain
+    return out
+
+
+def source_keys(services: list[ServiceDefinition], get: Getter | None = None,
+                datacenter: str = "") -> set[Key]:
+    """Every Consul key the snapshot of these local services depends on.
+
+    Each upstream's discovery chain (Consul re-answers it whenever one of the
+    proxy-defaults, service-defaults, resolver, splitter or router entries it
+    depends on changes) and, once ``get`` knows a chain, one health watch per
+    target it reaches, with the target subset's filter. Local services' own
+    service-defaults give their inbound protocol.
+    """
+    upstreams = _upstreams(services)
+    destinations = {dest for dest, _ in upstreams}
+    keys: set[Key] = {chain_of(dest, dc) for dest, dc in upstreams}
+    keys |= {health_of(q) for q in _queries(get, upstreams, datacenter)}
     for name in destinations | {d.name for d in services}:
         keys.add(ConfigEntry("service-defaults", name))
     keys.add(ConfigEntry("proxy-defaults", "global"))
+    # Who may call each local service: enforced at its inbound listener.
+    keys |= {IntentionMatch(d.name) for d in services}
     return keys
 
 
@@ -498,18 +596,19 @@ def protocols_from(get: Getter, names: set[str]) -> dict[str, str]:
     return out
 
 
-def instances_from(get: Getter, destinations: set[str], last: Snapshot | None,
-                   ) -> dict[str, list[Instance]]:
-    """Discovered instances per destination; the persisted ones where Consul never answered."""
-    out: dict[str, list[Instance]] = {}
-    for dest in destinations:
-        value = get(HealthConnect(dest))
+def instances_from(get: Getter, queries: set[TargetQuery], last: Snapshot | None,
+                   ) -> dict[Any, list[Instance]]:
+    """Instances per chain target; the persisted ones where Consul never answered."""
+    out: dict[Any, list[Instance]] = {}
+    for q in queries:
+        value = get(health_of(q))
         if value is not None:
-            out[dest] = list(value)
+            out[q] = list(value)
         elif last is not None:
-            out[dest] = [
+            out[q] = [
                 Instance(node=e.node, service_id=e.instance, address=e.address, port=e.port)
-                for c in last.clusters if c.service == dest and not c.subset
+                for c in last.clusters
+                if (c.service, c.subset, c.datacenter) == (q.service, q.subset, q.datacenter)
                 for e in c.endpoints
             ]
     return out
@@ -518,15 +617,23 @@ def instances_from(get: Getter, destinations: set[str], last: Snapshot | None,
 def build_snapshot(cfg: AgentConfig, locals_: list[LocalService], get: Getter,
                    last: Snapshot | None) -> Snapshot:
     """compile() fed from a value getter (the watcher's, or a one-shot query)."""
-    destinations = {u.destination_name for ls in locals_ for u in ls.definition.upstreams}
-    names = destinations | {ls.definition.name for ls in locals_}
+    upstreams = _upstreams([ls.definition for ls in locals_])
+    destinations = {dest for dest, _ in upstreams}
+    local_names = {ls.definition.name for ls in locals_}
+    names = destinations | local_names
+    chains = {chain_key(dest, dc): get(chain_of(dest, dc)) for dest, dc in upstreams}
     return compile_snapshot(
         node=cfg.node_name,
         trust_domain=cfg.trust_domain,
         datacenter=cfg.datacenter,
         services=locals_,
-        instances=instances_from(get, destinations, last),
+        instances=instances_from(get, _queries(get, upstreams, cfg.datacenter), last),
         protocols=protocols_from(get, names),
+        chains=chains,
+        previous=last,
+        intentions={name: get(IntentionMatch(name)) for name in local_names},
+        default_intention_action=cfg.default_intention_action,
+        previous_authz={i.service: i.authz for i in last.inbounds} if last else None,
     )
 
 
@@ -548,15 +655,17 @@ def plan_once(cfg: AgentConfig) -> tuple[Snapshot, dict[str, str]]:
         store = CertStore(cfg.certs_dir)
         locals_ = [LocalService(d, address, ports.port_for(d), store.paths(d.name)) for d in defs]
 
+        answers: dict[Key, Any] = {}
+
         def get(key: Key) -> Any:
-            return key.fetch(session, 0, "1s")[1]
+            if key not in answers:
+                answers[key] = key.fetch(session, 0, "1s")[1]
+            return answers[key]
 
         snapshot = build_snapshot(cfg, locals_, get, None)
     finally:
         session.close()
-    driver = make_driver(cfg)
-    files = driver.render(snapshot, generation="0" * 16)
-    return snapshot, driver.render(snapshot, generation_of(files))
+    return snapshot, make_driver(cfg).render_config(snapshot).files
 
 
 class _PortBook:
@@ -604,7 +713,9 @@ def make_driver(cfg: AgentConfig) -> ProxyDriver:
         run_dir=cfg.run_dir,
         plugins_dir=plugins_dir(),
     )
-    return cls(paths, binary=cfg.proxy_binary)
+    driver = cls(paths, binary=cfg.proxy_binary)
+    driver.shutdown_timeout = cfg.proxy_shutdown_timeout
+    return driver
 
 
 def run_agent(cfg: AgentConfig, ready: Callable[[], None] | None = None) -> None:

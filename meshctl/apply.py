@@ -2,15 +2,28 @@
 
 Layout under the proxy directory::
 
-    gen/<generation>/...   rendered files of one config generation (never edited)
-    current -> gen/<g>     the live config: a symlink replaced atomically
+    gen/<generation>.<content>/...   rendered files of one config (never edited)
+    current -> gen/<generation>.<content>   the live config, a symlink replaced atomically
 
-A generation directory is written under a temporary name, fsynced, renamed,
-then checked by the proxy's own validator *where it will live*, so what was
-validated is byte for byte what the proxy loads. Only then is ``current``
+The *generation* is the digest of the config's structure (the driver's
+``structure()``: the files with run-time endpoints normalised); it is what the
+proxy's status socket reports and it changes only when a reload is needed. The
+*content* is the digest of the real files, which hold the current endpoints
+where the driver renders them, so whatever (re)starts the proxy from ``current``
+gets the right servers.
+
+A structural change (new generation): the files are written under a temporary
+name, fsynced, renamed, checked by the proxy's own validator *where they will
+live* (what was validated is byte for byte what the proxy loads), ``current`` is
 swapped, the proxy reloaded, and its status socket asked which generation it
-serves. If anything fails the previous generation is restored and reloaded,
-and the proxy keeps serving it.
+serves. If anything fails the previous config is restored and reloaded, and the
+proxy keeps serving it.
+
+An endpoint-only change (same generation, running proxy confirmed on it): new
+files, if the driver renders endpoints, are staged and validated the same way
+and ``current`` is swapped *without* a reload; the endpoints are then pushed to
+the running proxy (``driver.push_endpoints``). If the push fails, the proxy is
+reloaded instead (it then reads the endpoints from the files / endpoint file).
 """
 
 from __future__ import annotations
@@ -23,10 +36,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from meshctl.errors import MeshctlError, ProxyError, ReloadError
 from meshctl.mesh import Snapshot
-from meshctl.proxy.base import ProxyDriver, generation_of
+from meshctl.proxy.base import ProxyDriver, RenderedConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +114,11 @@ class Applier:
         self._confirmed: str | None = None
 
     def current_generation(self) -> str | None:
+        """The generation ``current`` points to, or None."""
+        name = self._current_dir()
+        return _generation(name) if name else None
+
+    def _current_dir(self) -> str | None:
         try:
             return Path(os.readlink(self.current)).name
         except OSError:
@@ -108,12 +127,14 @@ class Applier:
     def apply(self, snapshot: Snapshot) -> ApplyResult:
         """Make the proxy serve ``snapshot``; on failure keep serving the previous one.
 
-        Raises ValidationError or ReloadError (after rolling back).
+        Endpoint-only changes are pushed at run time (action ``endpoints``);
+        anything else reloads (``reloaded``, or ``started``). Raises
+        CompileError (rendering), ValidationError (the proxy refused the
+        files; nothing was swapped) or ReloadError (after rolling back).
         """
-        files = self.driver.render(snapshot, generation="0" * 16)
-        generation = generation_of(files)
-        files = self.driver.render(snapshot, generation=generation)
-        previous = self.current_generation()
+        rendered = self.driver.render_config(snapshot)
+        generation, target = rendered.generation, rendered.dirname
+        previous = self._current_dir()
         running = self.driver.running()
         endpoints = self.driver.endpoint_state(snapshot)
         try:
@@ -124,25 +145,57 @@ class Applier:
         moved = endpoints is not None and write_atomic(
             self.driver.endpoints_file, json.dumps(endpoints, sort_keys=True).encode(), 0o640
         )
-        if previous == generation and running and self._serving(generation):
-            if not moved:
+        if (previous is not None and _generation(previous) == generation and running
+                and self._serving(generation)):
+            if previous == target and not moved:
                 return self._done(ApplyResult("unchanged", generation))
-            assert endpoints is not None
-            try:
-                self.driver.push_endpoints(endpoints)
-                log.info("proxy %s: endpoints updated without reload", self.driver.name)
-                return self._done(ApplyResult("endpoints", generation))
-            except (ProxyError, OSError) as exc:
-                log.warning("proxy %s: runtime endpoint update failed (%s); reloading",
-                            self.driver.name, exc)
+            return self._apply_endpoints(rendered, previous, endpoints, previous_endpoints)
+        self._stage_and_validate(rendered, previous_endpoints)
+        self._swap(target)
+        action = self._load(running, generation, previous, target, previous_endpoints)
+        self._prune(keep={target, previous or ""})
+        log.info("proxy %s: %s generation %s", self.driver.name, action, generation)
+        return self._done(ApplyResult(action, generation))
+
+    def _apply_endpoints(self, rendered: RenderedConfig, previous: str,
+                         endpoints: dict[str, Any] | None,
+                         previous_endpoints: bytes | None) -> ApplyResult:
+        """Same structure, new endpoints: new files without a reload, then a run-time push."""
+        generation, target = rendered.generation, rendered.dirname
+        if target != previous:
+            self._stage_and_validate(rendered, previous_endpoints)
+            self._swap(target)
         try:
-            target = self._stage(generation, files)
+            if endpoints is None:
+                raise ProxyError(f"{self.driver.name} renders endpoints it cannot change "
+                                 "at run time")
+            self.driver.push_endpoints(endpoints)
+        except (ProxyError, OSError) as exc:
+            log.warning("proxy %s: run-time endpoint update failed (%s); reloading",
+                        self.driver.name, exc)
+            # The status socket cannot tell this reload from the last one (same
+            # generation); its files were validated in staging like any other.
+            action = self._load(True, generation, previous, target, previous_endpoints)
+            self._prune(keep={target, previous})
+            return self._done(ApplyResult(action, generation))
+        self._prune(keep={target, previous})
+        log.info("proxy %s: endpoints updated without reload (generation %s)",
+                 self.driver.name, generation)
+        return self._done(ApplyResult("endpoints", generation))
+
+    def _stage_and_validate(self, rendered: RenderedConfig,
+                            previous_endpoints: bytes | None) -> None:
+        try:
+            target = self._stage(rendered.dirname, rendered.files)
             self.driver.validate(target)
         except MeshctlError as exc:
             self._restore_endpoints(previous_endpoints)
-            self._done(ApplyResult("failed", generation, error=str(exc)))
+            self._done(ApplyResult("failed", rendered.generation, error=str(exc)))
             raise
-        self._swap(generation)
+
+    def _load(self, running: bool, generation: str, previous: str | None, target: str,
+              previous_endpoints: bytes | None) -> str:
+        """Start or reload the proxy on ``current``, confirm ``generation``; else roll back."""
         try:
             if not running:
                 self.driver.start()
@@ -157,20 +210,19 @@ class Applier:
         except ProxyError as exc:
             self._confirmed = None
             self._restore_endpoints(previous_endpoints)
-            self._rollback(previous, generation, previous_endpoints)
-            message = f"{exc}; rolled back to generation {previous or 'none'}"
-            self._done(ApplyResult("failed", generation, error=message))
-            raise ReloadError(message) from exc
-        self._prune(keep={generation, previous or ""})
-        log.info("proxy %s: %s generation %s", self.driver.name, action, generation)
-        return self._done(ApplyResult(action, generation))
+            self._rollback(previous, target, previous_endpoints)
+            self._done(ApplyResult("failed", generation, error=str(exc)))
+            raise ReloadError(
+                f"{exc}; rolled back to generation "
+                f"{_generation(previous) if previous else 'none'}"
+            ) from exc
+        return action
 
     def _serving(self, generation: str) -> bool:
         # Once confirmed, trust it: right after a reload an old worker may still
         # answer the probe for a moment, which must not cause another reload.
-        if self._confirmed != generation:
-            if self.driver.serving_generation() == generation:
-                self._confirmed = generation
+        if self._confirmed != generation and self.driver.serving_generation() == generation:
+            self._confirmed = generation
         return self._confirmed == generation
 
     def _done(self, result: ApplyResult) -> ApplyResult:
@@ -184,11 +236,11 @@ class Applier:
             time.sleep(wait)
         self._last_reload = time.monotonic()
 
-    def _stage(self, generation: str, files: dict[str, str]) -> Path:
-        target = self.gen_dir / generation
+    def _stage(self, dirname: str, files: dict[str, str]) -> Path:
+        target = self.gen_dir / dirname
         if target.is_dir():
-            return target
-        staging = self.gen_dir / f".{generation}.staging"
+            return target  # content-addressed: the same name holds the same bytes
+        staging = self.gen_dir / f".{dirname}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         for name, content in files.items():
@@ -197,10 +249,10 @@ class Applier:
         _fsync_dir(self.gen_dir)
         return target
 
-    def _swap(self, generation: str) -> None:
+    def _swap(self, dirname: str) -> None:
         tmp = self.proxy_dir / ".current.tmp"
         tmp.unlink(missing_ok=True)
-        os.symlink(Path("gen") / generation, tmp)
+        os.symlink(Path("gen") / dirname, tmp)
         os.replace(tmp, self.current)
         _fsync_dir(self.proxy_dir)
 
@@ -212,9 +264,10 @@ class Applier:
             write_atomic(self.driver.endpoints_file, data, 0o640)
 
     def _rollback(self, previous: str | None, failed: str, endpoints: bytes | None) -> None:
-        log.error("proxy %s: generation %s failed; rolling back to %s",
+        log.error("proxy %s: config %s failed; rolling back to %s",
                   self.driver.name, failed, previous)
-        shutil.rmtree(self.gen_dir / failed, ignore_errors=True)
+        if failed != previous:
+            shutil.rmtree(self.gen_dir / failed, ignore_errors=True)
         if previous is None:
             self.current.unlink(missing_ok=True)
             return
@@ -224,15 +277,17 @@ class Applier:
                 self.driver.reload()
             else:
                 self.driver.start()
-            self.driver.wait_serving(previous)
+            self.driver.wait_serving(_generation(previous))
             # A reload that failed may already have loaded its endpoints into the
             # proxy's shared state: hand the running workers the last good ones.
             if endpoints is not None:
                 self.driver.push_endpoints(json.loads(endpoints))
         except (ProxyError, OSError, ValueError) as exc:
-            log.error("proxy %s: rollback to %s did not confirm: %s", self.driver.name, previous, exc)
+            log.error("proxy %s: rollback to %s did not confirm: %s", self.driver.name, previous,
+                      exc)
 
     def _prune(self, keep: set[str]) -> None:
+        """Keep the newest KEEP_GENERATIONS config directories (and ``keep``)."""
         gens = sorted(
             (p for p in self.gen_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
             key=lambda p: p.stat().st_mtime,
@@ -240,3 +295,8 @@ class Applier:
         for old in gens[:-KEEP_GENERATIONS]:
             if old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _generation(dirname: str) -> str:
+    """The generation part of a ``gen/`` directory name (``<generation>.<content>``)."""
+    return dirname.split(".", 1)[0]

@@ -22,7 +22,8 @@ from typing import Any
 from meshctl.errors import ConfigError
 
 _NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\Z")
-_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
 _MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_/-]{0,127}\Z")
 
 
@@ -81,6 +82,8 @@ class AgentConfig:
     data_dir: Path = Path("/var/lib/meshctl")
     run_dir: Path = Path("/run/meshctl")
     proxy_binary: str = ""
+    # Seconds old proxy workers may keep finishing connections after a reload.
+    proxy_shutdown_timeout: int = 10
     sidecar_port_min: int = 21000
     sidecar_port_max: int = 21255
     deregister_on_exit: bool = True
@@ -194,6 +197,8 @@ def _validate(cfg: AgentConfig, where: str) -> None:
         raise bad("metrics_address", "expected ip:port, or empty to disable")
     if cfg.sync_interval <= 0:
         raise bad("sync_interval", "must be positive")
+    if not 1 <= cfg.proxy_shutdown_timeout <= 86400:
+        raise bad("proxy_shutdown_timeout", "must be 1-86400 seconds")
     if cfg.vault.auth not in ("token", "approle"):
         raise bad("vault.auth", "must be 'token' or 'approle'")
     if cfg.vault.auth == "approle" and not (cfg.vault.role_id_file and cfg.vault.secret_id_file):

@@ -5,10 +5,13 @@ with its checks and a sidecar of kind ``connect-proxy``, so ``/v1/health/connect
 the UI and intentions work as Consul users expect, and it provides the keys the
 agent watches with blocking queries:
 
-- ``HealthConnect(service)`` → tuple of ``meshctl.mesh.Instance`` (the passing
-  sidecars of a destination);
+- ``HealthConnect(service, passing, datacenter, filter)`` → tuple of
+  ``meshctl.mesh.Instance`` (the sidecars of a destination, only passing ones
+  with ``passing``; ``filter`` is evaluated by Consul);
 - ``ConfigEntry(kind, name)`` → the config entry dict, or None when absent;
-- ``DiscoveryChain(service)`` → the ``/v1/discovery-chain/<service>`` answer.
+- ``DiscoveryChain(service)`` → the ``/v1/discovery-chain/<service>`` answer;
+- ``IntentionMatch(service)`` → the intentions that apply to ``service`` as a
+  destination, in Consul's precedence order (``/v1/connect/intentions/match``).
 
 Keys are plain data and run in ``Watcher`` (``meshctl._watch``): one loop per
 distinct key, fail static on errors. Every failure surfaces as ConsulError
@@ -58,6 +61,7 @@ __all__ = [
     "ConsulClient",
     "DiscoveryChain",
     "HealthConnect",
+    "IntentionMatch",
     "Key",
     "Subscription",
     "WatchStatus",
@@ -82,6 +86,7 @@ CONFIG_ENTRY_KINDS = frozenset(
 )
 _DATACENTER = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?\Z")
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
+_SSL_REASON = re.compile(r"\[SSL: [A-Z0-9_]+\] ([^('\"]+)")
 
 T = TypeVar("T")
 
@@ -97,6 +102,9 @@ def _describe(exc: BaseException) -> str:
         return str(exc)[:300] or type(exc).__name__
     if isinstance(exc, requests.Timeout):
         return "timed out"
+    if isinstance(exc, requests.exceptions.SSLError):
+        reason = _SSL_REASON.search(str(exc))
+        return f"TLS handshake failed: {reason.group(1).strip() if reason else 'SSLError'}"
     if isinstance(exc, requests.ConnectionError):
         match = _ERRNO.search(str(exc))
         return f"unreachable ({match.group(1).strip() if match else type(exc).__name__})"
@@ -228,14 +236,20 @@ class HealthConnect:
     service: str
     passing: bool = True
     datacenter: str = ""
+    #: a filter expression Consul evaluates server side (a resolver subset's ``Filter``)
+    filter: str = ""
 
     def __post_init__(self) -> None:
         _check_name(self.service, "service")
         _check_dc(self.datacenter)
+        # Sent as a query parameter (requests encodes it); bounded and printable.
+        if len(self.filter) > 4096 or any(not " " <= ch <= "~" for ch in self.filter):
+            raise ValueError("filter must be printable ASCII, at most 4096 characters")
 
     def __str__(self) -> str:
         extra = "" if self.passing else ",any"
         extra += f",dc={self.datacenter}" if self.datacenter else ""
+        extra += f",filter={self.filter[:80]!r}" if self.filter else ""
         return f"health.connect({self.service}{extra})"
 
     def fetch(
@@ -248,6 +262,7 @@ class HealthConnect:
                 wait=wait,
                 passing=self.passing,
                 dc=self.datacenter or None,
+                filter_expr=self.filter or None,
             )
             value = instances_from_health(entries or [], str(self))
         except _FAILURES as exc:
@@ -326,6 +341,47 @@ class DiscoveryChain:
         return new_index, data
 
 
+@dataclass(frozen=True)
+class IntentionMatch:
+    """The intentions that apply to ``service`` as a destination, highest precedence first.
+
+    Value: a tuple of intention dicts as Consul returns them
+    (``/v1/connect/intentions/match?by=destination&name=<service>``): the
+    service's own intentions and the ``*`` ones, L7 ``Permissions`` included,
+    sorted by Consul's precedence. ``meshctl.intentions`` compiles them.
+    Needs ``intentions:read`` on the service (implied by ``service:read``).
+    """
+
+    service: str
+
+    def __post_init__(self) -> None:
+        _check_name(self.service, "service")
+
+    def __str__(self) -> str:
+        return f"intentions.match({self.service})"
+
+    def fetch(
+        self, session: ConsulSession, index: int, wait: str
+    ) -> tuple[int, tuple[dict[str, Any], ...]]:
+        params: list[tuple[str, Any]] = [("by", "destination"), ("name", self.service),
+                                         *_blocking_params(index, wait)]
+        try:
+            new_index, data = session.consul.http.get(
+                _indexed(allow_404=False),
+                "/v1/connect/intentions/match",
+                params=params,
+                headers=session.consul.prepare_headers(),
+            )
+        except _FAILURES as exc:
+            raise ConsulError(f"{self}: {_describe(exc)}") from None
+        if not isinstance(data, dict):
+            raise ConsulError(f"{self}: unexpected answer ({type(data).__name__})")
+        matches = data.get(self.service) or []
+        if not isinstance(matches, list) or not all(isinstance(m, dict) for m in matches):
+            raise ConsulError(f"{self}: unexpected answer (not a list of intentions)")
+        return new_index, tuple(matches)
+
+
 def _check_name(name: str, what: str) -> None:
     # Names end up in URL paths: only the narrow service-name grammar passes.
     if not isinstance(name, str) or not SERVICE_NAME.match(name):
@@ -365,6 +421,8 @@ def instances_from_health(entries: Any, what: str = "health.connect") -> tuple[I
         address = str(svc.get("Address") or node.get("Address") or "")
         port = svc.get("Port")
         try:
+            if "%" in address:  # a scoped IPv6 zone may hold any text: never usable
+                raise ValueError(address)
             address = str(ipaddress.ip_address(address))
         except ValueError:
             skipped.add(f"{dest_id[:80]!r}@{node.get('Node', '')} (address {address[:80]!r})")
@@ -386,6 +444,8 @@ def instances_from_health(entries: Any, what: str = "health.connect") -> tuple[I
                 tags=tuple(str(t) for t in (svc.get("Tags") or ())),
                 meta=tuple(sorted((str(k), str(v)) for k, v in meta.items())),
                 passing=all(c.get("Status") == "passing" for c in checks),
+                warning=any(c.get("Status") == "warning" for c in checks)
+                and not any(c.get("Status") == "critical" for c in checks),
             )
         )
     frozen = frozenset(skipped)
@@ -629,9 +689,17 @@ class ConsulClient:
 
     def advertise_address(self) -> str:
         """The local agent's LAN address, where sidecars are reachable. Raises ConsulError."""
-        info = self._call("read agent info", lambda: self.api.agent.self())
+        def read() -> Any:
+            # py-consul's agent.self() sends no ACL token: under default deny it
+            # would be refused whatever the token's policy.
+            c = self.api
+            return c.http.get(CB.json(), "/v1/agent/self", headers=c.prepare_headers())
+
+        info = self._call("read agent info", read)
         try:
             addr = (info.get("Member") or {}).get("Addr") or info["Config"]["AdvertiseAddr"]
+            if "%" in str(addr):  # scoped IPv6: the zone text would reach proxy configs
+                raise ValueError(addr)
             return str(ipaddress.ip_address(addr))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ConsulError("read agent info: no usable advertise address") from None

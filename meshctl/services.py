@@ -419,9 +419,12 @@ class _Reader:
             self.bad(path, f"expected an IP address, got {_typename(value)}")
             return None
         try:
+            if "%" in value:  # a scoped address's zone may hold any text
+                raise ValueError(value)
             return str(ipaddress.ip_address(value))
         except ValueError:
-            self.bad(path, f"{_show(value)} is not a literal IPv4 or IPv6 address")
+            self.bad(path, f"{_show(value)} is not a literal IPv4 or IPv6 address "
+                     "(scoped addresses are not supported)")
             return None
 
     def duration(self, value: object, path: str) -> str | None:

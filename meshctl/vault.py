@@ -510,7 +510,8 @@ def refresh_ca(client: LeafIssuer, store: CertStore, *, include: str = "") -> bo
 # ---------------------------------------------------------------- setup
 
 _HOST = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\Z")
-_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
 _MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,127}\Z")
 _PREFIX = re.compile(r"^[a-z0-9-]{0,32}\Z")
 

@@ -5,13 +5,23 @@ from __future__ import annotations
 from meshctl.mesh import CertPaths, Instance, LocalService, Snapshot, compile_snapshot
 from meshctl.services import ServiceDefinition, Upstream
 
-CERTS = CertPaths("/var/lib/meshctl/certs/web.crt", "/var/lib/meshctl/certs/web.key",
-                  "/var/lib/meshctl/certs/ca.pem")
+CERTS = CertPaths(
+    "/var/lib/meshctl/certs/web.crt",
+    "/var/lib/meshctl/certs/web.key",
+    "/var/lib/meshctl/certs/ca.pem",
+)
 
 
-def web(upstreams: tuple[Upstream, ...] = (Upstream("api", 19001),), **kw: object) -> ServiceDefinition:
-    fields: dict[str, object] = {"name": "web", "id": "web", "port": 18080, "source": "web.json",
-                                 "upstreams": upstreams}
+def web(
+    upstreams: tuple[Upstream, ...] = (Upstream("api", 19001),), **kw: object
+) -> ServiceDefinition:
+    fields: dict[str, object] = {
+        "name": "web",
+        "id": "web",
+        "port": 18080,
+        "source": "web.json",
+        "upstreams": upstreams,
+    }
     fields.update(kw)
     return ServiceDefinition(**fields)  # type: ignore[arg-type]
 
@@ -27,7 +37,9 @@ def snapshot(
     certs: CertPaths = CERTS,
 ) -> Snapshot:
     return compile_snapshot(
-        node="h1", trust_domain="meshctl.test", datacenter="dc1",
+        node="h1",
+        trust_domain="meshctl.test",
+        datacenter="dc1",
         services=[LocalService(defn or web(), "198.18.0.11", 21000, certs)],
         instances={"api": api_instances()} if instances is None else instances,
         protocols={"web": "http", "api": "http"} if protocols is None else protocols,

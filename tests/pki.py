@@ -46,9 +46,15 @@ class TestCA:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -93,7 +99,9 @@ class TestCA:
         )
         return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
-    def write_leaf(self, directory: Path, service: str, trust_domain: str = "meshctl.test") -> tuple[str, str, str]:
+    def write_leaf(
+        self, directory: Path, service: str, trust_domain: str = "meshctl.test"
+    ) -> tuple[str, str, str]:
         """Write ``<service>.crt/.key`` and ``ca.pem`` into ``directory``; return paths."""
         directory.mkdir(parents=True, exist_ok=True)
         cert, key = self.leaf(f"{service}.svc.{trust_domain}")

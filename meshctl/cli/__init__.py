@@ -42,6 +42,14 @@ def _register() -> None:
 
     cli.add_command(validate.validate)
 
+    from meshctl.cli import routes
+
+    cli.add_command(routes.routes)
+
+    from meshctl.cli import intentions
+
+    cli.add_command(intentions.intentions)
+
 
 def main() -> None:
     """Console-script entry point."""

@@ -16,8 +16,11 @@ from meshctl.config import AgentConfig, load_config
 from meshctl.errors import ConfigError
 
 config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-    default=None, help="Agent config (TOML). Default: /etc/meshctl/agent.toml if it exists.",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Agent config (TOML). Default: /etc/meshctl/agent.toml if it exists.",
 )
 
 
@@ -32,12 +35,20 @@ def _load(config_path: Path | None, **overrides: Any) -> AgentConfig:
 @click.option("--node-name", default=None, help="Override node_name.")
 @click.option("--proxy", default=None, help="Proxy driver name (nginx, haproxy, ...).")
 @click.option("--services-dir", default=None, help="Override services_dir.")
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def agent(config_path: Path | None, node_name: str | None, proxy: str | None,
-          services_dir: str | None, log_level: str) -> None:
+@click.option(
+    "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
+)
+def agent(
+    config_path: Path | None,
+    node_name: str | None,
+    proxy: str | None,
+    services_dir: str | None,
+    log_level: str,
+) -> None:
     """Run the host agent (register, certificates, discovery, proxy) until SIGTERM."""
     logging.basicConfig(
-        level=getattr(logging, log_level.upper()), stream=sys.stderr,
+        level=getattr(logging, log_level.upper()),
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for noisy in ("urllib3", "watchdog", "hvac"):
@@ -54,7 +65,11 @@ def _ago(ts: float | None) -> str:
     delta = ts - time.time()
     word = "in " if delta > 0 else ""
     delta = abs(delta)
-    unit = f"{delta:.0f}s" if delta < 120 else (f"{delta/60:.0f}m" if delta < 7200 else f"{delta/3600:.1f}h")
+    unit = (
+        f"{delta:.0f}s"
+        if delta < 120
+        else (f"{delta / 60:.0f}m" if delta < 7200 else f"{delta / 3600:.1f}h")
+    )
     return f"{word}{unit}" + ("" if word else " ago")
 
 
@@ -67,28 +82,66 @@ def status(config_path: Path | None, as_json: bool) -> None:
     try:
         state = json.loads(cfg.state_path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{cfg.state_path}: no agent state (is `meshctl agent` running?)") from None
+        raise ConfigError(
+            f"{cfg.state_path}: no agent state (is `meshctl agent` running?)"
+        ) from None
     except ValueError as exc:
         raise ConfigError(f"{cfg.state_path}: unreadable agent state: {exc}") from None
-    parts = [f"node {state['node']}  proxy {state['proxy']}  updated {_ago(state.get('updated'))}", ""]
-    parts.append(table(
-        ["service", "id", "port", "sidecar", "registered", "checks", "cert expires", "renews"],
-        [[s["name"], s["id"], s["port"], s["sidecar_port"], "yes" if s["registered"] else "no",
-          ",".join(s["checks"]), _ago(s["cert_expires"]), _ago(s["cert_renews"])]
-         for s in state["services"]],
-    ))
-    parts += ["", table(
-        ["caller", "upstream", "protocol", "listen", "endpoints"],
-        [[u["caller"], u["destination"], u["protocol"], u["bind"], " ".join(u["endpoints"]) or "(none passing)"]
-         for u in state["upstreams"]],
-    )]
+    parts = [
+        f"node {state['node']}  proxy {state['proxy']}  updated {_ago(state.get('updated'))}",
+        "",
+    ]
+    parts.append(
+        table(
+            ["service", "id", "port", "sidecar", "registered", "checks", "cert expires", "renews"],
+            [
+                [
+                    s["name"],
+                    s["id"],
+                    s["port"],
+                    s["sidecar_port"],
+                    "yes" if s["registered"] else "no",
+                    ",".join(s["checks"]),
+                    _ago(s["cert_expires"]),
+                    _ago(s["cert_renews"]),
+                ]
+                for s in state["services"]
+            ],
+        )
+    )
+    parts += [
+        "",
+        table(
+            ["caller", "upstream", "protocol", "listen", "endpoints"],
+            [
+                [
+                    u["caller"],
+                    u["destination"],
+                    u["protocol"],
+                    u["bind"],
+                    " ".join(u["endpoints"]) or "(none passing)",
+                ]
+                for u in state["upstreams"]
+            ],
+        ),
+    ]
     la = state.get("last_apply") or {}
     if la:
-        parts += ["", f"last apply: {la['action']} generation {la['generation']} {_ago(la['at'])}"
-                  f" (reloads {la.get('reloads', 0)})" + (f"\n  error: {la['error']}" if la.get("error") else "")]
+        parts += [
+            "",
+            f"last apply: {la['action']} generation {la['generation']} {_ago(la['at'])}"
+            f" (reloads {la.get('reloads', 0)})"
+            + (f"\n  error: {la['error']}" if la.get("error") else ""),
+        ]
     bad = {k: v for k, v in state.get("sources", {}).items() if not v.get("ok", True)}
     if bad:
-        parts += ["", table(["source", "error", "since"], [[k, v["error"], _ago(v["since"])] for k, v in sorted(bad.items())])]
+        parts += [
+            "",
+            table(
+                ["source", "error", "since"],
+                [[k, v["error"], _ago(v["since"])] for k, v in sorted(bad.items())],
+            ),
+        ]
     for title, items in (("problems", state.get("problems")), ("warnings", state.get("warnings"))):
         if items:
             parts += ["", f"{title}:"] + [f"  {i}" for i in items]

@@ -347,8 +347,7 @@ class Lab:
 
     def members(self) -> list[dict[str, Any]]:
         """``consul members`` as the server sees it: dicts with Name, Addr, Status, Tags."""
-        result: list[dict[str, Any]] = self.server.consul().agent.members()
-        return result
+        return _agent_members(self.server.consul())
 
     def log_report(self, lines: int = 40) -> str:
         """The tail of every lab process's log, for failure reports."""
@@ -507,7 +506,7 @@ class Lab:
                     self._say(f"consul leader elected ({time.monotonic() - t0:.1f}s)")
             if leader and not joined:
                 try:
-                    alive = {m["Name"] for m in srv.agent.members() if m.get("Status") == 1}
+                    alive = {m["Name"] for m in _agent_members(srv) if m.get("Status") == 1}
                     _, nodes = srv.catalog.nodes()
                     registered = {n["Node"] for n in nodes}
                     joined = want <= alive and want <= registered
@@ -561,6 +560,20 @@ class Lab:
             if self._state is not None:
                 self._state.procs = [r for r in self._state.procs if r.pid != proc.pid]
         self._save_state()
+
+
+def _agent_members(client: Any) -> list[dict[str, Any]]:
+    """``GET /v1/agent/members`` with the client's ACL token.
+
+    py-consul's ``agent.members()`` sends no token, so under ACLs with default
+    deny (a lab started with an ``acl`` block in ``consul_hcl`` and
+    CONSUL_HTTP_TOKEN set) it would see no member at all.
+    """
+    from consul.callback import CB
+
+    result: list[dict[str, Any]] = client.http.get(CB.json(), "/v1/agent/members",
+                                                   headers=client.prepare_headers())
+    return result
 
 
 def _random_prefix() -> str:

@@ -35,11 +35,13 @@ _SERF_STATUS = {0: "none", 1: "alive", 2: "leaving", 3: "left", 4: "failed"}
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain left-aligned text table."""
-    cells = [[str(h) for h in headers]] + [["-" if v in (None, "") else str(v) for v in r]
-                                            for r in rows]
+    cells = [[str(h) for h in headers]] + [
+        ["-" if v in (None, "") else str(v) for v in r] for r in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in cells)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
 
 
 def describe(lab: Lab) -> str:
@@ -47,13 +49,22 @@ def describe(lab: Lab) -> str:
     rows = []
     for n in lab.nodes:
         what = {"server": "consul server", "vault": f"openbao {lab.vault_addr}"}.get(
-            n.role, "consul client, http 127.0.0.1:8500")
+            n.role, "consul client, http 127.0.0.1:8500"
+        )
         rows.append((n.name, n.ip, n.ns, what))
-    members = sorted(lab.members(), key=lambda m: (m.get("Tags", {}).get("role") != "consul",
-                                                     m["Name"]))
-    mrows = [(m["Name"], f"{m['Addr']}:{m['Port']}", _SERF_STATUS.get(m["Status"], m["Status"]),
-              "server" if m.get("Tags", {}).get("role") == "consul" else "client",
-              m.get("Tags", {}).get("dc", "")) for m in members]
+    members = sorted(
+        lab.members(), key=lambda m: (m.get("Tags", {}).get("role") != "consul", m["Name"])
+    )
+    mrows = [
+        (
+            m["Name"],
+            f"{m['Addr']}:{m['Port']}",
+            _SERF_STATUS.get(m["Status"], m["Status"]),
+            "server" if m.get("Tags", {}).get("role") == "consul" else "client",
+            m.get("Tags", {}).get("dc", ""),
+        )
+        for m in members
+    ]
     token_file = lab.root / "vault" / "root-token" if lab.root else None
     lines = [
         f"lab {lab.prefix}: bridge {lab.bridge}, directory {lab.root}",
@@ -121,14 +132,17 @@ def main(argv: Sequence[str] | None = None, scenario: Scenario | None = None) ->
     By default it runs the mesh walkthrough and tears down when it is done;
     ``--hold`` keeps the lab up until Ctrl-C, ``--lab-only`` shows just the lab.
     """
-    parser = argparse.ArgumentParser(prog="python -m meshctl.lab.demo",
-                                     description="meshctl demo: the mesh on test hosts in namespaces")
+    parser = argparse.ArgumentParser(
+        prog="python -m meshctl.lab.demo",
+        description="meshctl demo: the mesh on test hosts in namespaces",
+    )
     parser.add_argument("--hosts", type=int, default=3, help="number of test hosts (3)")
     parser.add_argument("--proxy", default="nginx", help="sidecar proxy driver (nginx, haproxy)")
     parser.add_argument("--lab-only", action="store_true", help="only bring up and show the lab")
     parser.add_argument("--hold", action="store_true", help="keep the lab up until Ctrl-C")
-    parser.add_argument("--seconds", type=float, default=None,
-                        help="with --hold: tear down after this many seconds")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="with --hold: tear down after this many seconds"
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the lab directory")
     args = parser.parse_args(argv)
     if scenario is None:

@@ -2,6 +2,8 @@
 
 ``GET /health`` answers 200, or 503 while the ``--health-file`` flag file
 exists, so a demo or test can fail the app's Consul check without stopping it.
+While the ``--fail-file`` flag file exists every other path answers 503 (and
+the health check stays green): an instance that fails requests, for retries.
 Every other path answers JSON describing who answered and who called (the
 sidecar's ``X-Mesh-Caller`` header).
 
@@ -16,22 +18,32 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
-def make_handler(service: str, host: str, version: str, health_file: Path | None) -> type:
+def make_handler(service: str, host: str, version: str, health_file: Path | None,
+                 fail_file: Path | None = None) -> type:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "meshctl-demo"
+        # One write per response (flushed after each request): headers and body
+        # sent apart would make the body wait for the peer's delayed ACK (40 ms
+        # with Nagle) on a kept-alive connection, and reach a reader in pieces.
+        wbufsize = 65536
+        disable_nagle_algorithm = True
 
         def do_GET(self) -> None:
             if self.path == "/health":
                 bad = health_file is not None and health_file.exists()
                 self._send(503 if bad else 200, {"healthy": not bad})
                 return
-            self._send(200, {
+            failing = fail_file is not None and fail_file.exists()
+            self._send(503 if failing else 200, {
                 "service": service,
                 "host": host,
                 "version": version,
                 "path": self.path,
                 "caller": self.headers.get("X-Mesh-Caller", ""),
+                # What the mesh did to the request: its x-* headers, as received.
+                "headers": {k.lower(): v for k, v in self.headers.items()
+                            if k.lower().startswith("x-") and k.lower() != "x-mesh-caller"},
             })
 
         def _send(self, status: int, body: dict[str, object]) -> None:
@@ -56,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--listen", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--health-file", type=Path)
+    p.add_argument("--fail-file", type=Path)
     a = p.parse_args(argv)
-    server = ThreadingHTTPServer((a.listen, a.port), make_handler(a.service, a.host, a.version, a.health_file))
+    server = ThreadingHTTPServer((a.listen, a.port), make_handler(a.service, a.host, a.version,
+                                                                  a.health_file, a.fail_file))
     server.daemon_threads = True
     server.serve_forever()
 

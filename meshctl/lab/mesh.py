@@ -45,7 +45,7 @@ def wait_until(what: str, fn: Callable[[], T | None], timeout: float = 20.0,
             value = fn()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - polled until the deadline
+        except Exception as exc:  # polled until the deadline
             last_exc = exc
         time.sleep(interval)
     raise LabError(f"timed out after {timeout}s waiting for {what}"
@@ -66,6 +66,9 @@ class MeshHost:
         self.apps_dir = self.root / "apps"
         self.config_path = self.root / "agent.toml"
         self.extra_config: dict[str, Any] = {}
+        # Added to the environment of the agent and of meshctl commands run here
+        # (e.g. CONSUL_HTTP_TOKEN: the agent's Consul token in an ACL lab).
+        self.agent_env: dict[str, str] = {}
         self.vault_config: dict[str, Any] = {}
         for d in (self.services_dir, self.apps_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -131,7 +134,8 @@ class MeshHost:
         proc = self.host.spawn(
             [sys.executable, "-m", "meshctl.lab.demoapp", "--service", service, "--host",
              self.name, "--version", version, "--listen", listen, "--port", str(port),
-             "--health-file", str(self.health_file(service))],
+             "--health-file", str(self.health_file(service)),
+             "--fail-file", str(self.fail_file(service))],
             f"app-{service}-{port}",
         )
         self.host.wait_tcp(port, ip=listen)
@@ -139,6 +143,16 @@ class MeshHost:
 
     def health_file(self, service: str) -> Path:
         return self.apps_dir / f"{service}.unhealthy"
+
+    def fail_file(self, service: str) -> Path:
+        return self.apps_dir / f"{service}.failing"
+
+    def set_failing(self, service: str, failing: bool) -> None:
+        """Make the demo app answer 503 to every request but /health (which stays 200)."""
+        if failing:
+            self.fail_file(service).touch()
+        else:
+            self.fail_file(service).unlink(missing_ok=True)
 
     def set_healthy(self, service: str, healthy: bool) -> None:
         """Make the demo app's /health answer 200 (healthy) or 503."""
@@ -157,6 +171,7 @@ class MeshHost:
             [sys.executable, "-m", "meshctl.cli", "agent", "--config", str(self.config_path),
              "--log-level", log_level],
             "meshctl-agent",
+            env=self.agent_env or None,
         )
         if wait:
             wait_until(f"the agent on {self.name} to register and apply a config",
@@ -185,7 +200,8 @@ class MeshHost:
     def meshctl(self, *args: str, check: bool = False, timeout: float = 30.0) -> Any:
         """Run ``meshctl ARGS --config agent.toml`` inside this host."""
         return self.host.run([sys.executable, "-m", "meshctl.cli", *args, "--config",
-                              str(self.config_path)], check=check, timeout=timeout)
+                              str(self.config_path)], check=check, timeout=timeout,
+                             env=self.agent_env or None)
 
     def status(self) -> dict[str, Any] | None:
         """The agent's state file as ``meshctl status --json`` reads it, or None."""

@@ -51,13 +51,34 @@ def deploy(lab: Lab, proxy: str) -> Mesh:
     mesh.setup_vault({"h1": ["web"], "h2": ["api"], "h3": ["api"]})
     lab.host("h1").consul().config.set("service-defaults", "api", {"Protocol": "http"})
     h1 = mesh["h1"]
-    h1.add_service({"name": "web", "port": 8080, "connect": {"sidecar_service": {"proxy": {
-        "upstreams": [{"destination_name": "api", "local_bind_port": API_PORT}]}}}})
+    h1.add_service(
+        {
+            "name": "web",
+            "port": 8080,
+            "connect": {
+                "sidecar_service": {
+                    "proxy": {
+                        "upstreams": [{"destination_name": "api", "local_bind_port": API_PORT}]
+                    }
+                }
+            },
+        }
+    )
     h1.start_app("web", 8080)
     for name in ("h2", "h3"):
         mh = mesh[name]
-        mh.add_service({"name": "api", "id": f"api-{name}", "port": 8080, "check": {
-            "http": "http://127.0.0.1:8080/health", "interval": "1s", "timeout": "1s"}})
+        mh.add_service(
+            {
+                "name": "api",
+                "id": f"api-{name}",
+                "port": 8080,
+                "check": {
+                    "http": "http://127.0.0.1:8080/health",
+                    "interval": "1s",
+                    "timeout": "1s",
+                },
+            }
+        )
         mh.start_app("api", 8080, version="v1")
     for name in ("h2", "h3", "h1"):
         _say(f"starting meshctl agent on {name}")
@@ -76,10 +97,12 @@ def refused_without_certificate(mesh: Mesh) -> str:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         try:
-            with socket.create_connection((h2.ip, port), timeout=5) as raw:
-                with ctx.wrap_socket(raw) as tls:
-                    tls.sendall(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
-                    reply = tls.recv(4096).decode("latin-1")
+            with (
+                socket.create_connection((h2.ip, port), timeout=5) as raw,
+                ctx.wrap_socket(raw) as tls,
+            ):
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+                reply = tls.recv(4096).decode("latin-1")
         except (ssl.SSLError, OSError) as exc:
             return f"refused in the TLS handshake ({exc.__class__.__name__})"
         first = reply.splitlines()[0] if reply else "connection closed"
@@ -104,8 +127,10 @@ def mesh_demo(lab: Lab, proxy: str = "nginx") -> None:
     h2.set_healthy("api", False)
     t0 = time.monotonic()
     wait_until("h2 to leave", lambda: len(h1.endpoints("api")) == 1, timeout=30)
-    _say(f"h1's sidecar dropped h2 after {time.monotonic() - t0:.1f}s "
-         "(Consul check interval 1s, then a blocking query and a config change)")
+    _say(
+        f"h1's sidecar dropped h2 after {time.monotonic() - t0:.1f}s "
+        "(Consul check interval 1s, then a blocking query and a config change)"
+    )
     _show_calls(mesh)
 
     _step(4, "the check passes again")

@@ -29,6 +29,8 @@ from meshctl.errors import DriverNotFound, ProxyError, ReloadError, ValidationEr
 from meshctl.mesh import Snapshot
 
 ENTRY_POINT_GROUP = "meshctl.proxies"
+#: the generation rendered into the structure files whose digest is the real one
+GENERATION_PLACEHOLDER = "0" * 16
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,30 @@ def generation_of(files: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class RenderedConfig:
+    """One snapshot rendered by one driver.
+
+    ``generation`` is the digest of the *structure* (see ProxyDriver.structure):
+    it is what the proxy's status socket reports, and it changes only when a
+    reload is needed. ``files`` are the real files, current endpoints included
+    where the driver renders them, and ``content`` is their digest: an
+    endpoint-only change keeps the generation and changes the content.
+    """
+
+    generation: str
+    files: dict[str, str]
+
+    @property
+    def content(self) -> str:
+        return generation_of(self.files)
+
+    @property
+    def dirname(self) -> str:
+        """The directory name of these files under ``gen/``: ``<generation>.<content>``."""
+        return f"{self.generation}.{self.content}"
+
+
 class ProxyDriver(abc.ABC):
     """Base class of every proxy driver.
 
@@ -65,6 +91,11 @@ class ProxyDriver(abc.ABC):
     main_file: ClassVar[str]
     #: the signal that stops the proxy gracefully
     stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+    #: seconds the old workers of a reload may take to finish their connections
+    #: before they are closed (nginx ``worker_shutdown_timeout``, HAProxy
+    #: ``hard-stop-after``), so reload churn cannot pile up processes. The agent
+    #: sets it from ``proxy_shutdown_timeout``.
+    shutdown_timeout: int = 10
 
     def __init__(self, paths: ProxyPaths, binary: str = "") -> None:
         self.paths = paths
@@ -83,6 +114,27 @@ class ProxyDriver(abc.ABC):
         ``generation`` must appear in the status answer of the rendered config.
         Raises CompileError for values the proxy syntax cannot carry safely.
         """
+
+    def structure(self, snapshot: Snapshot) -> dict[str, str]:
+        """The files of ``snapshot`` with what ``push_endpoints`` changes normalised.
+
+        Their digest is the generation: two snapshots with the same structure
+        differ only in what this driver changes at run time, so going from one
+        to the other needs no reload. The default is the rendered files
+        themselves (every change of the files reloads), which is right for a
+        driver that keeps run-time endpoints out of its files (nginx) or has no
+        run-time updates at all. A driver that renders endpoints it can also
+        change at run time (HAProxy server slots) renders them empty here.
+        """
+        return self.render(snapshot, generation=GENERATION_PLACEHOLDER)
+
+    def render_config(self, snapshot: Snapshot) -> RenderedConfig:
+        """Render ``snapshot`` with its generation (the digest of its structure).
+
+        Raises CompileError like render().
+        """
+        generation = generation_of(self.structure(snapshot))
+        return RenderedConfig(generation, self.render(snapshot, generation=generation))
 
     def unsupported(self, snapshot: Snapshot) -> list[str]:
         """Human-readable list of snapshot features this driver cannot express."""
@@ -175,7 +227,7 @@ class ProxyDriver(abc.ABC):
             f"(serving: {seen or 'nothing'}): {reason or 'see ' + self.error_log_hint()}"
         )
 
-    def mark_reload(self) -> None:
+    def mark_reload(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Remember where the proxy's log stands before a reload (see reload_failure)."""
 
     def reload_failure(self) -> str:
@@ -191,13 +243,21 @@ class ProxyDriver(abc.ABC):
         return self.paths.state_dir / "endpoints.json"
 
     def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
-        """The endpoints this driver changes at run time (not rendered into files), or None."""
+        """The endpoints this driver changes at run time, as JSON-able data, or None.
+
+        The Applier writes it to ``endpoints_file`` before every (re)load and,
+        when only endpoints changed (same generation), hands it to
+        push_endpoints instead of reloading. A driver returns None when it has
+        no run-time updates.
+        """
         return None
 
     def push_endpoints(self, state: dict[str, Any]) -> None:
         """Hand ``state`` (from endpoint_state) to the running proxy without a reload.
 
-        Raises ProxyError when the proxy refuses it.
+        Must be idempotent (the whole state, not a diff). Raises ProxyError (or
+        OSError) when the proxy refuses it or cannot be reached; the Applier
+        then reloads instead.
         """
         raise ProxyError(f"{self.name} cannot change endpoints at run time")
 
@@ -262,7 +322,13 @@ def load_driver(name: str) -> type[ProxyDriver]:
     """
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            cls = ep.load()
+            try:
+                cls = ep.load()
+            except Exception as exc:  # a broken plugin is reported, not raised
+                raise DriverNotFound(
+                    f"proxy driver {name!r} ({ep.value}) could not be loaded: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
             if not (isinstance(cls, type) and issubclass(cls, ProxyDriver)):
                 raise DriverNotFound(f"entry point {name!r} ({ep.value}) is not a ProxyDriver")
             return cls

@@ -1,18 +1,132 @@
-"""The HAProxy driver: master-worker mode, reloads through the master CLI socket."""
+"""The HAProxy driver: master-worker mode, reloads through the master CLI socket.
+
+Endpoints change at run time through fixed server *slots*. Every backend has
+``s1 … sN`` for its primary endpoints (N the next power of two ≥ max(4,
+endpoints)) and ``b1 … bM`` for backups (none when there are none); filled
+slots carry an address, empty ones are ``disabled`` (maintenance). The
+structure (what the generation digests) is the config with every slot empty,
+so an endpoint change that fits in the slots is pushed to the current worker
+with ``set server <backend>/<slot> addr … port …`` / ``state ready|maint``
+through the master CLI, while the same slot table is rendered into the file
+on disk: a reload or restart starts with exactly the servers the running
+worker has. More endpoints than slots changes the structure: a reload.
+
+Slots are assigned by :func:`assign_slots`, a pure function of the endpoint
+set (hash, then linear probing in sorted order), so an endpoint keeps its slot
+while others come and go, and render() stays pure.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+import json
 import re
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from meshctl.errors import ProxyError, ReloadError
-from meshctl.mesh import Snapshot
-from meshctl.proxy.base import ProxyDriver
+from meshctl.errors import CompileError, ProxyError, ReloadError
+from meshctl.intentions import authz_document
+from meshctl.mesh import CertPaths, Cluster, Endpoint, Snapshot
+from meshctl.proxy import l7
+from meshctl.proxy.base import GENERATION_PLACEHOLDER, ProxyDriver
 from meshctl.proxy.templating import environment
+
+MIN_SLOTS = 4
+#: HAProxy server weights range 0-256
+MAX_WEIGHT = 256
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+_SLOT = re.compile(r"^[sb][1-9][0-9]*\Z")
+#: answers of the runtime API that mean success for "set server … addr"
+_OK_ANSWERS = ("IP changed from", "no need to change")
+#: commands per master CLI connection (its request buffer is bounded)
+_BATCH = 64
+
+
+def slot_count(endpoints: int) -> int:
+    """Slots of a backend for ``endpoints`` endpoints: a power of two ≥ max(4, endpoints)."""
+    count = MIN_SLOTS
+    while count < endpoints:
+        count *= 2
+    return count
+
+
+def assign_slots(endpoints: Sequence[Endpoint], count: int) -> tuple[Endpoint | None, ...]:
+    """Place ``endpoints`` into ``count`` slots; pure, and stable under churn.
+
+    Each endpoint starts at a slot given by a hash of its address and port and
+    takes the next free one (in sorted order), so adding or removing one
+    endpoint rarely moves another. Raises ValueError if they do not fit.
+    """
+    if len(endpoints) > count:
+        raise ValueError(f"{len(endpoints)} endpoints do not fit in {count} slots")
+    table: list[Endpoint | None] = [None] * count
+    for e in sorted(endpoints, key=lambda e: (e.address, e.port, e.instance)):
+        digest = hashlib.sha256(f"{e.address}|{e.port}".encode()).digest()
+        i = int.from_bytes(digest[:4], "big") % count
+        while table[i] is not None:
+            i = (i + 1) % count
+        table[i] = e
+    return tuple(table)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One ``server`` line of a backend: filled with an endpoint, or empty (maintenance)."""
+
+    name: str  # s1.. for primaries, b1.. for backups
+    backup: bool
+    endpoint: Endpoint | None = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The backend of one (calling service, cluster) pair, with its server slots."""
+
+    name: str
+    caller: str
+    protocol: str
+    tls: CertPaths
+    cluster: Cluster
+    slots: tuple[Slot, ...]
+
+
+def backend_name(caller: str, cluster_id: str) -> str:
+    """The HAProxy backend name of ``caller``'s connections to cluster ``cluster_id``."""
+    return f"{caller}__{cluster_id}"
+
+
+def slot_table(cluster: Cluster, filled: bool = True) -> tuple[Slot, ...]:
+    """The slots of ``cluster``'s backend; with ``filled=False`` all empty (the structure).
+
+    Raises CompileError for a weight HAProxy cannot carry.
+    """
+    primaries = [e for e in cluster.endpoints if not e.backup]
+    backups = [e for e in cluster.endpoints if e.backup]
+    for e in cluster.endpoints:
+        if not 0 <= e.weight <= MAX_WEIGHT:
+            raise CompileError(f"cluster {cluster.id}: endpoint {e.address}:{e.port} weight "
+                               f"{e.weight} is outside HAProxy's 0-{MAX_WEIGHT}")
+    slots: list[Slot] = []
+    for prefix, group, backup in (("s", primaries, False), ("b", backups, True)):
+        count = slot_count(len(group)) if group else (0 if backup else MIN_SLOTS)
+        table = assign_slots(group, count) if filled else (None,) * count
+        slots += [Slot(f"{prefix}{i + 1}", backup, e) for i, e in enumerate(table)]
+    return tuple(slots)
+
+
+def backends(snapshot: Snapshot, filled: bool = True) -> list[Backend]:
+    """Every backend of the config: one per calling service, cluster a route may use
+    (failover clusters included) and route retry/timeout policy (``l7.haproxy_plan``)."""
+    return [Backend(b.name, b.caller, "http" if b.http else "tcp", b.tls, b.cluster,
+                    slot_table(b.cluster, filled))
+            for b in l7.haproxy_plan(snapshot).backends]
 
 
 class HAProxyDriver(ProxyDriver):
@@ -40,6 +154,13 @@ class HAProxyDriver(ProxyDriver):
         return self.paths.state_dir / "logs" / "haproxy.log"
 
     def render(self, snapshot: Snapshot, generation: str) -> dict[str, str]:
+        return self._render(snapshot, generation, filled=True)
+
+    def structure(self, snapshot: Snapshot) -> dict[str, str]:
+        # Every slot empty: what is left is what only a reload can change.
+        return self._render(snapshot, GENERATION_PLACEHOLDER, filled=False)
+
+    def _render(self, snapshot: Snapshot, generation: str, filled: bool) -> dict[str, str]:
         text = environment("haproxy").get_template("haproxy.cfg.j2").render(
             node=snapshot.node,
             generation=generation,
@@ -48,10 +169,61 @@ class HAProxyDriver(ProxyDriver):
             shutdown_timeout=self.shutdown_timeout,
             threads=self.threads,
             inbounds=snapshot.inbounds,
+            plugins_root=str(self.paths.plugins_dir),
+            state_file=str(self.endpoints_file),
             outbounds=snapshot.outbounds,
+            backends=backends(snapshot, filled),
+            backend_name=backend_name,
+            l7=l7.haproxy_plan(snapshot),
             cluster=snapshot.cluster,
         )
         return {self.main_file: text}
+
+    def unsupported(self, snapshot: Snapshot) -> list[str]:
+        return l7.unsupported(snapshot, self.name)
+
+    def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
+        # "authz": the inbound listeners' intentions, read by the Lua plugin at
+        # load (this file) and replaced at run time (push_endpoints).
+        # "backends": {backend: {slot: [address, port, weight] | None}}, the
+        # slot table also rendered into the file.
+        return {
+            "authz": authz_document(snapshot.trust_domain,
+                                    [(i.service, i.authz) for i in snapshot.inbounds]),
+            "backends": {
+                b.name: {s.name: (None if s.endpoint is None else
+                                  [s.endpoint.address, s.endpoint.port, s.endpoint.weight])
+                         for s in b.slots}
+                for b in backends(snapshot)
+            },
+        }
+
+    def push_endpoints(self, state: dict[str, Any]) -> None:
+        if "backends" in state:
+            self._push_slots(state)
+        if "authz" in state:
+            status, body = self.control_request("POST", "/meshctl/authz",
+                                                json.dumps(state["authz"]))
+            if status != 200:
+                raise ProxyError(f"haproxy refused the authorization rules ({status}): "
+                                 f"{body.strip()}")
+
+    def _push_slots(self, state: dict[str, Any]) -> None:
+        """Set every slot of every backend on the current worker (idempotent).
+
+        Goes through the master CLI to ``@1``, the current worker: an old
+        worker still finishing its connections after a reload never takes it.
+        Raises ProxyError naming the refused command.
+        """
+        commands = _slot_commands(state)
+        for i in range(0, len(commands), _BATCH):
+            batch = commands[i:i + _BATCH]
+            answer = self.master_command("; ".join(f"@1 {c}" for c in batch))
+            for line in answer.splitlines():
+                line = line.strip()
+                if line and not line.startswith(_OK_ANSWERS):
+                    raise ProxyError(f"haproxy refused a run-time endpoint update: {line} "
+                                     f"(in: {'; '.join(batch)[:300]})")
 
     def validate(self, config_dir: Path) -> None:
         self._check([self.binary, "-c", "-f", str(config_dir / self.main_file)],
@@ -95,21 +267,37 @@ class HAProxyDriver(ProxyDriver):
             return ""
 
     def master_command(self, command: str, timeout: float = 10.0) -> str:
-        """Send one command to the master CLI and return its answer."""
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout)
-                s.connect(str(self.master_socket))
-                s.sendall(command.encode() + b"\n")
-                chunks = []
-                while True:
-                    data = s.recv(65536)
-                    if not data:
-                        break
-                    chunks.append(data)
-        except OSError as exc:
-            raise ReloadError(f"haproxy master socket {self.master_socket}: {exc}") from None
-        return b"".join(chunks).decode("utf-8", "replace")
+        """Send one command line to the master CLI and return its answer.
+
+        Raises ReloadError if the master socket cannot be reached.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(timeout)
+                    try:
+                        s.connect(str(self.master_socket))
+                    except (ConnectionRefusedError, FileNotFoundError):
+                        # After a start or reload the master re-executes itself
+                        # (wait mode) and its CLI is closed for a moment; nothing
+                        # was sent, so trying again is safe.
+                        if time.monotonic() >= deadline:
+                            raise
+                        time.sleep(0.02)
+                        continue
+                    s.sendall(command.encode() + b"\n")
+                    # The master answers, then closes once it has seen the end of input.
+                    s.shutdown(socket.SHUT_WR)
+                    chunks = []
+                    while True:
+                        data = s.recv(65536)
+                        if not data:
+                            break
+                        chunks.append(data)
+                return b"".join(chunks).decode("utf-8", "replace")
+            except OSError as exc:
+                raise ReloadError(f"haproxy master socket {self.master_socket}: {exc}") from None
 
     def mark_reload(self) -> None:
         try:
@@ -126,7 +314,8 @@ class HAProxyDriver(ProxyDriver):
         except OSError:
             return ""
         for line in tail.splitlines():
-            if "[ALERT]" in line and ("reload" in line.lower() or "cannot" in line or "Starting" in line):
+            if "[ALERT]" in line and ("reload" in line.lower() or "cannot" in line
+                                      or "Starting" in line):
                 return line.split("]", 2)[-1].strip()
         return ""
 
@@ -150,3 +339,39 @@ class HAProxyDriver(ProxyDriver):
 
     def error_log_hint(self) -> str:
         return str(self._log)
+
+
+def _slot_commands(state: dict[str, Any]) -> list[str]:
+    """Runtime API commands that put every slot of ``state`` in place.
+
+    ``state`` may come back from the endpoint file on disk, so every name and
+    address is checked again here: nothing unchecked reaches the CLI.
+    """
+    commands: list[str] = []
+    table = state.get("backends")
+    if not isinstance(table, dict):
+        raise ProxyError("endpoint state has no backends table")
+    for be, slots in sorted(table.items()):
+        if not (isinstance(be, str) and _NAME.match(be) and isinstance(slots, dict)):
+            raise ProxyError(f"endpoint state: bad backend entry {be!r}")
+        for slot, value in sorted(slots.items()):
+            if not (isinstance(slot, str) and _SLOT.match(slot)):
+                raise ProxyError(f"endpoint state: bad slot {slot!r} in {be}")
+            server = f"{be}/{slot}"
+            if value is None:
+                commands.append(f"set server {server} state maint")
+                continue
+            try:
+                address, port, weight = value
+                address = str(ipaddress.ip_address(address))
+            except (TypeError, ValueError):
+                raise ProxyError(f"endpoint state: bad endpoint {value!r} in {server}") from None
+            if not (isinstance(port, int) and 1 <= port <= 65535
+                    and isinstance(weight, int) and 0 <= weight <= MAX_WEIGHT):
+                raise ProxyError(f"endpoint state: bad port or weight {value!r} in {server}")
+            commands += [
+                f"set server {server} addr {address} port {port}",
+                f"set server {server} weight {weight}",
+                f"set server {server} state ready",
+            ]
+    return commands

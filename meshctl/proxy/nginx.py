@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from meshctl.errors import ProxyError, ReloadError
+from meshctl.intentions import authz_document
 from meshctl.mesh import Snapshot
+from meshctl.proxy import l7
 from meshctl.proxy.base import ProxyDriver
 from meshctl.proxy.templating import environment
 
@@ -34,8 +36,6 @@ class NginxDriver(ProxyDriver):
     def render(self, snapshot: Snapshot, generation: str) -> dict[str, str]:
         http_out = [o for o in snapshot.outbounds if o.protocol == "http"]
         stream_out = [o for o in snapshot.outbounds if o.protocol != "http"]
-        http_ids = {wc.cluster for o in http_out for r in o.routes for wc in r.clusters}
-        stream_ids = {wc.cluster for o in stream_out for r in o.routes for wc in r.clusters}
         text = environment("nginx").get_template("nginx.conf.j2").render(
             node=snapshot.node,
             generation=generation,
@@ -47,10 +47,15 @@ class NginxDriver(ProxyDriver):
             log_dir=str(self.paths.state_dir / "logs"),
             state_dir=str(self.paths.state_dir),
             plugins_dir=str(self.paths.plugins_dir / "nginx"),
+            plugins_root=str(self.paths.plugins_dir),
+            trust_domain=snapshot.trust_domain,
+            deny_socket=str(self.paths.run_dir / "mesh-deny.sock"),
             status_socket=str(self.paths.status_socket),
             endpoints_file=str(self.endpoints_file),
-            http_clusters=[c for c in snapshot.clusters if c.id in http_ids],
-            stream_clusters=[c for c in snapshot.clusters if c.id in stream_ids],
+            http_clusters=l7.clusters_of(snapshot, http_out),
+            stream_clusters=l7.clusters_of(snapshot, stream_out),
+            l7=l7.nginx_plan(snapshot),
+            active=snapshot.active,
             http_inbounds=[i for i in snapshot.inbounds if i.protocol == "http"],
             stream_inbounds=[i for i in snapshot.inbounds if i.protocol != "http"],
             http_outbounds=http_out,
@@ -59,18 +64,28 @@ class NginxDriver(ProxyDriver):
         )
         return {self.main_file: text}
 
+    def unsupported(self, snapshot: Snapshot) -> list[str]:
+        return l7.unsupported(snapshot, self.name)
+
     def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
-        http_ids = {wc.cluster for o in snapshot.outbounds if o.protocol == "http"
-                    for r in o.routes for wc in r.clusters}
+        http_out = [o for o in snapshot.outbounds if o.protocol == "http"]
         return {"clusters": {
             c.id: [[e.address, e.port] for e in c.endpoints if not e.backup]
-            for c in snapshot.clusters if c.id in http_ids
-        }}
+            for c in l7.clusters_of(snapshot, http_out)
+        }, "authz": authz_document(snapshot.trust_domain,
+                                   [(i.service, i.authz) for i in snapshot.inbounds])}
 
     def push_endpoints(self, state: dict[str, Any]) -> None:
         status, body = self.control_request("POST", "/meshctl/endpoints", json.dumps(state))
         if status != 200:
             raise ProxyError(f"nginx refused the endpoint update ({status}): {body.strip()}")
+        if "authz" in state:
+            # Intentions of the http inbounds: data in shared memory, no reload.
+            status, body = self.control_request("POST", "/meshctl/authz",
+                                                json.dumps(state["authz"]))
+            if status != 200:
+                raise ProxyError(f"nginx refused the authorization rules ({status}): "
+                                 f"{body.strip()}")
 
     def _prepare_dirs(self) -> None:
         for sub in ("logs", "tmp"):

@@ -42,9 +42,63 @@ def hostport(address: object, port: object) -> str:
         ip = ipaddress.ip_address(str(address))
     except ValueError:
         raise CompileError(f"{address!r} is not an IP address") from None
+    if getattr(ip, "scope_id", None) is not None:  # "%zone" may hold any text at all
+        raise CompileError(f"{address!r}: scoped IPv6 addresses are not supported")
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise CompileError(f"{port!r} is not a port number")
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
+
+
+def regex_literal(value: object) -> str:
+    """A lower-case DNS name (trust domain) as a regex matching exactly it: dots escaped."""
+    if not isinstance(value, str) or not _DNS_NAME.match(value):
+        raise CompileError(f"{value!r} is not a lower-case DNS name")
+    return value.replace(".", "\\.")
+
+
+_B64 = re.compile(r"^[A-Za-z0-9+/=]{1,200}\Z")
+
+
+def base64_chunk(value: object) -> str:
+    """A line of base64 (the nginx route table): safe inside a Lua string literal."""
+    if not isinstance(value, str) or not _B64.match(value):
+        raise CompileError(f"{str(value)[:40]!r} is not base64")
+    return value
+
+
+def _hap_escape(value: object, log_format: bool) -> str:
+    # Config entries are untrusted: control characters and non-ASCII are refused
+    # (compile() already did); the rest is escaped for HAProxy's double quotes,
+    # where '\\', '"' and '$' (environment variables) are special, and, in a
+    # log-format string, '%' (sample expressions).
+    if not isinstance(value, str) or any(not " " <= ch <= "~" for ch in value):
+        raise CompileError(f"{str(value)[:80]!r}: only printable ASCII can be carried into "
+                           "an HAProxy config")
+    out = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    return out.replace("%", "%%") if log_format else out
+
+
+def hap_quote(value: object) -> str:
+    """A string as one double-quoted HAProxy word (ACL patterns)."""
+    return f'"{_hap_escape(value, log_format=False)}"'
+
+
+def hap_log_format(value: object) -> str:
+    """A literal string as one double-quoted HAProxy log-format word (header values)."""
+    return f'"{_hap_escape(value, log_format=True)}"'
+
+
+def hap_path_format(to: object, strip: object) -> str:
+    """``set-path`` format: ``to`` then the request path without its first ``strip`` bytes
+    (a prefix rewrite); ``strip`` < 0 replaces the whole path."""
+    n = integer(strip)
+    if n < 0:
+        return hap_log_format(to)
+    return f'"{_hap_escape(to, log_format=True)}%[path,regsub(^.{{{n}}},)]"'
 
 
 def integer(value: object) -> int:
@@ -64,6 +118,8 @@ def environment(driver: str) -> ImmutableSandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(path=safe_path, ident=ident, num=integer)
+    env.filters.update(path=safe_path, ident=ident, num=integer, regex_literal=regex_literal,
+                       b64=base64_chunk, hapq=hap_quote, haplf=hap_log_format)
+    env.globals.update(hap_path_format=hap_path_format)
     env.globals.update(hostport=hostport)
     return env

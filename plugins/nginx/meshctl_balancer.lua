@@ -8,11 +8,21 @@
 -- Document: {"clusters": {"<cluster id>": [["198.18.0.12", 21000], ...]}}
 -- Addresses are validated here again (IP literals and ports only) even though
 -- compile() already refused anything else: this is the last gate.
+--
+-- Load balancing per cluster (configure(), from the router's table):
+-- round_robin (default), random, least_request (power of N choices over the
+-- requests this worker has in flight), ring_hash (a consistent-hash ring over
+-- the peers, keyed by $meshctl_hash, which the router computed from the
+-- cluster's hash policies; without a key a random peer, as in Envoy).
 local cjson = require("cjson.safe")
 
 local _M = {}
 local DICT = "meshctl_endpoints"
+-- seconds a cluster no longer named stays readable (> worker_shutdown_timeout)
+local RETIRED_TTL = 30
 local cache = {}
+local conf = {}
+local inflight = {}
 
 local function valid_peer(p)
     if type(p) ~= "table" or type(p[1]) ~= "string" or type(p[2]) ~= "number" then
@@ -39,11 +49,18 @@ local function store(doc)
             end
         end
     end
-    -- The document is the whole state: clusters it does not name are gone.
+    -- The document is the whole state: clusters it does not name are gone, but
+    -- only after a grace period. The dict outlives a reload, and the workers of
+    -- the previous generation (which still accept connections for a moment after
+    -- nginx starts the new ones, then finish their requests) may still route to
+    -- a cluster the new generation renamed or dropped.
     local dict = ngx.shared[DICT]
     for _, key in ipairs(dict:get_keys(0)) do
         if key:sub(1, 2) == "c:" and doc.clusters[key:sub(3)] == nil then
-            dict:delete(key)
+            local ttl = dict:ttl(key)
+            if ttl == 0 then
+                dict:expire(key, RETIRED_TTL)
+            end
         end
     end
     for id, peers in pairs(doc.clusters) do
@@ -81,8 +98,110 @@ local function peers_of(id)
     return c
 end
 
--- balancer_by_lua: round robin over the cluster's passing peers; on a retry
--- (proxy_next_upstream) the next peer is tried.
+-- The cluster settings of this config generation (called by the router's init).
+function _M.configure(clusters)
+    conf = clusters or {}
+end
+
+-- How many endpoints a cluster has now (the router's failover decision).
+function _M.count(id)
+    return #peers_of(id).peers
+end
+
+local function ring_of(c, size)
+    if c.ring and c.ring_size == size then
+        return c.ring
+    end
+    local n = #c.peers
+    local per = math.max(1, math.ceil(size / n))
+    local ring = {}
+    for i, p in ipairs(c.peers) do
+        local key = p[1] .. ":" .. p[2]
+        for k = 1, per do
+            ring[#ring + 1] = { ngx.crc32_long(key .. "#" .. k), i }
+        end
+    end
+    table.sort(ring, function(a, b)
+        return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2])
+    end)
+    c.ring, c.ring_size = ring, size
+    return ring
+end
+
+-- The ring position of a key: the first point at or after its hash.
+local function ring_start(ring, h)
+    local lo, hi = 1, #ring
+    if h > ring[hi][1] then
+        return 1
+    end
+    while lo < hi do
+        local mid = math.floor((lo + hi) / 2)
+        if ring[mid][1] < h then
+            lo = mid + 1
+        else
+            hi = mid
+        end
+    end
+    return lo
+end
+
+local function pick(id, c, settings, attempt)
+    local n = #c.peers
+    local lb = settings and settings.lb or "round_robin"
+    if lb == "random" then
+        return math.random(n)
+    end
+    if lb == "least_request" then
+        local best, best_load
+        for _ = 1, math.min(settings.choices or 2, n) do
+            local i = math.random(n)
+            local p = c.peers[i]
+            local load = inflight[p[1] .. ":" .. p[2]] or 0
+            if best == nil or load < best_load then
+                best, best_load = i, load
+            end
+        end
+        return best
+    end
+    if lb == "ring_hash" then
+        local key = ngx.var.meshctl_hash
+        if not key or key == "" then
+            return math.random(n)
+        end
+        local ring = ring_of(c, settings.ring or 1024)
+        local pos = ring_start(ring, ngx.crc32_long(key))
+        -- A retry walks on along the ring to the next distinct peer.
+        local seen, tried = {}, 0
+        for k = 0, #ring - 1 do
+            local i = ring[(pos - 1 + k) % #ring + 1][2]
+            if not seen[i] then
+                seen[i] = true
+                if tried == attempt then
+                    return i
+                end
+                tried = tried + 1
+            end
+        end
+        return ring[pos][2]
+    end
+    c.rr = c.rr % n + 1
+    return c.rr
+end
+
+-- log_by_lua of the outbound locations: the request is no longer in flight.
+function _M.done()
+    local picked = ngx.ctx.meshctl_picked
+    if not picked then
+        return
+    end
+    for _, key in ipairs(picked) do
+        local v = (inflight[key] or 1) - 1
+        inflight[key] = v > 0 and v or nil
+    end
+end
+
+-- balancer_by_lua: pick a peer of the cluster by its policy; on a retry
+-- (proxy_next_upstream) another one is tried.
 function _M.balance(id)
     local balancer = require("ngx.balancer")
     local c = peers_of(id)
@@ -91,14 +210,31 @@ function _M.balance(id)
         ngx.log(ngx.WARN, "meshctl: no passing endpoint in ", id)
         return ngx.exit(502)
     end
-    if not ngx.ctx.meshctl_tried then
-        ngx.ctx.meshctl_tried = true
-        if n > 1 then
-            balancer.set_more_tries(math.min(n - 1, 2))
+    local attempt = ngx.ctx.meshctl_attempt
+    if attempt == nil then
+        attempt = 0
+        -- The route's retries ($meshctl_tries, set by its named location), else
+        -- connection failures move on to up to two more peers.
+        local tries = tonumber(ngx.var.meshctl_tries or "")
+        if tries == nil or tries < 0 then
+            tries = math.min(n - 1, 2)
         end
+        if tries > 0 then
+            balancer.set_more_tries(tries)
+        end
+    else
+        attempt = attempt + 1
     end
-    c.rr = c.rr % n + 1
-    local p = c.peers[c.rr]
+    ngx.ctx.meshctl_attempt = attempt
+    local settings = conf[id]
+    local p = c.peers[pick(id, c, settings, attempt)]
+    if settings and settings.lb == "least_request" then
+        local key = p[1] .. ":" .. p[2]
+        inflight[key] = (inflight[key] or 0) + 1
+        local picked = ngx.ctx.meshctl_picked or {}
+        picked[#picked + 1] = key
+        ngx.ctx.meshctl_picked = picked
+    end
     local ok, err = balancer.set_current_peer(p[1], p[2])
     if not ok then
         ngx.log(ngx.ERR, "meshctl: set_current_peer failed: ", err)

@@ -5,6 +5,8 @@
     h3: api  (app :8080)
 
 ``service-defaults`` make web and api ``http``; kv stays ``tcp`` (the stream path).
+The agents run with the default intention action (deny): ``service-intentions``
+allow web → api and web → kv (INTENTIONS), and nothing else.
 Tests that change the deployment put it back before they return.
 """
 
@@ -24,6 +26,13 @@ WEB_KV_PORT = 9002
 
 # What each host may obtain certificates for (meshctl vault setup's host map).
 PLAN = {"h1": ["web"], "h2": ["api", "kv"], "h3": ["api", "extra", "evil"]}
+
+
+# The deployment's intentions (the agents' default action is deny).
+INTENTIONS: dict[str, dict[str, Any]] = {
+    "api": {"Sources": [{"Name": "web", "Action": "allow"}]},
+    "kv": {"Sources": [{"Name": "web", "Action": "allow"}]},
+}
 
 
 def web_definition() -> dict[str, Any]:
@@ -56,6 +65,8 @@ def deploy(lab: Lab, proxies: dict[str, str] | str) -> Mesh:
     consul = lab.host("h1").consul()
     for name in ("web", "api"):
         consul.config.set("service-defaults", name, {"Protocol": "http"})
+    for name, entry in INTENTIONS.items():
+        consul.config.set("service-intentions", name, entry)
     h1, h2, h3 = mesh["h1"], mesh["h2"], mesh["h3"]
     h1.add_service(web_definition())
     h1.start_app("web", 8080)

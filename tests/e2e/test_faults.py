@@ -11,7 +11,6 @@ import signal
 import socket
 import ssl
 import sys
-import time
 
 import pytest
 from cryptography import x509
@@ -35,7 +34,9 @@ def proxy_pid(mh: MeshHost) -> int:
 
 
 def serial(mh: MeshHost, service: str) -> int:
-    return x509.load_pem_x509_certificate((mh.data_dir / "certs" / f"{service}.crt").read_bytes()).serial_number
+    return x509.load_pem_x509_certificate(
+        (mh.data_dir / "certs" / f"{service}.crt").read_bytes()
+    ).serial_number
 
 
 def served_serial(mesh: Mesh, mh: MeshHost, service: str) -> int:
@@ -59,15 +60,20 @@ def test_consul_down_keeps_traffic_flowing_and_recovers(mesh: Mesh) -> None:
     h1, lab_h1 = mesh["h1"], mesh.lab.host("h1")
     lab_h1.stop_consul(kill=True)  # a crash: nothing deregistered, nothing left
     try:
-        wait_until("the agent to notice Consul is gone",
-                   lambda: any(not v.get("ok", True) for v in (h1.status() or {})["sources"].values()),
-                   timeout=15)
+        wait_until(
+            "the agent to notice Consul is gone",
+            lambda: any(not v.get("ok", True) for v in (h1.status() or {})["sources"].values()),
+            timeout=15,
+        )
         assert api_ok(mesh)  # endpoints kept: an error never empties an upstream
         assert len(h1.endpoints("api")) == 2
     finally:
         lab_h1.start_consul()
-    wait_until("the agent to recover", lambda: all(
-        v.get("ok", True) for v in (h1.status() or {})["sources"].values()), timeout=30)
+    wait_until(
+        "the agent to recover",
+        lambda: all(v.get("ok", True) for v in (h1.status() or {})["sources"].values()),
+        timeout=30,
+    )
     assert api_ok(mesh)
     log = h1.agent.log_path.read_text() if h1.agent else ""
     # logged once per change of state, not once per retry
@@ -84,9 +90,14 @@ def test_agent_started_while_consul_is_down_serves_the_last_good_snapshot(mesh: 
     lab_h1.stop_consul(kill=True)
     try:
         h1.start_agent(wait=False)
-        wait_until("h1 to serve api from its persisted snapshot", lambda: api_ok(mesh, 2), timeout=20)
-        wait_until("the agent to report Consul unreachable",
-                   lambda: source_error(h1, "consul-registration"), timeout=15)
+        wait_until(
+            "h1 to serve api from its persisted snapshot", lambda: api_ok(mesh, 2), timeout=20
+        )
+        wait_until(
+            "the agent to report Consul unreachable",
+            lambda: source_error(h1, "consul-registration"),
+            timeout=15,
+        )
     finally:
         lab_h1.start_consul()
     wait_until("registrations back", lambda: h1._ready(), timeout=30)
@@ -118,15 +129,20 @@ def test_renewal_survives_a_vault_outage(mesh: Mesh) -> None:
     first = serial(h3, "api")
     lab_h3.block(mesh.lab.vault.ip)
     try:
-        wait_until("the failed renewal to be reported", lambda: source_error(h3, "vault"), timeout=30)
+        wait_until(
+            "the failed renewal to be reported", lambda: source_error(h3, "vault"), timeout=30
+        )
         assert serial(h3, "api") == first
         assert api_ok(mesh)
     finally:
         lab_h3.unblock(mesh.lab.vault.ip)
     wait_until("the leaf to be renewed", lambda: serial(h3, "api") != first, timeout=30)
     # the proxy serves the renewed leaf, not just the file on disk
-    wait_until("the renewed leaf on the wire",
-               lambda: served_serial(mesh, h3, "api") == serial(h3, "api"), timeout=10)
+    wait_until(
+        "the renewed leaf on the wire",
+        lambda: served_serial(mesh, h3, "api") == serial(h3, "api"),
+        timeout=10,
+    )
     assert api_ok(mesh)
     h3.stop_agent()
     h3.write_config(vault={"cert_ttl": "72h"})
@@ -136,31 +152,51 @@ def test_renewal_survives_a_vault_outage(mesh: Mesh) -> None:
 def test_proxy_refusing_a_config_keeps_the_last_good_one(mesh: Mesh) -> None:
     h3 = mesh["h3"]
     port = 21300
-    holder = h3.host.spawn([sys.executable, "-c", (
-        "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
-        f"s.bind(('{h3.ip}', {port})); s.listen(); time.sleep(600)")], "port-holder")
+    holder = h3.host.spawn(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import socket, time; s = socket.socket();"
+                "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
+                f"s.bind(('{h3.ip}', {port})); s.listen(); time.sleep(600)"
+            ),
+        ],
+        "port-holder",
+    )
     h3.host.wait_tcp(port, ip=h3.ip)
     h3.start_app("extra", 8090)
-    h3.add_service({"name": "extra", "port": 8090,
-                    "connect": {"sidecar_service": {"port": port}}}, "extra.json")
+    h3.add_service(
+        {"name": "extra", "port": 8090, "connect": {"sidecar_service": {"port": port}}},
+        "extra.json",
+    )
     try:
-        wait_until("the failed apply to be reported",
-                   lambda: (h3.status() or {}).get("last_apply", {}).get("action") == "failed", timeout=30)
+        wait_until(
+            "the failed apply to be reported",
+            lambda: (h3.status() or {}).get("last_apply", {}).get("action") == "failed",
+            timeout=30,
+        )
         error = (h3.status() or {})["last_apply"]["error"]
         assert "rolled back to generation" in error and str(port) in error
         good = error.rsplit("rolled back to generation ", 1)[1].split()[0]
         assert api_ok(mesh)
         # HAProxy pauses its listeners during a reload attempt; a sidecar check that
         # lands in that moment fails once and passes again at its next run.
-        wait_until("h3 to stay in web's endpoints", lambda: len(mesh["h1"].endpoints("api")) == 2,
-                   timeout=25)
+        wait_until(
+            "h3 to stay in web's endpoints",
+            lambda: len(mesh["h1"].endpoints("api")) == 2,
+            timeout=25,
+        )
         current = os.readlink(h3.data_dir / "proxy" / "current")
         assert current.endswith(good)
     finally:
         h3.remove_service("extra.json")
         holder.stop()
-    wait_until("a good apply again",
-               lambda: (h3.status() or {}).get("last_apply", {}).get("action") != "failed", timeout=30)
+    wait_until(
+        "a good apply again",
+        lambda: (h3.status() or {}).get("last_apply", {}).get("action") != "failed",
+        timeout=30,
+    )
 
 
 def test_sigterm_deregisters_and_restart_brings_it_back(mesh: Mesh) -> None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import collections
+import socket
 import ssl
 import stat
-import socket
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from meshctl.lab.mesh import Mesh, wait_until
-from tests.e2e.conftest import WEB_API_PORT, WEB_KV_PORT, api_definition
+from tests.e2e.conftest import WEB_API_PORT, WEB_KV_PORT
 from tests.pki import TestCA
 
 pytestmark = pytest.mark.root
@@ -53,7 +53,8 @@ def test_consul_sees_services_and_connect_sidecars(mesh: Mesh) -> None:
         assert svc["Address"] == mesh[e["Node"]["Node"]].ip
     _, web = consul.health.service("web-sidecar-proxy")
     ups = web[0]["Service"]["Proxy"]["Upstreams"]
-    assert {(u["DestinationName"], u["LocalBindPort"]) for u in ups} == {("api", WEB_API_PORT), ("kv", WEB_KV_PORT)}
+    bound = {(u["DestinationName"], u["LocalBindPort"]) for u in ups}
+    assert bound == {("api", WEB_API_PORT), ("kv", WEB_KV_PORT)}
 
 
 def _tls_request(mesh: Mesh, ctx: ssl.SSLContext) -> bytes:
@@ -62,10 +63,15 @@ def _tls_request(mesh: Mesh, ctx: ssl.SSLContext) -> bytes:
 
     def attempt() -> bytes:
         try:
-            with socket.create_connection((h2.ip, port), timeout=5) as raw:
-                with ctx.wrap_socket(raw) as tls:
-                    tls.sendall(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
-                    return tls.recv(65536)
+            with (
+                socket.create_connection((h2.ip, port), timeout=5) as raw,
+                ctx.wrap_socket(raw) as tls,
+            ):
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+                chunks = []
+                while chunk := tls.recv(65536):  # until the server closes
+                    chunks.append(chunk)
+                return b"".join(chunks)
         except (ssl.SSLError, ConnectionResetError):
             return b""
 
@@ -215,7 +221,8 @@ def test_agent_restart_neither_duplicates_nor_reissues(mesh: Mesh) -> None:
     h2.stop_agent()
     h2.start_agent()
     _, entries = consul.health.connect("api")
-    assert sorted(e["Service"]["ID"] for e in entries) == ["api-h2-sidecar-proxy", "api-h3-sidecar-proxy"]
+    ids = sorted(e["Service"]["ID"] for e in entries)
+    assert ids == ["api-h2-sidecar-proxy", "api-h3-sidecar-proxy"]
     assert x509.load_pem_x509_certificate(crt.read_bytes()).serial_number == serial
     wait_until("web to see both api instances", lambda: len(mesh["h1"].endpoints("api")) == 2)
 
@@ -229,3 +236,13 @@ def test_consul_agent_losing_its_state_gets_registrations_back(mesh: Mesh) -> No
                timeout=20)
     wait_until("web to see both api instances", lambda: len(mesh["h1"].endpoints("api")) == 2,
                timeout=20)
+
+
+def test_agent_exports_prometheus_metrics(mesh: Mesh) -> None:
+    status, body = mesh["h1"].host.http_get("http://127.0.0.1:9466/metrics")
+    text = body.decode()
+    assert status == 200
+    assert 'meshctl_apply_total{result="started"} 1.0' in text
+    assert 'meshctl_source_up{source="vault"} 1.0' in text
+    assert 'meshctl_cert_expiry_timestamp_seconds{service="web"}' in text
+    assert 'meshctl_upstream_endpoints{cluster="c_api_' in text

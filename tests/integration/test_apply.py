@@ -1,7 +1,8 @@
-"""Apply against real nginx and HAProxy on loopback: stage, validate, swap, reload, verify, roll back."""
+"""Apply against real nginx and HAProxy on loopback: stage, validate, swap, reload, roll back."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import ssl
@@ -11,12 +12,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from meshctl.apply import Applier
-from meshctl.errors import ReloadError, ValidationError
+from meshctl.errors import ProxyError, ReloadError, ValidationError
 from meshctl.mesh import CertPaths, Instance, LocalService, Snapshot, compile_snapshot
 from meshctl.proxy.base import ProxyPaths
 from meshctl.proxy.haproxy import HAProxyDriver
@@ -42,8 +44,8 @@ class Loop:
         self.ca = TestCA.create()
         self.certs = {s: CertPaths(*self.ca.write_leaf(tmp / "certs", s)) for s in ("web", "api")}
         self.app_port, self.web_in, self.api_in, self.bind = (free_port() for _ in range(4))
-        self.driver = DRIVERS[driver](ProxyPaths(tmp / "proxy" / "current", tmp / "state", tmp / "run",
-                                             plugins_dir()))
+        self.driver = DRIVERS[driver](ProxyPaths(tmp / "proxy" / "current", tmp / "state",
+                                                 tmp / "run", plugins_dir()))
         self.applier = Applier(self.driver, tmp / "proxy")
 
     def snapshot(self, api_cert: CertPaths | None = None, api_port: int | None = None) -> Snapshot:
@@ -53,7 +55,8 @@ class Loop:
         return compile_snapshot(
             node="t", trust_domain="meshctl.test", datacenter="dc1",
             services=[LocalService(web, "127.0.0.1", self.web_in, self.certs["web"]),
-                      LocalService(api, "127.0.0.1", api_port or self.api_in, api_cert or self.certs["api"])],
+                      LocalService(api, "127.0.0.1", api_port or self.api_in,
+                                   api_cert or self.certs["api"])],
             instances={"api": [Instance("t", "api", "127.0.0.1", api_port or self.api_in)]},
             protocols={"web": "http", "api": "http"},
         )
@@ -105,7 +108,8 @@ def test_identical_snapshot_is_neither_written_nor_reloaded(loop: Loop) -> None:
 
 def test_config_nginx_refuses_is_not_swapped_and_old_keeps_serving(loop: Loop) -> None:
     good = loop.applier.apply(loop.snapshot())
-    missing = CertPaths(str(loop.tmp / "certs" / "missing.crt"), loop.certs["api"].key, loop.certs["api"].ca)
+    missing = CertPaths(str(loop.tmp / "certs" / "missing.crt"), loop.certs["api"].key,
+                        loop.certs["api"].ca)
     with pytest.raises(ValidationError) as err:
         loop.applier.apply(loop.snapshot(api_cert=missing))
     assert "missing.crt" in str(err.value)  # the proxy's own message is in the error
@@ -141,10 +145,10 @@ def test_client_without_mesh_certificate_is_refused_at_inbound(loop: Loop) -> No
     ctx.check_hostname = False
     reply = b""
     try:
-        with socket.create_connection(("127.0.0.1", loop.api_in), timeout=5) as raw:
-            with ctx.wrap_socket(raw) as tls:
-                tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                reply = tls.recv(4096)
+        with (socket.create_connection(("127.0.0.1", loop.api_in), timeout=5) as raw,
+              ctx.wrap_socket(raw) as tls):
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = tls.recv(4096)
     except (ssl.SSLError, ConnectionResetError):
         pass  # HAProxy refuses in the handshake
     # nginx completes the handshake and answers 400; never the app's answer.
@@ -152,21 +156,112 @@ def test_client_without_mesh_certificate_is_refused_at_inbound(loop: Loop) -> No
     assert reply == b"" or b"No required SSL certificate was sent" in reply
 
 
+def _with_ports(snap: Snapshot, *ports: int) -> Snapshot:
+    """``snap`` with its one cluster's endpoints on 127.0.0.1 at ``ports``."""
+    (c,) = snap.clusters
+    e = c.endpoints[0]
+    return replace(snap, clusters=(replace(c, endpoints=tuple(
+        replace(e, port=p, instance=f"api-{p}") for p in ports)),))
+
+
+def _live_config(loop: Loop) -> str:
+    return (loop.tmp / "proxy" / "current" / loop.driver.main_file).read_text()
+
+
 def test_endpoint_change_reaches_traffic_and_skips_reload_where_the_driver_can(loop: Loop) -> None:
     dead = free_port()
     snap = loop.snapshot()
-    from dataclasses import replace
-
-    def with_port(port: int) -> Snapshot:
-        (c,) = snap.clusters
-        return replace(snap, clusters=(replace(c, endpoints=(replace(c.endpoints[0], port=port),)),))
-
-    loop.applier.apply(with_port(dead))
+    first = loop.applier.apply(_with_ports(snap, dead))
     with pytest.raises(urllib.error.HTTPError):
         loop.get()
-    reloads = loop.applier.reloads
-    result = loop.applier.apply(with_port(loop.api_in))
-    runtime = loop.driver.endpoint_state(snap) is not None
-    assert result.action == ("endpoints" if runtime else "reloaded")
-    assert loop.applier.reloads == reloads + (0 if runtime else 1)
+    pid, reloads = loop.driver.pid(), loop.applier.reloads
+    result = loop.applier.apply(_with_ports(snap, loop.api_in))
+    # Both drivers change endpoints at run time: same generation, no reload.
+    assert result.action == "endpoints"
+    assert result.generation == first.generation
+    assert loop.applier.reloads == reloads and loop.driver.pid() == pid
+    assert '"service": "api"' in loop.get()
+    if isinstance(loop.driver, HAProxyDriver):
+        # The file on disk has the servers the running worker has.
+        assert f"127.0.0.1:{loop.api_in}" in _live_config(loop)
+        assert f"127.0.0.1:{dead}" not in _live_config(loop)
+
+
+def _running_endpoints(loop: Loop) -> object:
+    """The endpoints the running proxy uses, as the proxy itself reports them."""
+    if isinstance(loop.driver, HAProxyDriver):
+        answer = loop.driver.master_command("@1 show servers state")
+        servers = set()
+        for line in answer.splitlines():
+            f = line.split()
+            if len(f) > 18 and f[0].isdigit():
+                running = f[5] == "2"  # srv_op_state: 2 running, 0 stopped (maintenance)
+                servers.add((f[1], f[3], f"{f[4]}:{f[18]}" if running else "maint"))
+        return servers
+    status, body = loop.driver.control_request("GET", "/meshctl/endpoints")
+    assert status == 200, body
+    return json.loads(body)["clusters"]
+
+
+def test_config_on_disk_matches_after_runtime_changes(loop: Loop) -> None:
+    """A proxy restarted from ``current`` after run-time changes has the same endpoints."""
+    dead = free_port()
+    snap = loop.snapshot()
+    loop.applier.apply(_with_ports(snap, dead))
+    assert loop.applier.apply(_with_ports(snap, dead, loop.api_in)).action == "endpoints"
+    assert loop.applier.apply(_with_ports(snap, loop.api_in)).action == "endpoints"
+    pushed = _running_endpoints(loop)
+    assert f"{loop.api_in}" in str(pushed) and f"{dead}" not in str(pushed)
+    generation = loop.applier.current_generation()
+    loop.driver.stop(graceful=False)
+    loop.driver.start()
+    loop.driver.wait_serving(generation or "")
+    assert _running_endpoints(loop) == pushed
+    assert '"service": "api"' in loop.get()
+
+
+def test_more_endpoints_than_slots_is_a_structural_change(loop: Loop) -> None:
+    snap = loop.snapshot()
+    dead = [free_port() for _ in range(4)]
+    four = loop.applier.apply(_with_ports(snap, *dead[:3], loop.api_in))
+    five = loop.applier.apply(_with_ports(snap, *dead, loop.api_in))
+    if isinstance(loop.driver, HAProxyDriver):
+        assert four.action == "started" and five.action == "reloaded"  # 4 slots -> 8 slots
+        assert five.generation != four.generation
+        servers = [ln.split() for ln in _live_config(loop).splitlines()
+                   if ln.strip().startswith("server s")]
+        assert len(servers) == 8 and sum(ln[-1] == "disabled" for ln in servers) == 8 - 5
+    else:
+        assert five.action == "endpoints"  # nginx keeps http endpoints out of its files
+    # Back to one endpoint: HAProxy goes back to 4 slots (a reload), nginx needs none.
+    back = loop.applier.apply(_with_ports(snap, loop.api_in))
+    assert back.action == ("reloaded" if isinstance(loop.driver, HAProxyDriver) else "endpoints")
+    assert back.generation == four.generation
+    assert '"service": "api"' in loop.get()
+
+
+def test_failed_runtime_push_falls_back_to_a_reload(loop: Loop) -> None:
+    """If the proxy refuses the run-time update, a reload loads the endpoints instead."""
+    base = type(loop.driver)
+
+    class RefusingPush(base):  # type: ignore[misc, valid-type]
+        def push_endpoints(self, state: dict[str, object]) -> None:
+            raise ProxyError("refused by the test")
+
+    refusing = RefusingPush(loop.driver.paths)
+    applier = Applier(refusing, loop.tmp / "proxy")
+    dead = free_port()
+    snap = loop.snapshot()
+    first = applier.apply(_with_ports(snap, dead))
+    result = applier.apply(_with_ports(snap, loop.api_in))
+    assert result.action == "reloaded" and applier.reloads == 1
+    assert result.generation == first.generation
+    # Old workers finish with the old endpoints; new ones have the new: wait for them.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if '"service": "api"' in loop.get():
+                break
+        except urllib.error.HTTPError:
+            time.sleep(0.1)
     assert '"service": "api"' in loop.get()

@@ -320,6 +320,30 @@ def test_watch_without_passing_filter_reports_failing_instances(
     assert [(i.service_id, i.passing) for i in value] == [("web-1", False)]
 
 
+def test_subset_filter_is_evaluated_by_consul(
+    client: ConsulClient, raw: consul.Consul, watcher: Watcher, listener: int
+) -> None:
+    """A resolver subset's Filter, as the discovery chain carries it, selects sidecars."""
+    v1 = HealthConnect("web", passing=False, filter='Service.Meta.version == "1.2.3"')
+    v2 = HealthConnect("web", passing=False, filter="Service.Meta.version == v2")
+    watcher.watch(v1)
+    watcher.watch(v2)
+    client.register(web(), "127.0.0.1", listener)
+    client.register(web(sid="web-2", meta=(("version", "v2"),),
+                        checks=(Check(kind="ttl", target="", ttl="60s", check_id="web-2-ttl"),)),
+                    "127.0.0.1", listener)
+    raw.agent.check.ttl_warn("web-2-ttl")
+    eventually(lambda: [i.service_id for i in watcher.get(v1) or ()] == ["web-1"], what="v1")
+    value = eventually(lambda: watcher.get(v2), what="v2")
+    assert [(i.service_id, i.passing) for i in value] == [("web-2", False)]
+    # Consul's rule for only_passing=false: warning is healthy, critical is not.
+    eventually(lambda: [(i.service_id, i.warning) for i in watcher.get(v2) or ()]
+               == [("web-2", True)], what="web-2 in warning")
+    assert str(v2) == "health.connect(web,any,filter='Service.Meta.version == v2')"
+    with pytest.raises(ValueError):
+        HealthConnect("web", filter="a\nb")
+
+
 def test_sidecar_address_falls_back_to_the_node_address(
     raw: consul.Consul, watcher: Watcher
 ) -> None:

@@ -15,28 +15,50 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_wheel_installs_and_finds_its_templates(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(dist),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = dist.glob("meshctl-*.whl")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
     py = env_dir / "bin" / "python"
     # Dependencies come from the test venv's own site-packages (no network needed).
     site = next(p for p in sys.path if p.endswith("site-packages"))
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300
+    )
     probe = (
-        "import sys; sys.path.append(%r)\n"
+        f"import sys; sys.path.append({site!r})\n"
         "import meshctl, meshctl.resources as r\n"
         "t = r.templates_dir(); p = r.plugins_dir()\n"
         "assert 'site-packages' in str(t), t\n"
-        "assert (t / 'nginx' / 'nginx.conf.j2').is_file() and (t / 'haproxy' / 'haproxy.cfg.j2').is_file()\n"
+        "assert (t / 'nginx' / 'nginx.conf.j2').is_file()\n"
+        "assert (t / 'haproxy' / 'haproxy.cfg.j2').is_file()\n"
         "assert p.is_dir(), p\n"
         "assert r.pinned_versions()['CONSUL_VERSION']\n"
-        "print(meshctl.__version__)\n" % site
+        "print(meshctl.__version__)\n"
     )
-    out = subprocess.run([str(py), "-c", probe], check=True, capture_output=True, text=True, timeout=60,
-                         cwd=tmp_path)
+    out = subprocess.run(
+        [str(py), "-c", probe], check=True, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert out.stdout.strip() == "0.1.0"
-    cli = subprocess.run([str(env_dir / "bin" / "meshctl"), "--version"], capture_output=True, text=True,
-                         env={"PYTHONPATH": site, "PATH": "/usr/bin:/bin"}, timeout=60)
+    cli = subprocess.run(
+        [str(env_dir / "bin" / "meshctl"), "--version"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": site, "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
     assert "meshctl, version 0.1.0" in cli.stdout, cli.stderr

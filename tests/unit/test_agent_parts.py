@@ -10,8 +10,14 @@ from meshctl.services import ServiceDefinition, Upstream
 
 
 def defn(sid: str, sidecar: int | None = None, binds: tuple[int, ...] = ()) -> ServiceDefinition:
-    return ServiceDefinition(name=sid, id=sid, port=8080, source=f"{sid}.json", sidecar_port=sidecar,
-                             upstreams=tuple(Upstream("x", p) for p in binds))
+    return ServiceDefinition(
+        name=sid,
+        id=sid,
+        port=8080,
+        source=f"{sid}.json",
+        sidecar_port=sidecar,
+        upstreams=tuple(Upstream("x", p) for p in binds),
+    )
 
 
 def test_ports_are_stable_and_skip_fixed_ones(tmp_path: Path) -> None:

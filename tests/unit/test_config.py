@@ -15,9 +15,14 @@ def test_defaults_are_valid() -> None:
 
 def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
     f = tmp_path / "agent.toml"
-    f.write_text('node_name = "from-file"\nproxy = "haproxy"\n[consul]\naddr = "http://10.0.0.1:8500"\n')
-    cfg = load_config(f, env={"CONSUL_HTTP_ADDR": "http://10.0.0.2:8500", "MESHCTL_NODE_NAME": "from-env"},
-                      overrides={"node_name": "from-flag"})
+    f.write_text(
+        'node_name = "from-file"\nproxy = "haproxy"\n[consul]\naddr = "http://10.0.0.1:8500"\n'
+    )
+    cfg = load_config(
+        f,
+        env={"CONSUL_HTTP_ADDR": "http://10.0.0.2:8500", "MESHCTL_NODE_NAME": "from-env"},
+        overrides={"node_name": "from-flag"},
+    )
     assert cfg.proxy == "haproxy"  # file over default
     assert cfg.consul.addr == "http://10.0.0.2:8500"  # env over file
     assert cfg.node_name == "from-flag"  # flag over env

@@ -9,7 +9,12 @@ from tests.meshdata import snapshot, web
 def test_compile_builds_inbound_outbound_and_cluster() -> None:
     snap = snapshot()
     (inb,) = snap.inbounds
-    assert (inb.listen_address, inb.listen_port, inb.app_port, inb.protocol) == ("198.18.0.11", 21000, 18080, "http")
+    assert (inb.listen_address, inb.listen_port, inb.app_port, inb.protocol) == (
+        "198.18.0.11",
+        21000,
+        18080,
+        "http",
+    )
     (out,) = snap.outbounds
     assert (out.caller, out.destination, out.bind_port) == ("web", "api", 19001)
     cluster = snap.cluster(out.default_cluster)
@@ -19,7 +24,9 @@ def test_compile_builds_inbound_outbound_and_cluster() -> None:
 
 def test_identity_names() -> None:
     assert identity_dns("api", "meshctl.test") == "api.svc.meshctl.test"
-    assert spiffe_id("api", "meshctl.test", "dc1") == "spiffe://meshctl.test/ns/default/dc/dc1/svc/api"
+    assert (
+        spiffe_id("api", "meshctl.test", "dc1") == "spiffe://meshctl.test/ns/default/dc/dc1/svc/api"
+    )
 
 
 def test_critical_instances_are_not_endpoints() -> None:
@@ -41,7 +48,10 @@ def test_output_is_deterministic_whatever_the_input_order() -> None:
 
 
 def api_list() -> list[Instance]:
-    return [Instance("h2", "api-a", "198.18.0.12", 21000), Instance("h3", "api-b", "198.18.0.13", 21001)]
+    return [
+        Instance("h2", "api-a", "198.18.0.12", 21000),
+        Instance("h3", "api-b", "198.18.0.13", 21001),
+    ]
 
 
 def test_snapshot_round_trips_through_json() -> None:
@@ -67,7 +77,12 @@ def test_structure_key_ignores_endpoints_only() -> None:
     ],
 )
 def test_hostile_instance_values_are_refused(bad: dict[str, object]) -> None:
-    fields: dict[str, object] = {"node": "h2", "service_id": "api-0", "address": "198.18.0.12", "port": 21000}
+    fields: dict[str, object] = {
+        "node": "h2",
+        "service_id": "api-0",
+        "address": "198.18.0.12",
+        "port": 21000,
+    }
     fields.update(bad)
     with pytest.raises(CompileError):
         snapshot(instances={"api": [Instance(**fields)]})  # type: ignore[arg-type]

@@ -8,8 +8,12 @@ from meshctl.proxy.base import ProxyPaths, generation_of
 from meshctl.proxy.nginx import NginxDriver
 from tests.meshdata import snapshot
 
-PATHS = ProxyPaths(Path("/var/lib/meshctl/proxy/current"), Path("/var/lib/meshctl/nginx"),
-                   Path("/run/meshctl"), Path("/usr/share/meshctl/plugins"))
+PATHS = ProxyPaths(
+    Path("/var/lib/meshctl/proxy/current"),
+    Path("/var/lib/meshctl/nginx"),
+    Path("/run/meshctl"),
+    Path("/usr/share/meshctl/plugins"),
+)
 
 
 def render(snap: object = None) -> str:
@@ -56,7 +60,8 @@ def test_tcp_services_go_to_the_stream_block() -> None:
 def test_no_passing_instance_renders_a_down_server() -> None:
     assert "server 127.0.0.1:1 down;" in render(snapshot(instances={"api": []}, protocols={}))
     state = NginxDriver(PATHS).endpoint_state(snapshot(instances={"api": []}))
-    assert state == {"clusters": {snapshot().clusters[0].id: []}}
+    assert state is not None
+    assert state["clusters"] == {snapshot().clusters[0].id: []}
 
 
 def test_render_is_deterministic_and_generation_is_stable() -> None:
@@ -66,7 +71,9 @@ def test_render_is_deterministic_and_generation_is_stable() -> None:
     assert generation_of(a) == generation_of(drv.render(snapshot(), "g"))
 
 
-@pytest.mark.parametrize("bad", ["/etc/x;include /etc/passwd", "/etc/x y", '/etc/"x', "/etc/$x", "relative/x", "/a/../b"])
+@pytest.mark.parametrize(
+    "bad", ["/etc/x;include /etc/passwd", "/etc/x y", '/etc/"x', "/etc/$x", "relative/x", "/a/../b"]
+)
 def test_hostile_paths_are_refused(bad: str) -> None:
     with pytest.raises(CompileError, match="path"):
         render(snapshot(certs=CertPaths(bad, "/k.key", "/ca.pem")))

@@ -1,0 +1,84 @@
+"""``python -m bench.run --quick`` end to end: both drivers, real load generators.
+
+Asserts the shape of the results and that the mesh carried the load, never the
+timings themselves (those are bench/'s business, not a test's).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.needs("vegeta", "wrk", "nginx", "haproxy")]
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVERS = ("nginx", "haproxy")
+
+
+def _check_load(record: dict[str, object], tool: str) -> None:
+    assert record["tool"] == tool
+    assert isinstance(record["requests"], int) and record["requests"] > 0
+    assert record["errors"] == 0 and record["success_ratio"] == 1.0
+    assert isinstance(record["rps"], float) and record["rps"] > 0
+    lat = record["latency_ms"]
+    assert isinstance(lat, dict)
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+def test_quick_bench_writes_results_for_both_drivers(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--duration", "1", "--wrk-duration",
+         "1", "--drivers", ",".join(DRIVERS), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    stamped = sorted(p.name for p in out.iterdir() if not p.name.startswith("latest"))
+    assert len(stamped) == 2 and stamped[0].endswith(".json") and stamped[1].endswith(".md")
+    result = json.loads((out / "latest.json").read_text())
+    assert json.loads((out / stamped[0]).read_text()) == result
+
+    assert {"settings", "machine", "agent", "latency", "convergence", "targets"} <= set(result)
+    assert result["settings"]["quick"] is True and result["settings"]["reps"] == 2
+    assert result["settings"]["rounds"] == 1 and result["settings"]["rate"] == 100
+    machine = result["machine"]
+    assert machine["cores"] >= 1 and machine["kernel"]
+    assert set(machine["versions"]) == {"nginx", "haproxy", "consul", "vegeta", "wrk"}
+    assert "not installed" not in machine["versions"].values()
+    assert result["agent"] == {"wait_min": 0.05, "wait_max": 0.5, "sync_interval": 2.0}
+
+    assert set(result["latency"]) == set(DRIVERS) == set(result["convergence"])
+    for driver in DRIVERS:
+        lat = result["latency"][driver]
+        for path in ("direct", "pair"):
+            _check_load(lat["fixed_rate"][path], "vegeta")
+            _check_load(lat["full_speed"][path], "wrk")
+        for mode in ("fixed_rate", "full_speed"):
+            assert {"p99_ratio", "p99_added_ms", "rps_ratio"} <= set(lat[mode]["versus"])
+        conv = result["convergence"][driver]
+        assert conv["probe_rps"] > 0
+        for event in ("remove", "add"):
+            ev = conv[event]
+            # Every repetition saw the traffic move (none gave up), none lost a request
+            # (requests retried on a kept-alive connection a reload closed are counted apart).
+            assert ev["timeouts"] == 0 and ev["probe_errors"] == 0, ev["probe_error_kinds"]
+            assert ev["probe_retries"] >= 0
+            assert ev["stats_s"]["n"] == 2 and ev["stats_s"]["max"] >= ev["stats_s"]["p50"] >= 0
+            assert [s["instance"] for s in ev["samples"]] == ["h2", "h3"]
+
+    keys = {(t["key"], t["driver"]) for t in result["targets"]}
+    assert keys == {(k, d) for d in DRIVERS for k in
+                    ("added_p99_ms", "convergence_remove_p99_s", "convergence_add_p99_s")}
+    assert all(isinstance(t["met"], bool) for t in result["targets"])
+
+    md = (out / "latest.md").read_text()
+    assert "Quick smoke run" in md
+    for heading in ("## Latency at a fixed 100 requests/s", "## Full speed", "## Convergence",
+                    "## Targets"):
+        assert heading in md
+    assert md.count("| nginx → nginx |") == 2 and md.count("| haproxy → haproxy |") == 2

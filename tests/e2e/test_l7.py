@@ -1,0 +1,533 @@
+"""L7 traffic management from Consul's config entries, on both drivers (issue 5).
+
+Measured from the caller's side: the requests run inside h1, through web's
+sidecar listener for ``api``, with one keep-alive connection (as an
+application's HTTP client would), via ``host.call``.
+
+    h1: web (app :8080) ── upstream api → 127.0.0.1:9001 (http)
+    h2: api (meta version=v1, app :8080), admin (app :8082)
+    h3: api (meta version=v2, app :8080)
+
+Every test writes the config entries it needs and removes them on the way out
+(router, splitter, then resolver: Consul refuses to orphan a reference).
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from meshctl.lab import Lab
+from meshctl.lab.mesh import Mesh, MeshHost, wait_until
+from meshctl.mesh import cluster_id
+from tests.conftest import _keep_logs, lab_unavailable
+
+pytestmark = pytest.mark.root
+
+API_PORT = 9001
+PLAN = {"h1": ["web"], "h2": ["api", "admin"], "h3": ["api"]}
+PLAIN_CLUSTER = cluster_id("api")  # no resolver: every instance, round robin
+SUBSETS = {"v1": {"Filter": "Service.Meta.version == v1"},
+           "v2": {"Filter": "Service.Meta.version == v2"}}
+
+
+def _api(host: str, version: str) -> dict[str, Any]:
+    return {"name": "api", "id": f"api-{host}", "port": 8080, "meta": {"version": version},
+            "check": {"http": "http://127.0.0.1:8080/health", "interval": "1s",
+                      "timeout": "1s"}}
+
+
+@pytest.fixture(scope="module", params=["nginx", "haproxy"])
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    reason = lab_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with Lab(hosts=3, keep_logs=_keep_logs()) as lab:
+        m = Mesh(lab, request.param)
+        m.setup_vault(PLAN)
+        consul = lab.host("h1").consul()
+        for name in ("web", "api", "admin"):
+            consul.config.set("service-defaults", name, {"Protocol": "http"})
+        # The agents deny by default (issue 6): web may call api and admin.
+        for name in ("api", "admin"):
+            consul.config.set("service-intentions", name,
+                              {"Sources": [{"Name": "web", "Action": "allow"}]})
+        h1, h2, h3 = m["h1"], m["h2"], m["h3"]
+        h1.add_service({
+            "name": "web", "port": 8080,
+            "connect": {"sidecar_service": {"proxy": {"upstreams": [
+                {"destination_name": "api", "local_bind_port": API_PORT}]}}},
+        })
+        h1.start_app("web", 8080)
+        h2.add_service(_api("h2", "v1"))
+        h2.start_app("api", 8080, version="v1")
+        h3.add_service(_api("h3", "v2"))
+        h3.start_app("api", 8080, version="v2")
+        h2.add_service({"name": "admin", "port": 8082,
+                        "check": {"tcp": "127.0.0.1:8082", "interval": "1s", "timeout": "1s"}})
+        h2.start_app("admin", 8082)
+        for h in (h2, h3, h1):
+            h.write_config()
+            h.start_agent()
+        wait_until("web to see both api instances", lambda: len(h1.endpoints("api")) == 2,
+                   timeout=30)
+        yield m
+        m.stop()
+
+
+# ---------------------------------------------------------------- the caller
+
+
+class Caller:
+    """A keep-alive HTTP client, run inside a lab host (``host.call``).
+
+    Like any HTTP client library, it sends a request again on a new connection
+    when a *reused* keep-alive connection turns out closed before any byte of
+    the answer (the proxy closed it while idle, RFC 9112 §9.3.1); that is
+    counted in ``reconnects``. A failure on a fresh connection, a timeout or a
+    5xx answer counts as a failed request.
+    """
+
+    def __init__(self, port: int = API_PORT) -> None:
+        self.port = port
+        self.conn: http.client.HTTPConnection | None = None
+        self.reused = False
+        self.reconnects = 0
+
+    def request(self, path: str, headers: Mapping[str, str] | None = None,
+                ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        for _ in range(2):
+            fresh = self.conn is None
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                self.conn.request("GET", path, headers=dict(headers or {}))
+                resp = self.conn.getresponse()
+                raw = resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    http.client.BadStatusLine):
+                self.close()
+                if fresh:
+                    raise
+                self.reconnects += 1
+                continue
+            if resp.will_close:
+                self.close()
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = {"raw": raw.decode("utf-8", "replace")}
+            return resp.status, body, {k.lower(): v for k, v in resp.getheaders()}
+        raise ConnectionError("no answer after a reconnect")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+
+
+def _burst(n: int, path: str, headers: Mapping[str, str] | None) -> list[tuple[int, str, str]]:
+    caller = Caller()
+    out = []
+    try:
+        for _ in range(n):
+            status, body, _ = caller.request(path, headers)
+            out.append((status, str(body.get("version", "")), str(body.get("host", ""))))
+    finally:
+        caller.close()
+    return out
+
+
+def burst(mesh: Mesh, n: int, path: str = "/hello",
+          headers: Mapping[str, str] | None = None) -> list[tuple[int, str, str]]:
+    """``n`` requests from h1 through its api listener: (status, version, host) each."""
+    return mesh["h1"].host.call(_burst, n, path, headers)
+
+
+def one(mesh: Mesh, path: str = "/hello", headers: Mapping[str, str] | None = None,
+        ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def call() -> tuple[int, dict[str, Any], dict[str, str]]:
+        c = Caller()
+        try:
+            return c.request(path, headers)
+        finally:
+            c.close()
+
+    return mesh["h1"].host.call(call)
+
+
+def versions(results: list[tuple[int, str, str]]) -> collections.Counter[str]:
+    return collections.Counter(f"{s} {v}" for s, v, _ in results)
+
+
+class Background:
+    """Requests in a loop from h1 while a test changes the mesh; counts what the caller saw."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.stop = threading.Event()
+        self.statuses: collections.Counter[str] = collections.Counter()
+        self.errors: list[str] = []
+        self.reconnects = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _loop(self) -> None:
+        caller = Caller()
+        try:
+            while not self.stop.is_set():
+                try:
+                    status, body, _ = caller.request("/hello")
+                    self.statuses[f"{status} {body.get('version', '')}"] += 1
+                except (OSError, http.client.HTTPException, ConnectionError) as exc:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    caller.close()
+        finally:
+            self.reconnects = caller.reconnects
+            caller.close()
+
+    def _run(self) -> None:
+        self.mesh["h1"].host.call(self._loop)
+
+    def __enter__(self) -> Background:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors) + sum(n for k, n in self.statuses.items()
+                                      if not k.startswith("200 "))
+
+
+# ---------------------------------------------------------------- config entries
+
+
+def consul(mesh: Mesh) -> Any:
+    return mesh.lab.host("h1").consul()
+
+
+def set_entry(mesh: Mesh, kind: str, body: dict[str, Any], name: str = "api") -> None:
+    assert consul(mesh).config.set(kind, name, body), f"Consul refused {kind} {name}"
+
+
+def reset(mesh: Mesh) -> None:
+    """Remove the api router, splitter and resolver (in the order Consul allows)."""
+    c = consul(mesh)
+    for kind in ("service-router", "service-splitter", "service-resolver"):
+        c.config.delete(kind, "api")
+
+
+def applied(mesh: Mesh) -> dict[str, Any]:
+    """h1's last applied snapshot (what its sidecar serves)."""
+    path = mesh["h1"].data_dir / "last-good-snapshot.json"
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def api_routes(mesh: Mesh) -> list[dict[str, Any]]:
+    for o in applied(mesh)["outbounds"]:
+        if o["destination"] == "api":
+            return list(o["routes"])
+    return []
+
+
+def wait_applied(mesh: Mesh, what: str, check: Any, timeout: float = 20.0) -> None:
+    """Wait until h1's applied snapshot satisfies ``check(routes)``, then settle.
+
+    The agent confirms a reload once a new worker answers; nginx's master lets
+    the old workers accept connections for another 100 ms (then they finish
+    what they have): a request in that window may still take the old routes.
+    """
+    wait_until(what, lambda: check(api_routes(mesh)), timeout=timeout, interval=0.1)
+    time.sleep(0.5)
+
+
+def weights(routes: list[dict[str, Any]]) -> list[float]:
+    return sorted(wc["weight"] for wc in routes[-1]["clusters"]) if routes else []
+
+
+def compile_error(mh: MeshHost) -> str:
+    st = mh.status() or {}
+    src = (st.get("sources") or {}).get("compile") or {}
+    return "" if src.get("ok", True) else str(src.get("error", ""))
+
+
+@pytest.fixture
+def clean(mesh: Mesh) -> Iterator[Mesh]:
+    reset(mesh)
+    wait_applied(mesh, "the plain api chain", lambda r: len(r) == 1 and weights(r) == [100.0]
+                 and r[0]["clusters"][0]["cluster"] == PLAIN_CLUSTER)
+    yield mesh
+    for h in ("h2", "h3"):
+        mesh[h].set_failing("api", False)
+        mesh[h].set_healthy("api", True)
+    reset(mesh)
+
+
+def resolver(**extra: Any) -> dict[str, Any]:
+    return {"Subsets": SUBSETS, **extra}
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_split_90_10_then_50_50_without_a_failed_request(clean: Mesh) -> None:
+    mesh = clean
+    set_entry(mesh, "service-resolver", resolver(DefaultSubset="v1"))
+    set_entry(mesh, "service-splitter", {"Splits": [
+        {"Weight": 90, "ServiceSubset": "v1"}, {"Weight": 10, "ServiceSubset": "v2"}]})
+    wait_applied(mesh, "the 90/10 split", lambda r: weights(r) == [10.0, 90.0])
+
+    seen = versions(burst(mesh, 2000))
+    assert set(seen) == {"200 v1", "200 v2"}, seen
+    share = seen["200 v2"] / 2000
+    assert 0.07 <= share <= 0.13, f"v2 got {share:.1%} of 2,000 requests, expected 10% ± 3"
+
+    with Background(mesh) as bg:
+        time.sleep(1.0)
+        set_entry(mesh, "service-splitter", {"Splits": [
+            {"Weight": 50, "ServiceSubset": "v1"}, {"Weight": 50, "ServiceSubset": "v2"}]})
+        wait_applied(mesh, "the 50/50 split", lambda r: weights(r) == [50.0, 50.0])
+        time.sleep(2.0)  # old workers finish; requests keep flowing meanwhile
+    assert bg.failed == 0, f"{bg.failed} failed requests during the change: {bg.errors[:5]}"
+    assert sum(bg.statuses.values()) > 100, bg.statuses
+
+    seen = versions(burst(mesh, 2000))
+    share = seen["200 v2"] / 2000
+    assert 0.47 <= share <= 0.53, f"v2 got {share:.1%} of 2,000 requests, expected 50% ± 3"
+
+    res = mesh["h1"].meshctl("routes", "api")
+    assert res.returncode == 0, res.stderr
+    assert "api/v1" in res.stdout and "api/v2" in res.stdout and "50%" in res.stdout
+
+
+def test_canary_header_goes_to_v2_everything_else_to_v1(clean: Mesh) -> None:
+    mesh = clean
+    set_entry(mesh, "service-resolver", resolver(DefaultSubset="v1"))
+    set_entry(mesh, "service-router", {"Routes": [{
+        "Match": {"HTTP": {"Header": [{"Name": "x-canary", "Exact": "1"}]}},
+        "Destination": {
+            "ServiceSubset": "v2",
+            "RequestHeaders": {"Set": {"x-route": "canary"}, "Remove": ["x-strip-me"]},
+            "ResponseHeaders": {"Add": {"x-served-by": "canary"}},
+        },
+    }]})
+    wait_applied(mesh, "the canary route", lambda r: len(r) == 2)
+
+    assert versions(burst(mesh, 50, headers={"x-canary": "1"})) == {"200 v2": 50}
+    assert versions(burst(mesh, 50)) == {"200 v1": 50}
+    assert versions(burst(mesh, 20, headers={"x-canary": "2"})) == {"200 v1": 20}
+
+    status, body, headers = one(mesh, headers={"x-canary": "1", "x-strip-me": "yes"})
+    assert status == 200 and body["version"] == "v2"
+    assert body["headers"].get("x-route") == "canary"
+    assert "x-strip-me" not in body["headers"]
+    assert headers.get("x-served-by") == "canary"
+    status, body, headers = one(mesh, headers={"x-strip-me": "yes"})
+    assert body["version"] == "v1" and "x-route" not in body["headers"]
+    assert body["headers"].get("x-strip-me") == "yes" and "x-served-by" not in headers
+
+
+def test_admin_path_goes_to_another_service_with_its_prefix_rewritten(clean: Mesh) -> None:
+    mesh = clean
+    set_entry(mesh, "service-router", {"Routes": [{
+        "Match": {"HTTP": {"PathPrefix": "/admin/"}},
+        "Destination": {"Service": "admin", "PrefixRewrite": "/"},
+    }]})
+    wait_applied(mesh, "the /admin route", lambda r: len(r) == 2)
+
+    status, body, _ = one(mesh, "/admin/users?page=2")
+    assert status == 200, body
+    assert body["service"] == "admin" and body["path"] == "/users?page=2"
+    assert body["caller"] == "web"  # admin's sidecar verified web's certificate
+    status, body, _ = one(mesh, "/administrator")
+    assert status == 200 and body["service"] == "api" and body["path"] == "/administrator"
+
+
+def test_retries_hide_an_instance_answering_503(clean: Mesh) -> None:
+    mesh = clean
+    mesh["h2"].set_failing("api", True)
+    # Without retries the caller sees h2's 503s: the test can fail.
+    seen = versions(burst(mesh, 40))
+    assert seen["503 v1"] > 0 and seen["200 v2"] > 0, seen
+
+    set_entry(mesh, "service-router", {"Routes": [{
+        "Match": {"HTTP": {"PathPrefix": "/"}},
+        "Destination": {"NumRetries": 2, "RetryOnStatusCodes": [503, 418]},
+    }]})
+    wait_applied(mesh, "the retry route", lambda r: r and r[0]["num_retries"] == 2)
+    results = burst(mesh, 200)
+    assert [r for r in results if r[0] >= 500] == []
+    assert versions(results) == {"200 v2": 200}
+
+    # 418 cannot be retried by either proxy: said in `meshctl status`.
+    status = mesh["h1"].meshctl("status")
+    assert "cannot retry on status 418" in status.stdout, status.stdout
+
+
+def test_failover_to_the_secondary_subset_and_back(clean: Mesh) -> None:
+    mesh = clean
+    set_entry(mesh, "service-resolver", resolver(
+        DefaultSubset="v1", Failover={"v1": {"ServiceSubset": "v2"}}))
+    wait_applied(mesh, "the failover resolver",
+                 lambda r: r and r[0]["clusters"][0]["cluster"].startswith("c_api__v1_"))
+    assert versions(burst(mesh, 20)) == {"200 v1": 20}
+
+    mesh["h2"].set_healthy("api", False)
+    wait_until("traffic to fail over to v2",
+               lambda: versions(burst(mesh, 10)) == {"200 v2": 10}, timeout=30)
+    assert versions(burst(mesh, 50)) == {"200 v2": 50}
+
+    mesh["h2"].set_healthy("api", True)
+    wait_until("traffic to return to v1",
+               lambda: versions(burst(mesh, 10)) == {"200 v1": 10}, timeout=30)
+    assert versions(burst(mesh, 50)) == {"200 v1": 50}
+
+
+def test_ring_hash_on_a_header_keeps_each_key_on_one_instance(clean: Mesh) -> None:
+    mesh = clean
+    set_entry(mesh, "service-resolver", {"LoadBalancer": {
+        "Policy": "ring_hash", "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}})
+    wait_applied(mesh, "the ring_hash resolver", lambda r: bool(r) and any(
+        c["lb_policy"] == "ring_hash" for c in applied(mesh)["clusters"]))
+
+    owners: dict[str, set[str]] = {}
+    for k in range(24):
+        key = f"user-{k}"
+        results = burst(mesh, 8, headers={"x-user": key})
+        assert {s for s, _, _ in results} == {200}
+        owners[key] = {h for _, _, h in results}
+    assert all(len(hosts) == 1 for hosts in owners.values()), owners
+    assert {h for hosts in owners.values() for h in hosts} == {"h2", "h3"}, owners
+    # Without the header: no hash key, any instance (as Envoy does).
+    assert {h for _, _, h in burst(mesh, 40)} == {"h2", "h3"}
+
+
+def test_hostile_regex_or_header_value_is_refused_and_the_old_config_serves(
+        clean: Mesh) -> None:
+    mesh = clean
+    h1 = mesh["h1"]
+    set_entry(mesh, "service-resolver", resolver(DefaultSubset="v1"))
+    canary = {"Match": {"HTTP": {"Header": [{"Name": "x-canary", "Exact": "1"}]}},
+              "Destination": {"ServiceSubset": "v2"}}
+    set_entry(mesh, "service-router", {"Routes": [canary]})
+    wait_applied(mesh, "the canary route", lambda r: len(r) == 2)
+    good = applied(mesh)
+
+    attempts = [
+        # A regex PCRE reads differently from RE2 (possessive quantifier) or not at all.
+        ({"Header": [{"Name": "x-user", "Regex": "a*+b"}]}, "Header[0].Regex"),
+        ({"PathRegex": "/x("}, "PathRegex"),
+        # A value with a line break: an attempt to add config (or a header) of its own.
+        ({"Header": [{"Name": "x-user",
+                      "Exact": "1\"; }\n    server { listen 6666; } #"}]}, "Header[0].Exact"),
+    ]
+    for match, field in attempts:
+        set_entry(mesh, "service-router", {"Routes": [
+            {"Match": {"HTTP": match}, "Destination": {"ServiceSubset": "v2"}}, canary]})
+        wait_until(f"compile() to refuse {field}",
+                   lambda f=field: "service-router 'api'" in compile_error(h1)  # type: ignore[misc]
+                   and f in compile_error(h1), timeout=20)
+        assert applied(mesh) == good  # nothing new was applied...
+        assert versions(burst(mesh, 10, headers={"x-canary": "1"})) == {"200 v2": 10}
+        assert versions(burst(mesh, 10)) == {"200 v1": 10}  # ...and the old config serves
+        conf = "".join(p.read_text() for p in (h1.data_dir / "proxy" / "current").iterdir())
+        assert "6666" not in conf and "a*+b" not in conf
+
+    # Printable "syntax" in a header value is carried as data, byte for byte.
+    value = "1\"; } server { listen 6666; } # $HOME %[src] 'q' \\n"
+    set_entry(mesh, "service-router", {"Routes": [{
+        "Match": {"HTTP": {"PathPrefix": "/"}},
+        "Destination": {"ServiceSubset": "v1", "RequestHeaders": {"Set": {"x-note": value}}},
+    }]})
+    wait_until("the fixed router to compile", lambda: compile_error(h1) == "", timeout=20)
+    wait_applied(mesh, "the x-note route", lambda r: len(r) == 2 and bool(
+        r[0]["request_headers"]["set"]))
+    status, body, _ = one(mesh)
+    assert status == 200 and body["headers"]["x-note"] == value
+
+    def listening_6666() -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", 6666)) == 0
+
+    assert not h1.host.call(listening_6666)
+
+
+def test_every_match_kind_as_envoy_reads_it(clean: Mesh) -> None:
+    """Path exact/regex, header kinds (inverted too), query parameters, methods."""
+    mesh = clean
+    set_entry(mesh, "service-resolver", resolver(DefaultSubset="v1"))
+
+    def to_v2(match: dict[str, Any]) -> dict[str, Any]:
+        return {"Match": {"HTTP": match}, "Destination": {"ServiceSubset": "v2"}}
+
+    set_entry(mesh, "service-router", {"Routes": [
+        to_v2({"PathExact": "/exact"}),
+        to_v2({"PathRegex": "/items/[0-9]+", "CaseInsensitive": True}),
+        to_v2({"PathPrefix": "/h/", "Header": [
+            {"Name": "x-a", "Prefix": "pre"}, {"Name": "x-b", "Suffix": "fix"},
+            {"Name": "x-c", "Regex": "[a-z]{3}"}, {"Name": "x-d", "Present": True}]}),
+        to_v2({"PathPrefix": "/inv/", "Header": [{"Name": "x-env", "Exact": "prod",
+                                                   "Invert": True}]}),
+        to_v2({"PathPrefix": "/q/", "QueryParam": [
+            {"Name": "a", "Exact": "1"}, {"Name": "b", "Regex": "x+"}, {"Name": "c",
+                                                                       "Present": True}]}),
+        to_v2({"PathPrefix": "/m/", "Methods": ["POST"]}),
+    ]})
+    wait_applied(mesh, "the match routes", lambda r: len(r) == 7)
+
+    def version(path: str, headers: Mapping[str, str] | None = None) -> str:
+        status, body, _ = one(mesh, path, headers)
+        assert status == 200, (path, status, body)
+        return str(body["version"])
+
+    full = {"x-a": "prefix", "x-b": "suffix", "x-c": "abc", "x-d": ""}
+    cases = [
+        ("/exact", None, "v2"), ("/exact/", None, "v1"), ("/exactly", None, "v1"),
+        ("/items/42", None, "v2"), ("/ITEMS/42", None, "v2"), ("/items/42/x", None, "v1"),
+        ("/items/x", None, "v1"),
+        ("/h/", full, "v2"), ("/h/", {**full, "x-a": "xpre"}, "v1"),
+        ("/h/", {**full, "x-b": "fixed"}, "v1"), ("/h/", {**full, "x-c": "abcd"}, "v1"),
+        ("/h/", {k: v for k, v in full.items() if k != "x-d"}, "v1"),
+        # Inverted exact: any other value matches; a missing header never does (Envoy).
+        ("/inv/", {"x-env": "dev"}, "v2"), ("/inv/", {"x-env": "prod"}, "v1"),
+        ("/inv/", None, "v1"),
+        ("/q/?a=1&b=xx&c", None, "v2"), ("/q/?a=1&b=xx&c=", None, "v2"),
+        ("/q/?a=2&b=xx&c", None, "v1"), ("/q/?a=1&b=xy&c", None, "v1"),
+        ("/q/?a=1&b=xx", None, "v1"),
+        ("/m/", None, "v1"),
+    ]
+    wrong = [(p, h, want, got) for p, h, want in cases if (got := version(p, h)) != want]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("policy", ["random", "least_request", "maglev"])
+def test_load_balancing_policies_serve_every_instance(clean: Mesh, policy: str) -> None:
+    mesh = clean
+    lb: dict[str, Any] = {"Policy": policy}
+    if policy == "maglev":
+        lb["HashPolicies"] = [{"Field": "query_parameter", "FieldValue": "user"}]
+    set_entry(mesh, "service-resolver", {"LoadBalancer": lb})
+    wanted = "ring_hash" if policy == "maglev" else policy
+    wait_applied(mesh, f"the {policy} resolver", lambda r: bool(r) and any(
+        c["lb_policy"] == policy for c in applied(mesh)["clusters"]))
+    results = burst(mesh, 60)
+    assert {s for s, _, _ in results} == {200}
+    assert {h for _, _, h in results} == {"h2", "h3"}, wanted
+    if policy == "maglev":
+        hosts = {h for _, _, h in burst(mesh, 10, "/hello?user=ada")}
+        assert len(hosts) == 1
+        status = mesh["h1"].meshctl("status")
+        assert "maglev is carried as consistent hashing" in status.stdout

@@ -1,0 +1,213 @@
+"""The proxies' Lua decides exactly as meshctl.intentions.decide() does.
+
+Hypothesis generates Consul intention answers and requests; the answers are
+compiled, decided in Python, and the same cases run through the shared Lua
+rules module inside the real proxies: HAProxy (Lua 5.3, its PCRE Regex class)
+via ``haproxy -c`` with ``lua-load``, and nginx (LuaJIT, ``ngx.re``) via
+``nginx -t`` with ``init_by_lua``. Decisions, reasons, path normalization and
+caller extraction must be identical.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from meshctl.errors import CompileError
+from meshctl.intentions import Request, compile_intentions, decide, normalize_path
+from meshctl.resources import plugins_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = ["web", "db", "ops", "*"]
+METHODS = ["GET", "POST", "PUT"]
+REGEXES = ["/a.*", "/[ab]+", "/(a|b)/c", ".*", r"/a\.b", "/a/?", "[^/]*", "/a|/b/.+", "x{2,3}"]
+PATHS = ["/", "/a", "/a/b", "/b", "/a.b", "/ab", "/b/c", "/admin"]
+HEADER_VALUES = ["1", "abc", "ABC", "a,b", "xx", "xxx", "bca", "cAb"]
+RULE_VALUES = ["a", "b", "c", "C", "ab", "bc", "abc", "1", "xx"]
+
+pytestmark = pytest.mark.needs("nginx", "haproxy")
+
+
+@st.composite
+def header_match(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["Present", "Exact", "Prefix", "Suffix", "Contains", "Regex"]))
+    value: Any = True if kind == "Present" else draw(
+        st.sampled_from([*REGEXES, "abc", "[a-c]+"] if kind == "Regex" else RULE_VALUES))
+    out = {"Name": draw(st.sampled_from(["x-a", "X-B"])), kind: value}
+    if draw(st.booleans()):
+        out["Invert"] = True
+    if draw(st.booleans()):
+        out["IgnoreCase"] = True
+    return out
+
+
+@st.composite
+def permission(draw: st.DrawFn) -> dict[str, Any]:
+    http: dict[str, Any] = {}
+    path_kind = draw(st.sampled_from(["", "PathExact", "PathPrefix", "PathRegex"]))
+    if path_kind:
+        http[path_kind] = draw(st.sampled_from(REGEXES if path_kind == "PathRegex" else PATHS))
+    if draw(st.booleans()):
+        http["Methods"] = draw(st.lists(st.sampled_from(METHODS), min_size=1, max_size=2,
+                                        unique=True))
+    if draw(st.booleans()):
+        http["Header"] = draw(st.lists(header_match(), min_size=1, max_size=2))
+    if not http:
+        http["PathPrefix"] = "/"
+    return {"Action": draw(st.sampled_from(["allow", "deny"])), "HTTP": http}
+
+
+@st.composite
+def intention(draw: st.DrawFn) -> dict[str, Any]:
+    src = draw(st.sampled_from(["web", "web", "db", "ops", "*"]))
+    dst = draw(st.sampled_from(["api", "api", "*"]))
+    prec = {(False, False): 9, (True, False): 8, (False, True): 6, (True, True): 5}[
+        (src == "*", dst == "*")]
+    out: dict[str, Any] = {"SourceName": src, "DestinationName": dst, "Precedence": prec}
+    if draw(st.sampled_from([True, True, False])):
+        out["Permissions"] = draw(st.lists(permission(), min_size=1, max_size=4))
+    else:
+        out["Action"] = draw(st.sampled_from(["allow", "deny"]))
+    return out
+
+
+@st.composite
+def case(draw: st.DrawFn) -> dict[str, Any]:
+    answer = draw(st.lists(intention(), min_size=1, max_size=4))
+    http = draw(st.sampled_from([True, True, True, False]))
+    try:
+        authz, _ = compile_intentions("api", answer, http=http,
+                                      default_action=draw(st.sampled_from(["allow", "deny"])))
+    except CompileError:
+        authz = None
+    raw_path = draw(st.lists(st.sampled_from(["a", "b", "..", ".", "", "%61", "%2f", "%2E", "c"]),
+                             max_size=4).map(lambda parts: "/" + "/".join(parts)))
+    headers = draw(st.dictionaries(st.sampled_from(["x-a", "x-b"]), st.sampled_from(HEADER_VALUES),
+                                   max_size=2))
+    caller = draw(st.sampled_from(["web", "web", "web", "db", "db", "ops", "x", "", "Web"]))
+    return {
+        "authz": authz.to_data() if authz else None,
+        "caller": caller,
+        "cn": draw(st.sampled_from([f"{caller}.svc.meshctl.test", f"{caller}.svc.other.test",
+                                    "meshctl.test", ".svc.meshctl.test", "a.b.svc.meshctl.test"])),
+        "method": draw(st.sampled_from(METHODS)) if http else None,
+        "raw_path": raw_path,
+        "headers": headers,
+    }
+
+
+@st.composite
+def focused_case(draw: st.DrawFn) -> dict[str, Any]:
+    """One L7 intention whose permissions the caller always reaches: matching in depth."""
+    answer = [{"SourceName": "web", "DestinationName": "api", "Precedence": 9,
+               "Permissions": draw(st.lists(permission(), min_size=1, max_size=3))}]
+    authz, _ = compile_intentions("api", answer, http=True,
+                                  default_action=draw(st.sampled_from(["allow", "deny"])))
+    raw_path = draw(st.sampled_from([*PATHS, "/a/../b", "//a", "/%61"]))
+    headers = draw(st.dictionaries(st.sampled_from(["x-a", "x-b"]),
+                                   st.sampled_from(HEADER_VALUES),
+                                   max_size=2))
+    return {"authz": authz.to_data(), "caller": "web", "cn": "web.svc.meshctl.test",
+            "method": draw(st.sampled_from(METHODS)), "raw_path": raw_path, "headers": headers}
+
+
+def expected(c: dict[str, Any]) -> dict[str, Any]:
+    from meshctl.intentions import authorization_from_dict
+
+    path = normalize_path(c["raw_path"])
+    cn = c["cn"]
+    suffix = ".svc.meshctl.test"
+    name = cn[: -len(suffix)] if cn.endswith(suffix) else ""
+    from meshctl.services import SERVICE_NAME
+
+    caller = name if SERVICE_NAME.match(name) else ""
+    if c["authz"] is None:
+        return {"allowed": False, "reason": "no authorization rules for this service",
+                "path": path, "valid": False, "caller": caller}
+    d = decide(authorization_from_dict(c["authz"]),
+               Request(c["caller"], c["method"] or "", path, c["headers"]))
+    if c["method"] is None and d.reason.endswith("has L7 permissions"):
+        pass  # same on both sides: L7 rules deny connections
+    return {"allowed": d.allowed, "reason": d.reason, "path": path, "valid": True,
+            "caller": caller}
+
+
+def run_haproxy(tmp: Path, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    (tmp / "in.json").write_text(json.dumps(cases))
+    (tmp / "h.lua").write_text(
+        'local run = require("authz_harness")\n'
+        'run(function(p, s) local ok, re = Regex.new("\\\\A(?:" .. p .. ")\\\\z", true)\n'
+        '  if not ok then return nil end return re:exec(s) end,\n'
+        f'  "{tmp}/in.json", "{tmp}/out-haproxy.json")\n')
+    cfg = (f"global\n    lua-prepend-path {plugins_dir()}/common/?.lua\n"
+           f"    lua-prepend-path {ROOT}/tests/lua/?.lua\n    lua-load {tmp}/h.lua\n"
+           f"frontend never_started\n    bind unix@{tmp}/unused.sock\n")
+    (tmp / "h.cfg").write_text(cfg)
+    proc = subprocess.run(["haproxy", "-c", "-f", str(tmp / "h.cfg")], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result: list[dict[str, Any]] = json.loads((tmp / "out-haproxy.json").read_text())
+    return result
+
+
+def run_nginx(tmp: Path, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    (tmp / "in.json").write_text(json.dumps(cases))
+    (tmp / "logs").mkdir(exist_ok=True)
+    conf = f"""
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+pid {tmp}/nginx.pid;
+error_log {tmp}/logs/error.log;
+events {{}}
+http {{
+    lua_package_path "{plugins_dir()}/common/?.lua;{ROOT}/tests/lua/?.lua;;";
+    init_by_lua_block {{
+        require("authz_harness")(function(p, s)
+            local from, _, err = ngx.re.find(s, "\\\\A(?:" .. p .. ")\\\\z", "jo")
+            if err then return nil end
+            return from ~= nil
+        end, "{tmp}/in.json", "{tmp}/out-nginx.json")
+        -- nginx -t does not run init_by_lua: nginx runs it in the foreground and
+        -- the harness ends the process here, before it serves anything.
+        os.exit(0)
+    }}
+}}
+"""
+    (tmp / "n.conf").write_text(conf)
+    proc = subprocess.run(["nginx", "-p", str(tmp), "-e", str(tmp / "logs/error.log"),
+                           "-c", str(tmp / "n.conf"), "-g", "daemon off; master_process off;"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result: list[dict[str, Any]] = json.loads((tmp / "out-nginx.json").read_text())
+    return result
+
+
+# No shrinking: every run of a proxy takes a moment, and a failure names its case.
+@settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(cases=st.lists(st.one_of(case(), focused_case()), min_size=20, max_size=100))
+def test_lua_decides_like_python_on_both_proxies(tmp_path: Path,
+                                                  cases: list[dict[str, Any]]) -> None:
+    want = [expected(c) for c in cases]
+    for run in (run_haproxy, run_nginx):
+        got = run(tmp_path, cases)
+        for c, w, g in zip(cases, want, got, strict=True):
+            assert g == w, (run.__name__, c)
+
+
+def test_the_harness_can_tell_a_difference(tmp_path: Path) -> None:
+    """A wrong decision is caught: the comparison above is not vacuous."""
+    authz, _ = compile_intentions("api", [{"SourceName": "web", "DestinationName": "api",
+                                           "Action": "allow", "Precedence": 9}],
+                                  http=True, default_action="deny")
+    c = {"authz": authz.to_data(), "caller": "web", "cn": "web.svc.meshctl.test", "method": "GET",
+         "raw_path": "/", "headers": {}}
+    got = run_haproxy(tmp_path, [c])
+    assert got[0]["allowed"] is True
+    assert got[0] != {**expected(c), "allowed": False}

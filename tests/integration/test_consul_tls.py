@@ -1,0 +1,134 @@
+"""The agent's Consul client over TLS: CA file and client certificate, as configured.
+
+A real Consul dev agent serves its HTTP API over HTTPS only (``verify_incoming``:
+client certificates required). The agent's ``ConsulClient`` reaches it with
+``consul.cacert`` + ``consul.client_cert``/``client_key`` and is refused without
+them — with a message that names the address, never the token.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from meshctl.config import ConsulSettings
+from meshctl.consul import ConsulClient, IntentionMatch
+from meshctl.errors import ConsulError
+from tests.integration.consul_dev import ConsulDev, _free_port, find_consul
+from tests.pki import TestCA
+
+pytestmark = pytest.mark.skipif(find_consul() is None, reason="no consul binary")
+TOKEN = "0f9b3c52-1f0e-4c3a-9d55-000000000001"  # not a real secret; must never show up
+
+
+def _leaf(ca: TestCA, cn: str, out: Path, ip: str | None = None) -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(cn)]
+    if ip:
+        sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca.key, hashes.SHA256()))
+    (out / f"{cn}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / f"{cn}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (out / f"{cn}.key").chmod(0o600)
+    return str(out / f"{cn}.crt"), str(out / f"{cn}.key")
+
+
+class TLSConsul(ConsulDev):
+    """ConsulDev with its HTTP API on HTTPS only, client certificates required."""
+
+    def __init__(self, workdir: Path, pki: Path) -> None:
+        super().__init__(workdir)
+        self.https_port = _free_port(set(self.ports.values()))
+        self.pki = pki
+
+    def _args(self) -> list[str]:
+        args = super()._args()
+        i = args.index("-http-port")
+        args[i + 1] = "-1"  # no plain HTTP at all
+        ca, crt, key = (self.pki / "ca.pem", self.pki / "server.consul.crt",
+                        self.pki / "server.consul.key")
+        tls = (f'tls {{ defaults {{ ca_file = "{ca}" cert_file = "{crt}" key_file = "{key}" '
+               "verify_incoming = true } }")
+        return [*args, "-hcl", f"ports {{ https = {self.https_port} }}", "-hcl", tls]
+
+    @property
+    def addr(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}"
+
+    def _ready(self) -> bool:
+        try:
+            client = ConsulClient(self.settings(), timeout=2)
+            client.advertise_address()
+            return True
+        except ConsulError:
+            return False
+
+    def settings(self, **kw: str) -> ConsulSettings:
+        base = {"addr": self.addr, "token": TOKEN, "cacert": str(self.pki / "ca.pem"),
+                "client_cert": str(self.pki / "agent.crt"),
+                "client_key": str(self.pki / "agent.key")}
+        base.update(kw)
+        return ConsulSettings(**base)
+
+
+@pytest.fixture(scope="module")
+def tls_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSConsul]:
+    pki = tmp_path_factory.mktemp("pki")
+    ca = TestCA.create("consul CA")
+    (pki / "ca.pem").write_bytes(ca.pem)
+    _leaf(ca, "server.consul", pki, ip="127.0.0.1")
+    _leaf(ca, "agent", pki)
+    dev = TLSConsul(tmp_path_factory.mktemp("consul"), pki)
+    dev.start()
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
+def test_agent_client_reaches_consul_over_tls_with_ca_and_client_certificate(
+        tls_consul: TLSConsul) -> None:
+    client = ConsulClient(tls_consul.settings())
+    assert client.advertise_address() == "127.0.0.1"
+    session = client.session()
+    try:
+        index, answer = IntentionMatch("api").fetch(session, 0, "1s")
+    finally:
+        session.close()
+    assert index > 0 and answer == ()
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    # The system CAs do not know Consul's; without a client certificate, verify_incoming refuses.
+    ({"cacert": ""}, "TLS handshake failed: certificate verify failed"),
+    ({"client_cert": "", "client_key": ""},
+     "TLS handshake failed: tlsv13 alert certificate required"),
+])
+def test_without_the_ca_or_client_certificate_it_is_refused(
+        tls_consul: TLSConsul, change: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConsulError) as info:
+        ConsulClient(tls_consul.settings(**change), timeout=5).advertise_address()
+    message = str(info.value)
+    assert expected in message, message
+    assert TOKEN not in message

@@ -1,0 +1,143 @@
+"""HAProxy rendering: fixed server slots, and the generation/content split they allow."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshctl.mesh import Endpoint, Instance
+from meshctl.proxy.base import ProxyPaths
+from meshctl.proxy.haproxy import HAProxyDriver, _slot_commands, assign_slots, slot_count
+from meshctl.proxy.nginx import NginxDriver
+from tests.meshdata import snapshot
+
+PATHS = ProxyPaths(Path("/var/lib/meshctl/proxy/current"), Path("/var/lib/meshctl/haproxy"),
+                   Path("/run/meshctl"), Path("/usr/share/meshctl/plugins"))
+
+
+def api(n: int, first: int = 12) -> dict[str, list[Instance]]:
+    return {"api": [Instance(f"h{i}", f"api-{i}", f"198.18.0.{first + i}", 21000)
+                    for i in range(n)]}
+
+
+def servers(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip().startswith("server s")]
+
+
+def test_slot_count_is_a_power_of_two_of_at_least_four() -> None:
+    assert [slot_count(n) for n in (0, 1, 4, 5, 8, 9, 17)] == [4, 4, 4, 8, 8, 16, 32]
+
+
+endpoints = st.lists(
+    st.builds(Endpoint, address=st.sampled_from([f"198.18.0.{i}" for i in range(1, 40)]),
+              port=st.integers(21000, 21003)),
+    max_size=16, unique_by=lambda e: (e.address, e.port),
+)
+
+
+@given(endpoints, st.randoms())
+def test_slots_hold_every_endpoint_once_whatever_the_input_order(
+        eps: list[Endpoint], rnd: object) -> None:
+    count = slot_count(len(eps))
+    table = assign_slots(eps, count)
+    assert len(table) == count
+    placed = sorted((e.address, e.port) for e in table if e)
+    assert placed == sorted((e.address, e.port) for e in eps)
+    shuffled = list(eps)
+    rnd.shuffle(shuffled)  # type: ignore[attr-defined]
+    assert assign_slots(shuffled, count) == table
+
+
+def test_endpoints_mostly_keep_their_slot_when_another_leaves() -> None:
+    """Hashing then probing moves few endpoints; filling s1, s2, … in order moves half."""
+    rnd = random.Random(4)
+    hashed = in_order = total = 0
+    for _ in range(300):
+        eps = list({e.address: e for e in (
+            Endpoint(f"198.18.{rnd.randint(0, 3)}.{rnd.randint(1, 250)}", 21000)
+            for _ in range(rnd.randint(2, 12)))}.values())
+        count = slot_count(len(eps))
+        before, ordered = assign_slots(eps, count), sorted(eps, key=lambda e: e.address)
+        for gone in eps:
+            rest = [e for e in eps if e != gone]
+            after = assign_slots(rest, count)
+            hashed += sum(before.index(e) != after.index(e) for e in rest)
+            # Filled in order, every endpoint after the one that left shifts down a slot.
+            in_order += sum(ordered.index(e) > ordered.index(gone) for e in rest)
+            total += len(rest)
+    assert hashed / total < 0.2 and in_order / total > 0.4
+
+
+def test_filled_and_empty_slots_keep_tls_settings_on_every_server() -> None:
+    text = HAProxyDriver(PATHS).render(snapshot(instances=api(2)), "g")["haproxy.cfg"]
+    lines = servers(text)
+    assert len(lines) == 4
+    assert sum(ln.endswith("disabled") for ln in lines) == 2
+    assert {ln.split()[2] for ln in lines if not ln.endswith("disabled")} == {
+        "198.18.0.12:21000", "198.18.0.13:21000"}
+    # TLS lives on default-server, so a slot filled at run time verifies like the rest.
+    assert ("default-server ssl verify required ca-file /var/lib/meshctl/certs/ca.pem "
+            "crt /var/lib/meshctl/certs/web.crt verifyhost api.svc.meshctl.test "
+            "sni str(api.svc.meshctl.test)") in text
+
+
+def test_endpoint_changes_within_the_slots_keep_the_generation() -> None:
+    drv = HAProxyDriver(PATHS)
+    one, three, four = (drv.render_config(snapshot(instances=api(n))) for n in (1, 3, 4))
+    none = drv.render_config(snapshot(instances={"api": []}))
+    moved = drv.render_config(snapshot(instances=api(3, first=40)))
+    assert one.generation == three.generation == four.generation == none.generation
+    assert moved.generation == one.generation
+    assert len({one.content, three.content, four.content, none.content, moved.content}) == 5
+    # The generation is what the status socket answers, in the file itself.
+    assert f'string "{one.generation}"' in one.files["haproxy.cfg"]
+    five = drv.render_config(snapshot(instances=api(5)))
+    assert five.generation != one.generation  # 8 slots: a reload
+    assert len(servers(five.files["haproxy.cfg"])) == 8
+
+
+def test_nginx_generation_ignores_http_endpoints_but_not_stream_ones() -> None:
+    drv = NginxDriver(PATHS)
+    http1, http3 = (drv.render_config(snapshot(instances=api(n))) for n in (1, 3))
+    assert http1.generation == http3.generation and http1.content == http3.content
+    tcp1, tcp3 = (drv.render_config(snapshot(instances=api(n), protocols={})) for n in (1, 3))
+    assert tcp1.generation != tcp3.generation  # nginx stream upstreams change only by reload
+
+
+def test_endpoint_state_matches_the_rendered_slots() -> None:
+    drv = HAProxyDriver(PATHS)
+    snap = snapshot(instances=api(3))
+    state = drv.endpoint_state(snap)
+    assert state is not None
+    (backend,) = state["backends"].items()
+    name, slots = backend
+    text = drv.render(snap, "g")["haproxy.cfg"]
+    assert f"backend {name}" in text
+    for line in servers(text):
+        slot, addr = line.split()[1:3]
+        value = slots[slot]
+        assert (value is None) == line.endswith("disabled")
+        if value is not None:
+            assert addr == f"{value[0]}:{value[1]}"
+    commands = _slot_commands(state)
+    assert f"set server {name}/s1 state maint" in commands or any(
+        c.startswith(f"set server {name}/s1 addr ") for c in commands)
+
+
+@pytest.mark.parametrize("state", [
+    {"backends": {"b; shutdown": {"s1": None}}},
+    {"backends": {"b": {"s1; x": None}}},
+    {"backends": {"b": {"s1": ["198.18.0.1\nshutdown sessions", 1, 1]}}},
+    {"backends": {"b": {"s1": ["198.18.0.1", 70000, 1]}}},
+    {"backends": {"b": {"s1": ["198.18.0.1", 1, 999]}}},
+    {"backends": []},
+])
+def test_runtime_commands_refuse_anything_unchecked(state: dict[str, object]) -> None:
+    from meshctl.errors import ProxyError
+
+    with pytest.raises(ProxyError):
+        _slot_commands(state)
