@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from meshctl import metrics
-from meshctl.apply import Applier, ApplyResult, write_atomic
-from meshctl.config import AgentConfig
+from meshctl._certs import utcnow
 from meshctl._watch import Key, backoff_delay
+from meshctl.apply import Applier, ApplyResult, write_atomic
 from meshctl.chain import TargetQuery, chain_key, chain_queries
+from meshctl.config import AgentConfig
 from meshctl.consul import (
     ConfigEntry,
     ConsulClient,
@@ -46,7 +47,6 @@ from meshctl.mesh import (
 from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
 from meshctl.resources import plugins_dir
 from meshctl.services import ServiceDefinition, load_definitions
-from meshctl._certs import utcnow
 from meshctl.vault import CertStore, VaultClient, ensure_leaf, refresh_ca, renew_at
 
 log = logging.getLogger(__name__)
@@ -416,11 +416,11 @@ class Agent:
         self._source_ok("compile")
         for w in (*snapshot.warnings, *self.driver.unsupported(snapshot)):
             self._warn_once(w)
-        if not locals_ and self._last_snapshot is not None and self._last_snapshot.inbounds:
-            if services:
-                # Nothing can be served yet (no certificates): keep the last good config.
-                self._write_state(services)
-                return
+        last = self._last_snapshot
+        if not locals_ and services and last is not None and last.inbounds:
+            # Nothing can be served yet (no certificates): keep the last good config.
+            self._write_state(services)
+            return
         if snapshot == self._failed_snapshot and time.time() < self._retry_at:
             # The proxy refused exactly this config a moment ago: wait for the
             # retry time (or a change) instead of churning it on every event.
@@ -464,7 +464,8 @@ class Agent:
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable last good snapshot %s: %s", self.cfg.snapshot_path, exc)
+            log.warning("ignoring unreadable last good snapshot %s: %s",
+                        self.cfg.snapshot_path, exc)
             return None
 
     def _persist(self, snapshot: Snapshot) -> None:
@@ -526,7 +527,8 @@ class Agent:
         if self.applier.last is not None:
             state.last_apply = self.applier.last.to_dict()
         state.updated = time.time()
-        write_atomic(self.cfg.state_path, json.dumps(state.__dict__, indent=2, default=str).encode(), 0o644)
+        text = json.dumps(state.__dict__, indent=2, default=str)
+        write_atomic(self.cfg.state_path, text.encode(), 0o644)
 
 
 Getter = Callable[[Key], Any]

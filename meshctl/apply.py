@@ -211,11 +211,10 @@ class Applier:
             self._confirmed = None
             self._restore_endpoints(previous_endpoints)
             self._rollback(previous, target, previous_endpoints)
-            self._done(ApplyResult("failed", generation, error=str(exc)))
-            raise ReloadError(
-                f"{exc}; rolled back to generation "
-                f"{_generation(previous) if previous else 'none'}"
-            ) from exc
+            message = (f"{exc}; rolled back to generation "
+                       f"{_generation(previous) if previous else 'none'}")
+            self._done(ApplyResult("failed", generation, error=message))
+            raise ReloadError(message) from exc
         return action
 
     def _serving(self, generation: str) -> bool:

@@ -524,11 +524,12 @@ def compile_snapshot(
         )
         for up in d.upstreams:
             dest = check_service_name(up.destination_name, f"{where}: upstream")
-            bind = (check_ip(up.local_bind_address, f"{where}: upstream {dest!r} local_bind_address"),
-                    check_port(up.local_bind_port, f"{where}: upstream {dest!r} local_bind_port"))
+            what = f"{where}: upstream {dest!r}"
+            bind = (check_ip(up.local_bind_address, f"{what} local_bind_address"),
+                    check_port(up.local_bind_port, f"{what} local_bind_port"))
             if bind in binds and binds[bind] != f"{d.name}->{dest}":
                 raise CompileError(
-                    f"{where}: upstream {dest!r}: {bind[0]}:{bind[1]} is already bound by {binds[bind]}"
+                    f"{what}: {bind[0]}:{bind[1]} is already bound by {binds[bind]}"
                 )
             binds[bind] = f"{d.name}->{dest}"
             outbound = _outbound_from_chain(
