@@ -134,7 +134,8 @@ class Agent:
         cfg.data_dir.chmod(0o750)
         self.driver = driver or make_driver(cfg)
         self.applier = Applier(self.driver, cfg.proxy_dir, cfg.reload_min_interval)
-        self.consul = ConsulClient(cfg.consul)
+        self.consul = ConsulClient(cfg.consul,
+                                   sidecar_check_interval=cfg.sidecar_check_interval)
         self.watcher = Watcher(self.consul, on_change=self._on_source_change)
         self.vault = VaultClient(cfg.vault)
         self.store = CertStore(cfg.certs_dir)

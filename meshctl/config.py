@@ -94,6 +94,7 @@ class AgentConfig:
     advertise_address: str = ""
     sync_interval: float = 5.0
     ca_refresh_interval: float = 300.0
+    sidecar_check_interval: str = "5s"
     metrics_address: str = "127.0.0.1:9466"
     consul: ConsulSettings = field(default_factory=ConsulSettings)
     vault: VaultSettings = field(default_factory=VaultSettings)
@@ -195,6 +196,8 @@ def _validate(cfg: AgentConfig, where: str) -> None:
         raise bad("wait_min", "quiescence needs 0 <= wait_min <= wait_max")
     if cfg.metrics_address and not re.match(r"^[0-9a-fA-F.:\[\]]+:\d{1,5}\Z", cfg.metrics_address):
         raise bad("metrics_address", "expected ip:port, or empty to disable")
+    if not re.match(r"^[1-9][0-9]{0,4}(ms|s|m)\Z", cfg.sidecar_check_interval):
+        raise bad("sidecar_check_interval", "expected a duration such as 5s")
     if cfg.sync_interval <= 0:
         raise bad("sync_interval", "must be positive")
     if not 1 <= cfg.proxy_shutdown_timeout <= 86400:

@@ -100,6 +100,7 @@ class MeshHost:
             "wait_min": 0.05,
             "wait_max": 0.5,
             "sync_interval": 2.0,
+            "sidecar_check_interval": "1s",
             "metrics_address": "127.0.0.1:9466",
         }
         settings.update(self.extra_config)

@@ -83,12 +83,27 @@ def deploy(lab: Lab, proxies: dict[str, str] | str) -> Mesh:
     return mesh
 
 
-@pytest.fixture(scope="module", params=["nginx", "haproxy"])
-def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+# Fleets by name: one driver everywhere, or mixed (the caller h1 on one driver,
+# the api/kv hosts on the other).
+FLEETS: dict[str, dict[str, str] | str] = {
+    "nginx": "nginx",
+    "haproxy": "haproxy",
+    "nginx-calls-haproxy": {"h1": "nginx", "h2": "haproxy", "h3": "haproxy"},
+    "haproxy-calls-nginx": {"h1": "haproxy", "h2": "nginx", "h3": "nginx"},
+}
+
+
+def mesh_for(fleet: str) -> Iterator[Mesh]:
+    """Deploy the mesh on a fresh 3-host lab for ``fleet`` (a FLEETS key)."""
     reason = lab_unavailable()
     if reason:
         pytest.skip(reason)
     with Lab(hosts=3) as lab:
-        m = deploy(lab, request.param)
+        m = deploy(lab, FLEETS[fleet])
         yield m
         m.stop()
+
+
+@pytest.fixture(scope="module", params=["nginx", "haproxy"])
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    yield from mesh_for(request.param)

@@ -6,16 +6,23 @@ import collections
 import socket
 import ssl
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from meshctl.lab.mesh import Mesh, wait_until
-from tests.e2e.conftest import WEB_API_PORT, WEB_KV_PORT
+from tests.e2e.conftest import FLEETS, WEB_API_PORT, WEB_KV_PORT, mesh_for
 from tests.pki import TestCA
 
 pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module", params=list(FLEETS))
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    """The conformance suite: each driver alone, and mixed fleets both ways."""
+    yield from mesh_for(request.param)
 
 
 def answers(mesh: Mesh, n: int = 20, port: int = WEB_API_PORT) -> collections.Counter[str]:
@@ -233,9 +240,9 @@ def test_consul_agent_losing_its_state_gets_registrations_back(mesh: Mesh) -> No
     h3.start_consul(wipe=True)
     wait_until("h3's registrations to come back",
                lambda: {"api-h3", "api-h3-sidecar-proxy"} <= set(h3.consul().agent.services()),
-               timeout=20)
+               timeout=30)
     wait_until("web to see both api instances", lambda: len(mesh["h1"].endpoints("api")) == 2,
-               timeout=20)
+               timeout=30)
 
 
 def test_agent_exports_prometheus_metrics(mesh: Mesh) -> None:
