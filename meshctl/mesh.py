@@ -323,13 +323,6 @@ class Snapshot:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
 
-    def structure_key(self) -> str:
-        """Digest of everything but endpoint lists: equal keys need no reload."""
-        data = self.to_dict()
-        for cluster in data["clusters"]:
-            cluster["endpoints"] = []
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
 
 def snapshot_from_dict(data: Mapping[str, Any]) -> Snapshot:
     """Rebuild a Snapshot from ``Snapshot.to_dict()`` output (the persisted last good)."""
