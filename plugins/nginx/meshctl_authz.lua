@@ -98,19 +98,9 @@ end
 
 -- content_by_lua on the control socket: POST a rules document, GET the current one.
 function _M.control()
-    if ngx.req.get_method() == "POST" then
-        ngx.req.read_body()
-        local ok, err = store(cjson.decode(ngx.req.get_body_data() or ""))
-        if not ok then
-            ngx.status = 400
-            ngx.say(err)
-            return
-        end
-        ngx.say(ngx.shared[DICT]:get("version"))
-        return
-    end
-    local doc = current()
-    ngx.say(cjson.encode({ version = ngx.shared[DICT]:get("version") or 0, doc = doc }))
+    require("meshctl_control").serve(DICT, store, function()
+        return { version = ngx.shared[DICT]:get("version") or 0, doc = current() }
+    end)
 end
 
 return _M

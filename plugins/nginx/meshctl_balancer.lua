@@ -244,25 +244,16 @@ end
 
 -- content_by_lua on the control socket: POST a document, GET the current one.
 function _M.control()
-    if ngx.req.get_method() == "POST" then
-        ngx.req.read_body()
-        local ok, err = store(cjson.decode(ngx.req.get_body_data() or ""))
-        if not ok then
-            ngx.status = 400
-            ngx.say(err)
-            return
+    require("meshctl_control").serve(DICT, store, function()
+        local dict = ngx.shared[DICT]
+        local out = { version = dict:get("version") or 0, clusters = {} }
+        for _, key in ipairs(dict:get_keys(0)) do
+            if key:sub(1, 2) == "c:" then
+                out.clusters[key:sub(3)] = cjson.decode(dict:get(key))
+            end
         end
-        ngx.say(ngx.shared[DICT]:get("version"))
-        return
-    end
-    local dict = ngx.shared[DICT]
-    local out = { version = dict:get("version") or 0, clusters = {} }
-    for _, key in ipairs(dict:get_keys(0)) do
-        if key:sub(1, 2) == "c:" then
-            out.clusters[key:sub(3)] = cjson.decode(dict:get(key))
-        end
-    end
-    ngx.say(cjson.encode(out))
+        return out
+    end)
 end
 
 return _M
