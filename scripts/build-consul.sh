@@ -13,7 +13,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/versions.env"
 cache=${MESHCTL_CACHE:-$HOME/.cache/meshctl}
 out="$cache/bin/consul-$CONSUL_VERSION"
-if [ -x "$out" ] && "$out" version 2>/dev/null | grep -q "v$CONSUL_VERSION"; then
+# Output is captured, never piped into head or grep -q: with pipefail, a reader
+# that stops early kills the writer with SIGPIPE and fails the script (exit 141).
+if [ -x "$out" ] && [[ $("$out" version 2>/dev/null || true) == *"v$CONSUL_VERSION"* ]]; then
     echo "consul $CONSUL_VERSION: cached at $out"
     exit 0
 fi
@@ -38,5 +40,6 @@ echo "consul $CONSUL_VERSION: building (several minutes the first time; later ru
 CGO_ENABLED=0 GOFLAGS=-mod=mod GONOSUMDB=github.com/hashicorp/consul/* go build -trimpath -o "$out.tmp" \
     -ldflags "-s -w -X github.com/hashicorp/consul/version.GitCommit=meshctl-build -X github.com/hashicorp/consul/version.BuildDate=1970-01-01T00:00:00Z" .
 mv "$out.tmp" "$out"
-"$out" version | head -1
+built=$("$out" version)
+echo "${built%%$'\n'*}"
 echo "consul $CONSUL_VERSION: built at $out"

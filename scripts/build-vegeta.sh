@@ -24,7 +24,7 @@ link_it() {
     fi
 }
 
-if [ -x "$out" ] && "$out" -version 2>/dev/null | grep -qx "Version: $VEGETA_VERSION"; then
+if [ -x "$out" ] && grep -qx "Version: $VEGETA_VERSION" <<<"$("$out" -version 2>/dev/null || true)"; then
     link_it
     echo "vegeta $VEGETA_VERSION: cached at $out"
     exit 0
@@ -40,7 +40,7 @@ echo "vegeta $VEGETA_VERSION: building with $(go version | cut -d' ' -f3) (go in
 CGO_ENABLED=0 GOBIN="$gobin" GOFLAGS=-mod=mod \
     go install -trimpath -ldflags "-s -w -X main.Version=$VEGETA_VERSION" \
     "github.com/tsenart/vegeta/v12@v$VEGETA_VERSION"
-"$gobin/vegeta" -version | grep -qx "Version: $VEGETA_VERSION" || {
+grep -qx "Version: $VEGETA_VERSION" <<<"$("$gobin/vegeta" -version)" || {
     echo "error: go install produced no working vegeta $VEGETA_VERSION binary" >&2; exit 1; }
 mv "$gobin/vegeta" "$out.tmp"
 mv "$out.tmp" "$out"

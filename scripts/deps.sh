@@ -18,7 +18,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 pkgs=(nginx libnginx-mod-http-lua libnginx-mod-stream lua-cjson haproxy iproute2 wrk curl procps)
 missing=()
 for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) == *"install ok installed"* ]] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get: install them by hand"
@@ -62,8 +62,14 @@ fi
 # ---- Consul ------------------------------------------------------------------
 # A consul on PATH of the pinned minor version is used as it is.
 want_minor=${CONSUL_VERSION%.*}
-if command -v consul >/dev/null && consul version 2>/dev/null | head -1 | grep -q "v$want_minor\."; then
-    say "consul: using $(command -v consul) ($(consul version | head -1))"
+# (Captured, never piped into head/grep -q: under pipefail that is a SIGPIPE exit 141.)
+path_consul_version=""
+if command -v consul >/dev/null; then
+    path_consul_version=$(consul version 2>/dev/null || true)
+    path_consul_version=${path_consul_version%%$'\n'*}
+fi
+if [[ $path_consul_version == *"v$want_minor."* ]]; then
+    say "consul: using $(command -v consul) ($path_consul_version)"
 else
     bash scripts/build-consul.sh
     ln -sf "${MESHCTL_CACHE:-$HOME/.cache/meshctl}/bin/consul-$CONSUL_VERSION" .venv/bin/consul
