@@ -23,7 +23,6 @@ demo: deps
 	$(PY) -m meshctl.lab.demo
 
 bench: deps
-	bash scripts/build-vegeta.sh
 	$(PY) -m bench.run
 
 clean:

@@ -29,6 +29,8 @@ if [ -x "$out" ] && grep -qx "Version: $VEGETA_VERSION" <<<"$("$out" -version 2>
     echo "vegeta $VEGETA_VERSION: cached at $out"
     exit 0
 fi
+# A Go installed from go.dev's tarball lives in /usr/local/go, often not on a CI PATH.
+command -v go >/dev/null || { [ -x /usr/local/go/bin/go ] && export PATH="$PATH:/usr/local/go/bin"; }
 command -v go >/dev/null || {
     echo "error: Go toolchain not found; install Go (https://go.dev/dl/) to build vegeta $VEGETA_VERSION, or place a vegeta binary at $out" >&2
     exit 1

