@@ -2,7 +2,8 @@
 
 Private to :mod:`meshctl.vault`, which re-exports the public names. Everything
 here but :class:`CertStore` is pure: no network, no clock (``now`` is always
-passed in), no global randomness (``rng`` is passed in).
+passed in), no global randomness (``rng`` is passed in) — except the OS's
+CSPRNG behind :func:`new_key_and_csr`, as a private key must be.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshctl.errors import ConfigError, SourceError
@@ -182,6 +184,28 @@ class LeafCert:
             current = parent
             rest = [c for c in rest if c is not parent]
         return False
+
+
+def new_key_and_csr(common_name: str, dns_names: list[str], uri_sans: list[str]) -> tuple[str, str]:
+    """A fresh EC P-256 private key and a CSR for it naming ``common_name`` and the
+    SANs: ``(key_pem, csr_pem)``. The key is generated here, on the host that will
+    use it, and never sent anywhere: Vault signs the CSR and sees the public key
+    only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
+    sans += [x509.UniformResourceIdentifier(u) for u in uri_sans]
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)])
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    csr = builder.sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode("ascii")
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
 
 def leaf_chain_pem(certificate: str, ca_chain: list[str]) -> str:

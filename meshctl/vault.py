@@ -11,7 +11,7 @@ Public API::
     VaultClient(settings)            token / AppRole auth, re-login, TLS, timeouts
       .issue_leaf(service, trust_domain, datacenter, ttl) -> LeafCert
       .ca_bundle() -> str
-    LeafCert, CertStore, renew_at, reuse_problem, parse_duration
+    LeafCert, CertStore, renew_at, reuse_problem, parse_duration, new_key_and_csr
     ensure_leaf(client, store, service, trust_domain, datacenter, ttl) -> (LeafCert, changed)
     refresh_ca(client, store) -> changed
     setup_mesh(client, trust_domain=..., datacenter=..., mount=..., role_prefix=...,
@@ -39,6 +39,7 @@ from meshctl._certs import (
     CertStore,
     LeafCert,
     leaf_chain_pem,
+    new_key_and_csr,
     parse_duration,
     renew_at,
     reuse_problem,
@@ -58,6 +59,7 @@ __all__ = [
     "SetupResult",
     "VaultClient",
     "ensure_leaf",
+    "new_key_and_csr",
     "parse_duration",
     "refresh_ca",
     "renew_at",
@@ -297,7 +299,7 @@ class VaultClient:
 
     def call(self, what: str, fn: Callable[[hvac.Client], T]) -> T:
         """Run ``fn`` with the authenticated hvac client; ``what`` describes the call
-        for messages ("issue a certificate for 'web' …"). Logs in again and retries
+        for messages ("sign a certificate for service 'web' …"). Logs in again and retries
         once if the token has expired or was revoked. Raises VaultError."""
         with self._lock:
             self._ensure_token()
@@ -327,11 +329,14 @@ class VaultClient:
     def issue_leaf(
         self, service: str, trust_domain: str, datacenter: str, ttl: str | int
     ) -> LeafCert:
-        """Issue a new leaf for ``service`` from role ``role_prefix + service``.
+        """Get a new leaf for ``service`` signed by role ``role_prefix + service``.
 
-        The leaf's CN and only DNS SAN are ``<service>.svc.<trust_domain>``, its
-        only URI SAN the service's SPIFFE id. Raises VaultError (Vault refused,
-        unreachable, or answered with a certificate of another identity).
+        The private key is generated here and only a CSR goes to Vault's
+        ``sign`` endpoint, so the key never leaves the host (Vault's ``issue``
+        would generate it and send it over the wire). The leaf's CN and only DNS
+        SAN are ``<service>.svc.<trust_domain>``, its only URI SAN the service's
+        SPIFFE id. Raises VaultError (Vault refused, unreachable, or answered
+        with a certificate of another identity or for another key).
         """
         check_service_name(service)
         s = self.settings
@@ -340,20 +345,20 @@ class VaultClient:
         uri = spiffe_id(service, trust_domain, datacenter)
         ttl_s = parse_duration(ttl)
         what = (
-            f"issue a certificate for service {service!r} (role {role!r} on mount {s.pki_mount!r})"
+            f"sign a certificate for service {service!r} (role {role!r} on mount {s.pki_mount!r})"
         )
+        key_pem, csr_pem = new_key_and_csr(dns, [dns], [uri])
         params = {"uri_sans": uri, "ttl": f"{ttl_s}s", "exclude_cn_from_sans": False}
         resp = self.call(
             what,
-            lambda c: c.secrets.pki.generate_certificate(
-                role, dns, extra_params=dict(params), mount_point=s.pki_mount
+            lambda c: c.secrets.pki.sign_certificate(
+                role, csr_pem, dns, extra_params=dict(params), mount_point=s.pki_mount
             ),
         )
         try:
             data = resp["data"]
             chain = list(data.get("ca_chain") or [data["issuing_ca"]])
             cert_pem = leaf_chain_pem(data["certificate"], chain)
-            key_pem = data["private_key"].strip() + "\n"
             ca_pem = "\n".join(p.strip() for p in chain) + "\n"
         except (KeyError, TypeError, AttributeError):
             raise VaultError(
@@ -572,11 +577,12 @@ class SetupResult:
 
 
 def host_policy(mount: str, role_prefix: str, host: str, services: Iterable[str]) -> str:
-    """The Vault policy of one host: issue the leaves of its own services only,
-    read the mount's CA certificates. Pure; deterministic (sorted)."""
-    lines = [f"# meshctl: certificates host {host} may issue"]
+    """The Vault policy of one host: have CSRs signed for its own services only
+    (``sign``, never ``issue``: keys are generated on the host and never cross
+    the wire), read the mount's CA certificates. Pure; deterministic (sorted)."""
+    lines = [f"# meshctl: certificates host {host} may have signed"]
     for svc in sorted(set(services)):
-        lines += [f'path "{mount}/issue/{role_prefix}{svc}" {{', '  capabilities = ["update"]', "}"]
+        lines += [f'path "{mount}/sign/{role_prefix}{svc}" {{', '  capabilities = ["update"]', "}"]
     lines += [
         "# the mesh CA bundle",
         f'path "{mount}/issuers" {{',
@@ -624,6 +630,11 @@ def pki_role_params(
         "max_ttl": max_ttl,
         "no_store": True,
         "generate_lease": False,
+        # Signing takes the identity from the request (checked against the
+        # allowed names above) and only the public key from the CSR: a CSR
+        # asking for other names gets none of them.
+        "use_csr_common_name": False,
+        "use_csr_sans": False,
     }
 
 
@@ -715,7 +726,7 @@ def setup_mesh(
     mount has none); each service has a role ``role_prefix + service`` that
     issues only that service's identity; AppRole is enabled at
     ``approle_mount``; each host has a policy and an AppRole named
-    ``<role_prefix>host-<host>`` that may issue exactly its services' leaves and
+    ``<role_prefix>host-<host>`` that may have CSRs signed for exactly its services and
     read the CA; ``out_dir/<host>/role-id`` and ``secret-id`` (0600) hold its
     credentials (a stored secret id that Vault still accepts is kept; secret
     ids never expire unless ``secret_id_ttl`` says so). Hosts and services no

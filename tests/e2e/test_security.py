@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 
 from meshctl.lab import Host, Lab
 from meshctl.lab.mesh import Mesh, MeshHost, wait_until
+from meshctl.vault import new_key_and_csr
 from tests.e2e.conftest import INTENTIONS, WEB_API_PORT, WEB_KV_PORT, api_definition, web_definition
 
 pytestmark = pytest.mark.root
@@ -329,25 +330,33 @@ def test_a_host_cannot_obtain_certificates_for_services_it_does_not_run(mesh: Me
     """With h1's own AppRole credentials (as its agent has them): web only."""
     role_id_file, secret_id_file = mesh.vault_creds["h1"]
 
-    def attempt(role: str, cn: str) -> str:
+    def attempt(role: str, cn: str, endpoint: str = "sign") -> str:
         client = hvac.Client(url=mesh.lab.vault_addr)
         client.session.trust_env = False
         client.auth.approle.login(role_id=Path(role_id_file).read_text().strip(),
                                   secret_id=Path(secret_id_file).read_text().strip())
+        _, csr = new_key_and_csr(cn, [cn], [])
         try:
-            client.secrets.pki.generate_certificate(name=role, common_name=cn,
+            if endpoint == "sign":
+                client.secrets.pki.sign_certificate(name=role, csr=csr, common_name=cn,
                                                     extra_params={"ttl": "5m"},
                                                     mount_point="pki-mesh")
+            else:
+                client.secrets.pki.generate_certificate(name=role, common_name=cn,
+                                                        extra_params={"ttl": "5m"},
+                                                        mount_point="pki-mesh")
         except hvac.exceptions.VaultError as exc:
             return type(exc).__name__
-        return "issued"
+        return "signed"
 
     h1 = mesh["h1"].host
-    assert h1.call(attempt, "mesh-web", f"web.svc.{TD}") == "issued"  # the positive control
+    assert h1.call(attempt, "mesh-web", f"web.svc.{TD}") == "signed"  # the positive control
     assert h1.call(attempt, "mesh-api", f"api.svc.{TD}") == "Forbidden"
     assert h1.call(attempt, "mesh-kv", f"kv.svc.{TD}") == "Forbidden"
-    # Its own role issues its own identity only.
+    # Its own role signs its own identity only.
     assert h1.call(attempt, "mesh-web", f"api.svc.{TD}") in ("InvalidRequest", "Forbidden")
+    # And Vault never generates a key for it, not even for its own service.
+    assert h1.call(attempt, "mesh-web", f"web.svc.{TD}", "issue") == "Forbidden"
 
 
 # ---------------------------------------------------------------- transport

@@ -25,13 +25,21 @@ import hvac.exceptions
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from meshctl.config import VaultSettings
 from meshctl.errors import VaultError
 from meshctl.mesh import identity_dns, spiffe_id
-from meshctl.vault import CertStore, SetupResult, VaultClient, ensure_leaf, setup_mesh
+from meshctl.vault import (
+    CertStore,
+    SetupResult,
+    VaultClient,
+    ensure_leaf,
+    new_key_and_csr,
+    setup_mesh,
+)
 from tests.integration.openbao import OpenBao, find_bao, openbao_dev
 
 TD, DC = "mesh.test", "dc1"
@@ -245,17 +253,67 @@ def test_role_issues_only_its_own_identity(
         Path(settings.secret_id_file).read_text().strip(),
     )
     role = f"{mesh.prefix}web"
-    ok = hv.secrets.pki.generate_certificate(
+    _, csr = new_key_and_csr("web.svc.mesh.test", ["web.svc.mesh.test"], [spiffe_id("web", TD, DC)])
+    ok = hv.secrets.pki.sign_certificate(
         role,
+        csr,
         "web.svc.mesh.test",
         extra_params={"uri_sans": spiffe_id("web", TD, DC)},
         mount_point=mesh.mount,
     )
     assert ok["data"]["certificate"]
     with pytest.raises(hvac.exceptions.InvalidRequest):
-        hv.secrets.pki.generate_certificate(
-            role, common_name, extra_params=dict(extra), mount_point=mesh.mount
+        hv.secrets.pki.sign_certificate(
+            role, csr, common_name, extra_params=dict(extra), mount_point=mesh.mount
         )
+
+
+def test_a_csr_cannot_smuggle_in_other_names(bao: OpenBao, tmp_path: Path) -> None:
+    """Names the CSR asks for are ignored: the leaf carries the requested, checked
+    identity only (the role takes neither CN nor SANs from the CSR)."""
+    mesh = make_mesh(bao, tmp_path, {"alpha": ["web"]})
+    settings = mesh.settings("alpha")
+    hv = hvac.Client(url=bao.addr, token="", timeout=10)
+    hv.auth.approle.login(
+        Path(settings.role_id_file).read_text().strip(),
+        Path(settings.secret_id_file).read_text().strip(),
+    )
+    _, csr = new_key_and_csr(
+        "api.svc.mesh.test",
+        ["api.svc.mesh.test", "localhost"],
+        [spiffe_id("api", TD, DC)],
+    )
+    signed = hv.secrets.pki.sign_certificate(
+        f"{mesh.prefix}web", csr, "web.svc.mesh.test", mount_point=mesh.mount
+    )
+    cert = x509.load_pem_x509_certificate(signed["data"]["certificate"].encode())
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert cn == "web.svc.mesh.test"
+    assert san.get_values_for_type(x509.DNSName) == ["web.svc.mesh.test"]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == []
+
+
+def test_hosts_never_receive_private_keys_from_vault(bao: OpenBao, tmp_path: Path) -> None:
+    """A host's policy has no ``issue``: Vault never generates (or sees) a
+    mesh key. The leaf the agent gets belongs to the key generated on the host."""
+    mesh = make_mesh(bao, tmp_path, {"alpha": ["web"]})
+    settings = mesh.settings("alpha")
+    hv = hvac.Client(url=bao.addr, token="", timeout=10)
+    hv.auth.approle.login(
+        Path(settings.role_id_file).read_text().strip(),
+        Path(settings.secret_id_file).read_text().strip(),
+    )
+    with pytest.raises(hvac.exceptions.Forbidden):
+        hv.secrets.pki.generate_certificate(
+            f"{mesh.prefix}web", "web.svc.mesh.test", mount_point=mesh.mount
+        )
+    store = CertStore(tmp_path / "certs")
+    leaf, _ = ensure_leaf(mesh.client("alpha"), store, "web", TD, DC, "1h")
+    cert = x509.load_pem_x509_certificate(Path(store.paths("web").cert).read_bytes())
+    key = serialization.load_pem_private_key(Path(store.paths("web").key).read_bytes(), None)
+    assert cert.public_key() == key.public_key()
+    assert leaf.key_pem.strip() == Path(store.paths("web").key).read_text().strip()
 
 
 # ---------------------------------------------------------------- idempotence, reuse
@@ -274,7 +332,7 @@ def test_setup_twice_changes_nothing_and_still_works(bao: OpenBao, tmp_path: Pat
     assert {p: (p.read_bytes(), p.stat().st_ino) for p in files} == files
     mesh.client("alpha").issue_leaf("db", TD, DC, "1h")
 
-    # a host gains a service: only its policy changes, and then it may issue it
+    # a host gains a service: only its policy changes, and then it may have it signed
     grown = mesh.setup({"alpha": ["web", "db"], "beta": ["api", "web"]})
     assert grown.changes == (f"updated policy {mesh.prefix}host-beta",)
     mesh.client("beta").issue_leaf("web", TD, DC, "1h")

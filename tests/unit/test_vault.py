@@ -57,11 +57,13 @@ def test_client_refuses_a_bad_address() -> None:
 
 def test_host_policy_grants_only_its_services() -> None:
     policy = host_policy("pki-mesh", "mesh-", "h1", ["web", "db", "web"])
-    issue_paths = [line for line in policy.splitlines() if "/issue/" in line]
-    assert issue_paths == [
-        'path "pki-mesh/issue/mesh-db" {',
-        'path "pki-mesh/issue/mesh-web" {',
+    sign_paths = [line for line in policy.splitlines() if "/sign/" in line]
+    assert sign_paths == [
+        'path "pki-mesh/sign/mesh-db" {',
+        'path "pki-mesh/sign/mesh-web" {',
     ]
+    # never "issue": that endpoint generates the key in Vault and sends it back
+    assert "/issue/" not in policy
     assert "*" not in policy
     assert policy == host_policy("pki-mesh", "mesh-", "h1", ["db", "web"])  # deterministic
 
@@ -82,6 +84,8 @@ def test_role_params_pin_the_identity() -> None:
         assert p[flag] is False, flag
     assert (p["server_flag"], p["client_flag"], p["no_store"]) == (True, True, True)
     assert (p["key_type"], p["key_bits"]) == ("ec", 256)
+    # the identity comes from the checked request, never from the CSR
+    assert (p["use_csr_common_name"], p["use_csr_sans"]) == (False, False)
 
 
 def test_differs_compares_as_vault_reports() -> None:
