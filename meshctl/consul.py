@@ -37,6 +37,7 @@ from consul.callback import CB
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from meshctl._transport import errno_reason, tls_failure
 from meshctl._watch import (
     BACKOFF_BASE,
     BACKOFF_CAP,
@@ -85,8 +86,6 @@ CONFIG_ENTRY_KINDS = frozenset(
     }
 )
 _DATACENTER = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?\Z")
-_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
-_SSL_REASON = re.compile(r"\[SSL: [A-Z0-9_]+\] ([^('\"]+)")
 
 T = TypeVar("T")
 
@@ -103,11 +102,9 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, requests.Timeout):
         return "timed out"
     if isinstance(exc, requests.exceptions.SSLError):
-        reason = _SSL_REASON.search(str(exc))
-        return f"TLS handshake failed: {reason.group(1).strip() if reason else 'SSLError'}"
+        return tls_failure(exc, "consul", "CONSUL")
     if isinstance(exc, requests.ConnectionError):
-        match = _ERRNO.search(str(exc))
-        return f"unreachable ({match.group(1).strip() if match else type(exc).__name__})"
+        return f"unreachable ({errno_reason(exc) or type(exc).__name__})"
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 

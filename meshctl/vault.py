@@ -47,6 +47,7 @@ from meshctl._certs import (
     utcnow,
     write_atomic,
 )
+from meshctl._transport import errno_reason, tls_failure
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError, MeshctlError, SourceError, VaultError
 from meshctl.mesh import check_service_name, identity_dns, spiffe_id
@@ -84,7 +85,6 @@ _STATUS = {
     hvac.exceptions.BadGateway: 502,
     hvac.exceptions.VaultDown: 503,
 }
-_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()\]]+)")
 
 
 def _vault_detail(exc: hvac.exceptions.VaultError) -> str:
@@ -118,16 +118,11 @@ def _translate(
         code = f"HTTP {status}" if status else "HTTP error"
         msg = f"Vault at {addr}: {what}: {code}: {_vault_detail(exc)}"
     elif isinstance(exc, requests.exceptions.SSLError):
-        m = re.search(r"SSLError\((.*?)(?:\)\)|$)", str(exc))
-        reason = m.group(1) if m else "TLS error"
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            reason = "certificate verify failed (is vault.cacert / VAULT_CACERT set?)"
-        msg = f"Vault at {addr}: {what}: TLS handshake failed: {reason}"
+        msg = f"Vault at {addr}: {what}: {tls_failure(exc, 'vault', 'VAULT')}"
     elif isinstance(exc, requests.exceptions.Timeout):
         msg = f"Vault at {addr}: {what}: no answer within {timeout:g}s"
     elif isinstance(exc, requests.exceptions.ConnectionError):
-        m = _ERRNO.search(str(exc))
-        msg = f"Vault at {addr}: {what}: cannot connect: {m.group(1).strip() if m else 'failed'}"
+        msg = f"Vault at {addr}: {what}: cannot connect: {errno_reason(exc) or 'failed'}"
     elif isinstance(exc, requests.exceptions.RequestException):
         msg = f"Vault at {addr}: {what}: request failed: {type(exc).__name__}"
     elif isinstance(exc, KeyError | TypeError | ValueError):

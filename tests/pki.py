@@ -7,6 +7,7 @@ some mesh-shaped certificates on disk (render, nginx -t, TLS refusals).
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +74,16 @@ class TestCA:
         *,
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
+        ips: tuple[str, ...] = (),
     ) -> tuple[bytes, bytes]:
-        """(cert PEM, key PEM) for a server+client leaf with DNS SAN ``cn``."""
+        """(cert PEM, key PEM) for a server+client leaf with DNS SAN ``cn`` (and
+        IP SANs ``ips``, for servers reached by address)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(cn)]
         if uri:
             sans.append(x509.UniformResourceIdentifier(uri))
+        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))

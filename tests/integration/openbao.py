@@ -9,6 +9,7 @@ real home directory.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -33,6 +34,16 @@ class OpenBao:
     pid: int
     cacert: str = ""  # set with tls=True
     log: Path = Path()
+    mtls_addr: str = ""  # set with mtls=: a listener that requires client certificates
+
+
+@dataclass(frozen=True)
+class MTLSListener:
+    """A second listener that serves only clients with a certificate from ``client_ca``."""
+
+    cert: str
+    key: str
+    client_ca: str
 
 
 def find_bao() -> str | None:
@@ -65,7 +76,13 @@ def _ready(addr: str, cacert: str) -> bool:
 
 
 @contextmanager
-def openbao_dev(workdir: Path, *, tls: bool = False, timeout: float = 60.0) -> Iterator[OpenBao]:
+def openbao_dev(
+    workdir: Path,
+    *,
+    tls: bool = False,
+    mtls: MTLSListener | None = None,
+    timeout: float = 60.0,
+) -> Iterator[OpenBao]:
     binary = find_bao()
     if binary is None:
         raise FileNotFoundError("no bao/vault binary (run scripts/deps.sh)")
@@ -86,6 +103,26 @@ def openbao_dev(workdir: Path, *, tls: bool = False, timeout: float = 60.0) -> I
         certdir.mkdir(exist_ok=True)
         args += ["-dev-tls", f"-dev-tls-cert-dir={certdir}"]
         cacert = str(certdir / "vault-ca.pem")
+    mtls_addr = ""
+    if mtls is not None:
+        # Dev mode keeps its own listener and adds the config's. Each listener
+        # also takes a cluster port (the dev one: its port + 1), so all are set.
+        mport = _free_port()
+        while mport in (port, port + 1):
+            mport = _free_port()
+        config = workdir / "mtls-listener.hcl"
+        config.write_text(
+            'listener "tcp" {\n'
+            f'  address = "127.0.0.1:{mport}"\n'
+            f'  cluster_address = "127.0.0.1:{_free_port()}"\n'
+            f"  tls_cert_file = {json.dumps(mtls.cert)}\n"
+            f"  tls_key_file = {json.dumps(mtls.key)}\n"
+            f"  tls_client_ca_file = {json.dumps(mtls.client_ca)}\n"
+            "  tls_require_and_verify_client_cert = true\n"
+            "}\n"
+        )
+        args.append(f"-config={config}")
+        mtls_addr = f"https://127.0.0.1:{mport}"
     scheme = "https" if tls else "http"
     addr = f"{scheme}://127.0.0.1:{port}"
     log = workdir / "bao.log"
@@ -111,7 +148,9 @@ def openbao_dev(workdir: Path, *, tls: bool = False, timeout: float = 60.0) -> I
             if time.monotonic() > deadline:
                 raise RuntimeError(f"bao did not answer at {addr} within {timeout}s")
             time.sleep(0.1)
-        yield OpenBao(addr=addr, token=token, pid=proc.pid, cacert=cacert, log=log)
+        yield OpenBao(
+            addr=addr, token=token, pid=proc.pid, cacert=cacert, log=log, mtls_addr=mtls_addr
+        )
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)

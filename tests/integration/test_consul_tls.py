@@ -8,16 +8,10 @@ them — with a message that names the address, never the token.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshctl.config import ConsulSettings
 from meshctl.consul import ConsulClient, IntentionMatch
@@ -30,26 +24,9 @@ TOKEN = "0f9b3c52-1f0e-4c3a-9d55-000000000001"  # not a real secret; must never 
 
 
 def _leaf(ca: TestCA, cn: str, out: Path, ip: str | None = None) -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    sans: list[x509.GeneralName] = [x509.DNSName(cn)]
-    if ip:
-        sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca.key, hashes.SHA256()))
-    (out / f"{cn}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / f"{cn}.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    cert, key = ca.leaf(cn, ips=(ip,) if ip else ())
+    (out / f"{cn}.crt").write_bytes(cert)
+    (out / f"{cn}.key").write_bytes(key)
     (out / f"{cn}.key").chmod(0o600)
     return str(out / f"{cn}.crt"), str(out / f"{cn}.key")
 
@@ -122,8 +99,8 @@ def test_agent_client_reaches_consul_over_tls_with_ca_and_client_certificate(
 @pytest.mark.parametrize(("change", "expected"), [
     # The system CAs do not know Consul's; without a client certificate, verify_incoming refuses.
     ({"cacert": ""}, "TLS handshake failed: certificate verify failed"),
-    ({"client_cert": "", "client_key": ""},
-     "TLS handshake failed: tlsv13 alert certificate required"),
+    # The server's alert, or (TLS 1.3) its hang-up before the alert is read: both name the fix.
+    ({"client_cert": "", "client_key": ""}, "consul.client_cert and consul.client_key"),
 ])
 def test_without_the_ca_or_client_certificate_it_is_refused(
         tls_consul: TLSConsul, change: dict[str, str], expected: str) -> None:

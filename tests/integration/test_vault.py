@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from meshctl.config import VaultSettings
+from meshctl.config import VaultSettings, load_config
 from meshctl.errors import VaultError
 from meshctl.mesh import identity_dns, spiffe_id
 from meshctl.vault import (
@@ -40,7 +40,8 @@ from meshctl.vault import (
     new_key_and_csr,
     setup_mesh,
 )
-from tests.integration.openbao import OpenBao, find_bao, openbao_dev
+from tests.integration.openbao import MTLSListener, OpenBao, find_bao, openbao_dev
+from tests.pki import TestCA
 
 TD, DC = "mesh.test", "dc1"
 HOSTS = {"alpha": ["web", "db"], "beta": ["api"]}
@@ -519,6 +520,70 @@ def test_tls_to_vault_needs_its_ca(tmp_path: Path) -> None:
         ) as info:
             no_ca.ca_bundle()
         assert server.token not in _all_text(info.value)
+
+
+def test_vault_that_requires_client_certificates(tmp_path: Path) -> None:
+    """A listener with ``tls_require_and_verify_client_cert``: the agent's
+    ``client_cert``/``client_key`` (VAULT_CLIENT_CERT / VAULT_CLIENT_KEY) get it
+    in; without them the handshake is refused with a message naming the address."""
+    if find_bao() is None:
+        pytest.skip("no bao or vault binary")
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca = TestCA.create("vault listener CA")
+    (pki / "ca.pem").write_bytes(ca.pem)
+    for name, cn, ips in (("server", "vault.test", ("127.0.0.1",)), ("agent", "alpha", ())):
+        cert, key = ca.leaf(cn, ips=ips)
+        (pki / f"{name}.crt").write_bytes(cert)
+        (pki / f"{name}.key").write_bytes(key)
+        (pki / f"{name}.key").chmod(0o600)
+    listener = MTLSListener(str(pki / "server.crt"), str(pki / "server.key"), str(pki / "ca.pem"))
+    with openbao_dev(tmp_path / "bao", mtls=listener) as server:
+        mesh = Mesh(server, None, "pki-mtls", "mtls-", tmp_path / "out")  # type: ignore[arg-type]
+        mesh.result = mesh.setup({"alpha": ["web"]})  # over the dev listener
+        env = {
+            "VAULT_ADDR": server.mtls_addr,
+            "VAULT_CACERT": str(pki / "ca.pem"),
+            "VAULT_CLIENT_CERT": str(pki / "agent.crt"),
+            "VAULT_CLIENT_KEY": str(pki / "agent.key"),
+        }
+        cfg = load_config(None, env=env)
+        settings = dataclasses.replace(
+            mesh.settings("alpha"),
+            addr=cfg.vault.addr,
+            cacert=cfg.vault.cacert,
+            client_cert=cfg.vault.client_cert,
+            client_key=cfg.vault.client_key,
+        )
+        assert (settings.client_cert, settings.client_key) == (
+            env["VAULT_CLIENT_CERT"],
+            env["VAULT_CLIENT_KEY"],
+        )
+        leaf = VaultClient(settings).issue_leaf("web", TD, DC, "1h")
+        assert leaf.common_name == identity_dns("web", TD)
+
+        anonymous = dataclasses.replace(settings, client_cert="", client_key="")
+        with pytest.raises(VaultError) as info:
+            VaultClient(anonymous).issue_leaf("web", TD, DC, "1h")
+        msg = str(info.value)
+        assert msg.startswith(f"Vault at {server.mtls_addr}: AppRole login"), msg
+        # The server's alert, or (TLS 1.3) its hang-up before the alert is read.
+        assert "TLS handshake failed: " in msg, msg
+        assert "vault.client_cert and vault.client_key" in msg, msg
+        assert not any(s in _all_text(info.value) for s in _secret_files(mesh))
+
+        stranger_ca = TestCA.create("another CA")
+        cert, key = stranger_ca.leaf("alpha")
+        (pki / "stranger.crt").write_bytes(cert)
+        (pki / "stranger.key").write_bytes(key)
+        stranger = dataclasses.replace(
+            settings, client_cert=str(pki / "stranger.crt"), client_key=str(pki / "stranger.key")
+        )
+        with pytest.raises(VaultError) as info:
+            VaultClient(stranger).issue_leaf("web", TD, DC, "1h")
+        msg = str(info.value)
+        assert "TLS handshake failed: " in msg, msg
+        assert "client certificate" in msg, msg
 
 
 # ---------------------------------------------------------------- CLI

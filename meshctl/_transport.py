@@ -1,0 +1,65 @@
+"""Short, secret-free accounts of an HTTP client's transport failures.
+
+Shared by the Consul and Vault adapters (both speak HTTP through requests), so
+an operator reads the same words, and the same hint at the setting to fix, for
+either. Never quotes anything but the OpenSSL reason and the errno text.
+"""
+
+from __future__ import annotations
+
+import re
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()\]]+)")
+_SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\] ([^('\"]+)")
+
+_REFUSED_OUR_CERT = (
+    "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "TLSV1_ALERT_DECRYPT_ERROR",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "TLSV1_ALERT_ACCESS_DENIED",
+)
+
+
+def errno_reason(exc: BaseException) -> str | None:
+    """The OS's words for a failed connection ("Connection refused"), if any."""
+    m = _ERRNO.search(str(exc))
+    return m.group(1).strip() if m else None
+
+
+def tls_failure(exc: BaseException, section: str, env_prefix: str) -> str:
+    """``TLS handshake failed: <OpenSSL's reason> (<which setting to look at>)``.
+
+    ``section`` names the agent-config section (``vault``), ``env_prefix`` its
+    environment variables (``VAULT``).
+    """
+    text = str(exc)
+    m = _SSL_REASON.search(text)
+    if m:
+        code, reason = m.group(1), m.group(2).strip()
+    elif "SSLEOFError" in text or "EOF occurred in violation of protocol" in text:
+        # TLS 1.3: the server checks the client certificate after the client
+        # thinks the handshake is done, and may hang up before its alert is read.
+        return (
+            "TLS handshake failed: the server closed the connection during the handshake "
+            f"(does it require a client certificate? check {section}.client_cert and "
+            f"{section}.client_key ({env_prefix}_CLIENT_CERT, {env_prefix}_CLIENT_KEY) "
+            "and that the server trusts their CA)"
+        )
+    else:
+        return "TLS handshake failed"
+    if code == "CERTIFICATE_VERIFY_FAILED":
+        hint = f"is {section}.cacert / {env_prefix}_CACERT the CA of the server's certificate?"
+    elif code.endswith("CERTIFICATE_REQUIRED"):
+        hint = (
+            f"the server requires a client certificate: set {section}.client_cert and "
+            f"{section}.client_key ({env_prefix}_CLIENT_CERT, {env_prefix}_CLIENT_KEY)"
+        )
+    elif code in _REFUSED_OUR_CERT:
+        hint = (
+            f"the server does not accept the client certificate of {section}.client_cert: "
+            "is it issued by a CA the server trusts?"
+        )
+    else:
+        hint = ""
+    return f"TLS handshake failed: {reason}" + (f" ({hint})" if hint else "")

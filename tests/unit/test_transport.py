@@ -1,0 +1,72 @@
+"""The words an operator reads when TLS to Consul or Vault fails, and the setting they name."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from meshctl._transport import errno_reason, tls_failure
+
+
+def _ssl(inner: str) -> requests.exceptions.SSLError:
+    return requests.exceptions.SSLError(
+        "HTTPSConnectionPool(host='127.0.0.1', port=8200): Max retries exceeded with url: "
+        f"/v1/sys/health (Caused by SSLError({inner}))"
+    )
+
+
+@pytest.mark.parametrize(
+    ("inner", "expected"),
+    [
+        (
+            "SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+            "failed: unable to get local issuer certificate (_ssl.c:1006)')",
+            "TLS handshake failed: certificate verify failed: unable to get local issuer "
+            "certificate (is vault.cacert / VAULT_CACERT the CA of the server's certificate?)",
+        ),
+        (
+            "SSLError(1, '[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate "
+            "required (_ssl.c:2580)')",
+            "TLS handshake failed: tlsv13 alert certificate required (the server requires a "
+            "client certificate: set vault.client_cert and vault.client_key "
+            "(VAULT_CLIENT_CERT, VAULT_CLIENT_KEY))",
+        ),
+        (
+            "SSLError(1, '[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca (_ssl.c:2580)')",
+            "TLS handshake failed: tlsv1 alert unknown ca (the server does not accept the "
+            "client certificate of vault.client_cert: is it issued by a CA the server trusts?)",
+        ),
+        (
+            "SSLEOFError(8, 'EOF occurred in violation of protocol (_ssl.c:2427)')",
+            "TLS handshake failed: the server closed the connection during the handshake "
+            "(does it require a client certificate? check vault.client_cert and "
+            "vault.client_key (VAULT_CLIENT_CERT, VAULT_CLIENT_KEY) and that the server "
+            "trusts their CA)",
+        ),
+        (
+            "SSLError(1, '[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)')",
+            "TLS handshake failed: wrong version number",
+        ),
+        ("something else entirely", "TLS handshake failed"),
+    ],
+)
+def test_tls_failures_name_the_setting_to_fix(inner: str, expected: str) -> None:
+    assert tls_failure(_ssl(inner), "vault", "VAULT") == expected
+
+
+def test_the_consul_section_is_named_for_consul() -> None:
+    exc = _ssl("SSLError(1, '[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert "
+               "certificate required (_ssl.c:2580)')")
+    assert "set consul.client_cert and consul.client_key (CONSUL_CLIENT_CERT" in tls_failure(
+        exc, "consul", "CONSUL"
+    )
+
+
+def test_errno_reason() -> None:
+    exc = requests.exceptions.ConnectionError(
+        "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded (Caused by "
+        "NewConnectionError('<x>: Failed to establish a new connection: [Errno 111] "
+        "Connection refused'))"
+    )
+    assert errno_reason(exc) == "Connection refused"
+    assert errno_reason(requests.exceptions.ConnectionError("no errno here")) is None
