@@ -27,17 +27,11 @@ local function set_doc(new)
 end
 
 local function load_file(path)
-    if not path or path == "" then
-        return
+    local state, rerr = require("meshctl_state").read(path)
+    if rerr then
+        core.log(core.err, "meshctl: ignoring " .. path .. ": " .. rerr)
     end
-    local f = io.open(path, "rb")
-    if not f then
-        return
-    end
-    local data = f:read("*a")
-    f:close()
-    local state = cjson.decode(data)
-    if type(state) == "table" and state.authz ~= nil then
+    if state and state.authz ~= nil then
         local ok, err = set_doc(state.authz)
         if not ok then
             core.log(core.err, "meshctl: ignoring the authorization rules in " .. path .. ": " .. err)

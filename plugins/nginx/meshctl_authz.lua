@@ -33,14 +33,11 @@ end
 
 -- init_by_lua: the rules the agent wrote (key "authz" of its runtime state file).
 function _M.init(path)
-    local f = io.open(path, "rb")
-    if not f then
-        return
+    local state, rerr = require("meshctl_state").read(path)
+    if rerr then
+        ngx.log(ngx.ERR, "meshctl: ignoring ", path, ": ", rerr)
     end
-    local data = f:read("*a")
-    f:close()
-    local state = cjson.decode(data)
-    if type(state) ~= "table" or state.authz == nil then
+    if not state or state.authz == nil then
         return
     end
     local ok, err = store(state.authz)

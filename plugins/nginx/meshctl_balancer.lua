@@ -72,13 +72,15 @@ end
 
 -- init_by_lua: load the endpoints the agent wrote before this (re)load.
 function _M.init(path)
-    local f = io.open(path, "rb")
-    if not f then
+    local state, err = require("meshctl_state").read(path)
+    if not state then
+        if err then
+            ngx.log(ngx.ERR, "meshctl: ignoring ", path, ": ", err)
+        end
         return
     end
-    local data = f:read("*a")
-    f:close()
-    local ok, err = store(cjson.decode(data))
+    local ok
+    ok, err = store(state)
     if not ok then
         ngx.log(ngx.ERR, "meshctl: ignoring ", path, ": ", err)
     end
