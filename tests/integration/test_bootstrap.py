@@ -38,6 +38,16 @@ def _slow_consul(path: Path, version: str) -> Path:
     return path
 
 
+def _run(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(SCRIPTS / script)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_cached_consul_is_recognised_even_when_it_writes_slowly(tmp_path: Path) -> None:
     version = _pins()["CONSUL_VERSION"]
     cache = tmp_path / "cache"
@@ -45,14 +55,7 @@ def test_cached_consul_is_recognised_even_when_it_writes_slowly(tmp_path: Path) 
     _slow_consul(cache / "bin" / f"consul-{version}", version)
     # Were the cached binary not recognised, the script would try to build, and
     # with the module proxy switched off that fails at once.
-    env = dict(os.environ, MESHCTL_CACHE=str(cache), GOPROXY="off", GOFLAGS="-mod=mod")
-    out = subprocess.run(
-        ["bash", str(SCRIPTS / "build-consul.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _run("build-consul.sh", MESHCTL_CACHE=str(cache), GOPROXY="off", GOFLAGS="-mod=mod")
     assert out.returncode == 0, out.stderr
     assert f"consul {version}: cached at" in out.stdout
 
@@ -62,14 +65,7 @@ def test_deps_uses_a_consul_on_path_that_writes_slowly(tmp_path: Path) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake = _slow_consul(bindir / "consul", version)
-    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
-    out = subprocess.run(
-        ["bash", str(SCRIPTS / "deps.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _run("deps.sh", PATH=f"{bindir}:{os.environ['PATH']}")
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"consul: using {fake} (Consul v{version})" in out.stdout
 

@@ -84,6 +84,16 @@ class Mesh:
     def client(self, host: str) -> VaultClient:
         return VaultClient(self.settings(host))
 
+    def host_login(self, host: str) -> hvac.Client:
+        """A raw hvac client logged in with ``host``'s AppRole: what its agent may do."""
+        settings = self.settings(host)
+        hv = hvac.Client(url=self.bao.addr, token="", timeout=10)
+        hv.auth.approle.login(
+            Path(settings.role_id_file).read_text().strip(),
+            Path(settings.secret_id_file).read_text().strip(),
+        )
+        return hv
+
     def setup(self, hosts: Mapping[str, Sequence[str]] = HOSTS, **kw: str) -> SetupResult:
         return setup_mesh(
             admin(self.bao),
@@ -247,12 +257,7 @@ def test_role_issues_only_its_own_identity(
 ) -> None:
     """Even a host allowed to use role ``web`` cannot get any other identity from it."""
     mesh = make_mesh(bao, tmp_path, {"alpha": ["web"], "beta": ["api"]})
-    settings = mesh.settings("alpha")
-    hv = hvac.Client(url=bao.addr, token="", timeout=10)
-    hv.auth.approle.login(
-        Path(settings.role_id_file).read_text().strip(),
-        Path(settings.secret_id_file).read_text().strip(),
-    )
+    hv = mesh.host_login("alpha")
     role = f"{mesh.prefix}web"
     _, csr = new_key_and_csr("web.svc.mesh.test", ["web.svc.mesh.test"], [spiffe_id("web", TD, DC)])
     ok = hv.secrets.pki.sign_certificate(
@@ -273,12 +278,7 @@ def test_a_csr_cannot_smuggle_in_other_names(bao: OpenBao, tmp_path: Path) -> No
     """Names the CSR asks for are ignored: the leaf carries the requested, checked
     identity only (the role takes neither CN nor SANs from the CSR)."""
     mesh = make_mesh(bao, tmp_path, {"alpha": ["web"]})
-    settings = mesh.settings("alpha")
-    hv = hvac.Client(url=bao.addr, token="", timeout=10)
-    hv.auth.approle.login(
-        Path(settings.role_id_file).read_text().strip(),
-        Path(settings.secret_id_file).read_text().strip(),
-    )
+    hv = mesh.host_login("alpha")
     _, csr = new_key_and_csr(
         "api.svc.mesh.test",
         ["api.svc.mesh.test", "localhost"],
@@ -299,12 +299,7 @@ def test_hosts_never_receive_private_keys_from_vault(bao: OpenBao, tmp_path: Pat
     """A host's policy has no ``issue``: Vault never generates (or sees) a
     mesh key. The leaf the agent gets belongs to the key generated on the host."""
     mesh = make_mesh(bao, tmp_path, {"alpha": ["web"]})
-    settings = mesh.settings("alpha")
-    hv = hvac.Client(url=bao.addr, token="", timeout=10)
-    hv.auth.approle.login(
-        Path(settings.role_id_file).read_text().strip(),
-        Path(settings.secret_id_file).read_text().strip(),
-    )
+    hv = mesh.host_login("alpha")
     with pytest.raises(hvac.exceptions.Forbidden):
         hv.secrets.pki.generate_certificate(
             f"{mesh.prefix}web", "web.svc.mesh.test", mount_point=mesh.mount
