@@ -1,11 +1,18 @@
 """The mesh demo (``make demo``): web on h1 calls api on h2 and h3 through the mesh.
 
 Steps, each printed as it happens:
-  1. requests alternate between the two api instances, over mutual TLS, and
-     api sees the verified caller identity ``web``;
+  1. requests are balanced over the two api instances, over mutual TLS, and
+     api sees the verified caller identity ``web`` (an intention allows
+     web → api; everything else is denied by default);
   2. a client without a mesh certificate is refused at api's inbound port;
   3. api's health check fails on h2: traffic moves to h3 (time measured);
-  4. the check passes again: traffic alternates again.
+  4. the check passes again: both instances answer again;
+  5. the intention is switched to deny: calls get 403 at api's sidecars, without
+     a reload (time measured), and `meshctl intentions check` says why; then
+     allowed again.
+
+Every step checks what it shows; one that does not hold stops the demo with a
+message and exit status 1, so a broken mesh never looks like a working one.
 """
 
 from __future__ import annotations
@@ -15,11 +22,19 @@ import ssl
 import time
 from typing import Any
 
+from meshctl.errors import LabError
 from meshctl.lab._lab import Lab
 from meshctl.lab.demo import describe, table
 from meshctl.lab.mesh import Mesh, wait_until
 
 API_PORT = 9001
+ALLOW_WEB = {"Sources": [{"Name": "web", "Action": "allow"}]}
+DENY_WEB = {"Sources": [{"Name": "web", "Action": "deny"}]}
+Call = tuple[int, str, str, str]
+
+
+class DemoFailed(LabError):
+    """A demo step did not show what it claims."""
 
 
 def _say(text: str = "") -> None:
@@ -31,17 +46,40 @@ def _step(n: int, text: str) -> None:
     _say(f"== step {n}: {text}")
 
 
-def _calls(mesh: Mesh, n: int) -> list[tuple[int, str, str, str]]:
+def _calls(mesh: Mesh, n: int) -> list[Call]:
     rows = []
     for i in range(1, n + 1):
         status, body = mesh["h1"].get(API_PORT, "/hello")
         b: dict[str, Any] = body if isinstance(body, dict) else {}
-        rows.append((i, str(status), str(b.get("host", body)), str(b.get("caller", ""))))
+        rows.append((i, str(status), str(b.get("host", body)).strip(), str(b.get("caller", ""))))
     return rows
 
 
-def _show_calls(mesh: Mesh, n: int = 6) -> None:
-    _say(table(("#", "STATUS", "ANSWERED BY", "CALLER SEEN BY API"), _calls(mesh, n)))
+def _show_calls(mesh: Mesh, n: int = 6) -> list[Call]:
+    rows = _calls(mesh, n)
+    _say(table(("#", "STATUS", "ANSWERED BY", "CALLER SEEN BY API"), rows))
+    return rows
+
+
+def expect_answers(step: int, rows: list[Call], hosts: set[str]) -> None:
+    """Every call answered 200 by one of ``hosts``, all of them seen, caller ``web``."""
+    bad = [r for r in rows if r[1] != "200" or r[2] not in hosts or r[3] != "web"]
+    seen = {r[2] for r in rows}
+    if bad or seen != hosts:
+        raise DemoFailed(
+            f"step {step}: expected 200s from {', '.join(sorted(hosts))} with caller web; "
+            f"got {[(r[1], r[2], r[3]) for r in rows]}"
+        )
+
+
+def expect_denied(step: int, rows: list[Call]) -> None:
+    bad = [r for r in rows if r[1] != "403"]
+    if bad:
+        raise DemoFailed(f"step {step}: expected every call denied (403); got {bad}")
+
+
+def _set_intention(mesh: Mesh, entry: dict[str, Any]) -> None:
+    mesh.lab.host("h1").consul().config.set("service-intentions", "api", entry)
 
 
 def deploy(lab: Lab, proxy: str) -> Mesh:
@@ -50,6 +88,8 @@ def deploy(lab: Lab, proxy: str) -> Mesh:
     _say(f"setting up OpenBao: PKI mount, one role per service, one AppRole per host ({proxy})")
     mesh.setup_vault({"h1": ["web"], "h2": ["api"], "h3": ["api"]})
     lab.host("h1").consul().config.set("service-defaults", "api", {"Protocol": "http"})
+    _say("intention: web → api allow (Consul service-intentions); all else denied by default")
+    _set_intention(mesh, ALLOW_WEB)
     h1 = mesh["h1"]
     h1.add_service(
         {
@@ -111,6 +151,15 @@ def refused_without_certificate(mesh: Mesh) -> str:
     return f"{h2.ip}:{port} → " + mesh["h1"].host.call(attempt)
 
 
+def _reloads(mesh: Mesh) -> dict[str, int]:
+    """Reload counts of the api hosts' proxies, from ``meshctl status``."""
+    out = {}
+    for name in ("h2", "h3"):
+        status = mesh[name].status() or {}
+        out[name] = int((status.get("last_apply") or {}).get("reloads", -1))
+    return out
+
+
 def mesh_demo(lab: Lab, proxy: str = "nginx") -> None:
     """The whole walkthrough on a running lab."""
     _say(describe(lab))
@@ -118,10 +167,16 @@ def mesh_demo(lab: Lab, proxy: str = "nginx") -> None:
     h1, h2 = mesh["h1"], mesh["h2"]
 
     _step(1, "web (h1) calls api through its local sidecar 127.0.0.1:9001; mTLS to h2 and h3")
-    _show_calls(mesh)
+    both = {"h2", "h3"}
+    # The sidecars enforce the intention once their agents have read it from Consul.
+    wait_until("api's sidecars to allow web", lambda: {r[1] for r in _calls(mesh, 2)} == {"200"})
+    expect_answers(1, _show_calls(mesh), both)
 
     _step(2, "a client without a mesh certificate at api's inbound port")
-    _say(refused_without_certificate(mesh))
+    refusal = refused_without_certificate(mesh)
+    _say(refusal)
+    if "refused" not in refusal:
+        raise DemoFailed(f"step 2: a client without a mesh certificate got in: {refusal}")
 
     _step(3, "api's health check fails on h2")
     h2.set_healthy("api", False)
@@ -131,14 +186,36 @@ def mesh_demo(lab: Lab, proxy: str = "nginx") -> None:
         f"h1's sidecar dropped h2 after {time.monotonic() - t0:.1f}s "
         "(Consul check interval 1s, then a blocking query and a config change)"
     )
-    _show_calls(mesh)
+    expect_answers(3, _show_calls(mesh), {"h3"})
 
     _step(4, "the check passes again")
     h2.set_healthy("api", True)
     t0 = time.monotonic()
     wait_until("h2 to come back", lambda: len(h1.endpoints("api")) == 2, timeout=30)
     _say(f"h2 is back after {time.monotonic() - t0:.1f}s")
-    _show_calls(mesh)
+    # A returning server may first catch up on its share: show calls once both answer.
+    wait_until("both api instances to answer", lambda: {r[2] for r in _calls(mesh, 4)} == both)
+    expect_answers(4, _show_calls(mesh), both)
+
+    _step(5, "the intention web → api is switched to deny, then back to allow")
+    reloads = _reloads(mesh)
+    _set_intention(mesh, DENY_WEB)
+    t0 = time.monotonic()
+    wait_until("api's sidecars to deny web", lambda: all(r[1] == "403" for r in _calls(mesh, 4)))
+    _say(f"api's sidecars deny web after {time.monotonic() - t0:.1f}s")
+    denied = _show_calls(mesh, 2)
+    expect_denied(5, denied)
+    _say(h2.meshctl("intentions", "check", "web", "api").stdout.rstrip())
+    _set_intention(mesh, ALLOW_WEB)
+    t0 = time.monotonic()
+    wait_until("web to be allowed again", lambda: {r[1] for r in _calls(mesh, 4)} == {"200"})
+    _say(f"allowed again after {time.monotonic() - t0:.1f}s")
+    expect_answers(5, _show_calls(mesh), both)
+    after = _reloads(mesh)
+    if after != reloads:
+        raise DemoFailed(f"step 5: intention changes reloaded a proxy ({reloads} → {after})")
+    counters = ", ".join(f"{k} {v}" for k, v in sorted(reloads.items()))
+    _say(f"proxy reloads on h2 and h3 during step 5: none (reload counters {counters})")
 
     _say()
     _say("meshctl status on h1:")
