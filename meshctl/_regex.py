@@ -20,13 +20,16 @@ else on nginx or HAProxy than on Envoy nor fail to compile there:
 
 Only the grammar is checked here; no engine runs, so the check is pure and
 cheap. The pattern is additionally compiled with Python's ``re`` as a second
-opinion.
+opinion. ``regex_field`` is the check as compile() applies it to a field of
+Consul's answers (intentions, discovery chains).
 """
 
 from __future__ import annotations
 
 import re
 import warnings
+
+from meshctl.errors import CompileError
 
 MAX_LENGTH = 1024
 MAX_REPEAT = 1000
@@ -60,6 +63,26 @@ def check_regex(pattern: str) -> str:
         except (re.error, FutureWarning, DeprecationWarning) as exc:
             raise RegexError(str(exc)) from None
     return pattern
+
+
+def regex_field(value: object, where: str) -> str:
+    """The regex of the field ``where`` if it is in the portable subset; "" when unset.
+
+    ``None`` and "" are unset. Raises CompileError naming ``where`` and saying
+    why for anything else that is not a string in the subset.
+    """
+    if value is None or value == "":
+        return ""
+    text = repr(value)
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    if not isinstance(value, str):
+        raise CompileError(f"{where}: {shown} is not a string")
+    try:
+        return check_regex(value)
+    except RegexError as exc:
+        raise CompileError(f"{where}: {shown} is not a portable regex: {exc} (meshctl accepts "
+                           "the subset of RE2 that nginx's and HAProxy's PCRE read the same way)"
+                           ) from None
 
 
 def anchored(pattern: str) -> str:

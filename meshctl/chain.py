@@ -44,7 +44,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshctl._regex import RegexError, check_regex
+from meshctl._regex import regex_field
 from meshctl.errors import CompileError
 from meshctl.mesh import (
     SERVICE_NAME,
@@ -60,6 +60,7 @@ from meshctl.mesh import (
     endpoints_of,
     identity_dns,
 )
+from meshctl.services import DATACENTER
 
 # ---------------------------------------------------------------- grammars
 
@@ -70,11 +71,12 @@ HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 VALUE = re.compile(r"^[\x20-\x7e]{0,1024}\Z")
 #: request paths, prefixes and rewrites: an absolute path of RFC 3986 path characters
 PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]{0,1023}\Z")
-QUERY_NAME = re.compile(r"^[A-Za-z0-9_.~-]{1,128}\Z")
-COOKIE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\Z")
+#: query parameter and cookie names: names in HAProxy's config (url_param, req.cook), so
+#: what its templates take as a name (meshctl.proxy.templating.ident)
+QUERY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+COOKIE_NAME = QUERY_NAME
 METHOD = re.compile(r"^[A-Z]{1,20}\Z")
 SUBSET = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
-DATACENTER = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?\Z")
 _DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+\Z")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -464,7 +466,7 @@ class _Compiler:
         if prefix:
             prefix = _check(prefix, PATH, f"{m}.PathPrefix", "a path")
         if regex:
-            regex = _regex(regex, f"{m}.PathRegex")
+            regex = regex_field(regex, f"{m}.PathRegex")
         if not (exact or regex):
             prefix = prefix or "/"
         headers = tuple(self.header_match(h, f"{m}.Header[{k}]")
@@ -530,7 +532,7 @@ class _Compiler:
             exact=values.get("Exact", ""),
             prefix=values.get("Prefix", ""),
             suffix=values.get("Suffix", ""),
-            regex=_regex(h["Regex"], f"{where}.Regex") if h.get("Regex") else "",
+            regex=regex_field(h.get("Regex"), f"{where}.Regex"),
             invert=bool(h.get("Invert")),
         )
 
@@ -546,7 +548,7 @@ class _Compiler:
             name=name,
             present=bool(q.get("Present")),
             exact=_value(q["Exact"], f"{where}.Exact") if q.get("Exact") else "",
-            regex=_regex(q["Regex"], f"{where}.Regex") if q.get("Regex") else "",
+            regex=regex_field(q.get("Regex"), f"{where}.Regex"),
         )
 
     def header_ops(self, ops: Any, where: str) -> HeaderOps:
@@ -649,17 +651,6 @@ def _value(value: Any, where: str) -> str:
     return value
 
 
-def _regex(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise CompileError(f"{where}: {_show(value)} is not a string")
-    try:
-        return check_regex(value)
-    except RegexError as exc:
-        raise CompileError(f"{where}: regex {_show(value)} refused: {exc} (meshctl accepts the "
-                           "subset of RE2 that nginx's and HAProxy's PCRE read the same way)"
-                           ) from None
-
-
 def _bounded_int(value: Any, low: int, high: int, where: str) -> int:
     if value is None:
         return 0
@@ -699,8 +690,7 @@ def _describe(grammar: re.Pattern[str]) -> str:
     return {
         HEADER_NAME.pattern: "letters, digits, '-', '_', '.'",
         PATH.pattern: "an absolute path of RFC 3986 path characters",
-        QUERY_NAME.pattern: "letters, digits, '-', '_', '.', '~'",
-        COOKIE_NAME.pattern: "letters, digits, '-', '_', '.'",
+        QUERY_NAME.pattern: "letters, digits, '-', '_', '.', not starting with '-' or '.'",
         METHOD.pattern: "upper-case letters",
     }.get(grammar.pattern, grammar.pattern)
 

@@ -96,6 +96,8 @@ class ProxyDriver(abc.ABC):
     #: ``hard-stop-after``), so reload churn cannot pile up processes. The agent
     #: sets it from ``proxy_shutdown_timeout``.
     shutdown_timeout: int = 10
+    #: the size of ``log_file`` at the last mark_reload()
+    _log_mark: int = 0
 
     def __init__(self, paths: ProxyPaths, binary: str = "") -> None:
         self.paths = paths
@@ -227,15 +229,45 @@ class ProxyDriver(abc.ABC):
             f"(serving: {seen or 'nothing'}): {reason or 'see ' + self.error_log_hint()}"
         )
 
-    def mark_reload(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+    @property
+    def log_file(self) -> Path | None:
+        """The log where the proxy reports a failed reload (see ``_reload_error``), or None."""
+        return None
+
+    def mark_reload(self) -> None:
         """Remember where the proxy's log stands before a reload (see reload_failure)."""
+        log = self.log_file
+        try:
+            self._log_mark = log.stat().st_size if log else 0
+        except OSError:
+            self._log_mark = 0
 
     def reload_failure(self) -> str:
-        """The proxy's own report of a failed reload since mark_reload(), or ''."""
+        """The proxy's own report of a failed reload since mark_reload(), or ''.
+
+        Scans the log lines written since mark_reload() with ``_reload_error``.
+        """
+        log = self.log_file
+        if log is None:
+            return ""
+        try:
+            with log.open("rb") as fh:
+                fh.seek(self._log_mark)
+                tail = fh.read(65536).decode("utf-8", "replace")
+        except OSError:
+            return ""
+        for line in tail.splitlines():
+            reason = self._reload_error(line)
+            if reason:
+                return reason
         return ""
 
+    def _reload_error(self, line: str) -> str | None:
+        """The reason a log line gives for a failed reload, or None if it gives none."""
+        return None
+
     def error_log_hint(self) -> str:
-        return str(self.paths.state_dir / "logs")
+        return str(self.log_file or self.paths.state_dir / "logs")
 
     @property
     def endpoints_file(self) -> Path:

@@ -97,11 +97,6 @@ class Backend:
     slots: tuple[Slot, ...]
 
 
-def backend_name(caller: str, cluster_id: str) -> str:
-    """The HAProxy backend name of ``caller``'s connections to cluster ``cluster_id``."""
-    return f"{caller}__{cluster_id}"
-
-
 def slot_table(cluster: Cluster, filled: bool = True) -> tuple[Slot, ...]:
     """The slots of ``cluster``'s backend; with ``filled=False`` all empty (the structure).
 
@@ -121,12 +116,12 @@ def slot_table(cluster: Cluster, filled: bool = True) -> tuple[Slot, ...]:
     return tuple(slots)
 
 
-def backends(snapshot: Snapshot, filled: bool = True) -> list[Backend]:
-    """Every backend of the config: one per calling service, cluster a route may use
-    (failover clusters included) and route retry/timeout policy (``l7.haproxy_plan``)."""
+def backends(plan: l7.HapPlan, filled: bool = True) -> list[Backend]:
+    """Every backend of the config (``l7.haproxy_plan``): one per calling service, cluster
+    a route may use (failover clusters included) and route retry/timeout policy."""
     return [Backend(b.name, b.caller, "http" if b.http else "tcp", b.tls, b.cluster,
                     slot_table(b.cluster, filled))
-            for b in l7.haproxy_plan(snapshot).backends]
+            for b in plan.backends]
 
 
 class HAProxyDriver(ProxyDriver):
@@ -150,7 +145,8 @@ class HAProxyDriver(ProxyDriver):
         return self.paths.run_dir / "haproxy-admin.sock"
 
     @property
-    def _log(self) -> Path:
+    def log_file(self) -> Path:
+        """The master's stderr: where it reports a failed reload."""
         return self.paths.state_dir / "logs" / "haproxy.log"
 
     def render(self, snapshot: Snapshot, generation: str) -> dict[str, str]:
@@ -161,6 +157,7 @@ class HAProxyDriver(ProxyDriver):
         return self._render(snapshot, GENERATION_PLACEHOLDER, filled=False)
 
     def _render(self, snapshot: Snapshot, generation: str, filled: bool) -> dict[str, str]:
+        plan = l7.haproxy_plan(snapshot)
         text = environment("haproxy").get_template("haproxy.cfg.j2").render(
             node=snapshot.node,
             generation=generation,
@@ -171,11 +168,8 @@ class HAProxyDriver(ProxyDriver):
             inbounds=snapshot.inbounds,
             plugins_root=str(self.paths.plugins_dir),
             state_file=str(self.endpoints_file),
-            outbounds=snapshot.outbounds,
-            backends=backends(snapshot, filled),
-            backend_name=backend_name,
-            l7=l7.haproxy_plan(snapshot),
-            cluster=snapshot.cluster,
+            backends=backends(plan, filled),
+            l7=plan,
         )
         return {self.main_file: text}
 
@@ -194,7 +188,7 @@ class HAProxyDriver(ProxyDriver):
                 b.name: {s.name: (None if s.endpoint is None else
                                   [s.endpoint.address, s.endpoint.port, s.endpoint.weight])
                          for s in b.slots}
-                for b in backends(snapshot)
+                for b in backends(l7.haproxy_plan(snapshot))
             },
         }
 
@@ -243,7 +237,7 @@ class HAProxyDriver(ProxyDriver):
         ]
         # The master runs in its own session (it outlives the agent) with its
         # stderr in our log: that is where it reports a failed reload.
-        with self._log.open("ab") as log:
+        with self.log_file.open("ab") as log:
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         start_new_session=True)
@@ -258,11 +252,11 @@ class HAProxyDriver(ProxyDriver):
             if self.master_socket.exists():
                 return
             time.sleep(0.02)
-        raise ReloadError(f"haproxy did not open its master socket; see {self._log}")
+        raise ReloadError(f"haproxy did not open its master socket; see {self.log_file}")
 
     def _tail(self) -> str:
         try:
-            return self._log.read_text(errors="replace")[-2000:].strip()
+            return self.log_file.read_text(errors="replace")[-2000:].strip()
         except OSError:
             return ""
 
@@ -299,25 +293,12 @@ class HAProxyDriver(ProxyDriver):
             except OSError as exc:
                 raise ReloadError(f"haproxy master socket {self.master_socket}: {exc}") from None
 
-    def mark_reload(self) -> None:
-        try:
-            self._mark = self._log.stat().st_size
-        except OSError:
-            self._mark = 0
-
-    def reload_failure(self) -> str:
+    def _reload_error(self, line: str) -> str | None:
         # A failed reload makes the master log the error and keep the old workers.
-        try:
-            with self._log.open("rb") as fh:
-                fh.seek(getattr(self, "_mark", 0))
-                tail = fh.read(65536).decode("utf-8", "replace")
-        except OSError:
-            return ""
-        for line in tail.splitlines():
-            if "[ALERT]" in line and ("reload" in line.lower() or "cannot" in line
-                                      or "Starting" in line):
-                return line.split("]", 2)[-1].strip()
-        return ""
+        if "[ALERT]" in line and ("reload" in line.lower() or "cannot" in line
+                                  or "Starting" in line):
+            return line.split("]", 2)[-1].strip()
+        return None
 
     def reload(self) -> None:
         self.mark_reload()
@@ -336,9 +317,6 @@ class HAProxyDriver(ProxyDriver):
         if not m:
             raise ProxyError(f"cannot tell the HAProxy version from {proc.stdout.strip()!r}")
         return m.group(1)
-
-    def error_log_hint(self) -> str:
-        return str(self._log)
 
 
 def _slot_commands(state: dict[str, Any]) -> list[str]:

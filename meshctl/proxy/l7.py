@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshctl._regex import anchored
 from meshctl.mesh import CertPaths, Cluster, HeaderOps, Outbound, Route, Snapshot
 
 # ---------------------------------------------------------------- retry mapping
@@ -429,7 +430,7 @@ def _hap_conditions(r: Route, i: int, acls: list[HapAcl]) -> list[str]:
         conds.append(acl("path", fetch="path", match="str", ci=ci, values=(r.path_exact,)))
     elif r.path_regex:
         conds.append(acl("path", fetch="path", match="reg", ci=ci,
-                         values=(f"^(?:{r.path_regex})$",)))
+                         values=(anchored(r.path_regex),)))
     elif r.path_prefix and r.path_prefix != "/":
         conds.append(acl("path", fetch="path", match="beg", ci=ci, values=(r.path_prefix,)))
     for k, h in enumerate(r.headers):
@@ -438,7 +439,7 @@ def _hap_conditions(r: Route, i: int, acls: list[HapAcl]) -> list[str]:
             conds.append(("!" if h.invert else "") + has)
             continue
         kind, value = (("str", h.exact) if h.exact else ("beg", h.prefix) if h.prefix else
-                       ("end", h.suffix) if h.suffix else ("reg", f"^(?:{h.regex})$"))
+                       ("end", h.suffix) if h.suffix else ("reg", anchored(h.regex)))
         ok = acl(f"h{k}", fetch="req.fhdr", arg=h.name, match=kind, values=(value,))
         # As in Envoy: a missing header never matches, inverted or not.
         conds += [has, "!" + ok] if h.invert else [ok]
@@ -452,7 +453,7 @@ def _hap_conditions(r: Route, i: int, acls: list[HapAcl]) -> list[str]:
             conds.append(acl(f"q{k}", fetch="urlp", arg=q.name, match="str", values=(q.exact,)))
         else:
             conds.append(acl(f"q{k}", fetch="urlp", arg=q.name, match="reg",
-                             values=(f"^(?:{q.regex})$",)))
+                             values=(anchored(q.regex),)))
     if r.methods:
         conds.append(acl("m", fetch="method", match="str", values=r.methods))
     return conds

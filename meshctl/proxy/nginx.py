@@ -24,7 +24,6 @@ class NginxDriver(ProxyDriver):
 
     name = "nginx"
     main_file = "nginx.conf"
-    _log_mark = 0
     stop_signal = signal.SIGQUIT
     worker_processes = 1
     shutdown_timeout = 10
@@ -58,9 +57,7 @@ class NginxDriver(ProxyDriver):
             active=snapshot.active,
             http_inbounds=[i for i in snapshot.inbounds if i.protocol == "http"],
             stream_inbounds=[i for i in snapshot.inbounds if i.protocol != "http"],
-            http_outbounds=http_out,
             stream_outbounds=stream_out,
-            cluster=snapshot.cluster,
         )
         return {self.main_file: text}
 
@@ -96,7 +93,7 @@ class NginxDriver(ProxyDriver):
         return [
             self.binary,
             "-p", str(self.paths.state_dir),
-            "-e", str(self._error_log),
+            "-e", str(self.log_file),
             "-c", str(config_dir / self.main_file),
             *extra,
         ]
@@ -115,27 +112,15 @@ class NginxDriver(ProxyDriver):
         if proc.returncode != 0:
             raise ReloadError(f"nginx failed to start:\n{(proc.stdout + proc.stderr).strip()}")
 
-    def mark_reload(self) -> None:
-        try:
-            self._log_mark = self._error_log.stat().st_size
-        except OSError:
-            self._log_mark = 0
-
-    def reload_failure(self) -> str:
+    def _reload_error(self, line: str) -> str | None:
         # The master logs [emerg] and keeps the old workers when a reload fails.
-        try:
-            with self._error_log.open("rb") as fh:
-                fh.seek(self._log_mark)
-                tail = fh.read(65536).decode("utf-8", "replace")
-        except OSError:
-            return ""
-        for line in tail.splitlines():
-            if "[emerg]" in line:
-                return line.split("[emerg]", 1)[1].strip()
-        return ""
+        if "[emerg]" in line:
+            return line.split("[emerg]", 1)[1].strip()
+        return None
 
     @property
-    def _error_log(self) -> Path:
+    def log_file(self) -> Path:
+        """nginx's error log: where the master reports a failed reload."""
         return self.paths.state_dir / "logs" / "nginx-error.log"
 
     def reload(self) -> None:
@@ -161,6 +146,3 @@ class NginxDriver(ProxyDriver):
         if not m:
             raise ProxyError(f"cannot tell the nginx version from {proc.stderr.strip()!r}")
         return m.group(1)
-
-    def error_log_hint(self) -> str:
-        return str(self._error_log)

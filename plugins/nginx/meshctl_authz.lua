@@ -3,7 +3,7 @@
 -- The rules document (see meshctl_authz_rules) lives in the shared dict
 -- `meshctl_authz`, so an intention change never reloads nginx: the agent
 -- posts the new document to the control socket (control), every worker sees
--- the bumped version and decodes it once. At (re)load, init() reads the
+-- the bumped version and decodes it once. At (re)load, init() takes the
 -- document the agent wrote into its runtime state file before the reload.
 --
 -- The caller is $mesh_caller: the service name from the CN of the client
@@ -12,6 +12,7 @@
 -- which is also what the app receives (proxy_pass with a URI part).
 local cjson = require("cjson.safe")
 local rules = require("meshctl_authz_rules")
+local headers = require("meshctl_headers")
 
 local _M = {}
 local DICT = "meshctl_authz"
@@ -31,12 +32,9 @@ local function store(doc)
     return true
 end
 
--- init_by_lua: the rules the agent wrote (key "authz" of its runtime state file).
-function _M.init(path)
-    local state, rerr = require("meshctl_state").read(path)
-    if rerr then
-        ngx.log(ngx.ERR, "meshctl: ignoring ", path, ": ", rerr)
-    end
+-- init_by_lua: the rules the agent wrote (key "authz" of `state`, its runtime
+-- state file as meshctl_state read it, nil when there is none).
+function _M.init(state, path)
     if not state or state.authz == nil then
         return
     end
@@ -69,19 +67,11 @@ end
 function _M.http(service)
     local doc = current()
     local authz = doc and doc.services and doc.services[service]
-    -- 0: no limit, so a header cannot hide behind a hundred others.
-    local headers = ngx.req.get_headers(0)
     local req = {
         caller = ngx.var.mesh_caller or "",
         method = ngx.req.get_method(),
         path = ngx.var.uri,
-        header = function(name)
-            local v = headers[name]
-            if type(v) == "table" then
-                return table.concat(v, ",")
-            end
-            return v
-        end,
+        header = headers.reader(),
     }
     local allowed, reason = rules.decide(authz, req, re_full)
     if allowed then

@@ -70,17 +70,13 @@ local function store(doc)
     return true
 end
 
--- init_by_lua: load the endpoints the agent wrote before this (re)load.
-function _M.init(path)
-    local state, err = require("meshctl_state").read(path)
+-- init_by_lua: load the endpoints of `state`, the agent's runtime state file
+-- (read by meshctl_state, nil when there is none), written before this (re)load.
+function _M.init(state, path)
     if not state then
-        if err then
-            ngx.log(ngx.ERR, "meshctl: ignoring ", path, ": ", err)
-        end
         return
     end
-    local ok
-    ok, err = store(state)
+    local ok, err = store(state)
     if not ok then
         ngx.log(ngx.ERR, "meshctl: ignoring ", path, ": ", err)
     end
@@ -94,8 +90,15 @@ local function peers_of(id)
         return c
     end
     local raw = dict:get("c:" .. id)
+    if c and c.raw == raw then
+        -- Every push bumps the version (intention changes too): a cluster whose
+        -- endpoints did not change keeps its peers, and its hash ring (up to
+        -- 65536 points, built and sorted again otherwise).
+        c.version = version
+        return c
+    end
     local peers = raw and cjson.decode(raw) or {}
-    c = { version = version, peers = peers, rr = c and c.rr or 0 }
+    c = { version = version, raw = raw, peers = peers, rr = c and c.rr or 0 }
     cache[id] = c
     return c
 end

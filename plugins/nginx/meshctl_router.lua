@@ -22,6 +22,7 @@
 -- ops: {"remove": [names], "set": [[name, value]], "add": [[name, value]]}
 local cjson = require("cjson.safe")
 local balancer = require("meshctl_balancer")
+local header_value = require("meshctl_headers").value
 
 local _M = {}
 local DOC = { outbounds = {}, clusters = {} }
@@ -97,14 +98,6 @@ local function lower(s, ci)
         return s:lower()
     end
     return s
-end
-
-local function header_value(headers, name)
-    local v = headers[name]
-    if type(v) == "table" then
-        return table.concat(v, ",")
-    end
-    return v
 end
 
 local function header_ok(h, headers)

@@ -3,15 +3,19 @@
 Hypothesis generates Consul intention answers and requests; the answers are
 compiled, decided in Python, and the same cases run through the shared Lua
 rules module inside the real proxies: HAProxy (Lua 5.3, its PCRE Regex class)
-via ``haproxy -c`` with ``lua-load``, and nginx (LuaJIT, ``ngx.re``) via
-``nginx -t`` with ``init_by_lua``. Decisions, reasons, path normalization and
-caller extraction must be identical.
+via ``haproxy -c`` with ``lua-load``, and nginx (LuaJIT, ``ngx.re``) serving
+one request per case on a unix socket, the case's headers sent as the
+request's own and looked up as meshctl's nginx modules look them up. Decisions,
+reasons, path normalization and caller extraction must be identical.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,9 @@ METHODS = ["GET", "POST", "PUT"]
 REGEXES = ["/a.*", "/[ab]+", "/(a|b)/c", ".*", r"/a\.b", "/a/?", "[^/]*", "/a|/b/.+", "x{2,3}"]
 PATHS = ["/", "/a", "/a/b", "/b", "/a.b", "/ab", "/b/c", "/admin"]
 HEADER_VALUES = ["1", "abc", "ABC", "a,b", "xx", "xxx", "bca", "cAb"]
+# "x_a" is not "x-a": nginx's header table would answer one for the other.
+RULE_HEADERS = ["x-a", "X-B", "x_a"]
+REQUEST_HEADERS = ["x-a", "x-b", "x_a"]
 RULE_VALUES = ["a", "b", "c", "C", "ab", "bc", "abc", "1", "xx"]
 
 pytestmark = pytest.mark.needs("nginx", "haproxy")
@@ -39,7 +46,7 @@ def header_match(draw: st.DrawFn) -> dict[str, Any]:
     kind = draw(st.sampled_from(["Present", "Exact", "Prefix", "Suffix", "Contains", "Regex"]))
     value: Any = True if kind == "Present" else draw(
         st.sampled_from([*REGEXES, "abc", "[a-c]+"] if kind == "Regex" else RULE_VALUES))
-    out = {"Name": draw(st.sampled_from(["x-a", "X-B"])), kind: value}
+    out = {"Name": draw(st.sampled_from(RULE_HEADERS)), kind: value}
     if draw(st.booleans()):
         out["Invert"] = True
     if draw(st.booleans()):
@@ -88,8 +95,8 @@ def case(draw: st.DrawFn) -> dict[str, Any]:
         authz = None
     raw_path = draw(st.lists(st.sampled_from(["a", "b", "..", ".", "", "%61", "%2f", "%2E", "c"]),
                              max_size=4).map(lambda parts: "/" + "/".join(parts)))
-    headers = draw(st.dictionaries(st.sampled_from(["x-a", "x-b"]), st.sampled_from(HEADER_VALUES),
-                                   max_size=2))
+    headers = draw(st.dictionaries(st.sampled_from(REQUEST_HEADERS),
+                                   st.sampled_from(HEADER_VALUES), max_size=2))
     caller = draw(st.sampled_from(["web", "web", "web", "db", "db", "ops", "x", "", "Web"]))
     return {
         "authz": authz.to_data() if authz else None,
@@ -110,9 +117,8 @@ def focused_case(draw: st.DrawFn) -> dict[str, Any]:
     authz, _ = compile_intentions("api", answer, http=True,
                                   default_action=draw(st.sampled_from(["allow", "deny"])))
     raw_path = draw(st.sampled_from([*PATHS, "/a/../b", "//a", "/%61"]))
-    headers = draw(st.dictionaries(st.sampled_from(["x-a", "x-b"]),
-                                   st.sampled_from(HEADER_VALUES),
-                                   max_size=2))
+    headers = draw(st.dictionaries(st.sampled_from(REQUEST_HEADERS),
+                                   st.sampled_from(HEADER_VALUES), max_size=2))
     return {"authz": authz.to_data(), "caller": "web", "cn": "web.svc.meshctl.test",
             "method": draw(st.sampled_from(METHODS)), "raw_path": raw_path, "headers": headers}
 
@@ -132,8 +138,6 @@ def expected(c: dict[str, Any]) -> dict[str, Any]:
                 "path": path, "valid": False, "caller": caller}
     d = decide(authorization_from_dict(c["authz"]),
                Request(c["caller"], c["method"] or "", path, c["headers"]))
-    if c["method"] is None and d.reason.endswith("has L7 permissions"):
-        pass  # same on both sides: L7 rules deny connections
     return {"allowed": d.allowed, "reason": d.reason, "path": path, "valid": True,
             "caller": caller}
 
@@ -141,8 +145,8 @@ def expected(c: dict[str, Any]) -> dict[str, Any]:
 def run_haproxy(tmp: Path, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (tmp / "in.json").write_text(json.dumps(cases))
     (tmp / "h.lua").write_text(
-        'local run = require("authz_harness")\n'
-        'run(function(p, s) local ok, re = Regex.new("\\\\A(?:" .. p .. ")\\\\z", true)\n'
+        'require("authz_harness").run_file(function(p, s)\n'
+        '  local ok, re = Regex.new("\\\\A(?:" .. p .. ")\\\\z", true)\n'
         '  if not ok then return nil end return re:exec(s) end,\n'
         f'  "{tmp}/in.json", "{tmp}/out-haproxy.json")\n')
     cfg = (f"global\n    lua-prepend-path {plugins_dir()}/common/?.lua\n"
@@ -156,9 +160,24 @@ def run_haproxy(tmp: Path, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return result
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=10)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self._path))
+        self.sock = sock
+
+
 def run_nginx(tmp: Path, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    (tmp / "in.json").write_text(json.dumps(cases))
+    """Each case as one request to nginx, its headers sent as the request's own."""
     (tmp / "logs").mkdir(exist_ok=True)
+    sock = tmp / "harness.sock"
+    sock.unlink(missing_ok=True)
+    lua_path = f"{plugins_dir()}/nginx/?.lua;{plugins_dir()}/common/?.lua;{ROOT}/tests/lua/?.lua;;"
     conf = f"""
 load_module /usr/lib/nginx/modules/ndk_http_module.so;
 load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
@@ -166,26 +185,52 @@ pid {tmp}/nginx.pid;
 error_log {tmp}/logs/error.log;
 events {{}}
 http {{
-    lua_package_path "{plugins_dir()}/common/?.lua;{ROOT}/tests/lua/?.lua;;";
-    init_by_lua_block {{
-        require("authz_harness")(function(p, s)
-            local from, _, err = ngx.re.find(s, "\\\\A(?:" .. p .. ")\\\\z", "jo")
-            if err then return nil end
-            return from ~= nil
-        end, "{tmp}/in.json", "{tmp}/out-nginx.json")
-        -- nginx -t does not run init_by_lua: nginx runs it in the foreground and
-        -- the harness ends the process here, before it serves anything.
-        os.exit(0)
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    lua_package_path "{lua_path}";
+    server {{
+        listen unix:{sock};
+        # Headers with '_' reach the rules, as on HAProxy.
+        underscores_in_headers on;
+        keepalive_requests 100000;
+        client_max_body_size 1m;
+        client_body_buffer_size 1m;
+        location / {{
+            content_by_lua_block {{
+                require("authz_harness").serve(function(p, s)
+                    local from, _, err = ngx.re.find(s, "\\\\A(?:" .. p .. ")\\\\z", "jo")
+                    if err then return nil end
+                    return from ~= nil
+                end)
+            }}
+        }}
     }}
 }}
 """
     (tmp / "n.conf").write_text(conf)
-    proc = subprocess.run(["nginx", "-p", str(tmp), "-e", str(tmp / "logs/error.log"),
-                           "-c", str(tmp / "n.conf"), "-g", "daemon off; master_process off;"],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result: list[dict[str, Any]] = json.loads((tmp / "out-nginx.json").read_text())
-    return result
+    proc = subprocess.Popen(["nginx", "-p", str(tmp), "-e", str(tmp / "logs/error.log"),
+                             "-c", str(tmp / "n.conf"), "-g", "daemon off; master_process off;"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    conn = _UnixHTTPConnection(sock)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
+            assert time.monotonic() < deadline, "nginx did not open its socket"
+            time.sleep(0.02)
+        result = []
+        for c in cases:
+            body = json.dumps({k: v for k, v in c.items() if k != "headers"})
+            conn.request("POST", "/", body=body, headers=c["headers"])
+            resp = conn.getresponse()
+            answer = resp.read().decode()
+            assert resp.status == 200, (answer, (tmp / "logs/error.log").read_text())
+            result.append(json.loads(answer))
+        return result
+    finally:
+        conn.close()
+        proc.terminate()
+        proc.communicate(timeout=10)
 
 
 # No shrinking: every run of a proxy takes a moment, and a failure names its case.
@@ -202,12 +247,39 @@ def test_lua_decides_like_python_on_both_proxies(tmp_path: Path,
 
 
 def test_the_harness_can_tell_a_difference(tmp_path: Path) -> None:
-    """A wrong decision is caught: the comparison above is not vacuous."""
+    """An allow and a deny come back as such: the comparison above is not vacuous."""
     authz, _ = compile_intentions("api", [{"SourceName": "web", "DestinationName": "api",
                                            "Action": "allow", "Precedence": 9}],
                                   http=True, default_action="deny")
-    c = {"authz": authz.to_data(), "caller": "web", "cn": "web.svc.meshctl.test", "method": "GET",
-         "raw_path": "/", "headers": {}}
-    got = run_haproxy(tmp_path, [c])
-    assert got[0]["allowed"] is True
-    assert got[0] != {**expected(c), "allowed": False}
+    cases = [{"authz": authz.to_data(), "caller": caller, "cn": f"{caller}.svc.meshctl.test",
+              "method": "GET", "raw_path": "/", "headers": {}} for caller in ("web", "db")]
+    want = [expected(c) for c in cases]
+    for run in (run_haproxy, run_nginx):
+        got = run(tmp_path, cases)
+        assert got == want, run.__name__
+        assert got[0]["allowed"] != got[1]["allowed"], run.__name__
+
+
+def test_an_underscore_header_is_not_its_dash_twin(tmp_path: Path) -> None:
+    """A permission on ``x_user`` is not met by ``x-user``, nor one on ``x-user`` by ``x_user``.
+
+    On a miss for ``x_user``, the table of nginx's ngx.req.get_headers() answers
+    the ``x-user`` header; meshctl's nginx modules must tell them apart, as
+    HAProxy and decide() do.
+    """
+    def permission_on(name: str) -> dict[str, Any]:
+        authz, _ = compile_intentions("api", [{
+            "SourceName": "web", "DestinationName": "api", "Precedence": 9,
+            "Permissions": [{"Action": "allow",
+                             "HTTP": {"Header": [{"Name": name, "Present": True}]}}]}],
+            http=True, default_action="deny")
+        return authz.to_data()
+
+    cases = [{"authz": permission_on(rule), "caller": "web", "cn": "web.svc.meshctl.test",
+              "method": "GET", "raw_path": "/", "headers": {sent: "1"}}
+             for rule, sent in (("x_user", "x-user"), ("x_user", "x_user"),
+                                ("x-user", "x_user"), ("X-User", "x-user"))]
+    want = [expected(c) for c in cases]
+    assert [w["allowed"] for w in want] == [False, True, False, True]
+    for run in (run_haproxy, run_nginx):
+        assert run(tmp_path, cases) == want, run.__name__

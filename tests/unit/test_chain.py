@@ -23,10 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from meshctl._regex import RegexError, check_regex
+from meshctl._regex import RegexError, check_regex, regex_field
 from meshctl.agent import instances_from, source_keys
-from meshctl.chain import TargetQuery, chain_queries, compile_chain, duration_ms
+from meshctl.chain import (
+    COOKIE_NAME,
+    QUERY_NAME,
+    TargetQuery,
+    chain_queries,
+    compile_chain,
+    duration_ms,
+)
 from meshctl.cli.routes import render_routes
 from meshctl.consul import DiscoveryChain, HealthConnect
 from meshctl.errors import CompileError
@@ -41,7 +50,7 @@ from meshctl.proxy import l7
 from meshctl.proxy.base import ProxyPaths
 from meshctl.proxy.haproxy import HAProxyDriver
 from meshctl.proxy.nginx import NginxDriver
-from meshctl.proxy.templating import hap_log_format, hap_path_format, hap_quote
+from meshctl.proxy.templating import hap_log_format, hap_path_format, hap_quote, ident
 from meshctl.services import ServiceDefinition, Upstream
 from tests.meshdata import CERTS, web
 
@@ -206,6 +215,10 @@ def test_bad_durations_are_refused(value: object) -> None:
     (["Match", "HTTP", "Header"], [{"Name": "x user", "Present": True}], "Header[0].Name"),
     (["Match", "HTTP", "Header"], [{"Name": ":authority", "Exact": "a"}], "Header[0].Name"),
     (["Match", "HTTP", "QueryParam"], [{"Name": "q", "Exact": "a\rb"}], "QueryParam[0].Exact"),
+    # Names in HAProxy's config (url_param): what its templates take as a name.
+    (["Match", "HTTP", "QueryParam"], [{"Name": "a~b", "Present": True}], "QueryParam[0].Name"),
+    (["Match", "HTTP", "QueryParam"], [{"Name": "-q", "Exact": "1"}], "QueryParam[0].Name"),
+    (["Match", "HTTP", "QueryParam"], [{"Name": ".q", "Exact": "1"}], "QueryParam[0].Name"),
     (["Match", "HTTP", "PathPrefix"], "/a b", "PathPrefix"),
     (["Match", "HTTP", "PathExact"], '/a"b', "PathExact"),
     (["Match", "HTTP", "Methods"], ["get"], "Methods"),
@@ -241,6 +254,36 @@ def test_hash_policy_names_are_checked() -> None:
         compile_chain(data, destination="api", trust_domain="t", datacenter="dc1", instances={})
 
 
+@pytest.mark.parametrize(("kind", "name"), [
+    ("cookie", "-sess"), ("cookie", ".sess"), ("query_parameter", "~q"),
+    ("query_parameter", "-q"), ("query_parameter", "a~b")])
+def test_hash_policy_names_haproxy_cannot_carry_are_refused(kind: str, name: str) -> None:
+    data = chain("api")
+    node = data["Chain"]["Nodes"]["resolver:v1.api.default.default.dc1"]
+    node["LoadBalancer"]["HashPolicies"][0] = {"Field": kind, "FieldValue": name}
+    with pytest.raises(CompileError, match=r"service-resolver 'api': LoadBalancer.HashPolicies"
+                                           r"\[0\].FieldValue"):
+        compile_chain(data, destination="api", trust_domain="t", datacenter="dc1", instances={})
+
+
+@pytest.mark.parametrize("kind", ["cookie", "query_parameter"])
+@pytest.mark.parametrize("name", ["_s", "s.1", "S-2"])
+def test_query_and_cookie_names_compile_accepts_render_on_haproxy(kind: str, name: str) -> None:
+    answer = mutate(chain("api"), 0, ["Match", "HTTP", "QueryParam"],
+                    [{"Name": name, "Exact": "1"}])
+    node = answer["Chain"]["Nodes"]["resolver:v1.api.default.default.dc1"]
+    node["LoadBalancer"]["HashPolicies"][0] = {"Field": kind, "FieldValue": name}
+    text = HAProxyDriver(PATHS).render(snap(answer), "0123456789abcdef")["haproxy.cfg"]
+    assert f"urlp({name}) -m str" in text
+    assert (f"balance hash req.cook({name})" if kind == "cookie"
+            else f"balance url_param {name}") in text
+
+
+@given(st.from_regex(QUERY_NAME) | st.from_regex(COOKIE_NAME))
+def test_every_query_or_cookie_name_compile_accepts_is_a_config_name(name: str) -> None:
+    assert ident(name) == name
+
+
 def test_unknown_fields_are_reported_not_dropped() -> None:
     data = mutate(chain("api"), 0, ["Destination", "Mirror"], {"Service": "shadow"})
     warnings = compile_chain(data, destination="api", trust_domain="t", datacenter="dc1",
@@ -273,6 +316,16 @@ def test_portable_regexes_pass(pattern: str) -> None:
 def test_regexes_outside_the_portable_subset_are_refused(pattern: str) -> None:
     with pytest.raises(RegexError):
         check_regex(pattern)
+
+
+def test_regex_fields_are_checked_by_one_wrapper_naming_the_field() -> None:
+    assert regex_field(None, "F") == "" and regex_field("", "F") == ""
+    assert regex_field("/a.*", "F") == "/a.*"
+    with pytest.raises(CompileError, match=r"^F: 7 is not a string"):
+        regex_field(7, "F")
+    for bad in ("a*+b", "x" * 1025, "a\nb"):
+        with pytest.raises(CompileError, match=r"^F: .* is not a portable regex: "):
+            regex_field(bad, "F")
 
 
 # ---------------------------------------------------------------- snapshot

@@ -13,6 +13,7 @@ from meshctl.mesh import Endpoint, Instance
 from meshctl.proxy.base import ProxyPaths
 from meshctl.proxy.haproxy import HAProxyDriver, _slot_commands, assign_slots, slot_count
 from meshctl.proxy.nginx import NginxDriver
+from meshctl.services import SERVICE_ID
 from tests.meshdata import snapshot
 
 PATHS = ProxyPaths(Path("/var/lib/meshctl/proxy/current"), Path("/var/lib/meshctl/haproxy"),
@@ -141,3 +142,44 @@ def test_runtime_commands_refuse_anything_unchecked(state: dict[str, object]) ->
 
     with pytest.raises(ProxyError):
         _slot_commands(state)
+
+
+@pytest.mark.parametrize("protocol", ["http", "tcp"])
+@pytest.mark.parametrize("instance_id", ["-api", ".x"])
+def test_any_instance_id_consul_may_answer_renders_on_both_drivers(
+        instance_id: str, protocol: str) -> None:
+    """Instance ids are not names in the config: one Consul may answer never fails a render."""
+    assert SERVICE_ID.match(instance_id)  # what meshctl.consul accepts from Consul
+    snap = snapshot(instances={"api": [Instance("h2", instance_id, "198.18.0.12", 21000)]},
+                    protocols={"web": protocol, "api": protocol})
+    text = HAProxyDriver(PATHS).render(snap, "g")["haproxy.cfg"]
+    assert [ln.split()[2] for ln in servers(text) if not ln.endswith("disabled")] == [
+        "198.18.0.12:21000"]
+    text = NginxDriver(PATHS).render(snap, "g")["nginx.conf"]
+    assert ("198.18.0.12:21000" in text) == (protocol == "tcp")  # http: the Lua balancer's
+
+
+def _log_lines(driver: HAProxyDriver | NginxDriver, *lines: str) -> None:
+    with driver.log_file.open("a") as fh:
+        fh.writelines(f"{ln}\n" for ln in lines)
+
+
+@pytest.mark.parametrize(("cls", "old", "new", "reason"), [
+    (NginxDriver, "[emerg] 1#1: old failure", "[emerg] 2#2: bind() failed",
+     "2#2: bind() failed"),
+    (HAProxyDriver, "[ALERT]    (1) : cannot bind old", "[ALERT]    (2) : Reload failed: x",
+     "(2) : Reload failed: x"),
+])
+def test_reload_failure_reads_only_what_the_proxy_logged_since_the_mark(
+        tmp_path: Path, cls: type[HAProxyDriver | NginxDriver], old: str, new: str,
+        reason: str) -> None:
+    driver = cls(ProxyPaths(tmp_path / "current", tmp_path / "state", tmp_path / "run",
+                            tmp_path / "plugins"))
+    assert driver.reload_failure() == ""  # no log yet
+    driver.log_file.parent.mkdir(parents=True)
+    _log_lines(driver, old)
+    driver.mark_reload()
+    assert driver.reload_failure() == ""
+    _log_lines(driver, "[notice] reloading", new)
+    assert driver.reload_failure() == reason
+    assert driver.error_log_hint() == str(driver.log_file)

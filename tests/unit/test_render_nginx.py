@@ -87,3 +87,11 @@ def test_names_with_newlines_or_separators_are_refused(value: str) -> None:
         ident(value)
     with pytest.raises(CompileError):
         safe_path("/" + value)
+
+
+def test_a_reload_reads_the_state_file_once_for_endpoints_and_intentions() -> None:
+    init = render().split("init_by_lua_block {", 1)[1].split("\n    }\n", 1)[0]
+    assert init.count("meshctl_state") == 1
+    assert 'local path = "/var/lib/meshctl/nginx/endpoints.json"' in init
+    assert 'require("meshctl_balancer").init(state, path)' in init
+    assert 'require("meshctl_authz").init(state, path)' in init
