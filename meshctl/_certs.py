@@ -8,15 +8,13 @@ CSPRNG behind :func:`new_key_and_csr`, as a private key must be.
 
 from __future__ import annotations
 
-import contextlib
 import grp
+import hashlib
 import logging
 import os
 import random
 import re
-import stat
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from meshctl._fs import write_atomic
 from meshctl.errors import ConfigError, SourceError
 from meshctl.mesh import CertPaths, check_service_name
 
@@ -221,6 +220,20 @@ def leaf_chain_pem(certificate: str, ca_chain: list[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def identity_problem(leaf: LeafCert, *, dns_name: str, uri_san: str) -> str | None:
+    """How ``leaf``'s identity differs from the wanted one, or None if it is exactly it.
+
+    The wanted identity: CN and only DNS SAN ``dns_name``, only URI SAN ``uri_san``.
+    """
+    if leaf.common_name != dns_name:
+        return f"common name is {leaf.common_name!r}, wanted {dns_name!r}"
+    if set(leaf.dns_names) != {dns_name}:
+        return f"DNS SANs are {sorted(leaf.dns_names)}, wanted [{dns_name!r}]"
+    if leaf.uri_sans != (uri_san,):
+        return f"URI SANs are {list(leaf.uri_sans)}, wanted [{uri_san!r}]"
+    return None
+
+
 def reuse_problem(
     leaf: LeafCert,
     *,
@@ -244,12 +257,9 @@ def reuse_problem(
         return f"expired at {leaf.not_after.isoformat()}"
     if leaf.remaining(now) <= leaf.lifetime * (1 - RENEW_FRACTION):
         return "less than a third of its lifetime remains"
-    if leaf.common_name != dns_name:
-        return f"common name is {leaf.common_name!r}, wanted {dns_name!r}"
-    if set(leaf.dns_names) != {dns_name}:
-        return f"DNS SANs are {sorted(leaf.dns_names)}, wanted [{dns_name!r}]"
-    if leaf.uri_sans != (uri_san,):
-        return f"URI SANs are {list(leaf.uri_sans)}, wanted [{uri_san!r}]"
+    problem = identity_problem(leaf, dns_name=dns_name, uri_san=uri_san)
+    if problem is not None:
+        return problem
     if max_lifetime is not None and leaf.lifetime > max_lifetime * 1.1 + timedelta(seconds=60):
         return f"lifetime {leaf.lifetime} exceeds the configured TTL {max_lifetime}"
     if ca_pem.strip() and not leaf.chains_to(ca_pem):
@@ -276,54 +286,6 @@ def renew_at(
 
 
 # ---------------------------------------------------------------- the store
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, gid: int | None = None) -> bool:
-    """Write ``data`` to ``path`` atomically unless it already holds those bytes.
-
-    The temporary file is created 0600 in the same directory (mkstemp), gets its
-    group and final mode before any byte is written, is fsynced, then renamed
-    over ``path``. Returns True if the file changed. Raises SourceError on I/O
-    failure (naming the path, never the content).
-    """
-    try:
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            st = None
-        if st is not None and path.read_bytes() == data:
-            if stat.S_IMODE(st.st_mode) != mode or (gid is not None and st.st_gid != gid):
-                if gid is not None:
-                    os.chown(path, -1, gid)
-                os.chmod(path, mode)
-                log.info("fixed mode of %s to %o", path, mode)
-            return False
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                if gid is not None:
-                    os.fchown(fh.fileno(), -1, gid)
-                os.fchmod(fh.fileno(), mode)
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    return True
 
 
 class CertStore:
@@ -360,7 +322,24 @@ class CertStore:
         return self.dir / self.CA_FILE
 
     def paths(self, service: str) -> CertPaths:
-        """Where ``service``'s certificate, key and the CA bundle live (for compile())."""
+        """Where ``service``'s certificate, key and the CA bundle live, for compile().
+
+        ``digest`` fingerprints the certificate and CA files as they are now
+        (a missing file counts as such): a renewed leaf or a new CA bundle
+        changes the rendered config, so the proxy reloads and serves it. The
+        agent and ``meshctl render`` both take it from here, so they render the
+        same generation from the same files.
+        """
+        files = self._files(service)
+        h = hashlib.sha256()
+        for f in (files.cert, files.ca):
+            try:
+                h.update(Path(f).read_bytes())
+            except OSError:
+                h.update(b"missing")
+        return replace(files, digest=h.hexdigest()[:16])
+
+    def _files(self, service: str) -> CertPaths:
         check_service_name(service)
         return CertPaths(
             cert=str(self.dir / f"{service}.crt"),
@@ -378,7 +357,7 @@ class CertStore:
         """Store ``leaf`` for ``service`` (key first, so a crash leaves a pair that
         :meth:`load` rejects rather than a new certificate with an old key).
         Returns True if a file changed. Raises SourceError."""
-        paths = self.paths(service)
+        paths = self._files(service)
         self._ensure_dir()
         changed = write_atomic(
             Path(paths.key), leaf.key_pem.encode("ascii"), mode=self.key_mode, gid=self._gid
@@ -402,7 +381,7 @@ class CertStore:
         """The leaf stored for ``service`` (with the CA bundle as ``ca_pem``), or None
         if it is missing or unusable (bad PEM, key not matching). Does not judge
         validity: see :func:`reuse_problem`."""
-        paths = self.paths(service)
+        paths = self._files(service)
         try:
             cert_pem = Path(paths.cert).read_text("ascii")
             key_pem = Path(paths.key).read_text("ascii")
@@ -418,8 +397,9 @@ class CertStore:
             return None
 
     def remove(self, service: str) -> bool:
-        """Delete ``service``'s certificate and key (a service left the host)."""
-        paths = self.paths(service)
+        """Delete ``service``'s certificate and key (a service left the host); the
+        CA bundle stays. Returns True if a file was removed. Raises SourceError."""
+        paths = self._files(service)
         removed = False
         for p in (paths.cert, paths.key):
             try:

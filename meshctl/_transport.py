@@ -2,12 +2,15 @@
 
 Shared by the Consul and Vault adapters (both speak HTTP through requests), so
 an operator reads the same words, and the same hint at the setting to fix, for
-either. Never quotes anything but the OpenSSL reason and the errno text.
+either: :func:`describe`. Never quotes anything but the OpenSSL reason, the
+errno text and exception class names.
 """
 
 from __future__ import annotations
 
 import re
+
+import requests
 
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()\]]+)")
 _SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\] ([^('\"]+)")
@@ -63,3 +66,26 @@ def tls_failure(exc: BaseException, section: str, env_prefix: str) -> str:
     else:
         hint = ""
     return f"TLS handshake failed: {reason}" + (f" ({hint})" if hint else "")
+
+
+def describe(
+    exc: BaseException, section: str, env_prefix: str, timeout: float | None = None
+) -> str | None:
+    """The words for a failed request, or None if ``exc`` is not a requests failure.
+
+    ``TLS handshake failed: …`` (see :func:`tls_failure`), ``no answer within
+    <timeout>s`` (``no answer in time`` when ``timeout`` is None, e.g. for a
+    blocking query whose limit includes its wait), ``cannot connect: <the OS's
+    reason>``, or ``request failed: <exception class>``. ``section`` and
+    ``env_prefix`` name the settings, as for :func:`tls_failure`.
+    """
+    # SSLError and ConnectTimeout are ConnectionErrors too: most specific first.
+    if isinstance(exc, requests.exceptions.SSLError):
+        return tls_failure(exc, section, env_prefix)
+    if isinstance(exc, requests.exceptions.Timeout):
+        return f"no answer within {timeout:g}s" if timeout is not None else "no answer in time"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return f"cannot connect: {errno_reason(exc) or type(exc).__name__}"
+    if isinstance(exc, requests.exceptions.RequestException):
+        return f"request failed: {type(exc).__name__}"
+    return None

@@ -9,7 +9,6 @@ values, so a source in error keeps contributing its last good answer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -17,14 +16,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meshctl import metrics
 from meshctl._certs import utcnow
+from meshctl._fs import write_atomic
 from meshctl._watch import Key, backoff_delay
-from meshctl.apply import Applier, ApplyResult, write_atomic
+from meshctl.apply import Applier
 from meshctl.chain import TargetQuery, chain_key, chain_queries
 from meshctl.config import AgentConfig
 from meshctl.consul import (
@@ -35,14 +35,21 @@ from meshctl.consul import (
     IntentionMatch,
     Watcher,
 )
-from meshctl.errors import CompileError, ConsulError, DefinitionError, MeshctlError, Problem
+from meshctl.errors import (
+    CompileError,
+    ConfigError,
+    ConsulError,
+    DefinitionError,
+    MeshctlError,
+    Problem,
+)
 from meshctl.mesh import (
     CertPaths,
     Instance,
     LocalService,
     Snapshot,
     compile_snapshot,
-    snapshot_from_dict,
+    read_snapshot,
 )
 from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
 from meshctl.resources import plugins_dir
@@ -81,14 +88,14 @@ class Quiescence:
         while True:
             with self._lock:
                 first, last = self._first or 0.0, self._last
-            now = time.monotonic()
-            due = min(last + self.wait_min, first + self.wait_max)
-            if now >= due:
-                with self._lock:
+                now = time.monotonic()
+                due = min(last + self.wait_min, first + self.wait_max)
+                if now >= due:
                     self._first = None
                     self._event.clear()
-                return True
-            time.sleep(min(due - now, 0.05))
+                    return True
+            # A trigger meanwhile only moves ``due`` later: sleeping until it never oversleeps.
+            time.sleep(due - now)
 
 
 @dataclass
@@ -96,17 +103,6 @@ class _CertState:
     paths: CertPaths
     not_after: float
     renew_at: float
-
-
-def _with_digest(paths: CertPaths) -> CertPaths:
-    """``paths`` with the fingerprint of the certificate and CA files as they are now."""
-    h = hashlib.sha256()
-    for f in (paths.cert, paths.ca):
-        try:
-            h.update(Path(f).read_bytes())
-        except OSError:
-            h.update(b"missing")
-    return replace(paths, digest=h.hexdigest()[:16])
 
 
 @dataclass
@@ -158,6 +154,7 @@ class Agent:
         self._warned: set[str] = set()
         self._source_state: dict[str, dict[str, Any]] = {}
         self._wanted_since: dict[Key, float] = {}
+        self._endpoint_gauges: set[str] = set()  # clusters with an UPSTREAM_ENDPOINTS series
 
     # ------------------------------------------------------------ lifecycle
 
@@ -231,7 +228,11 @@ class Agent:
         self._observer.start()
 
     def _next_deadline(self) -> float:
-        times = [self._next_sync, self._retry_at, self._next_ca]
+        times = [self._next_sync, self._retry_at]
+        if any(self._file_services.values()):
+            # The CA bundle is refreshed only for local services: without any,
+            # its deadline stays in the past and would wake the loop at once.
+            times.append(self._next_ca)
         times += [c.renew_at for c in self._certs.values()]
         return min(times) if times else time.time() + 1.0
 
@@ -241,10 +242,11 @@ class Agent:
         """One pass: definitions → registrations → certificates → compile → apply."""
         log.debug("reconcile")
         services = self._read_definitions()
-        self._sync_registrations(services)
+        address = self._sidecar_address()  # a Consul call while it is unknown: once per pass
+        self._sync_registrations(services, address)
         self._refresh_certificates(services)
         self._watch_upstreams(services)
-        self._compile_and_apply(services)
+        self._compile_and_apply(services, address)
 
     def _read_definitions(self) -> list[ServiceDefinition]:
         defs, problems = load_definitions(self.cfg.services_dir)
@@ -261,10 +263,11 @@ class Agent:
         for f in set(self._problems) - set(bad):
             log.info("definition %s is valid again", f)
         self._problems = bad
-        present = {str(p) for p in self.cfg.services_dir.glob("*")}
         merged: dict[str, list[ServiceDefinition]] = {}
         for f in set(by_file) | set(self._file_services):
-            if f in bad and f in present:
+            # A file with problems was listed, so it is present (one deleted
+            # while being read is dropped on the pass its deletion triggers).
+            if f in bad:
                 merged[f] = self._file_services.get(f, [])  # broken file: keep last good
             elif f in by_file:
                 merged[f] = by_file[f]
@@ -290,11 +293,13 @@ class Agent:
                 return ""
         return self._address
 
-    def _sync_registrations(self, services: list[ServiceDefinition]) -> None:
+    def _sync_registrations(self, services: list[ServiceDefinition], address: str) -> None:
         now = time.time()
         force = now >= self._next_sync
-        address = self._sidecar_address()
         if not address:
+            # Consul has not told us our address yet: retry like a failed sync,
+            # or the loop would wake at once (the sync deadline stays in the past).
+            self._next_sync = now + self._sync_retry_delay()
             return
         try:
             if force:
@@ -304,8 +309,9 @@ class Agent:
                     if sid not in present:
                         log.info("registration of %s missing from Consul; registering again", sid)
                         del self._registered[sid]
-                for sid in present - {d.id for d in services}:
+                for sid in sorted(present - {d.id for d in services}):
                     self.consul.deregister(sid)
+                    self._registered.pop(sid, None)  # or the loop below deregisters it again
                     log.info("deregistered %s (no longer defined)", sid)
                 self._next_sync = now + self.cfg.sync_interval
             wanted = {d.id: d for d in services}
@@ -323,7 +329,10 @@ class Agent:
             self._source_ok("consul-registration")
         except ConsulError as exc:
             self._source_error("consul-registration", exc)
-            self._next_sync = now + min(5.0, self.cfg.sync_interval) * (0.5 + random.random())
+            self._next_sync = now + self._sync_retry_delay()
+
+    def _sync_retry_delay(self) -> float:
+        return min(5.0, self.cfg.sync_interval) * (0.5 + random.random())
 
     def _refresh_certificates(self, services: list[ServiceDefinition]) -> None:
         names = sorted({d.name for d in services})
@@ -345,14 +354,15 @@ class Agent:
                     self._certs[name].renew_at = retry
                 elif cached is not None and cached.valid_at(utcnow()):
                     # Vault is down at start: serve with the leaf still on disk.
-                    self._certs[name] = _CertState(_with_digest(self.store.paths(name)),
+                    self._certs[name] = _CertState(self.store.paths(name),
                                                    cached.not_after.timestamp(), retry)
+                    metrics.CERT_EXPIRY.labels(service=name).set(cached.not_after.timestamp())
                 continue
             self._source_ok("vault")
             if changed:
                 log.info("certificate for %s issued (serial %s, expires %s)", name, leaf.serial,
                          leaf.not_after.isoformat())
-            self._certs[name] = _CertState(_with_digest(self.store.paths(name)),
+            self._certs[name] = _CertState(self.store.paths(name),
                                            leaf.not_after.timestamp(), renew_at(leaf).timestamp())
             metrics.CERT_EXPIRY.labels(service=name).set(leaf.not_after.timestamp())
         if now >= self._next_ca and names:
@@ -360,14 +370,21 @@ class Agent:
             try:
                 if refresh_ca(self.vault, self.store):
                     log.info("mesh CA bundle changed")
-                    for st in self._certs.values():
-                        st.paths = _with_digest(st.paths)
                 self._next_ca = now + self.cfg.ca_refresh_interval
             except MeshctlError as exc:
                 self._source_error("vault", exc)
                 self._next_ca = now + 10.0 + random.random() * 5
         for gone in set(self._certs) - set(names):
             del self._certs[gone]
+            metrics.CERT_EXPIRY.remove(gone)
+            try:
+                self.store.remove(gone)  # its private key must not outlive the service
+            except MeshctlError as exc:
+                log.warning("%s", exc)
+        for name, st in self._certs.items():
+            # The files as they are now (a leaf or the CA bundle may have changed):
+            # the same fingerprint `meshctl render` computes.
+            st.paths = self.store.paths(name)
 
     def _watch_upstreams(self, services: list[ServiceDefinition]) -> None:
         # The set follows the discovery chains already known: a chain that now
@@ -393,11 +410,10 @@ class Agent:
             self._retry_at = min(self._retry_at, min(pending) + FIRST_ANSWER_WAIT)
         return bool(pending)
 
-    def _compile_and_apply(self, services: list[ServiceDefinition]) -> None:
+    def _compile_and_apply(self, services: list[ServiceDefinition], address: str) -> None:
         if self._awaiting_first_answers():
             log.debug("waiting for the first answer of new health watches")
             return
-        address = self._sidecar_address()
         locals_: list[LocalService] = []
         for d in services:
             cert = self._certs.get(d.name)
@@ -432,8 +448,7 @@ class Agent:
             metrics.APPLY_TOTAL.labels(result=result.action).inc()
             if result.action != "unchanged":
                 self._persist(snapshot)
-                for c in snapshot.clusters:
-                    metrics.UPSTREAM_ENDPOINTS.labels(cluster=c.id).set(len(c.endpoints))
+            self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
             self._last_snapshot = snapshot
             self._source_ok("proxy")
             self._retry_at = float("inf")
@@ -456,17 +471,15 @@ class Agent:
         try:
             result = self.applier.apply(snapshot)
             log.info("serving the last good snapshot (%s) before Consul answers", result.action)
+            self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
         except MeshctlError as exc:
             log.error("could not serve the last good snapshot: %s", exc)
 
     def _load_last_good(self) -> Snapshot | None:
         try:
-            return snapshot_from_dict(json.loads(self.cfg.snapshot_path.read_text()))
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable last good snapshot %s: %s",
-                        self.cfg.snapshot_path, exc)
+            return read_snapshot(self.cfg.snapshot_path)
+        except ConfigError as exc:
+            log.warning("ignoring the last good snapshot: %s", exc)
             return None
 
     def _persist(self, snapshot: Snapshot) -> None:
@@ -532,6 +545,19 @@ class Agent:
         write_atomic(self.cfg.state_path, text.encode(), 0o644)
 
 
+def _update_endpoint_gauges(snapshot: Snapshot, previous: set[str]) -> set[str]:
+    """Set the endpoint gauge of every cluster of ``snapshot`` and remove the others'.
+
+    ``previous``: the clusters the last call set; returns the ones set now.
+    """
+    current = {c.id for c in snapshot.clusters}
+    for c in snapshot.clusters:
+        metrics.UPSTREAM_ENDPOINTS.labels(cluster=c.id).set(len(c.endpoints))
+    for gone in sorted(previous - current):
+        metrics.UPSTREAM_ENDPOINTS.remove(gone)
+    return current
+
+
 Getter = Callable[[Key], Any]
 
 
@@ -550,11 +576,10 @@ def health_of(query: TargetQuery) -> HealthConnect:
                          datacenter=query.datacenter, filter=query.filter)
 
 
-def _queries(get: Getter | None, upstreams: set[tuple[str, str]], datacenter: str,
-             ) -> set[TargetQuery]:
+def _queries(get: Getter, upstreams: set[tuple[str, str]], datacenter: str) -> set[TargetQuery]:
     out: set[TargetQuery] = set()
     for dest, dc in sorted(upstreams):
-        chain = get(chain_of(dest, dc)) if get is not None else None
+        chain = get(chain_of(dest, dc))
         if isinstance(chain, dict):
             try:
                 out |= chain_queries(chain, datacenter)
@@ -563,8 +588,7 @@ def _queries(get: Getter | None, upstreams: set[tuple[str, str]], datacenter: st
     return out
 
 
-def source_keys(services: list[ServiceDefinition], get: Getter | None = None,
-                datacenter: str = "") -> set[Key]:
+def source_keys(services: list[ServiceDefinition], get: Getter, datacenter: str) -> set[Key]:
     """Every Consul key the snapshot of these local services depends on.
 
     Each upstream's discovery chain (Consul re-answers it whenever one of the
@@ -728,12 +752,3 @@ def run_agent(cfg: AgentConfig, ready: Callable[[], None] | None = None) -> None
         ready()
     agent.run()
 
-
-def last_apply(cfg: AgentConfig) -> ApplyResult | None:
-    """The last apply result recorded by a running agent, if any."""
-    try:
-        data = json.loads(cfg.state_path.read_text())
-    except (OSError, ValueError):
-        return None
-    la = data.get("last_apply") or {}
-    return ApplyResult(**la) if la else None

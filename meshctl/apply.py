@@ -32,13 +32,13 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshctl.errors import MeshctlError, ProxyError, ReloadError
+from meshctl._fs import fsync_dir, write_atomic
+from meshctl.errors import MeshctlError, ProxyError, ReloadError, SourceError
 from meshctl.mesh import Snapshot
 from meshctl.proxy.base import ProxyDriver, RenderedConfig
 
@@ -65,38 +65,6 @@ class ApplyResult:
             "at": self.at,
             "reloads": self.reloads,
         }
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
-    """Write ``data`` to ``path`` atomically; skip and return False if unchanged."""
-    try:
-        if path.read_bytes() == data:
-            return False
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Applier:
@@ -130,7 +98,9 @@ class Applier:
         Endpoint-only changes are pushed at run time (action ``endpoints``);
         anything else reloads (``reloaded``, or ``started``). Raises
         CompileError (rendering), ValidationError (the proxy refused the
-        files; nothing was swapped) or ReloadError (after rolling back).
+        files; nothing was swapped), ProxyError (the files could not be written
+        or swapped in, e.g. a full disk; the proxy was not touched) or
+        ReloadError (after rolling back).
         """
         rendered = self.driver.render_config(snapshot)
         generation, target = rendered.generation, rendered.dirname
@@ -142,16 +112,20 @@ class Applier:
         except OSError:
             previous_endpoints = None
         # Written before any (re)load, so the proxy loads the current endpoints.
-        moved = endpoints is not None and write_atomic(
-            self.driver.endpoints_file, json.dumps(endpoints, sort_keys=True).encode(), 0o640
-        )
+        try:
+            moved = endpoints is not None and write_atomic(
+                self.driver.endpoints_file, json.dumps(endpoints, sort_keys=True).encode(), 0o640
+            )
+        except SourceError as exc:
+            error = ProxyError(f"proxy {self.driver.name}: endpoint document: {exc}")
+            self._done(ApplyResult("failed", generation, error=str(error)))
+            raise error from None
         if (previous is not None and _generation(previous) == generation and running
                 and self._serving(generation)):
             if previous == target and not moved:
                 return self._done(ApplyResult("unchanged", generation))
             return self._apply_endpoints(rendered, previous, endpoints, previous_endpoints)
-        self._stage_and_validate(rendered, previous_endpoints)
-        self._swap(target)
+        self._stage_and_swap(rendered, previous_endpoints)
         action = self._load(running, generation, previous, target, previous_endpoints)
         self._prune(keep={target, previous or ""})
         log.info("proxy %s: %s generation %s", self.driver.name, action, generation)
@@ -163,8 +137,7 @@ class Applier:
         """Same structure, new endpoints: new files without a reload, then a run-time push."""
         generation, target = rendered.generation, rendered.dirname
         if target != previous:
-            self._stage_and_validate(rendered, previous_endpoints)
-            self._swap(target)
+            self._stage_and_swap(rendered, previous_endpoints)
         try:
             if endpoints is None:
                 raise ProxyError(f"{self.driver.name} renders endpoints it cannot change "
@@ -183,11 +156,15 @@ class Applier:
                  self.driver.name, generation)
         return self._done(ApplyResult("endpoints", generation))
 
-    def _stage_and_validate(self, rendered: RenderedConfig,
-                            previous_endpoints: bytes | None) -> None:
+    def _stage_and_swap(self, rendered: RenderedConfig,
+                        previous_endpoints: bytes | None) -> None:
+        """Write ``rendered`` under ``gen/``, have the proxy validate it, point
+        ``current`` at it. On failure the endpoint document is put back and
+        ValidationError or ProxyError raised; the proxy was not reloaded."""
         try:
             target = self._stage(rendered.dirname, rendered.files)
             self.driver.validate(target)
+            self._swap(rendered.dirname)
         except MeshctlError as exc:
             self._restore_endpoints(previous_endpoints)
             self._done(ApplyResult("failed", rendered.generation, error=str(exc)))
@@ -236,31 +213,50 @@ class Applier:
         self._last_reload = time.monotonic()
 
     def _stage(self, dirname: str, files: dict[str, str]) -> Path:
+        """``gen/<dirname>`` holding ``files``. Raises ProxyError (I/O failure; a
+        partly written staging directory is removed)."""
         target = self.gen_dir / dirname
         if target.is_dir():
             return target  # content-addressed: the same name holds the same bytes
         staging = self.gen_dir / f".{dirname}.staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for name, content in files.items():
-            write_atomic(staging / name, content.encode(), 0o644)
-        os.replace(staging, target)
-        _fsync_dir(self.gen_dir)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            for name, content in files.items():
+                write_atomic(staging / name, content.encode(), 0o644)
+            os.replace(staging, target)
+            fsync_dir(self.gen_dir)
+        except (OSError, SourceError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ProxyError(f"proxy {self.driver.name}: cannot stage config {dirname}: "
+                             f"{_reason(exc)}") from None
         return target
 
     def _swap(self, dirname: str) -> None:
+        """Point ``current`` at ``gen/<dirname>`` (atomically). Raises ProxyError."""
         tmp = self.proxy_dir / ".current.tmp"
-        tmp.unlink(missing_ok=True)
-        os.symlink(Path("gen") / dirname, tmp)
-        os.replace(tmp, self.current)
-        _fsync_dir(self.proxy_dir)
+        try:
+            tmp.unlink(missing_ok=True)
+            os.symlink(Path("gen") / dirname, tmp)
+            os.replace(tmp, self.current)
+            fsync_dir(self.proxy_dir)
+        except OSError as exc:
+            raise ProxyError(f"proxy {self.driver.name}: cannot point {self.current} at "
+                             f"{dirname}: {_reason(exc)}") from None
 
     def _restore_endpoints(self, data: bytes | None) -> None:
-        """Put back the endpoint document of the last good state (read at the next load)."""
-        if data is None:
-            self.driver.endpoints_file.unlink(missing_ok=True)
-        else:
-            write_atomic(self.driver.endpoints_file, data, 0o640)
+        """Put back the endpoint document of the last good state (read at the next load).
+
+        Best effort: runs while handling another failure, which it must not hide.
+        """
+        try:
+            if data is None:
+                self.driver.endpoints_file.unlink(missing_ok=True)
+            else:
+                write_atomic(self.driver.endpoints_file, data, 0o640)
+        except (OSError, SourceError) as exc:
+            log.error("proxy %s: cannot restore the endpoint document: %s", self.driver.name,
+                      _reason(exc))
 
     def _rollback(self, previous: str | None, failed: str, endpoints: bytes | None) -> None:
         log.error("proxy %s: config %s failed; rolling back to %s",
@@ -270,8 +266,8 @@ class Applier:
         if previous is None:
             self.current.unlink(missing_ok=True)
             return
-        self._swap(previous)
         try:
+            self._swap(previous)
             if self.driver.running():
                 self.driver.reload()
             else:
@@ -294,6 +290,10 @@ class Applier:
         for old in gens[:-KEEP_GENERATIONS]:
             if old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _reason(exc: OSError | SourceError) -> str:
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
 
 def _generation(dirname: str) -> str:

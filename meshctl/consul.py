@@ -29,6 +29,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import consul
@@ -37,38 +38,22 @@ from consul.callback import CB
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from meshctl._transport import errno_reason, tls_failure
-from meshctl._watch import (
-    BACKOFF_BASE,
-    BACKOFF_CAP,
-    DEFAULT_WAIT,
-    Key,
-    Subscription,
-    Watcher,
-    WatchStatus,
-    backoff_delay,
-    next_index,
-)
+from meshctl._transport import describe
+from meshctl._watch import Key, Watcher
 from meshctl.config import ConsulSettings
 from meshctl.errors import ConsulError
 from meshctl.mesh import Instance
 from meshctl.services import RESERVED_META, SERVICE_ID, SERVICE_NAME, Check, ServiceDefinition
 
+# Key and Watcher are re-exported: the keys below run in a Watcher.
 __all__ = [
-    "BACKOFF_BASE",
-    "BACKOFF_CAP",
-    "DEFAULT_WAIT",
     "ConfigEntry",
     "ConsulClient",
     "DiscoveryChain",
     "HealthConnect",
     "IntentionMatch",
     "Key",
-    "Subscription",
-    "WatchStatus",
     "Watcher",
-    "backoff_delay",
-    "next_index",
 ]
 
 log = logging.getLogger("meshctl.consul")
@@ -93,18 +78,19 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- errors
 
 
-def _describe(exc: BaseException) -> str:
-    """A short, secret-free account of a py-consul / requests failure."""
+def _describe(exc: BaseException, timeout: float | None = None) -> str:
+    """A short, secret-free account of a py-consul / requests failure.
+
+    ``timeout``: the request's limit; None for a watch key's blocking query,
+    whose limit also includes its wait.
+    """
     if isinstance(exc, consul.ACLPermissionDenied):
         return f"permission denied (check the token's policy): {str(exc)[:200]}"
     if isinstance(exc, consul.ConsulException):
         return str(exc)[:300] or type(exc).__name__
-    if isinstance(exc, requests.Timeout):
-        return "timed out"
-    if isinstance(exc, requests.exceptions.SSLError):
-        return tls_failure(exc, "consul", "CONSUL")
-    if isinstance(exc, requests.ConnectionError):
-        return f"unreachable ({errno_reason(exc) or type(exc).__name__})"
+    transport = describe(exc, "consul", "CONSUL", timeout)
+    if transport is not None:
+        return transport
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
@@ -621,10 +607,11 @@ class ConsulClient:
         return ConsulSession(self._new())
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``; any py-consul / requests failure becomes ConsulError("<what>: …")."""
         try:
             return fn()
         except _FAILURES as exc:
-            raise ConsulError(f"{what}: {_describe(exc)}") from None
+            raise ConsulError(f"{what}: {_describe(exc, self.timeout)}") from None
 
     # -- registration
 
@@ -642,15 +629,14 @@ class ConsulClient:
         for payload in (svc, side):
             checks = payload.pop("checks")
             sid = payload["service_id"]
-            try:
-                ok = c.agent.service.register(
-                    **payload,
-                    check=checks[0] if checks else None,
-                    extra_checks=checks[1:],
-                    replace_existing_checks=True,
-                )
-            except _FAILURES as exc:
-                raise ConsulError(f"register {sid}: {_describe(exc)}") from None
+            register = partial(
+                c.agent.service.register,
+                **payload,
+                check=checks[0] if checks else None,
+                extra_checks=checks[1:],
+                replace_existing_checks=True,
+            )
+            ok = self._call(f"register {sid}", register)
             if not ok:
                 raise ConsulError(f"register {sid}: the Consul agent refused the registration")
 
@@ -658,11 +644,8 @@ class ConsulClient:
         """Deregister a service and its sidecar; absent ones are fine. Raises ConsulError."""
         c = self.api
         for sid in (f"{service_id}-sidecar-proxy", service_id):
-            try:
-                # False means 404 (not registered): already gone is what we want.
-                c.agent.service.deregister(sid)
-            except _FAILURES as exc:
-                raise ConsulError(f"deregister {sid}: {_describe(exc)}") from None
+            # False means 404 (not registered): already gone is what we want.
+            self._call(f"deregister {sid}", partial(c.agent.service.deregister, sid))
 
     def registered_ids(self) -> set[str]:
         """Ids of the services meshctl registered with the local agent (meta ``meshctl=1``).

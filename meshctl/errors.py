@@ -64,7 +64,14 @@ class ConsulError(SourceError):
 
 
 class VaultError(SourceError):
-    """Vault was unreachable or refused authentication or issuance."""
+    """Vault was unreachable or refused authentication or issuance.
+
+    ``status``: the HTTP status of Vault's error answer, None if it did not answer one.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ProxyError(MeshctlError):

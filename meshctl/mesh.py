@@ -19,9 +19,10 @@ import json
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
-from meshctl.errors import CompileError
+from meshctl.errors import CompileError, ConfigError
 from meshctl.intentions import Authorization, authorization_from_dict, compile_intentions
 from meshctl.intentions import failed as failed_authorization
 from meshctl.intentions import pending as pending_authorization
@@ -326,19 +327,13 @@ class Snapshot:
 
 def snapshot_from_dict(data: Mapping[str, Any]) -> Snapshot:
     """Rebuild a Snapshot from ``Snapshot.to_dict()`` output (the persisted last good)."""
-
-    def tls(d: Mapping[str, Any]) -> CertPaths:
-        return CertPaths(**d)
-
     clusters = tuple(_from_plain(Cluster, c) for c in data["clusters"])
     inbounds = tuple(
-        Inbound(**{**i, "tls": tls(i["tls"]),
-                   "authz": authorization_from_dict(i.get("authz") or {"pending": True})})
+        _from_plain(Inbound, {
+            **i, "authz": authorization_from_dict(i.get("authz") or {"pending": True})})
         for i in data["inbounds"]
     )
-    outbounds = tuple(
-        _from_plain(Outbound, {**o, "tls": tls(o["tls"])}) for o in data["outbounds"]
-    )
+    outbounds = tuple(_from_plain(Outbound, o) for o in data["outbounds"])
     return Snapshot(
         node=data["node"],
         trust_domain=data["trust_domain"],
@@ -350,10 +345,46 @@ def snapshot_from_dict(data: Mapping[str, Any]) -> Snapshot:
     )
 
 
+def read_snapshot(path: Path) -> Snapshot | None:
+    """The snapshot persisted at ``path`` (the agent's last good), None if there is none.
+
+    Raises ConfigError when the file cannot be read (permissions, not a file)
+    or does not hold a snapshot.
+    """
+    try:
+        return snapshot_from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the snapshot: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: unreadable snapshot: {exc}") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: unreadable snapshot ({type(exc).__name__}: {exc})") from None
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """The agent state written at ``path`` (what ``meshctl status`` shows), None if none.
+
+    Raises ConfigError when the file cannot be read or is not a JSON object.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the agent state: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: unreadable agent state: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: unreadable agent state: not a JSON object")
+    return data
+
+
 def _from_plain(cls: type[T], data: Any) -> T:
     """Rebuild dataclass ``cls`` (nested dataclasses, tuples) from ``asdict`` output.
 
-    Values already of the right type pass through (``tls`` above); fields the
+    Values already of the right type pass through (``authz`` above); fields the
     data lacks take their defaults, so snapshots persisted by an older meshctl load.
     """
     if isinstance(data, cls):

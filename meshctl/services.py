@@ -9,11 +9,13 @@ snake_case or Consul's CamelCase. Every problem is reported as
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import json
 import os
 import re
 import stat
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +262,16 @@ def _read_text(path: Path) -> tuple[str | None, Problem | None]:
 
 _HCL_ROOT = "__meshctl_root__"
 _HCL_ERROR = re.compile(r"^Line (\d+), column \d+: (.*)\Z", re.DOTALL)
+# pyhcl's parser keeps its parse stacks on itself: one parse at a time.
+_HCL_LOCK = threading.Lock()
+
+
+@functools.cache
+def _hcl_parser() -> Any:
+    """The one pyhcl parser: building one (ply's tables) costs far more than a parse."""
+    from hcl.parser import HclParser  # type: ignore[import-untyped]
+
+    return HclParser()
 
 
 def _parse_hcl(text: str) -> object:
@@ -271,11 +283,10 @@ def _parse_hcl(text: str) -> object:
     collected into lists correctly, so the file is parsed inside a wrapper
     block. Raises ValueError with a message naming the line.
     """
-    from hcl.parser import HclParser  # type: ignore[import-untyped]
-
     # Same first line, so pyhcl's line numbers stay right.
     try:
-        data = HclParser().parse(f"{_HCL_ROOT} {{ {text}\n}}")
+        with _HCL_LOCK:
+            data = _hcl_parser().parse(f"{_HCL_ROOT} {{ {text}\n}}")
     except ValueError as exc:
         match = _HCL_ERROR.match(str(exc))
         if match is None:

@@ -32,12 +32,12 @@ from typing import Any, Protocol, TypeVar
 
 import hvac
 import hvac.exceptions
-import requests
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshctl._certs import (
     CertStore,
     LeafCert,
+    identity_problem,
     leaf_chain_pem,
     new_key_and_csr,
     parse_duration,
@@ -45,9 +45,9 @@ from meshctl._certs import (
     reuse_problem,
     split_pem_certs,
     utcnow,
-    write_atomic,
 )
-from meshctl._transport import errno_reason, tls_failure
+from meshctl._fs import write_atomic
+from meshctl._transport import describe
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError, MeshctlError, SourceError, VaultError
 from meshctl.mesh import check_service_name, identity_dns, spiffe_id
@@ -112,24 +112,21 @@ def _redact(text: str, secrets: Iterable[str]) -> str:
 def _translate(
     exc: BaseException, addr: str, what: str, secrets: Iterable[str], timeout: float
 ) -> VaultError:
-    """One VaultError for any failure of an hvac/requests call (never with a secret)."""
+    """One VaultError for any failure of an hvac/requests call (never with a secret);
+    its ``status`` is Vault's HTTP status when Vault answered with an error."""
+    status: int | None = None
+    transport = describe(exc, "vault", "VAULT", timeout)
     if isinstance(exc, hvac.exceptions.VaultError):
         status = _STATUS.get(type(exc))
         code = f"HTTP {status}" if status else "HTTP error"
         msg = f"Vault at {addr}: {what}: {code}: {_vault_detail(exc)}"
-    elif isinstance(exc, requests.exceptions.SSLError):
-        msg = f"Vault at {addr}: {what}: {tls_failure(exc, 'vault', 'VAULT')}"
-    elif isinstance(exc, requests.exceptions.Timeout):
-        msg = f"Vault at {addr}: {what}: no answer within {timeout:g}s"
-    elif isinstance(exc, requests.exceptions.ConnectionError):
-        msg = f"Vault at {addr}: {what}: cannot connect: {errno_reason(exc) or 'failed'}"
-    elif isinstance(exc, requests.exceptions.RequestException):
-        msg = f"Vault at {addr}: {what}: request failed: {type(exc).__name__}"
+    elif transport is not None:
+        msg = f"Vault at {addr}: {what}: {transport}"
     elif isinstance(exc, KeyError | TypeError | ValueError):
         msg = f"Vault at {addr}: {what}: unexpected answer ({type(exc).__name__}: {exc})"
     else:
         msg = f"Vault at {addr}: {what}: {type(exc).__name__}: {exc}"
-    return VaultError(_redact(msg, secrets))
+    return VaultError(_redact(msg, secrets), status=status)
 
 
 def _read_secret_file(path: str, what: str) -> str:
@@ -365,11 +362,11 @@ class VaultClient:
             )
         except SourceError as exc:
             raise VaultError(str(exc)) from None
-        if leaf.common_name != dns or set(leaf.dns_names) != {dns} or leaf.uri_sans != (uri,):
+        problem = identity_problem(leaf, dns_name=dns, uri_san=uri)
+        if problem is not None:
             raise VaultError(
-                f"Vault at {self.addr}: {what}: issued certificate has CN {leaf.common_name!r}, "
-                f"DNS SANs {sorted(leaf.dns_names)}, URI SANs {list(leaf.uri_sans)}; "
-                f"wanted {dns!r} and {uri!r} (check the role's settings)"
+                f"Vault at {self.addr}: {what}: issued certificate's {problem} "
+                "(check the role's settings)"
             )
         log.info(
             "issued certificate for %s: serial %s, valid until %s",
@@ -415,7 +412,7 @@ def _ca_bundle(call: _Caller, addr: str, mount: str) -> str:
         listing = call(what, lambda c: c.secrets.pki.list_issuers(mount_point=mount))
         issuers = sorted(listing["data"]["keys"])
     except VaultError as exc:
-        if "HTTP 404" not in str(exc):  # 404: no issuer yet, or Vault before 1.11
+        if exc.status != 404:  # 404: no issuer yet, or Vault before 1.11
             raise
         issuers = []
     except (KeyError, TypeError):
@@ -459,10 +456,13 @@ def ensure_leaf(
 
     A stored leaf is reused while :func:`reuse_problem` finds nothing wrong with
     it (so an agent restart does not re-issue); otherwise, or with ``force``
-    (the renewal timer fired), a new one is issued and written, and the CA
-    bundle refreshed. The returned leaf's ``ca_pem`` is the stored bundle. On
-    failure the files on disk are left as they were (fail static) and
-    VaultError (SourceError for the disk) is raised.
+    (the renewal timer fired), a new one is issued and written, and the CAs
+    of its issuing chain are added to the stored bundle. That takes no request:
+    fetching the mount's whole bundle is :func:`refresh_ca`'s job, which the
+    agent runs at start and periodically. The bundle is fetched here only if
+    there is none yet and the stored leaf is reused. The returned leaf's
+    ``ca_pem`` is the stored bundle. On failure the files on disk are left as
+    they were (fail static) and VaultError (SourceError for the disk) is raised.
     """
     now = now or utcnow()
     dns = identity_dns(service, trust_domain)
@@ -487,7 +487,7 @@ def ensure_leaf(
                 return current, changed
             log.info("issuing a new certificate for %s: the stored one: %s", service, problem)
     leaf = client.issue_leaf(service, trust_domain, datacenter, ttl)
-    changed = refresh_ca(client, store, include=leaf.ca_pem)
+    changed = _add_to_bundle(store, leaf.ca_pem)
     changed |= store.write_leaf(service, leaf)
     stored = store.load(service)
     if stored is None or stored.serial != leaf.serial:
@@ -495,13 +495,26 @@ def ensure_leaf(
     return stored, changed
 
 
-def refresh_ca(client: LeafIssuer, store: CertStore, *, include: str = "") -> bool:
-    """Write the PKI mount's CA bundle, plus any CA in ``include`` it lacks (the
-    chain a just-issued leaf came with), to ``store``. Returns True if ``ca.pem``
-    changed. Raises VaultError / SourceError."""
-    certs = _pem_certs([client.ca_bundle(), include], "CA bundle")
-    bundle = "\n".join(certs) + "\n"
-    changed = store.write_ca(bundle)
+def refresh_ca(client: LeafIssuer, store: CertStore) -> bool:
+    """Write the PKI mount's CA bundle (``client.ca_bundle()``) to ``store``.
+    Returns True if ``ca.pem`` changed. Raises VaultError / SourceError."""
+    return _write_bundle(store, _pem_certs([client.ca_bundle()], "CA bundle"))
+
+
+def _add_to_bundle(store: CertStore, chain_pem: str) -> bool:
+    """Add the CAs of ``chain_pem`` (a just-issued leaf's chain) that the stored
+    bundle lacks; an unreadable stored bundle is replaced. No network. Returns True
+    if ``ca.pem`` changed. Raises SourceError."""
+    new = _pem_certs([chain_pem], "issuing chain")
+    try:
+        certs = _pem_certs([store.read_ca(), *new], str(store.ca_path))
+    except VaultError:
+        certs = new
+    return _write_bundle(store, certs) if certs else False
+
+
+def _write_bundle(store: CertStore, certs: list[str]) -> bool:
+    changed = store.write_ca("\n".join(certs) + "\n")
     if changed:
         log.info("mesh CA bundle %s updated (%d certificates)", store.ca_path, len(certs))
     return changed
@@ -518,14 +531,24 @@ _PREFIX = re.compile(r"^[a-z0-9-]{0,32}\Z")
 
 @dataclass(frozen=True)
 class HostSetup:
-    """What :func:`setup_mesh` prepared for one host."""
+    """What :func:`setup_mesh` prepared for one host.
+
+    ``name`` is both the host's Vault policy and its AppRole.
+    """
 
     host: str
     services: tuple[str, ...]
-    policy: str
-    approle: str
+    name: str
     role_id_file: str
     secret_id_file: str
+
+    @property
+    def policy(self) -> str:
+        return self.name
+
+    @property
+    def approle(self) -> str:
+        return self.name
 
 
 @dataclass(frozen=True)
@@ -814,7 +837,7 @@ class _Setup:
         try:
             return self.call(what, fn)
         except VaultError as exc:
-            if "HTTP 404" in str(exc):
+            if exc.status == 404:
                 return None
             raise
 
@@ -865,25 +888,36 @@ class _Setup:
             )
             self.changes.append(f"generated root CA {cn!r} in {mount}/")
 
-    def pki_role(self, service: str, desired: Mapping[str, Any]) -> str:
-        role, mount = self.prefix + service, self.mount
-        what = f"PKI role {role!r} on mount {mount!r}"
-        current = self.absent(
-            f"read {what}", lambda c: c.secrets.pki.read_role(role, mount_point=mount)
-        )
+    def converge(
+        self,
+        label: str,
+        what: str,
+        read: Callable[[hvac.Client], Any],
+        write: Callable[[hvac.Client], Any],
+        desired: Mapping[str, Any],
+    ) -> None:
+        """Read an object (404: absent) and write it if it is absent or differs from
+        ``desired`` (see :func:`_differs`), recording ``created <label>`` or
+        ``updated <label> (<keys>)``. ``what`` names it in error messages."""
+        current = self.absent(f"read {what}", read)
         diff = _differs(current["data"], desired) if current else list(desired)
         if diff:
-            self.call(
-                f"write {what}",
-                lambda c: c.secrets.pki.create_or_update_role(
-                    role, extra_params=dict(desired), mount_point=mount
-                ),
-            )
+            self.call(f"write {what}", write)
             self.changes.append(
-                f"updated PKI role {role} ({', '.join(diff)})"
-                if current
-                else f"created PKI role {role}"
+                f"updated {label} ({', '.join(diff)})" if current else f"created {label}"
             )
+
+    def pki_role(self, service: str, desired: Mapping[str, Any]) -> str:
+        role, mount = self.prefix + service, self.mount
+        self.converge(
+            f"PKI role {role}",
+            f"PKI role {role!r} on mount {mount!r}",
+            lambda c: c.secrets.pki.read_role(role, mount_point=mount),
+            lambda c: c.secrets.pki.create_or_update_role(
+                role, extra_params=dict(desired), mount_point=mount
+            ),
+            desired,
+        )
         return role
 
     def approle_auth(self) -> None:
@@ -916,22 +950,13 @@ class _Setup:
         mount = self.approle
         what = f"AppRole {name!r} at auth/{mount}"
         desired = {"token_policies": [name], **params}
-        current = self.absent(
-            f"read {what}", lambda c: c.auth.approle.read_role(name, mount_point=mount)
+        self.converge(
+            f"AppRole {name}",
+            what,
+            lambda c: c.auth.approle.read_role(name, mount_point=mount),
+            lambda c: c.auth.approle.create_or_update_approle(name, mount_point=mount, **desired),
+            desired,
         )
-        diff = _differs(current["data"], desired) if current else list(desired)
-        if diff:
-            self.call(
-                f"write {what}",
-                lambda c: c.auth.approle.create_or_update_approle(
-                    name, mount_point=mount, **desired
-                ),
-            )
-            self.changes.append(
-                f"updated AppRole {name} ({', '.join(diff)})"
-                if current
-                else f"created AppRole {name}"
-            )
         answer = self.call(
             f"read the role id of {what}",
             lambda c: c.auth.approle.read_role_id(name, mount_point=mount),
@@ -958,8 +983,7 @@ class _Setup:
         return HostSetup(
             host=host,
             services=services,
-            policy=name,
-            approle=name,
+            name=name,
             role_id_file=str(role_id_file),
             secret_id_file=str(secret_id_file),
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -14,6 +13,7 @@ import click
 from meshctl.cli._output import emit, table
 from meshctl.config import AgentConfig, load_config
 from meshctl.errors import ConfigError
+from meshctl.mesh import read_state
 
 config_option = click.option(
     "--config",
@@ -79,14 +79,9 @@ def _ago(ts: float | None) -> str:
 def status(config_path: Path | None, as_json: bool) -> None:
     """Local services, sidecars, upstreams and their endpoints, certificates, last apply."""
     cfg = _load(config_path)
-    try:
-        state = json.loads(cfg.state_path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{cfg.state_path}: no agent state (is `meshctl agent` running?)"
-        ) from None
-    except ValueError as exc:
-        raise ConfigError(f"{cfg.state_path}: unreadable agent state: {exc}") from None
+    state = read_state(cfg.state_path)
+    if state is None:
+        raise ConfigError(f"{cfg.state_path}: no agent state (is `meshctl agent` running?)")
     parts = [
         f"node {state['node']}  proxy {state['proxy']}  updated {_ago(state.get('updated'))}",
         "",

@@ -9,7 +9,6 @@ Exit status: 0 allowed, 2 denied (as ``consul intention check``), 1 on error.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,19 +27,15 @@ from meshctl.intentions import (
     join_headers,
     normalize_path,
 )
-from meshctl.mesh import snapshot_from_dict
+from meshctl.mesh import read_snapshot
 from meshctl.services import SERVICE_NAME
 
 
 def _local(cfg: AgentConfig, destination: str) -> Authorization | None:
     """DST's rules in the snapshot this host's agent last applied, if DST runs here."""
-    try:
-        data = json.loads(cfg.snapshot_path.read_text())
-        snapshot = snapshot_from_dict(data)
-    except FileNotFoundError:
+    snapshot = read_snapshot(cfg.snapshot_path)
+    if snapshot is None:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{cfg.snapshot_path}: unreadable snapshot: {exc}") from None
     for inbound in snapshot.inbounds:
         if inbound.service == destination:
             return inbound.authz

@@ -10,7 +10,6 @@ but for meshctl's sidecar.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import click
 from meshctl.cli._output import emit, table
 from meshctl.cli.agent import _load, config_option
 from meshctl.errors import ConfigError
-from meshctl.mesh import Cluster, HeaderOps, Route, Snapshot, snapshot_from_dict
+from meshctl.mesh import Cluster, HeaderOps, Route, Snapshot, read_snapshot, read_state
 
 
 def _seconds(ms: int) -> str:
@@ -172,17 +171,17 @@ def _route_dict(r: Route) -> dict[str, Any]:
 def routes(config_path: Path | None, service: str, caller: str | None, as_json: bool) -> None:
     """How this host's sidecar routes requests to SERVICE (the compiled discovery chain)."""
     cfg = _load(config_path)
-    try:
-        snapshot = snapshot_from_dict(json.loads(cfg.snapshot_path.read_text()))
-    except FileNotFoundError:
+    snapshot = read_snapshot(cfg.snapshot_path)
+    if snapshot is None:
         raise ConfigError(f"{cfg.snapshot_path}: no applied snapshot "
-                          "(is `meshctl agent` running?)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{cfg.snapshot_path}: unreadable snapshot: {exc}") from None
+                          "(is `meshctl agent` running?)")
     try:
-        state = json.loads(cfg.state_path.read_text())
+        state = read_state(cfg.state_path)
+    except ConfigError:
+        state = None  # the warnings are a nicety: the snapshot's own will do
+    if state is not None:
         warnings = [str(w) for w in state.get("warnings", [])]
-    except (OSError, ValueError):
+    else:
         warnings = list(snapshot.warnings)
     data, text = render_routes(snapshot, service, caller, warnings)
     emit(data, as_json, text)

@@ -12,6 +12,7 @@ import random
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,14 +23,17 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshctl._certs import format_serial, leaf_chain_pem
-from meshctl.errors import ConfigError, SourceError
+from meshctl._certs import format_serial, identity_problem, leaf_chain_pem
+from meshctl.config import VaultSettings
+from meshctl.errors import ConfigError, SourceError, VaultError
 from meshctl.mesh import identity_dns, spiffe_id
 from meshctl.vault import (
     CertStore,
     LeafCert,
+    VaultClient,
     ensure_leaf,
     parse_duration,
+    refresh_ca,
     renew_at,
     reuse_problem,
 )
@@ -241,6 +245,61 @@ def test_leaf_of_another_identity_is_not_reused(
     assert why is not None and reason in why
 
 
+def test_identity_problem_is_none_only_for_exactly_the_wanted_identity(ca: CA) -> None:
+    dns, uri = identity_dns("web", TD), spiffe_id("web", TD, DC)
+    assert identity_problem(ca.leaf("web"), dns_name=dns, uri_san=uri) is None
+    assert identity_problem(ca.leaf("web", cn="db.svc.mesh.test"), dns_name=dns, uri_san=uri) == (
+        f"common name is 'db.svc.mesh.test', wanted {dns!r}"
+    )
+    extra = ca.leaf("web", dns=[dns, "db.svc.mesh.test"])
+    assert identity_problem(extra, dns_name=dns, uri_san=uri) == (
+        f"DNS SANs are ['db.svc.mesh.test', {dns!r}], wanted [{dns!r}]"
+    )
+    other_dc = ca.leaf("web", uris=[spiffe_id("web", TD, "dc2")])
+    assert identity_problem(other_dc, dns_name=dns, uri_san=uri) == (
+        f"URI SANs are [{spiffe_id('web', TD, 'dc2')!r}], wanted [{uri!r}]"
+    )
+
+
+class _SigningPki:
+    """hvac's ``secrets.pki`` signing each CSR with ``ca`` — for the name ``cn``."""
+
+    def __init__(self, ca: CA, cn: str) -> None:
+        self.ca, self.cn = ca, cn
+
+    def sign_certificate(self, role: str, csr: str, common_name: str, **kw: Any) -> Any:
+        req = x509.load_pem_x509_csr(csr.encode())
+        san = req.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(self.cn))
+            .issuer_name(self.ca.cert.subject)
+            .public_key(req.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(T0)
+            .not_valid_after(T0 + DAY)
+            .add_extension(san, critical=False)
+            .sign(self.ca.key, hashes.SHA256())
+        )
+        return {"data": {"certificate": _pem(cert), "issuing_ca": self.ca.pem}}
+
+
+@pytest.mark.parametrize("cn", ["web.svc.mesh.test", "db.svc.mesh.test"])
+def test_issue_leaf_accepts_only_the_wanted_identity(ca: CA, cn: str) -> None:
+    client = VaultClient(VaultSettings(addr="http://127.0.0.1:8200", token="t"))
+    hv = SimpleNamespace(secrets=SimpleNamespace(pki=_SigningPki(ca, cn)))
+    client.call = lambda what, fn: fn(hv)  # type: ignore[method-assign, assignment]
+    if cn == identity_dns("web", TD):
+        assert client.issue_leaf("web", TD, DC, "24h").common_name == cn
+        return
+    with pytest.raises(VaultError) as info:
+        client.issue_leaf("web", TD, DC, "24h")
+    assert str(info.value).endswith(
+        f"issued certificate's common name is {cn!r}, wanted 'web.svc.mesh.test' "
+        "(check the role's settings)"
+    )
+
+
 def test_leaf_of_another_ca_is_not_reused(ca: CA) -> None:
     leaf = ca.leaf("web")
     why = problem(leaf, T0 + DAY, ca_pem=CA.make("new root").pem)
@@ -383,6 +442,39 @@ def test_store_write_failure_names_the_path(tmp_path: Path, ca: CA) -> None:
     assert "PRIVATE KEY" not in str(info.value)
 
 
+def test_store_paths_fingerprint_the_files_on_disk(tmp_path: Path, ca: CA) -> None:
+    """The agent and ``meshctl render`` both take paths (digest included) from the
+    store: two stores over the same files agree, and a new leaf or CA bundle
+    changes the digest (so the rendered config and its generation change)."""
+    store = CertStore(tmp_path)
+    missing = store.paths("web")
+    assert (missing.cert, missing.key, missing.ca) == (
+        str(tmp_path / "web.crt"), str(tmp_path / "web.key"), str(tmp_path / "ca.pem"))
+    store.write_leaf("web", ca.leaf("web"))
+    store.write_ca(ca.pem)
+    first = store.paths("web")
+    assert first.digest not in ("0", missing.digest)
+    assert CertStore(tmp_path).paths("web") == first  # e.g. plan_once's own store
+    store.write_leaf("web", ca.leaf("web"))
+    renewed = store.paths("web")
+    assert renewed.digest != first.digest
+    store.write_ca(ca.pem + CA.make("next root").pem)
+    assert store.paths("web").digest not in (first.digest, renewed.digest)
+    # the key is not part of it: it only changes together with its certificate
+    assert (renewed.cert, renewed.key, renewed.ca) == (first.cert, first.key, first.ca)
+
+
+def test_store_remove_deletes_the_leaf_and_key_only(tmp_path: Path, ca: CA) -> None:
+    store = CertStore(tmp_path)
+    store.write_leaf("web", ca.leaf("web"))
+    store.write_leaf("db", ca.leaf("db"))
+    store.write_ca(ca.pem)
+    assert store.remove("web") is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.pem", "db.crt", "db.key"]
+    assert store.load("web") is None and store.load("db") is not None
+    assert store.remove("web") is False  # already gone is fine
+
+
 # ---------------------------------------------------------------- ensure_leaf
 
 
@@ -390,7 +482,7 @@ class LocalIssuer:
     """Issues from an in-test CA, counting calls (exercises ensure_leaf's decisions only)."""
 
     def __init__(self, ca: CA, now: dt.datetime) -> None:
-        self.ca, self.now, self.issued = ca, now, 0
+        self.ca, self.now, self.issued, self.bundles = ca, now, 0, 0
 
     def issue_leaf(
         self, service: str, trust_domain: str, datacenter: str, ttl: str | int
@@ -401,6 +493,7 @@ class LocalIssuer:
         )
 
     def ca_bundle(self) -> str:
+        self.bundles += 1
         return self.ca.pem
 
 
@@ -417,6 +510,38 @@ def test_ensure_leaf_reuses_until_two_thirds_then_issues(tmp_path: Path, ca: CA)
     assert changed and issuer.issued == 2 and renewed.serial != first.serial
     forced, _ = ensure_leaf(issuer, store, "web", TD, DC, "72h", now=issuer.now, force=True)
     assert issuer.issued == 3 and forced.serial != renewed.serial
+
+
+def test_issuing_leaves_does_not_fetch_the_ca_bundle(tmp_path: Path) -> None:
+    """A fresh host issues one leaf per service: each adds its issuing chain to
+    ca.pem locally; the mount's bundle is refresh_ca's one fetch, not one per leaf."""
+    root = CA.make("mesh root")
+    inter = CA.make("mesh intermediate", parent=root)
+
+    class Chained(LocalIssuer):
+        def issue_leaf(
+            self, service: str, trust_domain: str, datacenter: str, ttl: str | int
+        ) -> LeafCert:
+            self.issued += 1
+            leaf = inter.leaf(service, start=self.now, chain=inter.pem)
+            chain = inter.pem + root.pem
+            return LeafCert.from_pem(leaf.cert_pem, leaf.key_pem, chain, where="test")
+
+    issuer = Chained(root, T0)
+    store = CertStore(tmp_path)
+    for service in ("web", "db", "api"):
+        leaf, changed = ensure_leaf(issuer, store, service, TD, DC, "72h", now=T0)
+        assert leaf.chains_to(store.read_ca())
+    assert (issuer.issued, issuer.bundles) == (3, 0)
+    assert store.read_ca() == inter.pem + root.pem  # the issuing chain, once
+    # a leaf of a new issuer adds its chain to what is stored, keeping the rest
+    rotated = LocalIssuer(CA.make("next root"), T0)
+    _, changed = ensure_leaf(rotated, store, "web", TD, DC, "72h", now=T0, force=True)
+    assert changed and rotated.bundles == 0
+    assert store.read_ca() == inter.pem + root.pem + rotated.ca.pem
+    # the agent's periodic refresh (also run at start) fetches the mount's bundle
+    assert refresh_ca(rotated, store) and rotated.bundles == 1
+    assert store.read_ca() == rotated.ca.pem
 
 
 def test_ensure_leaf_reissues_for_a_changed_identity(tmp_path: Path, ca: CA) -> None:

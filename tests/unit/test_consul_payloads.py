@@ -6,19 +6,25 @@ against a real agent in tests/integration/test_consul.py.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import requests
 
+from meshctl.config import ConsulSettings
 from meshctl.consul import (
     ConfigEntry,
+    ConsulClient,
     DiscoveryChain,
     HealthConnect,
     instances_from_health,
     sidecar_registration,
 )
+from meshctl.errors import ConsulError
 from meshctl.mesh import Instance
 from meshctl.services import Check, ServiceDefinition, Upstream
+from meshctl.vault import _translate
 
 
 def entry(
@@ -130,3 +136,45 @@ def test_keys_are_plain_hashable_data() -> None:
     assert len({HealthConnect("web"), HealthConnect("web"), HealthConnect("web", False)}) == 2
     assert str(HealthConnect("web")) == "health.connect(web)"
     assert str(DiscoveryChain("web", "dc2")) == "discovery-chain(web,dc=dc2)"
+
+
+class _Failing:
+    """py-consul's agent.service, failing every call with ``exc``."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def register(self, **kwargs: Any) -> bool:
+        raise self.exc
+
+    def deregister(self, service_id: str) -> bool:
+        raise self.exc
+
+
+_REFUSED = requests.exceptions.ConnectionError(
+    "HTTPConnectionPool(host='127.0.0.1', port=8500): Max retries exceeded (Caused by "
+    "NewConnectionError('<x>: Failed to establish a new connection: [Errno 111] "
+    "Connection refused'))"
+)
+
+
+@pytest.mark.parametrize(
+    ("exc", "words"),
+    [
+        (requests.exceptions.ReadTimeout("read timed out"), "no answer within 2.5s"),
+        (_REFUSED, "cannot connect: Connection refused"),
+    ],
+)
+def test_registration_failures_read_as_vaults_do(exc: Exception, words: str) -> None:
+    client = ConsulClient(ConsulSettings(addr="http://127.0.0.1:8500", token="s3cr3t"),
+                          timeout=2.5)
+    client._client = SimpleNamespace(agent=SimpleNamespace(service=_Failing(exc)))
+    d = ServiceDefinition(name="web", id="web-1", port=8080, source="x")
+    with pytest.raises(ConsulError) as reg:
+        client.register(d, "127.0.0.1", 21000)
+    assert str(reg.value) == f"register web-1: {words}"
+    with pytest.raises(ConsulError) as dereg:
+        client.deregister("web-1")
+    assert str(dereg.value) == f"deregister web-1-sidecar-proxy: {words}"
+    vault = _translate(exc, "http://127.0.0.1:8200", "login", [], 2.5)
+    assert str(vault) == f"Vault at http://127.0.0.1:8200: login: {words}"

@@ -1,7 +1,21 @@
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 
-from meshctl.errors import CompileError
-from meshctl.mesh import Instance, identity_dns, snapshot_from_dict, spiffe_id
+from meshctl.errors import CompileError, ConfigError
+from meshctl.intentions import Authorization, HeaderMatch, Permission, SourceRule
+from meshctl.mesh import (
+    CertPaths,
+    Instance,
+    Route,
+    identity_dns,
+    read_snapshot,
+    read_state,
+    snapshot_from_dict,
+    spiffe_id,
+)
 from meshctl.services import Upstream
 from tests.meshdata import snapshot, web
 
@@ -59,6 +73,71 @@ def test_snapshot_round_trips_through_json() -> None:
 
     snap = snapshot()
     assert snapshot_from_dict(json.loads(snap.to_json())) == snap
+
+
+def test_snapshot_round_trip_keeps_nested_certificates_and_rules() -> None:
+    import json
+
+    certs = CertPaths("/c/web.crt", "/c/web.key", "/c/ca.pem", digest="0123456789abcdef")
+    snap = snapshot(certs=certs)
+    authz = Authorization(default_action="allow", l7=True, rules=(
+        SourceRule("api", "l7", "api -> web", precedence=9, permissions=(
+            Permission("allow", path_prefix="/v1", methods=("GET",),
+                       headers=(HeaderMatch("x-env", "exact", "prod"),)),)),
+        SourceRule("*", "deny", "* -> web"),
+    ))
+    snap = dataclasses.replace(
+        snap, inbounds=tuple(dataclasses.replace(i, authz=authz) for i in snap.inbounds))
+    back = snapshot_from_dict(json.loads(snap.to_json()))
+    assert back == snap
+    assert back.inbounds[0].tls == certs and back.outbounds[0].tls == certs
+    assert isinstance(back.outbounds[0].routes[0], Route)
+    older = json.loads(snap.to_json())
+    del older["inbounds"][0]["authz"]  # written before intentions were enforced
+    assert snapshot_from_dict(older).inbounds[0].authz.pending
+
+
+# ---------------------------------------------------------------- persisted files
+
+
+def test_read_snapshot_and_state_missing_file_is_none(tmp_path: Path) -> None:
+    assert read_snapshot(tmp_path / "snapshot.json") is None
+    assert read_state(tmp_path / "state.json") is None
+
+
+def test_read_snapshot_and_state_read_back_what_was_written(tmp_path: Path) -> None:
+    snap = snapshot()
+    (tmp_path / "snapshot.json").write_text(snap.to_json())
+    assert read_snapshot(tmp_path / "snapshot.json") == snap
+    (tmp_path / "state.json").write_text('{"node": "h1", "services": []}')
+    assert read_state(tmp_path / "state.json") == {"node": "h1", "services": []}
+
+
+def test_unreadable_snapshot_or_state_is_a_config_error(tmp_path: Path) -> None:
+    # A directory in place of the file: unreadable even by root (the tests run as root).
+    (tmp_path / "snapshot.json").mkdir()
+    (tmp_path / "state.json").mkdir()
+    with pytest.raises(ConfigError, match="cannot read the snapshot: Is a directory"):
+        read_snapshot(tmp_path / "snapshot.json")
+    with pytest.raises(ConfigError, match="cannot read the agent state: Is a directory"):
+        read_state(tmp_path / "state.json")
+
+
+@pytest.mark.parametrize("text", ["{", "", "[]", '{"clusters": []}', '{"node": 1}', "null",
+                                  '{"clusters": [1], "inbounds": [], "outbounds": []}'])
+def test_corrupt_snapshot_is_a_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "snapshot.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: unreadable snapshot")):
+        read_snapshot(path)
+
+
+@pytest.mark.parametrize("text", ["{", "", "[]", '"state"', "null"])
+def test_corrupt_state_is_a_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: unreadable agent state")):
+        read_state(path)
 
 
 @pytest.mark.parametrize(

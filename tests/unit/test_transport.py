@@ -1,11 +1,11 @@
-"""The words an operator reads when TLS to Consul or Vault fails, and the setting they name."""
+"""The words an operator reads when a request to Consul or Vault fails, and what to fix."""
 
 from __future__ import annotations
 
 import pytest
 import requests
 
-from meshctl._transport import errno_reason, tls_failure
+from meshctl._transport import describe, errno_reason, tls_failure
 
 
 def _ssl(inner: str) -> requests.exceptions.SSLError:
@@ -70,3 +70,39 @@ def test_errno_reason() -> None:
     )
     assert errno_reason(exc) == "Connection refused"
     assert errno_reason(requests.exceptions.ConnectionError("no errno here")) is None
+
+
+_REFUSED = (
+    "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded (Caused by "
+    "NewConnectionError('<x>: Failed to establish a new connection: [Errno 111] "
+    "Connection refused'))"
+)
+
+
+@pytest.mark.parametrize(
+    ("exc", "timeout", "expected"),
+    [
+        (requests.exceptions.ConnectionError(_REFUSED), 10.0, "cannot connect: Connection refused"),
+        (requests.exceptions.ConnectionError("no errno"), 10.0, "cannot connect: ConnectionError"),
+        (requests.exceptions.ReadTimeout("x"), 2.5, "no answer within 2.5s"),
+        # a connect timeout is a ConnectionError too: it still reads as a timeout
+        (requests.exceptions.ConnectTimeout("x"), 10.0, "no answer within 10s"),
+        (requests.exceptions.ReadTimeout("x"), None, "no answer in time"),
+        (requests.exceptions.TooManyRedirects("x"), 10.0, "request failed: TooManyRedirects"),
+        (ValueError("not a requests failure"), 10.0, None),
+    ],
+)
+def test_describe_has_one_set_of_words_for_consul_and_vault(
+    exc: BaseException, timeout: float | None, expected: str | None
+) -> None:
+    assert describe(exc, "vault", "VAULT", timeout) == expected
+    assert describe(exc, "consul", "CONSUL", timeout) == expected
+
+
+def test_describe_tls_names_the_section() -> None:
+    exc = _ssl("SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+               "verify failed: self-signed certificate (_ssl.c:1006)')")
+    assert describe(exc, "consul", "CONSUL", 10.0) == (
+        "TLS handshake failed: certificate verify failed: self-signed certificate "
+        "(is consul.cacert / CONSUL_CACERT the CA of the server's certificate?)"
+    )

@@ -5,7 +5,9 @@ Behaviour against a real Vault-API server is in tests/integration/test_vault.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hvac.exceptions
 import pytest
@@ -13,11 +15,13 @@ import requests
 
 from meshctl.cli.vault import _load_hosts_file, _parse_host_flags
 from meshctl.config import VaultSettings
-from meshctl.errors import ConfigError
+from meshctl.errors import ConfigError, VaultError
 from meshctl.vault import (
+    HostSetup,
     VaultClient,
     _check_inputs,
     _differs,
+    _Setup,
     _translate,
     host_policy,
     pki_role_params,
@@ -47,6 +51,74 @@ def test_connection_errors_name_the_address() -> None:
     assert str(err) == f"Vault at {ADDR}: login: cannot connect: Connection refused"
     timeout = _translate(requests.exceptions.ReadTimeout("x"), ADDR, "login", [], 2.5)
     assert str(timeout) == f"Vault at {ADDR}: login: no answer within 2.5s"
+
+
+def test_vault_error_carries_the_http_status() -> None:
+    missing = hvac.exceptions.InvalidPath("no handler for route", method="get", url=ADDR)
+    err = _translate(missing, ADDR, "read role", [], 10)
+    assert err.status == 404 and str(err).endswith("read role: HTTP 404: no handler for route")
+    denied = _translate(hvac.exceptions.Forbidden("permission denied"), ADDR, "x", [], 10)
+    assert denied.status == 403
+    # an error text that merely mentions "HTTP 404" is not a 404
+    echo = _translate(hvac.exceptions.InternalServerError("upstream said HTTP 404"), ADDR, "x",
+                      [], 10)
+    assert echo.status == 500
+    refused = _translate(requests.exceptions.ConnectionError("x"), ADDR, "x", [], 10)
+    assert refused.status is None
+
+
+def test_setup_takes_only_a_404_status_for_absent() -> None:
+    def answering(exc: VaultError) -> Any:
+        def call(what: str, fn: Callable[[Any], Any]) -> Any:
+            raise exc
+
+        return call
+
+    absent = _Setup(answering(VaultError("x: HTTP 404: gone", status=404)), ADDR, "m", "p-", "a")
+    assert absent.absent("read it", lambda c: c) is None
+    # Vault's own text may quote "HTTP 404" (a proxy in front, a plugin): still an error
+    other = VaultError("x: HTTP 500: backend said HTTP 404", status=500)
+    with pytest.raises(VaultError) as info:
+        _Setup(answering(other), ADDR, "m", "p-", "a").absent("read it", lambda c: c)
+    assert info.value is other
+
+
+def test_setup_converge_creates_updates_and_leaves_alone() -> None:
+    stored: dict[str, Any] = {}
+    writes: list[str] = []
+
+    def call(what: str, fn: Callable[[Any], Any]) -> Any:
+        return fn(None)
+
+    def read(_c: Any) -> dict[str, Any]:
+        if not stored:
+            raise VaultError(f"Vault at {ADDR}: read: HTTP 404: no role", status=404)
+        return {"data": dict(stored)}
+
+    desired = {"ttl": "72h", "allowed_domains": ["a.mesh", "b.mesh"], "require_cn": True}
+
+    def write(_c: Any) -> None:
+        writes.append("write")
+        stored.update(desired)
+
+    run = _Setup(call, ADDR, "pki-mesh", "mesh-", "approle")
+
+    def converge() -> None:
+        run.converge("PKI role mesh-web", "PKI role 'mesh-web'", read, write, desired)
+
+    converge()
+    assert run.changes == ["created PKI role mesh-web"] and len(writes) == 1
+    stored.update(ttl=259200, allowed_domains=["b.mesh", "a.mesh"])  # as Vault reports them
+    converge()
+    assert run.changes == ["created PKI role mesh-web"] and len(writes) == 1
+    stored.update(ttl=3600, require_cn=False)
+    converge()
+    assert run.changes[-1] == "updated PKI role mesh-web (ttl, require_cn)" and len(writes) == 2
+
+
+def test_host_setup_names_one_policy_and_approle() -> None:
+    h = HostSetup("h1", ("web",), "mesh-host-h1", "/c/h1/role-id", "/c/h1/secret-id")
+    assert h.policy == h.approle == "mesh-host-h1"
 
 
 def test_client_refuses_a_bad_address() -> None:

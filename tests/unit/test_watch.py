@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshctl import _watch
 from meshctl._watch import Watcher, backoff_delay, next_index
 
 # ---------------------------------------------------------------- pure rules
@@ -330,17 +331,42 @@ def test_error_before_any_answer(store: Store, watcher: Watcher) -> None:
     eventually(lambda: watcher.get(key) == "late")
 
 
-def test_retries_back_off(store: Store) -> None:
+def test_retries_back_off_and_start_over_after_a_success(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each retry waits backoff_delay(attempt) with the watcher's base and cap; the
+    attempt counts the failures in a row, and a success resets it."""
+    attempts: list[int] = []
+    lock = threading.Lock()
+
+    def recording_delay(attempt: int, *, base: float, cap: float) -> float:
+        assert (base, cap) == (0.05, 0.2)
+        with lock:
+            attempts.append(attempt)
+        return 0.001
+
+    def recorded() -> list[int]:
+        with lock:
+            return list(attempts)
+
+    monkeypatch.setattr(_watch, "backoff_delay", recording_delay)
     w = Watcher(store, wait="30s", backoff_base=0.05, backoff_cap=0.2, min_interval=0.0)
+    key = MemKey("web")
     try:
         store.fail("down")
-        w.watch(MemKey("web"))
-        time.sleep(1.0)
-        # 0.025-0.05, 0.05-0.1, 0.1-0.2, then 0.1-0.2 each: about 5-10 attempts, not hundreds.
-        attempts = len(store.requests)
-        assert 4 <= attempts <= 14, attempts
+        w.watch(key)
+        eventually(lambda: len(recorded()) >= 5)
+        store.set("web", "up")
+        store.fail(None)
+        eventually(lambda: w.get(key) == "up")
+        first = recorded()
+        assert first == list(range(len(first))), first
+        store.fail("down again")
+        eventually(lambda: len(recorded()) >= len(first) + 3)
     finally:
         w.stop()
+    second = recorded()[len(first):]
+    assert second == list(range(len(second))), second
 
 
 # ---------------------------------------------------------------- stopping

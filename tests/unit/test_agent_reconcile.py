@@ -1,0 +1,190 @@
+"""One agent pass without Consul or Vault: both on a closed loopback port, a fake proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from meshctl import metrics
+from meshctl.agent import Agent
+from meshctl.config import AgentConfig, ConsulSettings, VaultSettings
+from meshctl.mesh import Snapshot
+from meshctl.proxy.base import ProxyDriver, ProxyPaths
+from tests.pki import TestCA
+
+
+class FakeProxy(ProxyDriver):
+    """Accepts every config and serves it at once."""
+
+    name = "fake"
+    main_file = "fake.conf"
+    serving: str | None = None
+
+    def default_binary(self) -> str:
+        return "fake"
+
+    def render(self, snapshot: Snapshot, generation: str) -> dict[str, str]:
+        return {"fake.conf": f"{generation}\n{snapshot.to_json()}"}
+
+    def validate(self, config_dir: Path) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def reload(self) -> None:
+        pass
+
+    def pid(self) -> int | None:
+        return os.getpid() if self.serving else None
+
+    def version(self) -> str:
+        return "fake"
+
+    def wait_serving(self, generation: str, timeout: float = 10.0) -> None:
+        self.serving = generation
+
+    def serving_generation(self, timeout: float = 1.0) -> str | None:
+        return self.serving
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def define(agent: Agent, name: str) -> Path:
+    path = agent.cfg.services_dir / f"{name}.json"
+    path.write_text(json.dumps({"service": {"name": name, "port": 8080}}))
+    return path
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path) -> Iterator[Callable[[], Agent]]:
+    made: list[Agent] = []
+
+    def make() -> Agent:
+        (tmp_path / "services.d").mkdir(exist_ok=True)
+        cfg = AgentConfig(
+            node_name="h1",
+            services_dir=tmp_path / "services.d",
+            data_dir=tmp_path / "data",
+            run_dir=tmp_path / "run",
+            metrics_address="",
+            consul=ConsulSettings(addr=f"http://127.0.0.1:{closed_port()}"),
+            vault=VaultSettings(addr=f"http://127.0.0.1:{closed_port()}", token="t"),
+        )
+        paths = ProxyPaths(config_dir=cfg.proxy_dir / "current", state_dir=cfg.data_dir / "fake",
+                           run_dir=cfg.run_dir, plugins_dir=tmp_path / "plugins")
+        agent = Agent(cfg, driver=FakeProxy(paths))
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.watcher.stop()
+
+
+def test_consul_down_at_start_backs_off_instead_of_spinning(
+    make_agent: Callable[[], Agent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = make_agent()
+    define(agent, "web")
+    asked: list[str] = []
+    real = agent.consul.advertise_address
+
+    def advertise_address() -> str:
+        asked.append("agent/self")
+        return real()
+
+    monkeypatch.setattr(agent.consul, "advertise_address", advertise_address)
+    agent.reconcile()
+    # The sidecar address stays unknown: the next pass is a retry later, not at
+    # once (the run loop wakes at the deadline: a past one means 20 passes a second).
+    assert agent._next_deadline() > time.time() + 1.0
+    assert asked == ["agent/self"]  # one Consul call per pass, not one per user
+
+
+def test_no_local_service_leaves_the_loop_asleep(make_agent: Callable[[], Agent]) -> None:
+    agent = make_agent()
+    agent.reconcile()
+    assert agent._next_deadline() > time.time() + 1.0
+
+
+class RecordingConsul:
+    def __init__(self, registered: set[str]) -> None:
+        self.registered = registered
+        self.calls: list[tuple[str, str]] = []
+
+    def advertise_address(self) -> str:
+        return "198.18.0.11"
+
+    def registered_ids(self) -> set[str]:
+        return set(self.registered)
+
+    def register(self, defn: Any, address: str, port: int) -> None:
+        self.calls.append(("register", defn.id))
+        self.registered.add(defn.id)
+
+    def deregister(self, sid: str) -> None:
+        self.calls.append(("deregister", sid))
+        self.registered.discard(sid)
+
+
+def test_anti_entropy_deregisters_a_removed_service_once(make_agent: Callable[[], Agent]) -> None:
+    agent = make_agent()
+    consul = RecordingConsul(set())
+    agent.consul = consul  # type: ignore[assignment]
+    define(agent, "web")
+    old = define(agent, "old")
+    agent.reconcile()
+    assert sorted(consul.calls) == [("register", "old"), ("register", "web")]
+    consul.calls.clear()
+    old.unlink()
+    agent._next_sync = 0.0  # the periodic anti-entropy pass is due
+    agent.reconcile()
+    assert consul.calls == [("deregister", "old")]
+    assert set(agent._registered) == {"web"}
+
+
+def test_a_broken_definition_keeps_its_last_good_and_a_deleted_one_goes(
+    make_agent: Callable[[], Agent]
+) -> None:
+    agent = make_agent()
+    web = define(agent, "web")
+    define(agent, "api")
+    assert [d.name for d in agent._read_definitions()] == ["api", "web"]
+    web.write_text('{"service": {"name": "web", "port": "not a port"}}')
+    assert [d.name for d in agent._read_definitions()] == ["api", "web"]
+    web.unlink()
+    assert [d.name for d in agent._read_definitions()] == ["api"]
+
+
+def cert_expiry(service: str) -> float | None:
+    return metrics.REGISTRY.get_sample_value(
+        "meshctl_cert_expiry_timestamp_seconds", {"service": service})
+
+
+def test_cached_leaf_with_vault_down_sets_the_expiry_metric_and_leaving_removes_it(
+    make_agent: Callable[[], Agent]
+) -> None:
+    agent = make_agent()
+    # A leaf without the SPIFFE id is not reused, but still serves while Vault is down.
+    cert_file, _, _ = TestCA.create().write_leaf(agent.cfg.certs_dir, "web")
+    expires = x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).not_valid_after_utc
+    web = define(agent, "web")
+    agent.reconcile()
+    assert agent._source_state["vault"]["ok"] is False
+    assert cert_expiry("web") == expires.timestamp()
+    web.unlink()
+    agent.reconcile()
+    assert cert_expiry("web") is None
