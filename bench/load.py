@@ -8,15 +8,7 @@ from typing import Any
 
 from bench.report import WRK_SCRIPT, merge_rounds, parse_vegeta, parse_wrk
 from meshctl.errors import LabError
-from meshctl.lab import Host, find_program
-
-
-def _program(name: str) -> str:
-    path = find_program(name)
-    if path is None:
-        hint = " (run scripts/build-vegeta.sh)" if name == "vegeta" else ""
-        raise LabError(f"{name} not found on the lab PATH{hint}")
-    return path
+from meshctl.lab import Host, require_program
 
 
 def vegeta_attack(host: Host, url: str, rate: int, duration: float, out: Path) -> Path:
@@ -26,7 +18,7 @@ def vegeta_attack(host: Host, url: str, rate: int, duration: float, out: Path) -
     earlier ones came back, so queueing behind a slow proxy shows in the latencies.
     The raw results go to ``out`` (for :func:`vegeta_report`). Raises LabError.
     """
-    exe = _program("vegeta")
+    exe = require_program("vegeta")
     out.parent.mkdir(parents=True, exist_ok=True)
     host.run([exe, "attack", f"-rate={rate}/s", f"-duration={duration:g}s", "-keepalive=true",
               "-timeout=5s", "-workers=16", f"-output={out}"],
@@ -52,7 +44,7 @@ def vegeta_report(host: Host, results: Sequence[Path]) -> dict[str, Any]:
 
 
 def _report(host: Host, results: Sequence[Path]) -> dict[str, Any]:
-    exe = _program("vegeta")
+    exe = require_program("vegeta")
     res = host.run([exe, "report", "-type=json", *map(str, results)], timeout=60)
     try:
         return parse_vegeta(res.stdout)
@@ -66,7 +58,7 @@ def wrk(host: Host, url: str, threads: int, connections: int, duration: float,
 
     Returns :func:`bench.report.parse_wrk`'s record. Raises LabError.
     """
-    exe = _program("wrk")
+    exe = require_program("wrk")
     workdir.mkdir(parents=True, exist_ok=True)
     script = workdir / "report.lua"
     script.write_text(WRK_SCRIPT)

@@ -11,7 +11,8 @@ Per driver, on a fresh 3-host lab (needs root; talks only to lab namespaces):
 2. convergence: an instance's TTL check failed / passed at t0, while a probe in
    h1 records which instance answers each request.
 
-Ctrl-C or SIGTERM tears the lab down (the Lab context manager) and exits 130.
+Ctrl-C, SIGTERM (``meshctl lab down PREFIX``) or SIGHUP tears the lab down (the
+Lab context manager) and exits 130.
 """
 
 from __future__ import annotations
@@ -22,22 +23,22 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench import load
 from bench.converge import run_convergence
 from bench.deploy import Deployment
 from bench.report import markdown, targets, versus
+from meshctl._fs import write_atomic
 from meshctl.errors import MeshctlError
 from meshctl.lab import Lab, find_program
+from meshctl.lab.demo import termination_raises
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DRIVERS = ("nginx", "haproxy")
@@ -142,8 +143,9 @@ def bench_latency(dep: Deployment, args: argparse.Namespace, work: Path) -> dict
     out: dict[str, Any] = {"fixed_rate": {}, "full_speed": {}}
     for path, url in urls.items():
         # Warm-up: keep-alive pools, TLS sessions, the proxies' first allocations.
-        load.vegeta_report(h1, [load.vegeta_attack(h1, url, args.rate, args.warmup,
-                                                   work / f"warmup-{path}.bin")])
+        # Its results are not looked at.
+        load.vegeta_attack(h1, url, args.rate, args.warmup,
+                           work / f"warmup-{path}.bin").unlink(missing_ok=True)
     # The fixed-rate runs alternate between the paths in rounds, so that load from
     # elsewhere on the machine weighs on both alike; each path's rounds are merged.
     raw: dict[str, list[Path]] = {path: [] for path in urls}
@@ -174,7 +176,7 @@ def bench_latency(dep: Deployment, args: argparse.Namespace, work: Path) -> dict
 
 
 def bench_driver(driver: str, args: argparse.Namespace, result: dict[str, Any]) -> None:
-    with Lab(hosts=3, keep_logs=args.keep_logs, owner_kind="bench",
+    with Lab(hosts=3, keep_logs=args.keep_logs, owner_kind="cli",
              progress=lambda m: say(m)) as lab:
         dep = Deployment(lab, driver, say)
         try:
@@ -192,13 +194,7 @@ def bench_driver(driver: str, args: argparse.Namespace, result: dict[str, Any]) 
 
 
 def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode(), 0o644)
 
 
 def write_results(result: dict[str, Any], out: Path, stamp: str) -> tuple[Path, Path]:
@@ -226,14 +222,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         say("the lab needs root (network namespaces)")
         return 2
-    # SIGTERM ends the run like Ctrl-C does, so the lab is torn down.
-    restore: Callable[[int, FrameType | None], Any] | int | None = None
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-
-        def interrupt(signum: int, _frame: FrameType | None) -> None:
-            raise KeyboardInterrupt(signal.Signals(signum).name)
-
-        restore = signal.signal(signal.SIGTERM, interrupt)
     now = dt.datetime.now(dt.UTC)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     t0 = time.monotonic()
@@ -254,17 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     say(f"drivers {', '.join(args.driver_list)}; results to {args.out}")
     try:
-        for driver in args.driver_list:
-            bench_driver(driver, args, result)
+        # SIGTERM and SIGHUP end the run like Ctrl-C does, so the lab is torn down
+        # (``meshctl lab down PREFIX`` sends SIGTERM).
+        with termination_raises():
+            for driver in args.driver_list:
+                bench_driver(driver, args, result)
     except KeyboardInterrupt:
         say("interrupted; the lab was torn down, no results written")
         return 130
     except (MeshctlError, RuntimeError) as exc:
         say(f"failed: {exc}")
         return 1
-    finally:
-        if restore is not None:
-            signal.signal(signal.SIGTERM, restore)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     result["elapsed_s"] = time.monotonic() - t0

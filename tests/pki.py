@@ -104,11 +104,19 @@ class TestCA:
         return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
     def write_leaf(
-        self, directory: Path, service: str, trust_domain: str = "meshctl.test"
+        self,
+        directory: Path,
+        service: str,
+        trust_domain: str = "meshctl.test",
+        *,
+        cn: str | None = None,
+        ips: tuple[str, ...] = (),
     ) -> tuple[str, str, str]:
-        """Write ``<service>.crt/.key`` and ``ca.pem`` into ``directory``; return paths."""
+        """Write ``<service>.crt/.key`` (key 0600) and ``ca.pem`` into ``directory``;
+        return their paths. The leaf is :meth:`leaf` ``cn`` (default
+        ``<service>.svc.<trust_domain>``) with IP SANs ``ips``."""
         directory.mkdir(parents=True, exist_ok=True)
-        cert, key = self.leaf(f"{service}.svc.{trust_domain}")
+        cert, key = self.leaf(cn or f"{service}.svc.{trust_domain}", ips=ips)
         (directory / f"{service}.crt").write_bytes(cert)
         kp = directory / f"{service}.key"
         kp.write_bytes(key)

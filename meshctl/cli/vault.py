@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from meshctl.cli._output import table
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError
 
@@ -60,13 +61,6 @@ def _parse_host_flags(values: Sequence[str]) -> dict[str, list[str]]:
             raise ConfigError(f"--host {host!r}: given twice")
         out[host] = [s.strip() for s in services.split(",") if s.strip()]
     return out
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
 
 
 @vault.command("setup")
@@ -174,7 +168,7 @@ def setup(
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True))
         return
-    rows = [("HOST", "SERVICES", "POLICY", "APPROLE", "CREDENTIALS")]
+    rows: list[tuple[str, ...]] = []
     for h in result.hosts:
         rows.append(
             (
@@ -185,7 +179,7 @@ def setup(
                 str(Path(h.role_id_file).parent),
             )
         )
-    click.echo(_table(rows))
+    click.echo(table(("HOST", "SERVICES", "POLICY", "APPROLE", "CREDENTIALS"), rows))
     click.echo()
     click.echo(f"PKI mount {result.mount}/ at {result.addr}, roles: {', '.join(result.roles)}")
     if result.changes:

@@ -13,7 +13,7 @@
 
 Public API: :class:`Lab`, :class:`Host`, :class:`Proc`, :class:`InNamespace`,
 :func:`running_labs`, :func:`list_labs` / :class:`LabState` (what ``meshctl lab
-status`` shows), :func:`remove_lab`, :func:`find_program`. Errors are
+status`` shows), :func:`remove_lab`, :func:`find_program`, :func:`require_program`. Errors are
 :class:`meshctl.errors.LabError`.
 """
 
@@ -33,7 +33,7 @@ from meshctl.lab._lab import (
 from meshctl.lab._manage import list_labs, remove_lab
 from meshctl.lab._proc import Proc
 from meshctl.lab._state import LabState, NodeRecord, ProcRecord, state_dir
-from meshctl.lab._sys import find_program, search_path
+from meshctl.lab._sys import find_program, require_program, search_path
 
 __all__ = [
     "DATACENTER",
@@ -52,6 +52,7 @@ __all__ = [
     "find_program",
     "list_labs",
     "remove_lab",
+    "require_program",
     "running_labs",
     "search_path",
     "state_dir",

@@ -41,7 +41,7 @@ class InNamespace:
     runs through :meth:`Host.call`; other objects (py-consul endpoint groups such
     as ``.agent.service``, hvac's ``.secrets.pki``) are wrapped again. Plain data
     comes back as it is. Use it for client libraries that open their sockets at
-    call time (py-consul, hvac, requests): ``host.in_ns(client).kv.put("k", "v")``.
+    call time (py-consul, hvac, requests): ``host.consul().kv.put("k", "v")``.
     Dunder protocols (``len()``, ``with``, iteration) are not forwarded.
     """
 
@@ -224,10 +224,6 @@ class Host:
         except concurrent.futures.BrokenExecutor as exc:
             raise LabError(f"cannot enter the network namespace {self.ns}: {exc}") from exc
 
-    def in_ns(self, obj: Any) -> Any:
-        """Wrap ``obj`` so that its method calls run inside this host (see InNamespace)."""
-        return InNamespace(obj, self)
-
     def consul(self, **kwargs: Any) -> Any:
         """A py-consul ``consul.Consul`` for this host's local agent; every call runs inside.
 
@@ -243,20 +239,9 @@ class Host:
     def vault_client(self, token: str | None = None, **kwargs: Any) -> Any:
         """An hvac ``Client`` for the lab's OpenBao, called from inside this host.
 
-        ``token`` defaults to the dev server's root token.
+        ``token`` defaults to the dev server's root token; see :meth:`Lab.hvac_client`.
         """
-        import hvac
-        import requests
-
-        session = requests.Session()
-        session.trust_env = False
-        client = hvac.Client(
-            url=self._lab.vault_addr,
-            token=self._lab.vault_token if token is None else token,
-            session=session,
-            **kwargs,
-        )
-        return InNamespace(client, self)
+        return InNamespace(self._lab.hvac_client(token, **kwargs), self)
 
     def http_get(
         self,

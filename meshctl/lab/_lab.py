@@ -144,6 +144,8 @@ class Lab:
     ``keep_logs``: keep the lab's directory (configs, logs) after teardown.
     ``progress``: called with short progress lines (default: print to stderr).
     ``consul_hcl``: extra HCL snippets given to every Consul agent with ``-hcl``.
+    ``owner_kind``: "cli" for a command that holds the lab until SIGTERM (``meshctl
+    lab down PREFIX`` then asks it to tear down); "library" labs are never signalled.
     """
 
     def __init__(
@@ -156,7 +158,7 @@ class Lab:
         progress: Callable[[str], None] | None = None,
         consul_hcl: Sequence[str] = (),
         timeout: float = 60.0,
-        owner_kind: str = "library",
+        owner_kind: _state.OwnerKind = "library",
     ) -> None:
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"a lab has 1 to {MAX_HOSTS} hosts, not {hosts}")
@@ -206,6 +208,23 @@ class Lab:
     def vault_addr(self) -> str:
         """OpenBao's address as VAULT_ADDR wants it: ``http://198.18.0.3:8200``."""
         return f"http://{VAULT_IP}:{VAULT_PORT}"
+
+    def hvac_client(self, token: str | None = None, **kwargs: Any) -> Any:
+        """A plain hvac ``Client`` for the lab's OpenBao (``token``: the root token).
+
+        OpenBao is only reachable inside the lab's namespaces: call it within
+        :meth:`Host.call`, or use :meth:`Host.vault_client`, which wraps one so
+        every call runs inside a host. ``kwargs`` go to ``hvac.Client``.
+        """
+        import hvac
+        import requests
+
+        session = requests.Session()
+        # The environment's HTTP(S)_PROXY must not divert calls meant for the lab.
+        session.trust_env = False
+        return hvac.Client(url=self.vault_addr,
+                           token=self.vault_token if token is None else token,
+                           session=session, **kwargs)
 
     @property
     def consul_server_addr(self) -> str:

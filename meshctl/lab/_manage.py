@@ -52,9 +52,11 @@ def remove_lab(
     """Tear down lab ``prefix``.
 
     If its owner is dead, the lab is removed at once. If its owner is a running
-    ``meshctl lab up``, that process is asked (SIGTERM) to tear down its lab and
-    given ``wait`` seconds. A lab owned by any other live process (somebody's test
-    run) is refused unless ``force``. Raises LabError when refused or incomplete.
+    command that holds a lab until it is stopped (``meshctl lab up``, ``make
+    demo``, ``bench.run``: owner kind "cli"), that process is asked (SIGTERM) to
+    tear down its lab and given ``wait`` seconds. A lab owned by any other live
+    process (somebody's test run) is refused unless ``force``. Raises LabError
+    when refused or incomplete.
     """
     say = progress or (lambda _msg: None)
     st = _state.load_state(prefix)
@@ -62,17 +64,17 @@ def remove_lab(
         if st.owner_pid == os.getpid():
             raise LabError(f"lab {prefix} belongs to this process: call its Lab.down()")
         if st.owner_kind == "cli":
-            say(f"asking meshctl lab up (pid {st.owner_pid}) to tear down lab {prefix}")
-            if _sys.same_process(st.owner_pid, st.owner_start):
-                os.kill(st.owner_pid, signal.SIGTERM)
+            owner = f"pid {st.owner_pid}, {' '.join(st.owner_argv)[:120]}"
+            say(f"asking its owner ({owner}) to tear down lab {prefix}")
+            _sys.send_signal(st.owner_pid, signal.SIGTERM)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and st.path.exists() and st.owner_alive():
                 time.sleep(0.1)
             if not st.path.exists():
                 return
             if st.owner_alive() and not force:
-                raise LabError(f"meshctl lab up (pid {st.owner_pid}) did not tear down lab "
-                               f"{prefix} within {wait}s")
+                raise LabError(f"the owner of lab {prefix} ({owner}) did not tear it down "
+                               f"within {wait}s")
         elif not force:
             raise LabError(
                 f"lab {prefix} belongs to running process {st.owner_pid} "

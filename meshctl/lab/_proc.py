@@ -122,7 +122,7 @@ def stop_all(procs: Iterable[Proc], timeout: float = 10.0) -> list[int]:
             if p._popen.returncode is None:
                 # Unreaped (at worst a zombie), so the pid and its group id are still ours:
                 # kill the whole group, which also ends workers the main process left behind.
-                _sys.signal_group(p.pid, signal.SIGKILL)
+                _sys.send_signal(p.pid, signal.SIGKILL, group=True)
     codes = []
     for p in plist:
         with p._lock:

@@ -22,15 +22,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from meshctl.errors import LabError
+from meshctl._fs import write_atomic
+from meshctl.errors import LabError, SourceError
 from meshctl.lab import _sys
 
 STATE_VERSION = 1
 MARKER = ".meshctl-lab"
 
 Progress = Callable[[str], None]
+# "library": a test run or a script, never signalled from outside; "cli": a command
+# that holds its lab until SIGTERM (``meshctl lab up``, ``make demo``, ``bench.run``),
+# which ``meshctl lab down`` asks to tear down.
+OwnerKind = Literal["library", "cli"]
 
 
 def state_dir() -> Path:
@@ -73,7 +78,7 @@ class LabState:
     prefix: str
     owner_pid: int
     owner_start: int | None
-    owner_kind: str  # "library" (a test run, a script) or "cli" (``meshctl lab up``)
+    owner_kind: OwnerKind
     owner_argv: list[str]
     created: float
     bridge: str
@@ -114,17 +119,12 @@ class LabState:
         return cls(**raw, nodes=nodes, procs=procs)
 
     def save(self) -> None:
-        """Write the state file atomically (temp file, fsync, rename)."""
-        path = self.path
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        """Write the state file atomically (temp file, fsync, rename). Raises LabError."""
         data = json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            write_atomic(self.path, data, 0o644)
+        except SourceError as exc:
+            raise LabError(f"lab state file: {exc}") from None
 
     @classmethod
     def load(cls, path: Path) -> LabState:

@@ -194,7 +194,13 @@ def same_process(pid: int, started: int | None) -> bool:
     return now is not None and (started is None or now == started)
 
 
-def _kill(pid: int, sig: int, group: bool = False) -> None:
+def send_signal(pid: int, sig: int, *, group: bool = False) -> None:
+    """Signal ``pid`` (with ``group``, the process group ``pid`` leads).
+
+    A process (group) that no longer exists is ignored; LabError when we may not
+    signal it. Callers verify the pid's identity first (:func:`same_process`).
+    """
+    what = f"process group {pid}" if group else f"pid {pid}"
     try:
         if group:
             os.killpg(pid, sig)
@@ -203,7 +209,7 @@ def _kill(pid: int, sig: int, group: bool = False) -> None:
     except ProcessLookupError:
         pass
     except PermissionError as exc:
-        raise LabError(f"not allowed to signal pid {pid}: {exc}") from exc
+        raise LabError(f"not allowed to signal {what}: {exc}") from exc
 
 
 def _is_group_leader(pid: int) -> bool:
@@ -230,21 +236,22 @@ def terminate(
         if pid != os.getpid() and same_process(pid, started):
             pending[pid] = start_time(pid) if started is None else started
     for pid in pending:
-        _kill(pid, signal.SIGTERM)
+        send_signal(pid, signal.SIGTERM)
+    pending = _wait_gone(pending, timeout)
+    for pid, started in pending.items():
+        if same_process(pid, started):
+            send_signal(pid, signal.SIGKILL, group=group and _is_group_leader(pid))
+    return sorted(_wait_gone(pending, 5.0))
+
+
+def _wait_gone(pending: dict[int, int | None], timeout: float) -> dict[int, int | None]:
+    """Wait up to ``timeout`` for the (pid, start time) pairs to exit; those still alive."""
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         pending = {p: s for p, s in pending.items() if same_process(p, s)}
         if pending:
             time.sleep(0.05)
-    for pid, started in pending.items():
-        if same_process(pid, started):
-            _kill(pid, signal.SIGKILL, group=group and _is_group_leader(pid))
-    deadline = time.monotonic() + 5.0
-    while pending and time.monotonic() < deadline:
-        pending = {p: s for p, s in pending.items() if same_process(p, s)}
-        if pending:
-            time.sleep(0.05)
-    return sorted(pending)
+    return pending
 
 
 def child_exited(pid: int) -> bool:
@@ -260,16 +267,6 @@ def child_exited(pid: int) -> bool:
     return res is not None and res.si_pid == pid
 
 
-def signal_group(pgid: int, sig: int) -> None:
-    """Signal a process group, ignoring one that no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError as exc:
-        raise LabError(f"not allowed to signal process group {pgid}: {exc}") from exc
-
-
 def tail(path: Path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
     """The last ``lines`` lines of a text file ('' if it does not exist)."""
     try:
@@ -282,22 +279,3 @@ def tail(path: Path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
         return ""
     text = data.decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
-
-
-def is_errno(exc: BaseException, *codes: int) -> bool:
-    """Whether ``exc`` (or an OSError it wraps) carries one of ``codes``."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in codes:
-            return True
-        reason = getattr(cur, "reason", None)
-        if isinstance(reason, BaseException):
-            cur = reason
-            continue
-        cur = cur.__cause__ or cur.__context__
-    return False
-
-
-

@@ -25,23 +25,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
+from meshctl.cli._output import table
 from meshctl.errors import LabError
 from meshctl.lab._lab import Lab
 
 Scenario = Callable[[Lab], None]
 
 _SERF_STATUS = {0: "none", 1: "alive", 2: "leaving", 3: "left", 4: "failed"}
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain left-aligned text table."""
-    cells = [[str(h) for h in headers]] + [
-        ["-" if v in (None, "") else str(v) for v in r] for r in rows
-    ]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
-    )
 
 
 def describe(lab: Lab) -> str:

@@ -22,9 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import hvac
-import requests
-
 from meshctl.errors import LabError
 from meshctl.lab._host import Host
 from meshctl.lab._lab import DATACENTER, Lab
@@ -252,12 +249,8 @@ class Mesh:
         vault_host = self.lab.vault
 
         def run() -> SetupResult:
-            session = requests.Session()
-            session.trust_env = False
-            client = hvac.Client(url=self.lab.vault_addr, token=self.lab.vault_token,
-                                 session=session)
-            return setup_mesh(client, trust_domain=TRUST_DOMAIN, datacenter=DATACENTER,
-                              hosts=plan, out_dir=out)
+            return setup_mesh(self.lab.hvac_client(), trust_domain=TRUST_DOMAIN,
+                              datacenter=DATACENTER, hosts=plan, out_dir=out)
 
         self.setup = vault_host.call(run)
         for h in self.setup.hosts:

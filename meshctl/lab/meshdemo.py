@@ -22,9 +22,10 @@ import ssl
 import time
 from typing import Any
 
+from meshctl.cli._output import table
 from meshctl.errors import LabError
 from meshctl.lab._lab import Lab
-from meshctl.lab.demo import describe, table
+from meshctl.lab.demo import describe
 from meshctl.lab.mesh import Mesh, wait_until
 
 API_PORT = 9001
@@ -151,13 +152,23 @@ def refused_without_certificate(mesh: Mesh) -> str:
     return f"{h2.ip}:{port} → " + mesh["h1"].host.call(attempt)
 
 
+def reload_count(host: str, status: dict[str, Any] | None) -> int:
+    """The proxy reload count in ``host``'s agent state (``meshctl status --json``).
+
+    Raises DemoFailed when the state or its count cannot be read: a missing
+    count must not compare equal to another missing count and pass for
+    "no reloads".
+    """
+    reloads = ((status or {}).get("last_apply") or {}).get("reloads")
+    if isinstance(reloads, bool) or not isinstance(reloads, int):
+        raise DemoFailed(f"step 5: cannot read the proxy reload count on {host} "
+                         f"(last_apply.reloads = {reloads!r})")
+    return reloads
+
+
 def _reloads(mesh: Mesh) -> dict[str, int]:
     """Reload counts of the api hosts' proxies, from ``meshctl status``."""
-    out = {}
-    for name in ("h2", "h3"):
-        status = mesh[name].status() or {}
-        out[name] = int((status.get("last_apply") or {}).get("reloads", -1))
-    return out
+    return {name: reload_count(name, mesh[name].status()) for name in ("h2", "h3")}
 
 
 def mesh_demo(lab: Lab, proxy: str = "nginx") -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from meshctl.lab import Lab
 from meshctl.lab.mesh import Mesh, wait_until
-from tests.conftest import lab_unavailable
+from tests.conftest import own_lab
 
 WEB_API_PORT = 9001
 WEB_KV_PORT = 9002
@@ -95,10 +95,7 @@ FLEETS: dict[str, dict[str, str] | str] = {
 
 def mesh_for(fleet: str) -> Iterator[Mesh]:
     """Deploy the mesh on a fresh 3-host lab for ``fleet`` (a FLEETS key)."""
-    reason = lab_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with Lab(hosts=3) as lab:
+    with own_lab(hosts=3) as lab:
         m = deploy(lab, FLEETS[fleet])
         yield m
         m.stop()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.converge import CLOSED_RACE
+
 pytestmark = [pytest.mark.root, pytest.mark.needs("vegeta", "wrk", "nginx", "haproxy")]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +69,9 @@ def test_quick_bench_writes_results_for_both_drivers(tmp_path: Path) -> None:
             # Every repetition saw the traffic move (none gave up), none lost a request
             # (requests retried on a kept-alive connection a reload closed are counted apart).
             assert ev["timeouts"] == 0 and ev["probe_errors"] == 0, ev["probe_error_kinds"]
-            assert ev["probe_retries"] >= 0
+            # Retries are only ever the closed-keep-alive race, and the total is their sum.
+            assert set(ev["probe_retry_kinds"]) <= {e.__name__ for e in CLOSED_RACE}
+            assert ev["probe_retries"] == sum(ev["probe_retry_kinds"].values())
             assert ev["stats_s"]["n"] == 2 and ev["stats_s"]["max"] >= ev["stats_s"]["p50"] >= 0
             assert [s["instance"] for s in ev["samples"]] == ["h2", "h3"]
 

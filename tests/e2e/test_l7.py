@@ -25,10 +25,9 @@ from typing import Any
 
 import pytest
 
-from meshctl.lab import Lab
 from meshctl.lab.mesh import Mesh, MeshHost, wait_until
 from meshctl.mesh import cluster_id
-from tests.conftest import _keep_logs, lab_unavailable
+from tests.conftest import own_lab
 
 pytestmark = pytest.mark.root
 
@@ -47,10 +46,7 @@ def _api(host: str, version: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module", params=["nginx", "haproxy"])
 def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
-    reason = lab_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with Lab(hosts=3, keep_logs=_keep_logs()) as lab:
+    with own_lab(hosts=3) as lab:
         m = Mesh(lab, request.param)
         m.setup_vault(PLAN)
         consul = lab.host("h1").consul()

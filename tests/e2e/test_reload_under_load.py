@@ -36,7 +36,7 @@ import pytest
 
 from meshctl.lab import Lab
 from meshctl.lab.mesh import Mesh, MeshHost, wait_until
-from tests.conftest import lab_unavailable
+from tests.conftest import own_lab
 
 pytestmark = pytest.mark.root
 
@@ -85,11 +85,8 @@ def _deploy(lab: Lab, proxies: dict[str, str]) -> Mesh:
 @pytest.fixture(scope="module", params=["nginx", "haproxy", "haproxy-nginx", "nginx-haproxy"])
 def pair(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     """h1's and h2's proxies: one driver for both, or a mixed pair (h1-h2)."""
-    reason = lab_unavailable()
-    if reason:
-        pytest.skip(reason)
     h1, _, h2 = str(request.param).partition("-")
-    with Lab(hosts=2) as lab:
+    with own_lab(hosts=2) as lab:
         mesh = _deploy(lab, {"h1": h1, "h2": h2 or h1})
         yield mesh
         mesh.stop()

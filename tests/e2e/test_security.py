@@ -26,9 +26,6 @@ from typing import Any
 import hvac
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from meshctl.lab import Host, Lab
 from meshctl.lab.mesh import Mesh, MeshHost, wait_until
@@ -514,20 +511,13 @@ class Rogue:
 
 def _pay_certificate(mesh: Mesh, tmp: Path) -> tuple[str, str]:
     """A valid mesh leaf for "pay" (signed by the mesh CA with the root token)."""
-    key = ec.generate_private_key(ec.SECP256R1())
     name = f"pay.svc.{TD}"
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-           .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-           .sign(key, hashes.SHA256()))
-    pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+    key_pem, csr_pem = new_key_and_csr(name, [name], [])
     signed = mesh.lab.host("h1").vault_client().secrets.pki.sign_verbatim(
-        pem, extra_params={"ttl": "1h", "ext_key_usage": ["ServerAuth", "ClientAuth"]},
+        csr_pem, extra_params={"ttl": "1h", "ext_key_usage": ["ServerAuth", "ClientAuth"]},
         mount_point="pki-mesh")["data"]
     (tmp / "pay.crt").write_text(signed["certificate"])
-    (tmp / "pay.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                    serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
+    (tmp / "pay.key").write_text(key_pem)
     return str(tmp / "pay.crt"), str(tmp / "pay.key")
 
 

@@ -23,25 +23,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from meshctl.lab import find_program
-from meshctl.resources import pinned_versions
 
 
-def find_consul() -> str | None:
-    """$MESHCTL_CONSUL, ``consul`` on the lab PATH (venv first), or the pinned build cache."""
-    version = pinned_versions().get("CONSUL_VERSION", "")
-    cached = Path.home() / ".cache" / "meshctl" / "bin" / f"consul-{version}"
-    for candidate in (
-        os.environ.get("MESHCTL_CONSUL", ""),
-        find_program("consul") or "",
-        str(cached) if version else "",
-    ):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+def free_port(taken: set[int] | None = None) -> int:
+    """A 127.0.0.1 port free for both TCP and UDP (Serf uses both) and not in ``taken``.
 
-
-def _free_port(taken: set[int]) -> int:
-    """A loopback port free for both TCP and UDP (Serf uses both)."""
+    The port is added to ``taken``. Nothing holds it afterwards: it is free, or
+    "closed" for a test that needs nobody to listen there.
+    """
+    taken = set() if taken is None else taken
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind(("127.0.0.1", 0))
@@ -62,7 +52,7 @@ class ConsulDev:
     """One ``consul agent -dev`` process bound to loopback only."""
 
     def __init__(self, workdir: Path, node: str = "meshctl-test") -> None:
-        binary = find_consul()
+        binary = find_program("consul")  # tests mark themselves needs("consul")
         if binary is None:
             raise FileNotFoundError("no consul binary (run scripts/deps.sh)")
         self.binary = binary
@@ -71,7 +61,7 @@ class ConsulDev:
         workdir.mkdir(parents=True, exist_ok=True)
         taken: set[int] = set()
         self.ports = {
-            name: _free_port(taken)
+            name: free_port(taken)
             for name in ("http", "grpc", "grpc_tls", "serf_lan", "serf_wan", "server")
         }
         self.log = workdir / "consul.log"

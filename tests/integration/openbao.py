@@ -12,12 +12,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
-import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from meshctl.lab import find_program
+from tests.integration.consul_dev import free_port
 
 
 @dataclass(frozen=True)
@@ -46,26 +46,6 @@ class MTLSListener:
     client_ca: str
 
 
-def find_bao() -> str | None:
-    """The Vault-API server binary: $MESHCTL_BAO, the venv's bao, bao or vault on PATH."""
-    candidates = [
-        os.environ.get("MESHCTL_BAO", ""),
-        str(Path(sys.executable).parent / "bao"),
-        shutil.which("bao") or "",
-        shutil.which("vault") or "",
-    ]
-    for c in candidates:
-        if c and os.access(c, os.X_OK):
-            return c
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ready(addr: str, cacert: str) -> bool:
     ctx = ssl.create_default_context(cafile=cacert) if cacert else None
     try:
@@ -83,12 +63,14 @@ def openbao_dev(
     mtls: MTLSListener | None = None,
     timeout: float = 60.0,
 ) -> Iterator[OpenBao]:
-    binary = find_bao()
+    # Tests that start one mark themselves needs("bao|vault").
+    binary = find_program("bao", "vault")
     if binary is None:
         raise FileNotFoundError("no bao/vault binary (run scripts/deps.sh)")
     workdir.mkdir(parents=True, exist_ok=True)
     token = "root-" + secrets.token_hex(16)
-    port = _free_port()
+    taken: set[int] = set()
+    port = free_port(taken)
     args = [
         binary,
         "server",
@@ -107,14 +89,13 @@ def openbao_dev(
     if mtls is not None:
         # Dev mode keeps its own listener and adds the config's. Each listener
         # also takes a cluster port (the dev one: its port + 1), so all are set.
-        mport = _free_port()
-        while mport in (port, port + 1):
-            mport = _free_port()
+        taken.add(port + 1)
+        mport = free_port(taken)
         config = workdir / "mtls-listener.hcl"
         config.write_text(
             'listener "tcp" {\n'
             f'  address = "127.0.0.1:{mport}"\n'
-            f'  cluster_address = "127.0.0.1:{_free_port()}"\n'
+            f'  cluster_address = "127.0.0.1:{free_port(taken)}"\n'
             f"  tls_cert_file = {json.dumps(mtls.cert)}\n"
             f"  tls_key_file = {json.dumps(mtls.key)}\n"
             f"  tls_client_ca_file = {json.dumps(mtls.client_ca)}\n"

@@ -37,9 +37,11 @@ import pytest
 
 from meshctl.config import load_config
 from meshctl.errors import VaultError
+from meshctl.lab import find_program
 from meshctl.services import load_definitions
 from meshctl.vault import VaultClient
-from tests.integration.openbao import OpenBao, find_bao, openbao_dev
+from tests.conftest import need_programs
+from tests.integration.openbao import OpenBao, openbao_dev
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "ansible"
@@ -47,19 +49,12 @@ UNIT = ROOT / "packaging" / "systemd" / "meshctl-agent.service"
 TD, DC = "mesh.test", "dc7"
 
 
-def _tool(name: str) -> str | None:
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else shutil.which(name)
+# The venv's first (``<sys.prefix>/bin``): ansible-core and meshctl come with the test extra.
+PLAYBOOK = find_program("ansible-playbook")
+ADHOC = find_program("ansible")
+MESHCTL = find_program("meshctl")
 
-
-PLAYBOOK = _tool("ansible-playbook")
-ADHOC = _tool("ansible")
-MESHCTL = _tool("meshctl")
-
-pytestmark = pytest.mark.skipif(
-    PLAYBOOK is None or ADHOC is None,
-    reason="ansible-core is not installed (pip install -e '.[test]' installs it)",
-)
+pytestmark = pytest.mark.needs("ansible-playbook", "ansible")
 
 WEB = {
     "name": "web",
@@ -259,10 +254,7 @@ def rollout(
 ) -> Iterator[Rollout]:
     """vault-setup.yml (both hosts) and site.yml (HOST) in one run on a fresh root; then,
     side by side, a --check --diff run and a run with a refused definition."""
-    if find_bao() is None:
-        pytest.skip("no bao or vault binary (scripts/deps.sh installs OpenBao)")
-    if MESHCTL is None:
-        pytest.skip("no meshctl executable beside the test interpreter")
+    need_programs("bao|vault", "meshctl")
     assert PLAYBOOK is not None
     work = tmp_path_factory.mktemp("ansible")
     jobs: list[_Job] = []

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
-import shutil
+import os
 import socket
 import ssl
 import subprocess
@@ -25,15 +26,11 @@ from meshctl.proxy.haproxy import HAProxyDriver
 from meshctl.proxy.nginx import NginxDriver
 from meshctl.resources import plugins_dir
 from meshctl.services import ServiceDefinition, Upstream
+from tests.conftest import need_programs
+from tests.integration.consul_dev import free_port
 from tests.pki import TestCA
 
 DRIVERS = {"nginx": NginxDriver, "haproxy": HAProxyDriver}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Loop:
@@ -68,8 +65,7 @@ class Loop:
 
 @pytest.fixture(params=sorted(DRIVERS))
 def loop(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Loop]:
-    if shutil.which(request.param) is None:
-        pytest.skip(f"{request.param} is not installed (make deps installs it)")
+    need_programs(request.param)
     lp = Loop(tmp_path, request.param)
     app = subprocess.Popen([sys.executable, "-m", "meshctl.lab.demoapp", "--service", "api",
                             "--host", "t", "--port", str(lp.app_port)])
@@ -137,6 +133,35 @@ def test_reload_failure_rolls_back_to_last_good(loop: Loop) -> None:
         assert '"service": "api"' in loop.get()
     finally:
         blocker.close()
+
+
+def test_disk_full_while_staging_is_a_proxy_error_and_old_keeps_serving(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write failure is the applier's error (the agent keeps the last good
+    config and retries), never a bare OSError that ends the agent."""
+    good = loop.applier.apply(loop.snapshot())
+    renewed = CertPaths(*loop.ca.write_leaf(loop.tmp / "renewed", "api"))
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", no_space)
+        with pytest.raises(ProxyError, match="No space left on device") as err:
+            loop.applier.apply(loop.snapshot(api_cert=renewed))
+    assert type(err.value) is ProxyError and "cannot stage config" in str(err.value)
+    assert loop.applier.last is not None and loop.applier.last.action == "failed"
+    assert loop.applier.current_generation() == good.generation
+    assert loop.driver.serving_generation() == good.generation
+    assert '"service": "api"' in loop.get()
+    gen_dir = loop.tmp / "proxy" / "gen"
+    assert [p.name for p in gen_dir.iterdir()] == [Path(os.readlink(loop.tmp / "proxy" /
+                                                                    "current")).name]
+    # space again: the same snapshot applies
+    again = loop.applier.apply(loop.snapshot(api_cert=renewed))
+    assert again.action == "reloaded" and again.generation != good.generation
+    assert '"service": "api"' in loop.get()
 
 
 def test_client_without_mesh_certificate_is_refused_at_inbound(loop: Loop) -> None:

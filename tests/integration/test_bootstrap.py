@@ -13,17 +13,10 @@ import re
 import subprocess
 from pathlib import Path
 
+from meshctl.resources import pinned_versions
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
-
-
-def _pins() -> dict[str, str]:
-    pins = {}
-    for line in (SCRIPTS / "versions.env").read_text().splitlines():
-        m = re.match(r"^([A-Z_]+)=(\S+)$", line.strip())
-        if m:
-            pins[m.group(1)] = m.group(2).strip("\"'")
-    return pins
 
 
 def _slow_consul(path: Path, version: str) -> Path:
@@ -49,7 +42,7 @@ def _run(script: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cached_consul_is_recognised_even_when_it_writes_slowly(tmp_path: Path) -> None:
-    version = _pins()["CONSUL_VERSION"]
+    version = pinned_versions()["CONSUL_VERSION"]
     cache = tmp_path / "cache"
     (cache / "bin").mkdir(parents=True)
     _slow_consul(cache / "bin" / f"consul-{version}", version)
@@ -61,7 +54,7 @@ def test_cached_consul_is_recognised_even_when_it_writes_slowly(tmp_path: Path) 
 
 
 def test_deps_uses_a_consul_on_path_that_writes_slowly(tmp_path: Path) -> None:
-    version = _pins()["CONSUL_VERSION"]
+    version = pinned_versions()["CONSUL_VERSION"]
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake = _slow_consul(bindir / "consul", version)

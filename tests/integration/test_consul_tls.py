@@ -16,19 +16,11 @@ import pytest
 from meshctl.config import ConsulSettings
 from meshctl.consul import ConsulClient, IntentionMatch
 from meshctl.errors import ConsulError
-from tests.integration.consul_dev import ConsulDev, _free_port, find_consul
+from tests.integration.consul_dev import ConsulDev, free_port
 from tests.pki import TestCA
 
-pytestmark = pytest.mark.skipif(find_consul() is None, reason="no consul binary")
+pytestmark = pytest.mark.needs("consul")
 TOKEN = "0f9b3c52-1f0e-4c3a-9d55-000000000001"  # not a real secret; must never show up
-
-
-def _leaf(ca: TestCA, cn: str, out: Path, ip: str | None = None) -> tuple[str, str]:
-    cert, key = ca.leaf(cn, ips=(ip,) if ip else ())
-    (out / f"{cn}.crt").write_bytes(cert)
-    (out / f"{cn}.key").write_bytes(key)
-    (out / f"{cn}.key").chmod(0o600)
-    return str(out / f"{cn}.crt"), str(out / f"{cn}.key")
 
 
 class TLSConsul(ConsulDev):
@@ -36,7 +28,7 @@ class TLSConsul(ConsulDev):
 
     def __init__(self, workdir: Path, pki: Path) -> None:
         super().__init__(workdir)
-        self.https_port = _free_port(set(self.ports.values()))
+        self.https_port = free_port(set(self.ports.values()))
         self.pki = pki
 
     def _args(self) -> list[str]:
@@ -73,9 +65,9 @@ class TLSConsul(ConsulDev):
 def tls_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSConsul]:
     pki = tmp_path_factory.mktemp("pki")
     ca = TestCA.create("consul CA")
-    (pki / "ca.pem").write_bytes(ca.pem)
-    _leaf(ca, "server.consul", pki, ip="127.0.0.1")
-    _leaf(ca, "agent", pki)
+    # ca.pem, server.consul.crt/.key (Consul is reached at 127.0.0.1), agent.crt/.key
+    ca.write_leaf(pki, "server.consul", cn="server.consul", ips=("127.0.0.1",))
+    ca.write_leaf(pki, "agent", cn="agent")
     dev = TLSConsul(tmp_path_factory.mktemp("consul"), pki)
     dev.start()
     try:

@@ -17,9 +17,9 @@ from meshctl.cli import _register, cli
 from meshctl.config import ConsulSettings
 from meshctl.consul import ConsulClient, IntentionMatch
 from meshctl.intentions import Request, compile_intentions, decide, normalize_path
-from tests.integration.consul_dev import ConsulDev, consul_dev, find_consul
+from tests.integration.consul_dev import ConsulDev, consul_dev
 
-pytestmark = pytest.mark.skipif(find_consul() is None, reason="no consul binary")
+pytestmark = pytest.mark.needs("consul")
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,12 @@ from cryptography.x509.oid import NameOID
 from meshctl.errors import LabError
 from meshctl.lab import Lab, LabState, ProcRecord, find_program, state_dir
 from meshctl.lab import _sys as labsys
+from meshctl.proxy.nginx import MODULES_DIR
+from tests.conftest import unavailable
 
 pytestmark = pytest.mark.root
 
-NGINX_MODULES = Path("/usr/lib/nginx/modules")
+NGINX_MODULES = Path(MODULES_DIR)
 
 
 def _start_time(pid: int) -> int | None:
@@ -101,7 +103,7 @@ def test_openbao_issues_certificate_from_pki(lab: Lab) -> None:
 def test_nginx_with_lua_answers_across_the_bridge(lab: Lab) -> None:
     for mod in ("ndk_http_module.so", "ngx_http_lua_module.so"):
         if not (NGINX_MODULES / mod).exists():
-            pytest.skip(f"{NGINX_MODULES / mod} not installed (libnginx-mod-http-lua)")
+            unavailable(f"{NGINX_MODULES / mod} not installed (libnginx-mod-http-lua)")
     h1, h2 = lab.host("h1"), lab.host("h2")
     d = h2.workdir / "nginx-labtest"
     d.mkdir(exist_ok=True)

@@ -40,7 +40,9 @@ from meshctl.vault import (
     new_key_and_csr,
     setup_mesh,
 )
-from tests.integration.openbao import MTLSListener, OpenBao, find_bao, openbao_dev
+from tests.conftest import need_programs
+from tests.integration.consul_dev import free_port
+from tests.integration.openbao import MTLSListener, OpenBao, openbao_dev
 from tests.pki import TestCA
 
 TD, DC = "mesh.test", "dc1"
@@ -50,8 +52,7 @@ _seq = itertools.count()
 
 @pytest.fixture(scope="module")
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
-    if find_bao() is None:
-        pytest.skip("no bao or vault binary (scripts/deps.sh installs OpenBao)")
+    need_programs("bao|vault")
     with openbao_dev(tmp_path_factory.mktemp("openbao")) as server:
         yield server
 
@@ -418,18 +419,12 @@ def test_token_file_is_read_again_when_vault_refuses_the_token(
 # ---------------------------------------------------------------- failures, secrets
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _all_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))
 
 
 def test_unreachable_vault_names_the_address_not_the_secrets(tmp_path: Path) -> None:
-    addr = f"http://127.0.0.1:{_closed_port()}"
+    addr = f"http://127.0.0.1:{free_port()}"  # nobody listens there
     token = "hvs.super-secret-token-value"
     with pytest.raises(VaultError) as info:
         VaultClient(VaultSettings(addr=addr, token=token)).issue_leaf("web", TD, DC, "1h")
@@ -498,9 +493,8 @@ def test_secrets_never_reach_logs_or_errors(
             assert secret not in text
 
 
+@pytest.mark.needs("bao|vault")
 def test_tls_to_vault_needs_its_ca(tmp_path: Path) -> None:
-    if find_bao() is None:
-        pytest.skip("no bao or vault binary")
     with openbao_dev(tmp_path / "bao", tls=True) as server:
         assert server.addr.startswith("https://")
         mesh = Mesh(server, None, "pki-tls", "tls-", tmp_path / "out")  # type: ignore[arg-type]
@@ -517,12 +511,11 @@ def test_tls_to_vault_needs_its_ca(tmp_path: Path) -> None:
         assert server.token not in _all_text(info.value)
 
 
+@pytest.mark.needs("bao|vault")
 def test_vault_that_requires_client_certificates(tmp_path: Path) -> None:
     """A listener with ``tls_require_and_verify_client_cert``: the agent's
     ``client_cert``/``client_key`` (VAULT_CLIENT_CERT / VAULT_CLIENT_KEY) get it
     in; without them the handshake is refused with a message naming the address."""
-    if find_bao() is None:
-        pytest.skip("no bao or vault binary")
     pki = tmp_path / "pki"
     pki.mkdir()
     ca = TestCA.create("vault listener CA")

@@ -133,6 +133,20 @@ def test_targets_met_and_not_met() -> None:
     assert got["convergence_remove_p99_s"] is False and got["convergence_add_p99_s"] is True
 
 
+def test_the_latency_target_is_not_met_at_another_rate() -> None:
+    # A --rate 100 or --quick run measures nothing about 1000 req/s, however small its p99.
+    result = _result(pair_p99=0.6, conv=[0.1])
+    result["settings"]["rate"] = 100
+    result["targets"] = targets(result)
+    added = next(t for t in result["targets"] if t["key"] == "added_p99_ms")
+    assert added["measured_at_rps"] == 100 and added["met"] is False
+    # Convergence does not depend on the load rate.
+    assert all(t["met"] for t in result["targets"] if t["key"] != "added_p99_ms")
+    md = markdown(result)
+    assert ("| added p99 at 1000 req/s <= 2 ms | nginx | +0.10 ms (at 100 req/s) | "
+            "not measured at 1000 req/s |") in md
+
+
 def test_markdown_shows_ratios_and_target_status() -> None:
     result = _result(pair_p99=1.5, conv=[0.1, 0.2, 2.5])
     result["targets"] = targets(result)

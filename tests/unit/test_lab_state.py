@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from meshctl.errors import LabError
-from meshctl.lab import Lab, LabState, NodeRecord, ProcRecord, _state, consul_client_config
+from meshctl.lab import (
+    Lab,
+    LabState,
+    NodeRecord,
+    ProcRecord,
+    _state,
+    consul_client_config,
+    remove_lab,
+)
 from meshctl.lab import _sys as labsys
 
 
@@ -91,3 +101,75 @@ def test_client_agents_serve_http_on_loopback_only() -> None:
     cfg = consul_client_config("h1", "198.18.0.11", "198.18.0.2", Path("/d"))
     assert cfg["client_addr"] == "127.0.0.1" and cfg["retry_join"] == ["198.18.0.2"]
     assert cfg["node_name"] == "h1" and cfg["datacenter"] == "dc1"
+
+
+def test_send_signal_ignores_a_gone_process_and_reports_a_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[tuple[str, int, int]] = []
+
+    def gone(pid: int, sig: int) -> None:
+        sent.append(("kill", pid, sig))
+        raise ProcessLookupError(3, "No such process")
+
+    def refused(pid: int, sig: int) -> None:
+        sent.append(("killpg", pid, sig))
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", gone)
+    monkeypatch.setattr(os, "killpg", refused)
+    labsys.send_signal(4242, signal.SIGTERM)  # exited meanwhile: nothing to do
+    with pytest.raises(LabError, match="not allowed to signal process group 4242"):
+        labsys.send_signal(4242, signal.SIGKILL, group=True)
+    assert sent == [("kill", 4242, signal.SIGTERM), ("killpg", 4242, signal.SIGKILL)]
+
+
+def test_terminate_kills_what_ignores_sigterm() -> None:
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+         "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert stubborn.stdout is not None and stubborn.stdout.readline() == "ready\n"
+        started = labsys.start_time(stubborn.pid)
+        assert labsys.terminate([(stubborn.pid, started)], timeout=0.3) == []
+        assert stubborn.wait(5) == -signal.SIGKILL
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
+            stubborn.wait()
+
+
+_CLI_OWNER = """
+import os, signal, sys, time
+def down(signum, frame):
+    os.unlink(sys.argv[1])  # what Lab.down() does last
+    sys.exit(0)
+signal.signal(signal.SIGTERM, down)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_lab_down_asks_a_cli_owner_and_refuses_a_library_owner(
+    private_state_dir: Path,
+) -> None:
+    private_state_dir.mkdir()
+    path = private_state_dir / "mclcli.json"
+    owner = subprocess.Popen([sys.executable, "-c", _CLI_OWNER, str(path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "ready\n"
+        started = labsys.start_time(owner.pid)
+        library = _state_of(owner.pid, started, prefix="mcllib")
+        library.save()
+        with pytest.raises(LabError, match="not touching it"):
+            remove_lab("mcllib")
+        assert library.path.exists() and owner.poll() is None
+        _state_of(owner.pid, started, prefix="mclcli", owner_kind="cli").save()
+        remove_lab("mclcli", wait=10)
+        assert not path.exists() and owner.wait(5) == 0
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
