@@ -51,6 +51,19 @@ def test_requests_alternate_between_api_instances_over_mtls(mesh: Mesh) -> None:
     assert body["service"] == "api" and body["caller"] == "web"  # identity from the client cert
 
 
+def test_a_caller_cannot_claim_another_identity_by_header(mesh: Mesh) -> None:
+    """X-Mesh-Caller comes from the verified certificate only; no spelling of it that
+    an app could read as the same variable (CGI/WSGI fold '-' and '_') gets through."""
+    forged = {"X-Mesh-Caller": "ops", "X_Mesh_Caller": "ops", "x-mesh_caller": "ops",
+              "X_Mesh-Caller": "ops", "X-Other": "kept"}
+    status, body = mesh["h1"].get(WEB_API_PORT, "/who", headers=forged)
+    assert status == 200 and isinstance(body, dict), body
+    assert body["caller"] == "web"
+    assert body["headers"].get("x-other") == "kept"  # the control: other headers pass
+    leaked = [k for k in body["headers"] if k.replace("_", "-") == "x-mesh-caller"]
+    assert leaked == [], body["headers"]
+
+
 def test_tcp_upstream_rides_the_stream_path(mesh: Mesh) -> None:
     status, body = mesh["h1"].get(WEB_KV_PORT, "/k")
     assert status == 200 and isinstance(body, dict)
