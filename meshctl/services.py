@@ -84,6 +84,9 @@ class ServiceDefinition:
 # Patterns end in \Z, not $: "$" also matches before a trailing newline.
 SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 SERVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}\Z")
+#: A local service's id also names its proxy sections (``local_<id>``), so it
+#: cannot start with '.' or '-' (remote instance ids never name a section).
+LOCAL_SERVICE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 CHECK_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")  # Consul's own defaults look like service:web
 META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 DATACENTER = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?\Z")
@@ -649,7 +652,9 @@ class _Reader:
         service_id = name
         if "id" in f:
             service_id = self.match(
-                *_get(f, "id"), SERVICE_ID, "service ids are letters, digits and _.- (1-128)"
+                *_get(f, "id"),
+                LOCAL_SERVICE_ID,
+                "service ids are letters, digits and _.- (1-128), not starting with . or -",
             )
         port = self.port(*_get(f, "port")) if "port" in f else None
         if "port" not in f:

@@ -383,6 +383,8 @@ BAD_VALUES = [
     ({"id": "web{1}$"}, "service.id", "service ids"),
     ({"id": "x" * 129}, "service.id", "service ids"),
     ({"id": ""}, "service.id", "service ids"),
+    ({"id": "-web"}, "service.id", "not starting with . or -"),  # names proxy sections
+    ({"id": ".web"}, "service.id", "not starting with . or -"),
     ({"port": "8080"}, "service.port", "got a string"),
     ({"port": True}, "service.port", "got a boolean"),
     ({"port": 8080.0}, "service.port", "got a number"),
