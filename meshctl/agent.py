@@ -411,6 +411,12 @@ class Agent:
         return bool(pending)
 
     def _compile_and_apply(self, services: list[ServiceDefinition], address: str) -> None:
+        # A retry time that has come is used up by this pass; whatever still
+        # needs a later pass sets a new one below. (Left in the past, it would
+        # wake the run loop at once, again and again.)
+        retry_due = self._retry_at <= time.time()
+        if retry_due:
+            self._retry_at = float("inf")
         if self._awaiting_first_answers():
             log.debug("waiting for the first answer of new health watches")
             return
@@ -438,7 +444,7 @@ class Agent:
             # Nothing can be served yet (no certificates): keep the last good config.
             self._write_state(services)
             return
-        if snapshot == self._failed_snapshot and time.time() < self._retry_at:
+        if snapshot == self._failed_snapshot and not retry_due:
             # The proxy refused exactly this config a moment ago: wait for the
             # retry time (or a change) instead of churning it on every event.
             self._write_state(services)
@@ -542,7 +548,12 @@ class Agent:
             state.last_apply = self.applier.last.to_dict()
         state.updated = time.time()
         text = json.dumps(state.__dict__, indent=2, default=str)
-        write_atomic(self.cfg.state_path, text.encode(), 0o644)
+        try:
+            write_atomic(self.cfg.state_path, text.encode(), 0o644)
+        except MeshctlError as exc:
+            # Only `meshctl status` reads it: a full disk must not stop the agent
+            # (which would deregister the host) while the proxy keeps serving.
+            self._warn_once(f"cannot write the status file: {exc}")
 
 
 def _update_endpoint_gauges(snapshot: Snapshot, previous: set[str]) -> set[str]:

@@ -16,6 +16,7 @@ from cryptography import x509
 from meshctl import metrics
 from meshctl.agent import Agent
 from meshctl.config import AgentConfig, ConsulSettings, VaultSettings
+from meshctl.errors import CompileError, ProxyError
 from meshctl.mesh import Snapshot
 from meshctl.proxy.base import ProxyDriver, ProxyPaths
 from tests.pki import TestCA
@@ -118,6 +119,56 @@ def test_no_local_service_leaves_the_loop_asleep(make_agent: Callable[[], Agent]
     agent = make_agent()
     agent.reconcile()
     assert agent._next_deadline() > time.time() + 1.0
+
+
+def test_a_retry_time_that_came_is_used_up_even_when_nothing_is_applied(
+    make_agent: Callable[[], Agent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first-answer wait or an apply backoff ran out, and the pass it woke then
+    could not apply (compile refused): no retry is left in the past to spin on."""
+    agent = make_agent()
+    agent._next_sync = time.time() + 60.0  # registrations done: only the retry time counts
+    agent._retry_at = time.time() - 1.0
+
+    def refuse(*_args: object) -> None:
+        raise CompileError("service-router api: refused")
+
+    monkeypatch.setattr("meshctl.agent.build_snapshot", refuse)
+    agent._compile_and_apply([], "198.18.0.11")
+    assert agent._retry_at > time.time() + 1.0
+    assert agent._next_deadline() > time.time() + 1.0
+
+
+def test_a_refused_config_is_retried_when_its_time_comes(
+    make_agent: Callable[[], Agent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = make_agent()
+    snap = Snapshot(node="h1", trust_domain="meshctl.test", datacenter="dc1")
+    monkeypatch.setattr("meshctl.agent.build_snapshot", lambda *_: snap)
+    applied: list[Snapshot] = []
+
+    def refuse(snapshot: Snapshot) -> None:
+        applied.append(snapshot)
+        raise ProxyError("fake refused it")
+
+    monkeypatch.setattr(agent.applier, "apply", refuse)
+    agent._compile_and_apply([], "198.18.0.11")
+    assert len(applied) == 1 and agent._retry_at > time.time()  # backing off
+    agent._compile_and_apply([], "198.18.0.11")
+    assert len(applied) == 1  # the same config again before its time: not churned
+    agent._retry_at = time.time() - 0.1  # its time has come
+    agent._compile_and_apply([], "198.18.0.11")
+    assert len(applied) == 2 and agent._retry_at > time.time()
+
+
+def test_an_unwritable_status_file_does_not_stop_the_agent(
+    make_agent: Callable[[], Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = make_agent()
+    agent.cfg.state_path.parent.mkdir(parents=True, exist_ok=True)
+    agent.cfg.state_path.mkdir()  # a directory where the file should go: writes fail
+    agent.reconcile()
+    assert "cannot write the status file" in caplog.text
 
 
 class RecordingConsul:
