@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Build a pinned Consul release from its Go module with the machine's Go toolchain.
 #
-# Consul's go.mod replaces its own submodules (api, sdk, proto-public,
-# envoyextensions, troubleshoot) with local directories, which makes
-# `go install github.com/hashicorp/consul@vX` refuse to build.  We take the
-# module source from the module proxy, drop those replace directives so the
+# Consul's go.mod replaces its own submodules (api, sdk, proto-public) with
+# local directories, which makes `go install github.com/hashicorp/consul@vX`
+# refuse to build.  We take the module source from the module proxy, drop
+# every replace directive that points into the module's own tree so the
 # submodules resolve at the versions go.mod requires, and build that.
+#
+# Only MPL-2.0 releases are built (1.14.x: its LICENSE is MPL-2.0 and it needs
+# neither envoyextensions nor troubleshoot, whose releases are not open source).
+# The build refuses to finish if a module outside the open-licence allow list
+# appears in its module graph (tests/integration/test_consul_build.py checks
+# the same on the cached build's module list).
 # The binary is cached outside the work tree; a second run takes no time.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -31,8 +37,10 @@ trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
 cp -r "$dir/." "$work/"
 chmod -R u+w "$work"
 cd "$work"
-for sub in api sdk proto-public envoyextensions troubleshoot; do
-    go mod edit -dropreplace="github.com/hashicorp/consul/$sub"
+grep -q 'Mozilla Public License' LICENSE || { echo "error: consul $CONSUL_VERSION is not under the MPL-2.0 (see its LICENSE); meshctl builds open-source releases only" >&2; exit 1; }
+# Every `replace github.com/hashicorp/consul/X => ./X` goes; anything else stays.
+for sub in $(awk '$0 ~ /github\.com\/hashicorp\/consul\/[a-z-]+ => \.\// { for (i = 1; i <= NF; i++) if ($i ~ /^github\.com\/hashicorp\/consul\//) print $i }' go.mod); do
+    go mod edit -dropreplace="$sub"
 done
 echo "consul $CONSUL_VERSION: building (several minutes the first time; later runs use the cache)"
 # Some of Consul's own submodule releases are served by the module proxy but
