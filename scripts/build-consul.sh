@@ -21,13 +21,41 @@ cache=${MESHCTL_CACHE:-$HOME/.cache/meshctl}
 out="$cache/bin/consul-$CONSUL_VERSION"
 # Output is captured, never piped into head or grep -q: with pipefail, a reader
 # that stops early kills the writer with SIGPIPE and fails the script (exit 141).
+# A Go installed from go.dev's tarball lives in /usr/local/go, often not on a CI PATH.
+command -v go >/dev/null || { [ -x /usr/local/go/bin/go ] && export PATH="$PATH:/usr/local/go/bin"; }
+
+# Modules that must never be compiled into the Consul meshctl builds or tests
+# against: their published releases are not under an open-source licence.
+forbidden=(github.com/hashicorp/consul/envoyextensions github.com/hashicorp/consul/troubleshoot)
+
+# Beside the binary: the module's LICENSE and the modules linked into it (from
+# the binary's own build info), which tests/integration/test_consul_build.py reads.
+record_build() {
+    if [ ! -s "$out.LICENSE" ]; then
+        local d
+        d=$(cd "$cache/src" && GOFLAGS=-mod=mod go mod download -json "github.com/hashicorp/consul@v$CONSUL_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+        [ -n "$d" ] && cp "$d/LICENSE" "$out.LICENSE.tmp" && mv "$out.LICENSE.tmp" "$out.LICENSE"
+    fi
+    go version -m "$1" > "$out.modules.tmp"
+    local m
+    for m in "${forbidden[@]}"; do
+        if [[ $'\n'$(cat "$out.modules.tmp") == *$'\tdep\t'"$m"$'\t'* ]]; then
+            rm -f "$out.modules.tmp"
+            echo "error: consul $CONSUL_VERSION links $m, whose releases are not open source; meshctl does not build it" >&2
+            return 1
+        fi
+    done
+    mv "$out.modules.tmp" "$out.modules"
+}
+
 if [ -x "$out" ] && [[ $("$out" version 2>/dev/null || true) == *"v$CONSUL_VERSION"* ]]; then
+    if command -v go >/dev/null && { [ ! -s "$out.modules" ] || [ ! -s "$out.LICENSE" ]; }; then
+        record_build "$out"
+    fi
     echo "consul $CONSUL_VERSION: cached at $out"
     exit 0
 fi
-# A Go installed from go.dev's tarball lives in /usr/local/go, often not on a CI PATH.
-command -v go >/dev/null || { [ -x /usr/local/go/bin/go ] && export PATH="$PATH:/usr/local/go/bin"; }
-command -v go >/dev/null || { echo "error: Go toolchain not found; install Go >= 1.25 or put a consul $CONSUL_VERSION on PATH" >&2; exit 1; }
+command -v go >/dev/null || { echo "error: Go toolchain not found; install Go >= 1.25 or name a consul with CONSUL=/path/to/consul" >&2; exit 1; }
 mkdir -p "$cache/bin" "$cache/src"
 echo "consul $CONSUL_VERSION: downloading module source (go mod download)"
 dir=$(cd "$cache/src" && GOFLAGS=-mod=mod go mod download -json "github.com/hashicorp/consul@v$CONSUL_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
@@ -47,6 +75,8 @@ echo "consul $CONSUL_VERSION: building (several minutes the first time; later ru
 # missing from the checksum database; skip the sumdb for those alone.
 CGO_ENABLED=0 GOFLAGS=-mod=mod GONOSUMDB=github.com/hashicorp/consul/* go build -trimpath -o "$out.tmp" \
     -ldflags "-s -w -X github.com/hashicorp/consul/version.GitCommit=meshctl-build -X github.com/hashicorp/consul/version.BuildDate=1970-01-01T00:00:00Z" .
+cp LICENSE "$out.LICENSE"
+record_build "$out.tmp"
 mv "$out.tmp" "$out"
 built=$("$out" version)
 echo "${built%%$'\n'*}"

@@ -62,20 +62,7 @@ else
 fi
 
 # ---- Consul ------------------------------------------------------------------
-# A consul on PATH of the pinned minor version is used as it is.
-want_minor=${CONSUL_VERSION%.*}
-# (Captured, never piped into head/grep -q: under pipefail that is a SIGPIPE exit 141.)
-path_consul_version=""
-if command -v consul >/dev/null; then
-    path_consul_version=$(consul version 2>/dev/null || true)
-    path_consul_version=${path_consul_version%%$'\n'*}
-fi
-if [[ $path_consul_version == *"v$want_minor."* ]]; then
-    say "consul: using $(command -v consul) ($path_consul_version)"
-else
-    bash scripts/build-consul.sh
-    ln -sf "${MESHCTL_CACHE:-$HOME/.cache/meshctl}/bin/consul-$CONSUL_VERSION" .venv/bin/consul
-fi
+bash scripts/select-consul.sh
 
 # ---- vegeta ------------------------------------------------------------------
 bash scripts/build-vegeta.sh
