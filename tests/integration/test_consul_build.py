@@ -25,7 +25,10 @@ from meshctl.lab import find_program
 from meshctl.resources import pinned_versions
 from tests.conftest import unavailable
 
-FORBIDDEN = ("github.com/hashicorp/consul/envoyextensions", "github.com/hashicorp/consul/troubleshoot")
+FORBIDDEN = (
+    "github.com/hashicorp/consul/envoyextensions",
+    "github.com/hashicorp/consul/troubleshoot",
+)
 MPL = "Mozilla Public License, version 2.0"
 
 
