@@ -55,3 +55,11 @@ def test_the_consul_row_names_the_pinned_version_and_an_open_licence() -> None:
     row = next(r for r in _rows() if r and r[0] == "Consul")
     assert version in row[1]
     assert row[2] == "MPL-2.0"
+
+
+def test_the_readme_states_the_supported_consul_range_and_the_pinned_version() -> None:
+    pins = pinned_versions()
+    readme = (ROOT / "README.md").read_text()
+    lo, hi = pins["CONSUL_SUPPORTED_MIN"], pins["CONSUL_SUPPORTED_MAX"]
+    assert f"Consul {lo} through {hi}" in readme
+    assert f"pinned to **Consul {pins['CONSUL_VERSION']}**" in readme
