@@ -213,11 +213,16 @@ http {{
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     conn = _UnixHTTPConnection(sock)
     try:
+        # The socket file appears at bind(), before listen(): wait until it accepts.
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while True:
             assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
             assert time.monotonic() < deadline, "nginx did not open its socket"
-            time.sleep(0.02)
+            try:
+                conn.connect()
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.02)
         result = []
         for c in cases:
             body = json.dumps({k: v for k, v in c.items() if k != "headers"})
