@@ -274,7 +274,7 @@ def test_query_and_cookie_names_compile_accepts_render_on_haproxy(kind: str, nam
     node = answer["Chain"]["Nodes"]["resolver:v1.api.default.default.dc1"]
     node["LoadBalancer"]["HashPolicies"][0] = {"Field": kind, "FieldValue": name}
     text = HAProxyDriver(PATHS).render(snap(answer), "0123456789abcdef")["haproxy.cfg"]
-    assert f"urlp({name}) -m str" in text
+    assert f"urlp({name}) -m str -- " in text
     assert (f"balance hash req.cook({name})" if kind == "cookie"
             else f"balance url_param {name}") in text
 
@@ -418,15 +418,15 @@ def test_nginx_endpoint_document_includes_failover_clusters() -> None:
 def test_haproxy_rules_pick_route_split_and_failover() -> None:
     s = snap()
     text = HAProxyDriver(PATHS).render(s, "0123456789abcdef")["haproxy.cfg"]
-    assert 'acl r0_h0 req.fhdr(x-canary) -m str "1"' in text
-    assert 'acl r1_path path -m beg "/admin"' in text
-    assert "acl r1_m method GET POST" in text
+    assert 'acl r0_h0 req.fhdr(x-canary) -m str -- "1"' in text
+    assert 'acl r1_path path -m beg -- "/admin"' in text
+    assert "acl r1_m method -- GET POST" in text
     assert "http-request set-var(txn.meshctl_w) rand(10000)" in text
-    assert "{ var(txn.meshctl_w) -m int 0:8999 }" in text
-    assert "{ var(txn.meshctl_w) -m int 9000:9999 }" in text
+    assert "{ var(txn.meshctl_w) -m int -- 0:8999 }" in text
+    assert "{ var(txn.meshctl_w) -m int -- 9000:9999 }" in text
     assert 'http-request set-path "/%[path,regsub(^.{6},)]"' in text
     v1 = s.outbounds[0].routes[2].clusters[0].cluster
-    assert f"use_backend web__{v1} if {{ var(txn.meshctl_p) -m str r2s0 }} " \
+    assert f"use_backend web__{v1} if {{ var(txn.meshctl_p) -m str -- r2s0 }} " \
            f"{{ nbsrv(web__{v1}) gt 0 }}" in text
     assert "balance hdr(x-user)\n    hash-type consistent" in text
     assert "retry-on conn-failure empty-response 500 501 502 503 504" in text

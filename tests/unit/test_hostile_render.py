@@ -54,6 +54,8 @@ NASTY = [
     ";", "{", "}", "a;b", "a b", "a\nb", "a\rb", "a\x00b", '"', "'", "\\", "$x", "${HOME}",
     "#c", "%[src]", "lua-load /tmp/x.lua", "include /etc/passwd", "} server { listen 6666; }",
     "../x", "*", "é", "\u202e", "a" * 300, "x\ty", "default", "include", "hostnames", "volatile",
+    # Words HAProxy's ACL parser would take as its own options before a "--".
+    "-1", "-", "--", "-i", "-m", "-m reg", "-f /etc/passwd", "-u 1", "-M",
 ]
 nasty = st.one_of(
     st.sampled_from(NASTY),
@@ -113,8 +115,15 @@ def route_match(draw: st.DrawFn, bad: bool) -> dict[str, Any]:
     key = draw(st.sampled_from(["PathExact", "PathPrefix", "PathRegex"]))
     http[key] = draw(nasty if bad else st.sampled_from(["/a", "/a/b"]))
     if draw(st.booleans()):
+        kind = draw(st.sampled_from(["Exact", "Prefix", "Suffix", "Regex"]))
         http["Header"] = [{"Name": draw(nasty if bad else st.just("x-user")),
-                           "Exact": draw(value)}]
+                           kind: draw(value), "Invert": draw(st.booleans())}]
+    if draw(st.booleans()):
+        kind = draw(st.sampled_from(["Exact", "Regex"]))
+        http["QueryParam"] = [{"Name": draw(nasty if bad else st.just("q")),
+                               kind: draw(value)}]
+    if draw(st.booleans()):
+        http["Methods"] = [draw(nasty if bad else st.just("GET"))]
     return http
 
 
@@ -223,9 +232,11 @@ def twin(p: dict[str, Any]) -> dict[str, Any]:
 def _benign_match(m: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in m.items():
-        if key == "Header":
+        if key in ("Header", "QueryParam"):
             out[key] = [{k: (v if BORING.match(str(v)) else ("x-h" if k == "Name" else "v"))
                          for k, v in h.items()} for h in value]
+        elif key == "Methods":
+            out[key] = [v if BORING.match(v) else "GET" for v in value]
         else:
             out[key] = value if BORING.match(value) and value.startswith("/") else "/p"
     return out
@@ -256,6 +267,8 @@ def build(p: dict[str, Any], certs: CertPaths) -> Any:
     if p["chain_routes"]:
         answer = json.loads(CHAIN_FIXTURE.read_text())
         router = next(n for n in answer["Chain"]["Nodes"].values() if n["Type"] == "router")
+        while len(router["Routes"]) < len(p["chain_routes"]):
+            router["Routes"].insert(0, copy.deepcopy(router["Routes"][0]))
         for route, match in zip(router["Routes"], p["chain_routes"], strict=False):
             route["Definition"]["Match"] = {"HTTP": match}
         chains = {chain_key("api"): answer}
@@ -446,3 +459,37 @@ def test_scoped_ipv6_addresses_cannot_smuggle_config(env: dict[str, Any]) -> Non
     p["services"][0]["sidecar_address"] = "fe80::1%eth0"
     with pytest.raises(CompileError, match="fe80"):
         build(p, env["certs"])
+
+
+DASHED = ["-1", "-", "--", "-i", "-m", "-m reg", "-f /etc/passwd", "-u 1"]
+
+
+@pytest.mark.parametrize("value", DASHED)
+def test_match_values_starting_with_a_dash_are_patterns_for_both_proxies(
+        env: dict[str, Any], value: str) -> None:
+    """Consul accepts ``Suffix = "-1"``; every match kind carrying it must still render a
+    config both proxies accept (HAProxy's ACL parser reads a leading '-' as an option
+    unless the patterns follow ``--``), with the value kept as it is."""
+    matches: list[dict[str, Any]] = [
+        {"PathPrefix": "/", "Header": [{"Name": "x-user", kind: value}]}
+        for kind in ("Exact", "Prefix", "Suffix")
+    ] + [
+        {"PathPrefix": "/inv", "Header": [{"Name": "x-user", "Exact": value, "Invert": True}]},
+        {"PathPrefix": "/q", "QueryParam": [{"Name": "q", "Exact": value}]},
+        {"PathExact": "/m", "Methods": ["GET", "POST"]},
+    ]
+    p: dict[str, Any] = {
+        "node": "h1", "trust_domain": "meshctl.test", "chain_routes": matches,
+        "services": [{"name": "web", "id": "web", "port": 8080, "address": "", "tags": [],
+                      "meta": {}, "protocol": "http", "intentions": [],
+                      "sidecar_address": SIDECAR_IP,
+                      "upstreams": [{"dest": "api", "port": 19001}]}],
+        "instances": {"api": [{"node": "n", "id": "api-1", "address": "198.18.0.12",
+                               "port": 21000, "tags": [], "meta": {}}]}}
+    snap = build(p, env["certs"])
+    (outbound,) = snap.outbounds
+    carried = [h.exact or h.prefix or h.suffix for r in outbound.routes for h in r.headers]
+    assert carried.count(value) == 4
+    for name, driver in env["drivers"].items():
+        files = driver.render(snap, "0123456789abcdef")
+        accepted_by_proxy(driver, files, env["root"] / name / "dashed")
