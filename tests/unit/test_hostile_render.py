@@ -127,6 +127,28 @@ def route_match(draw: st.DrawFn, bad: bool) -> dict[str, Any]:
     return http
 
 
+# Printable values, as Consul accepts them: the ones a match carries into a config.
+printable = st.one_of(st.sampled_from([v for v in NASTY if v.isascii() and v.isprintable()]),
+                      st.text(alphabet=st.sampled_from(list("-ab \"'\\$%[]{};#*()")),
+                              min_size=1, max_size=8))
+
+
+@st.composite
+def match_values(draw: st.DrawFn) -> dict[str, Any]:
+    """A router match with valid names and paths and hostile header/query/method values."""
+    http: dict[str, Any] = {"PathPrefix": draw(st.sampled_from(["/", "/a", "/a/b"]))}
+    kind = draw(st.sampled_from(["Exact", "Prefix", "Suffix", "Regex"]))
+    http["Header"] = [{"Name": draw(st.sampled_from(["x-user", "X_A", "x.b"])),
+                       kind: draw(printable), "Invert": draw(st.booleans())}]
+    if draw(st.booleans()):
+        http["QueryParam"] = [{"Name": "q", draw(st.sampled_from(["Exact", "Regex"])):
+                               draw(printable)}]
+    if draw(st.booleans()):
+        http["Methods"] = draw(st.lists(st.one_of(st.just("GET"), printable), min_size=1,
+                                        max_size=2))
+    return http
+
+
 # The kinds of values an example makes hostile (at most two per example: an
 # example is interesting when everything else passes).
 KINDS = ["name", "id", "port", "address", "protocol", "sidecar_address", "instance_id",
@@ -181,6 +203,7 @@ def plan(draw: st.DrawFn) -> dict[str, Any]:
 
 
 BORING = re.compile(r"^[A-Za-z0-9_.-]*\Z")  # nothing in here can shape a config
+PLAIN_PATH = re.compile(r"^/[A-Za-z0-9_./-]*\Z")
 
 
 def twin(p: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +261,8 @@ def _benign_match(m: dict[str, Any]) -> dict[str, Any]:
         elif key == "Methods":
             out[key] = [v if BORING.match(v) else "GET" for v in value]
         else:
-            out[key] = value if BORING.match(value) and value.startswith("/") else "/p"
+            # A plain path stays ("/" matches everything: no ACL at all).
+            out[key] = value if PLAIN_PATH.match(value) else "/p"
     return out
 
 
@@ -407,6 +431,33 @@ def accepted_by_proxy(driver: ProxyDriver, files: dict[str, str], where: Path) -
 @given(p=plan())
 def test_hostile_inputs_are_refused_or_render_exactly_the_benign_shape(
         env: dict[str, Any], p: dict[str, Any]) -> None:
+    refused_or_benign_shape(env, p)
+
+
+def web_calls_api(chain_routes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A plain host (web with an http upstream api) whose api router has these matches."""
+    return {
+        "node": "h1", "trust_domain": "meshctl.test", "chain_routes": chain_routes,
+        "services": [{"name": "web", "id": "web", "port": 8080, "address": "", "tags": [],
+                      "meta": {}, "protocol": "http", "intentions": [],
+                      "sidecar_address": SIDECAR_IP,
+                      "upstreams": [{"dest": "api", "port": 19001}]}],
+        "instances": {"api": [{"node": "n", "id": "api-1", "address": "198.18.0.12",
+                               "port": 21000, "tags": [], "meta": {}}]}}
+
+
+@settings(max_examples=60, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(routes=st.lists(match_values(), min_size=1, max_size=3))
+def test_hostile_route_matches_are_refused_or_render_exactly_the_benign_shape(
+        env: dict[str, Any], routes: list[dict[str, Any]]) -> None:
+    """The same property with the hostile values in the router's header, query and
+    method matches (valid paths, so that most examples reach both proxies)."""
+    refused_or_benign_shape(env, web_calls_api(routes))
+
+
+def refused_or_benign_shape(env: dict[str, Any], p: dict[str, Any]) -> None:
+    """Refused with a message, or accepted by each proxy with the benign twin's shape."""
     try:
         snap = build(p, env["certs"])
     except CompileError as exc:
@@ -478,15 +529,7 @@ def test_match_values_starting_with_a_dash_are_patterns_for_both_proxies(
         {"PathPrefix": "/q", "QueryParam": [{"Name": "q", "Exact": value}]},
         {"PathExact": "/m", "Methods": ["GET", "POST"]},
     ]
-    p: dict[str, Any] = {
-        "node": "h1", "trust_domain": "meshctl.test", "chain_routes": matches,
-        "services": [{"name": "web", "id": "web", "port": 8080, "address": "", "tags": [],
-                      "meta": {}, "protocol": "http", "intentions": [],
-                      "sidecar_address": SIDECAR_IP,
-                      "upstreams": [{"dest": "api", "port": 19001}]}],
-        "instances": {"api": [{"node": "n", "id": "api-1", "address": "198.18.0.12",
-                               "port": 21000, "tags": [], "meta": {}}]}}
-    snap = build(p, env["certs"])
+    snap = build(web_calls_api(matches), env["certs"])
     (outbound,) = snap.outbounds
     carried = [h.exact or h.prefix or h.suffix for r in outbound.routes for h in r.headers]
     assert carried.count(value) == 4
