@@ -4,7 +4,8 @@ Hypothesis builds a host's inputs — service names, ids, tags, meta, addresses,
 ports, protocols, discovered instances, intentions (sources, paths, header names
 and values, regexes) and a discovery chain's route matches — from pools full of
 config metacharacters and keywords (``;{}"'\\$#``, newlines, ``include``,
-``default``, scoped IPv6 addresses …). For every input:
+``default``, scoped IPv6 addresses, words starting with ``-`` that HAProxy's ACL
+parser would take as options …). For every input:
 
 - compile() or the driver's render refuses it with CompileError and a message, or
 - the rendered config passes the proxy's own check (``nginx -t``, ``haproxy -c``),
