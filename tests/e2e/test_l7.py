@@ -18,9 +18,12 @@ import collections
 import http.client
 import json
 import socket
+import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -275,6 +278,37 @@ def resolver(**extra: Any) -> dict[str, Any]:
     return {"Subsets": SUBSETS, **extra}
 
 
+def to_v2(match: dict[str, Any]) -> dict[str, Any]:
+    """A router route sending what ``match`` matches to subset v2."""
+    return {"Match": {"HTTP": match}, "Destination": {"ServiceSubset": "v2"}}
+
+
+def version_of(mesh: Mesh, path: str, headers: Mapping[str, str] | None = None) -> str:
+    """The api version answering ``path`` through h1's api listener (a 200 is required)."""
+    status, body, _ = one(mesh, path, headers)
+    assert status == 200, (path, status, body)
+    return str(body["version"])
+
+
+def set_router_unless_refused(mesh: Mesh, body: dict[str, Any], field: str) -> None:
+    """Write a service-router that uses ``field``; skip if this Consul does not know it.
+
+    Consul 1.14 refuses fields later versions added ("invalid config key
+    ...CaseInsensitive"); meshctl still compiles them, as the unit tests show on
+    the recorded Consul 1.22 chains (tests/unit/test_chain.py).
+    """
+    try:
+        ok = consul(mesh).config.set("service-router", "api", body)
+    except Exception as exc:  # py-consul raises its own exception types per status
+        if field in str(exc) and "invalid config key" in str(exc):
+            version = consul(mesh).agent.self()["Config"]["Version"]
+            said = " ".join(str(exc).split())[:160]
+            pytest.skip(f"Consul {version} does not know service-router {field} ({said}); "
+                        "tested on recorded Consul 1.22 chains in tests/unit/test_chain.py")
+        raise
+    assert ok, "Consul refused service-router api"
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -349,6 +383,151 @@ def test_admin_path_goes_to_another_service_with_its_prefix_rewritten(clean: Mes
     assert body["caller"] == "web"  # admin's sidecar verified web's certificate
     status, body, _ = one(mesh, "/administrator")
     assert status == 200 and body["service"] == "api" and body["path"] == "/administrator"
+
+
+class WireRecorder:
+    """A sidecar of ``admin`` on h2 that is not meshctl's: it answers with the request
+    target exactly as it arrived, before any inbound normalization.
+
+    It presents admin's own mesh certificate and demands the caller's, like any
+    Connect sidecar, and is registered in Consul as a connect-proxy of admin with
+    meta ``wire=1`` (a subset of admin selects it). This is where Envoy's
+    semantics are defined: what the caller's sidecar sends upstream. (meshctl's
+    inbound then merges repeated slashes before the app and intentions see the
+    path, docs/security.md, so an app behind it never sees ``//``.)
+    """
+
+    PORT = 21990
+    ID = "admin-wire-proxy"
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.host = mesh["h2"]
+        certs = self.host.data_dir / "certs"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(certs / "admin.crt"), str(certs / "admin.key"))
+        ctx.load_verify_locations(str(certs / "ca.pem"))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(["http/1.1"])
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                # Not self.path: http.server folds a leading "//" into "/".
+                data = json.dumps({"wire": self.requestline.split(" ")[1]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        def listen() -> socket.socket:  # created inside h2's namespace, served from here
+            return socket.create_server((self.host.ip, self.PORT))
+
+        self.server = ThreadingHTTPServer((self.host.ip, self.PORT), Handler,
+                                          bind_and_activate=False)
+        self.server.socket.close()
+        self.server.socket = ctx.wrap_socket(self.host.host.call(listen), server_side=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _agent(self, method: str, path: str, body: Any = None) -> None:
+        def go() -> None:
+            data = None if body is None else json.dumps(body).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:8500{path}", data=data,
+                                         method=method)
+            with urllib.request.urlopen(req, timeout=10):
+                pass
+
+        self.host.host.call(go)
+
+    def __enter__(self) -> WireRecorder:
+        self.thread.start()
+        self._agent("PUT", "/v1/agent/service/register", {
+            "Kind": "connect-proxy", "ID": self.ID, "Name": "admin-sidecar-proxy",
+            "Address": self.host.ip, "Port": self.PORT, "Meta": {"wire": "1"},
+            "Proxy": {"DestinationServiceName": "admin", "LocalServicePort": 8082}})
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._agent("PUT", f"/v1/agent/service/deregister/{self.ID}")
+        self.server.shutdown()
+        self.server.server_close()
+
+
+#: (PathPrefix or PathExact, PrefixRewrite, request, what Envoy sends upstream): Envoy
+#: replaces exactly the matched prefix (for PathExact: the path) and keeps the query.
+ENVOY_REWRITES = [
+    ({"PathPrefix": "/items"}, "/", "/items/7?page=2", "//7?page=2"),
+    ({"PathPrefix": "/items"}, "/", "/items", "/"),
+    ({"PathPrefix": "/items"}, "/", "/itemsX?a=b", "/X?a=b"),
+    ({"PathPrefix": "/shop/"}, "/", "/shop/7?page=2", "/7?page=2"),
+    ({"PathPrefix": "/shop/"}, "/", "/shop/", "/"),
+    ({"PathPrefix": "/v1"}, "/v2/", "/v1/a/b?x=1&y", "/v2//a/b?x=1&y"),
+    ({"PathPrefix": "/old/"}, "/new", "/old/a?q=%2F", "/newa?q=%2F"),
+    ({"PathPrefix": "/deep/er/"}, "/d/", "/deep/er//x", "/d//x"),
+    ({"PathExact": "/exact"}, "/e/", "/exact?z=1", "/e/?z=1"),
+]
+
+
+def _wire_routes(rewrites: list[tuple[dict[str, Any], str, str, str]]) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for match, to, _, _ in rewrites:
+        seen.setdefault(json.dumps(match, sort_keys=True), {
+            "Match": {"HTTP": match},
+            "Destination": {"Service": "admin", "ServiceSubset": "wire", "PrefixRewrite": to}})
+    return list(seen.values())
+
+
+@pytest.fixture
+def wire(clean: Mesh) -> Iterator[Mesh]:
+    """The api router may send requests to admin's wire recorder (subset ``wire``)."""
+    set_entry(clean, "service-resolver", {"Subsets": {
+        "wire": {"Filter": "Service.Meta.wire == 1"}}}, name="admin")
+    try:
+        with WireRecorder(clean):
+            yield clean
+    finally:
+        reset(clean)
+        consul(clean).config.delete("service-resolver", "admin")
+
+
+def recorder_serves(mesh: Mesh) -> None:
+    """Wait until h1's sidecar has the wire recorder's endpoint (Consul → agent → proxy)."""
+    wait_until("the wire recorder to answer through h1",
+               lambda: "wire" in one(mesh, "/items/1")[1], timeout=20)
+
+
+def _wire_paths(mesh: Mesh, cases: list[tuple[Any, str, str, str]]) -> list[tuple[str, str, Any]]:
+    wrong = []
+    for _, _, request, want in cases:
+        status, body, _ = one(mesh, request)
+        if status != 200 or body.get("wire") != want:
+            wrong.append((request, want, body if status == 200 else status))
+    return wrong
+
+
+def test_prefix_rewrites_send_upstream_exactly_what_envoy_sends(wire: Mesh) -> None:
+    mesh = wire
+    routes = _wire_routes(ENVOY_REWRITES)
+    set_entry(mesh, "service-router", {"Routes": routes})
+    wait_applied(mesh, "the rewrite routes", lambda r: len(r) == len(routes) + 1)
+    recorder_serves(mesh)
+    assert _wire_paths(mesh, ENVOY_REWRITES) == []
+
+
+def test_case_insensitive_prefix_rewrite_keeps_the_request_spelling(wire: Mesh) -> None:
+    mesh = wire
+    cases = [({"PathPrefix": "/Items", "CaseInsensitive": True}, "/v2/", "/ITEMS/Seven?A=1",
+              "/v2//Seven?A=1"),
+             ({"PathPrefix": "/Items", "CaseInsensitive": True}, "/v2/", "/items1", "/v2/1")]
+    routes = _wire_routes(cases)
+    set_router_unless_refused(mesh, {"Routes": routes}, "CaseInsensitive")
+    wait_applied(mesh, "the case-insensitive rewrite", lambda r: len(r) == len(routes) + 1)
+    recorder_serves(mesh)
+    assert _wire_paths(mesh, cases) == []
 
 
 def test_retries_hide_an_instance_answering_503(clean: Mesh) -> None:
@@ -462,16 +641,15 @@ def test_hostile_regex_or_header_value_is_refused_and_the_old_config_serves(
 
 
 def test_every_match_kind_as_envoy_reads_it(clean: Mesh) -> None:
-    """Path exact/regex, header kinds (inverted too), query parameters, methods."""
+    """Path exact/regex, header kinds (inverted too), query parameters, methods.
+
+    Case-insensitive matches: test_case_insensitive_matches_as_envoy_reads_them.
+    """
     mesh = clean
     set_entry(mesh, "service-resolver", resolver(DefaultSubset="v1"))
-
-    def to_v2(match: dict[str, Any]) -> dict[str, Any]:
-        return {"Match": {"HTTP": match}, "Destination": {"ServiceSubset": "v2"}}
-
     set_entry(mesh, "service-router", {"Routes": [
         to_v2({"PathExact": "/exact"}),
-        to_v2({"PathRegex": "/items/[0-9]+", "CaseInsensitive": True}),
+        to_v2({"PathRegex": "/items/[0-9]+"}),
         to_v2({"PathPrefix": "/h/", "Header": [
             {"Name": "x-a", "Prefix": "pre"}, {"Name": "x-b", "Suffix": "fix"},
             {"Name": "x-c", "Regex": "[a-z]{3}"}, {"Name": "x-d", "Present": True}]}),
@@ -484,15 +662,10 @@ def test_every_match_kind_as_envoy_reads_it(clean: Mesh) -> None:
     ]})
     wait_applied(mesh, "the match routes", lambda r: len(r) == 7)
 
-    def version(path: str, headers: Mapping[str, str] | None = None) -> str:
-        status, body, _ = one(mesh, path, headers)
-        assert status == 200, (path, status, body)
-        return str(body["version"])
-
     full = {"x-a": "prefix", "x-b": "suffix", "x-c": "abc", "x-d": ""}
     cases = [
         ("/exact", None, "v2"), ("/exact/", None, "v1"), ("/exactly", None, "v1"),
-        ("/items/42", None, "v2"), ("/ITEMS/42", None, "v2"), ("/items/42/x", None, "v1"),
+        ("/items/42", None, "v2"), ("/ITEMS/42", None, "v1"), ("/items/42/x", None, "v1"),
         ("/items/x", None, "v1"),
         ("/h/", full, "v2"), ("/h/", {**full, "x-a": "xpre"}, "v1"),
         ("/h/", {**full, "x-b": "fixed"}, "v1"), ("/h/", {**full, "x-c": "abcd"}, "v1"),
@@ -505,7 +678,51 @@ def test_every_match_kind_as_envoy_reads_it(clean: Mesh) -> None:
         ("/q/?a=1&b=xx", None, "v1"),
         ("/m/", None, "v1"),
     ]
-    wrong = [(p, h, want, got) for p, h, want in cases if (got := version(p, h)) != want]
+    wrong = [(p, h, want, got) for p, h, want in cases if (got := version_of(mesh, p, h)) != want]
+    assert wrong == []
+
+
+def test_case_insensitive_matches_as_envoy_reads_them(clean: Mesh) -> None:
+    """CaseInsensitive on path exact, prefix and regex (a field Consul 1.14 does not know)."""
+    mesh = clean
+    set_entry(mesh, "service-resolver", resolver(DefaultSubset="v1"))
+    set_router_unless_refused(mesh, {"Routes": [
+        to_v2({"PathExact": "/Exact", "CaseInsensitive": True}),
+        to_v2({"PathPrefix": "/Pre/", "CaseInsensitive": True}),
+        to_v2({"PathRegex": "/items/[0-9]+", "CaseInsensitive": True}),
+    ]}, "CaseInsensitive")
+    wait_applied(mesh, "the case-insensitive routes", lambda r: len(r) == 4)
+    cases = [("/exact", "v2"), ("/EXACT", "v2"), ("/exact/", "v1"), ("/pre/x", "v2"),
+             ("/PRE/x", "v2"), ("/pre", "v1"), ("/items/42", "v2"), ("/ITEMS/42", "v2"),
+             ("/items/42/x", "v1")]
+    wrong = [(p, want, got) for p, want in cases if (got := version_of(mesh, p)) != want]
+    assert wrong == []
+
+
+def test_match_values_starting_with_a_dash_apply_and_route(clean: Mesh) -> None:
+    """Consul accepts ``Suffix = "-1"``: the router is applied and routes as Envoy would
+    (HAProxy read such values as ACL options and refused the whole config)."""
+    mesh = clean
+    set_entry(mesh, "service-resolver", resolver(DefaultSubset="v1"))
+    set_entry(mesh, "service-router", {"Routes": [
+        to_v2({"Header": [{"Name": "x-user", "Suffix": "-1"}]}),
+        to_v2({"Header": [{"Name": "x-team", "Exact": "-m reg"}]}),
+        to_v2({"Header": [{"Name": "x-tag", "Prefix": "--"}]}),
+        to_v2({"PathPrefix": "/inv/", "Header": [{"Name": "x-env", "Exact": "-i",
+                                                   "Invert": True}]}),
+        to_v2({"PathPrefix": "/q/", "QueryParam": [{"Name": "a", "Exact": "-f"}]}),
+    ]})
+    wait_applied(mesh, "the router with dashed values", lambda r: len(r) == 6)
+    assert compile_error(mesh["h1"]) == ""
+    cases: list[tuple[str, dict[str, str] | None, str]] = [
+        ("/", {"x-user": "user-1"}, "v2"), ("/", {"x-user": "-1"}, "v2"),
+        ("/", {"x-user": "user-2"}, "v1"), ("/", {"x-user": "user-11"}, "v1"),
+        ("/", {"x-team": "-m reg"}, "v2"), ("/", {"x-team": "reg"}, "v1"),
+        ("/", {"x-tag": "--x"}, "v2"), ("/", {"x-tag": "-x"}, "v1"),
+        ("/inv/", {"x-env": "-I"}, "v2"), ("/inv/", {"x-env": "-i"}, "v1"),
+        ("/q/?a=-f", None, "v2"), ("/q/?a=f", None, "v1"), ("/", None, "v1"),
+    ]
+    wrong = [(p, h, want, got) for p, h, want in cases if (got := version_of(mesh, p, h)) != want]
     assert wrong == []
 
 

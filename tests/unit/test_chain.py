@@ -1,7 +1,9 @@
 """The discovery chain in compile(): Consul's answer → routes, clusters, proxy configs.
 
 ``chains/*.json`` are real ``/v1/discovery-chain/<svc>`` answers of Consul
-1.22 (``consul agent -dev``) for these entries:
+1.22 (``consul agent -dev``), ``chains/1.14/*.json`` those of Consul 1.14.11
+(recorded by ``python -m tests.integration.record_chains``), for the same
+entries; every test here runs on both:
 
 - api: service-defaults http; resolver (subsets v1/v2 by Service.Meta.version,
   v2 only_passing, default v1, failover v1 → v2, connect 3s, request 7s,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ from meshctl.proxy.haproxy import HAProxyDriver
 from meshctl.proxy.nginx import NginxDriver
 from meshctl.proxy.templating import hap_log_format, hap_path_format, hap_quote, ident
 from meshctl.services import ServiceDefinition, Upstream
+from tests.integration.record_chains import RECORDED
 from tests.meshdata import CERTS, web
 
 CHAINS = Path(__file__).parent / "chains"
@@ -64,8 +68,19 @@ H3 = Instance("h3", "api-h3", "198.18.0.13", 21000)
 ADMIN = Instance("h2", "admin-h2", "198.18.0.12", 21001)
 
 
+_reading = {"dir": CHAINS}
+
+
+@pytest.fixture(scope="module", autouse=True, params=sorted(RECORDED))
+def consul_version(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test of this module, once on each Consul version's recorded chains."""
+    _reading["dir"] = RECORDED[request.param]
+    yield str(request.param)
+    _reading["dir"] = CHAINS
+
+
 def chain(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((CHAINS / f"{name}.json").read_text())
+    data: dict[str, Any] = json.loads((_reading["dir"] / f"{name}.json").read_text())
     return data
 
 
@@ -274,7 +289,7 @@ def test_query_and_cookie_names_compile_accepts_render_on_haproxy(kind: str, nam
     node = answer["Chain"]["Nodes"]["resolver:v1.api.default.default.dc1"]
     node["LoadBalancer"]["HashPolicies"][0] = {"Field": kind, "FieldValue": name}
     text = HAProxyDriver(PATHS).render(snap(answer), "0123456789abcdef")["haproxy.cfg"]
-    assert f"urlp({name}) -m str" in text
+    assert f"urlp({name}) -m str -- " in text
     assert (f"balance hash req.cook({name})" if kind == "cookie"
             else f"balance url_param {name}") in text
 
@@ -418,15 +433,15 @@ def test_nginx_endpoint_document_includes_failover_clusters() -> None:
 def test_haproxy_rules_pick_route_split_and_failover() -> None:
     s = snap()
     text = HAProxyDriver(PATHS).render(s, "0123456789abcdef")["haproxy.cfg"]
-    assert 'acl r0_h0 req.fhdr(x-canary) -m str "1"' in text
-    assert 'acl r1_path path -m beg "/admin"' in text
-    assert "acl r1_m method GET POST" in text
+    assert 'acl r0_h0 req.fhdr(x-canary) -m str -- "1"' in text
+    assert 'acl r1_path path -m beg -- "/admin"' in text
+    assert "acl r1_m method -- GET POST" in text
     assert "http-request set-var(txn.meshctl_w) rand(10000)" in text
-    assert "{ var(txn.meshctl_w) -m int 0:8999 }" in text
-    assert "{ var(txn.meshctl_w) -m int 9000:9999 }" in text
+    assert "{ var(txn.meshctl_w) -m int -- 0:8999 }" in text
+    assert "{ var(txn.meshctl_w) -m int -- 9000:9999 }" in text
     assert 'http-request set-path "/%[path,regsub(^.{6},)]"' in text
     v1 = s.outbounds[0].routes[2].clusters[0].cluster
-    assert f"use_backend web__{v1} if {{ var(txn.meshctl_p) -m str r2s0 }} " \
+    assert f"use_backend web__{v1} if {{ var(txn.meshctl_p) -m str -- r2s0 }} " \
            f"{{ nbsrv(web__{v1}) gt 0 }}" in text
     assert "balance hdr(x-user)\n    hash-type consistent" in text
     assert "retry-on conn-failure empty-response 500 501 502 503 504" in text
@@ -474,3 +489,46 @@ def test_routes_command_explains_the_chain() -> None:
     assert [c["target"] for c in data["clusters"]] == sorted(c["target"] for c in data["clusters"])
     with pytest.raises(Exception, match="no local service calls 'db'"):
         render_routes(snap(), "db", None, [])
+
+
+# ---------------------------------------------------------------- fields newer Consul knows
+
+
+def test_case_insensitive_matches_reach_both_proxies(consul_version: str) -> None:
+    """CaseInsensitive, on the recorded Consul 1.22 chain: 1.22 hands Match.HTTP over as
+    written, so the field sits beside PathPrefix (Consul 1.14 refuses the field when the
+    router is written, "invalid config key ...CaseInsensitive")."""
+    if consul_version == "1.14":
+        pytest.skip("Consul 1.14 refuses service-router CaseInsensitive; this runs on the "
+                    "recorded Consul 1.22 chain (tests/unit/chains/api.json)")
+    s = snap(mutate(chain("api"), 1, ["Match", "HTTP", "CaseInsensitive"], True))
+    admin = s.outbounds[0].routes[1]
+    assert admin.case_insensitive and admin.path_prefix == "/admin"
+    text = HAProxyDriver(PATHS).render(s, "0123456789abcdef")["haproxy.cfg"]
+    assert 'acl r1_path path -i -m beg -- "/admin"' in text
+    # The rewrite strips the matched prefix by length: the request's own spelling of it.
+    assert 'http-request set-path "/%[path,regsub(^.{6},)]"' in text
+    table = json.loads(base64.b64decode("".join(l7.nginx_plan(s).table_chunks)))
+    (o,) = table["outbounds"].values()
+    assert o["routes"][1]["match"]["ci"] is True
+    assert o["routes"][1]["match"]["prefix"] == "/admin"
+    assert o["routes"][1]["rewrite"] == {"strip": 6, "to": "/"}
+
+
+@pytest.mark.parametrize(("match", "to", "strip"), [
+    ({"PathPrefix": "/items"}, "/", 6), ({"PathPrefix": "/items/"}, "/", 7),
+    ({"PathPrefix": "/items"}, "/v2/", 6), ({"PathPrefix": "/"}, "/v2/", 1),
+    ({"PathExact": "/items"}, "/e", -1), ({"PathRegex": "/i.*"}, "/r", -1)])
+def test_prefix_rewrite_replaces_exactly_the_matched_prefix(
+        match: dict[str, Any], to: str, strip: int) -> None:
+    """As Envoy: the matched prefix (PathExact, PathRegex: the whole path) is replaced by
+    the rewrite, nothing added or merged; e2e: tests/e2e/test_l7.py::test_prefix_rewrites_*."""
+    answer = mutate(chain("api"), 1, ["Match", "HTTP"], match)
+    answer = mutate(answer, 1, ["Destination", "PrefixRewrite"], to)
+    s = snap(answer)
+    table = json.loads(base64.b64decode("".join(l7.nginx_plan(s).table_chunks)))
+    (o,) = table["outbounds"].values()
+    assert o["routes"][1]["rewrite"] == {"strip": strip, "to": to}
+    text = HAProxyDriver(PATHS).render(s, "0123456789abcdef")["haproxy.cfg"]
+    want = hap_log_format(to) if strip < 0 else f'"{to}%[path,regsub(^.{{{strip}}},)]"'
+    assert f"http-request set-path {want} if" in text

@@ -4,7 +4,8 @@ Hypothesis builds a host's inputs — service names, ids, tags, meta, addresses,
 ports, protocols, discovered instances, intentions (sources, paths, header names
 and values, regexes) and a discovery chain's route matches — from pools full of
 config metacharacters and keywords (``;{}"'\\$#``, newlines, ``include``,
-``default``, scoped IPv6 addresses …). For every input:
+``default``, scoped IPv6 addresses, words starting with ``-`` that HAProxy's ACL
+parser would take as options …). For every input:
 
 - compile() or the driver's render refuses it with CompileError and a message, or
 - the rendered config passes the proxy's own check (``nginx -t``, ``haproxy -c``),
@@ -54,6 +55,8 @@ NASTY = [
     ";", "{", "}", "a;b", "a b", "a\nb", "a\rb", "a\x00b", '"', "'", "\\", "$x", "${HOME}",
     "#c", "%[src]", "lua-load /tmp/x.lua", "include /etc/passwd", "} server { listen 6666; }",
     "../x", "*", "é", "\u202e", "a" * 300, "x\ty", "default", "include", "hostnames", "volatile",
+    # Words HAProxy's ACL parser would take as its own options before a "--".
+    "-1", "-", "--", "-i", "-m", "-m reg", "-f /etc/passwd", "-u 1", "-M",
 ]
 nasty = st.one_of(
     st.sampled_from(NASTY),
@@ -113,8 +116,37 @@ def route_match(draw: st.DrawFn, bad: bool) -> dict[str, Any]:
     key = draw(st.sampled_from(["PathExact", "PathPrefix", "PathRegex"]))
     http[key] = draw(nasty if bad else st.sampled_from(["/a", "/a/b"]))
     if draw(st.booleans()):
+        kind = draw(st.sampled_from(["Exact", "Prefix", "Suffix", "Regex"]))
         http["Header"] = [{"Name": draw(nasty if bad else st.just("x-user")),
-                           "Exact": draw(value)}]
+                           kind: draw(value), "Invert": draw(st.booleans())}]
+    if draw(st.booleans()):
+        kind = draw(st.sampled_from(["Exact", "Regex"]))
+        http["QueryParam"] = [{"Name": draw(nasty if bad else st.just("q")),
+                               kind: draw(value)}]
+    if draw(st.booleans()):
+        http["Methods"] = [draw(nasty if bad else st.just("GET"))]
+    return http
+
+
+# Printable values, as Consul accepts them: the ones a match carries into a config.
+printable = st.one_of(st.sampled_from([v for v in NASTY if v.isascii() and v.isprintable()]),
+                      st.text(alphabet=st.sampled_from(list("-ab \"'\\$%[]{};#*()")),
+                              min_size=1, max_size=8))
+
+
+@st.composite
+def match_values(draw: st.DrawFn) -> dict[str, Any]:
+    """A router match with valid names and paths and hostile header/query/method values."""
+    http: dict[str, Any] = {"PathPrefix": draw(st.sampled_from(["/", "/a", "/a/b"]))}
+    kind = draw(st.sampled_from(["Exact", "Prefix", "Suffix", "Regex"]))
+    http["Header"] = [{"Name": draw(st.sampled_from(["x-user", "X_A", "x.b"])),
+                       kind: draw(printable), "Invert": draw(st.booleans())}]
+    if draw(st.booleans()):
+        http["QueryParam"] = [{"Name": "q", draw(st.sampled_from(["Exact", "Regex"])):
+                               draw(printable)}]
+    if draw(st.booleans()):
+        http["Methods"] = draw(st.lists(st.one_of(st.just("GET"), printable), min_size=1,
+                                        max_size=2))
     return http
 
 
@@ -172,6 +204,7 @@ def plan(draw: st.DrawFn) -> dict[str, Any]:
 
 
 BORING = re.compile(r"^[A-Za-z0-9_.-]*\Z")  # nothing in here can shape a config
+PLAIN_PATH = re.compile(r"^/[A-Za-z0-9_./-]*\Z")
 
 
 def twin(p: dict[str, Any]) -> dict[str, Any]:
@@ -223,11 +256,14 @@ def twin(p: dict[str, Any]) -> dict[str, Any]:
 def _benign_match(m: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in m.items():
-        if key == "Header":
+        if key in ("Header", "QueryParam"):
             out[key] = [{k: (v if BORING.match(str(v)) else ("x-h" if k == "Name" else "v"))
                          for k, v in h.items()} for h in value]
+        elif key == "Methods":
+            out[key] = [v if BORING.match(v) else "GET" for v in value]
         else:
-            out[key] = value if BORING.match(value) and value.startswith("/") else "/p"
+            # A plain path stays ("/" matches everything: no ACL at all).
+            out[key] = value if PLAIN_PATH.match(value) else "/p"
     return out
 
 
@@ -256,6 +292,8 @@ def build(p: dict[str, Any], certs: CertPaths) -> Any:
     if p["chain_routes"]:
         answer = json.loads(CHAIN_FIXTURE.read_text())
         router = next(n for n in answer["Chain"]["Nodes"].values() if n["Type"] == "router")
+        while len(router["Routes"]) < len(p["chain_routes"]):
+            router["Routes"].insert(0, copy.deepcopy(router["Routes"][0]))
         for route, match in zip(router["Routes"], p["chain_routes"], strict=False):
             route["Definition"]["Match"] = {"HTTP": match}
         chains = {chain_key("api"): answer}
@@ -394,6 +432,33 @@ def accepted_by_proxy(driver: ProxyDriver, files: dict[str, str], where: Path) -
 @given(p=plan())
 def test_hostile_inputs_are_refused_or_render_exactly_the_benign_shape(
         env: dict[str, Any], p: dict[str, Any]) -> None:
+    refused_or_benign_shape(env, p)
+
+
+def web_calls_api(chain_routes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A plain host (web with an http upstream api) whose api router has these matches."""
+    return {
+        "node": "h1", "trust_domain": "meshctl.test", "chain_routes": chain_routes,
+        "services": [{"name": "web", "id": "web", "port": 8080, "address": "", "tags": [],
+                      "meta": {}, "protocol": "http", "intentions": [],
+                      "sidecar_address": SIDECAR_IP,
+                      "upstreams": [{"dest": "api", "port": 19001}]}],
+        "instances": {"api": [{"node": "n", "id": "api-1", "address": "198.18.0.12",
+                               "port": 21000, "tags": [], "meta": {}}]}}
+
+
+@settings(max_examples=60, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(routes=st.lists(match_values(), min_size=1, max_size=3))
+def test_hostile_route_matches_are_refused_or_render_exactly_the_benign_shape(
+        env: dict[str, Any], routes: list[dict[str, Any]]) -> None:
+    """The same property with the hostile values in the router's header, query and
+    method matches (valid paths, so that most examples reach both proxies)."""
+    refused_or_benign_shape(env, web_calls_api(routes))
+
+
+def refused_or_benign_shape(env: dict[str, Any], p: dict[str, Any]) -> None:
+    """Refused with a message, or accepted by each proxy with the benign twin's shape."""
     try:
         snap = build(p, env["certs"])
     except CompileError as exc:
@@ -446,3 +511,29 @@ def test_scoped_ipv6_addresses_cannot_smuggle_config(env: dict[str, Any]) -> Non
     p["services"][0]["sidecar_address"] = "fe80::1%eth0"
     with pytest.raises(CompileError, match="fe80"):
         build(p, env["certs"])
+
+
+DASHED = ["-1", "-", "--", "-i", "-m", "-m reg", "-f /etc/passwd", "-u 1"]
+
+
+@pytest.mark.parametrize("value", DASHED)
+def test_match_values_starting_with_a_dash_are_patterns_for_both_proxies(
+        env: dict[str, Any], value: str) -> None:
+    """Consul accepts ``Suffix = "-1"``; every match kind carrying it must still render a
+    config both proxies accept (HAProxy's ACL parser reads a leading '-' as an option
+    unless the patterns follow ``--``), with the value kept as it is."""
+    matches: list[dict[str, Any]] = [
+        {"PathPrefix": "/", "Header": [{"Name": "x-user", kind: value}]}
+        for kind in ("Exact", "Prefix", "Suffix")
+    ] + [
+        {"PathPrefix": "/inv", "Header": [{"Name": "x-user", "Exact": value, "Invert": True}]},
+        {"PathPrefix": "/q", "QueryParam": [{"Name": "q", "Exact": value}]},
+        {"PathExact": "/m", "Methods": ["GET", "POST"]},
+    ]
+    snap = build(web_calls_api(matches), env["certs"])
+    (outbound,) = snap.outbounds
+    carried = [h.exact or h.prefix or h.suffix for r in outbound.routes for h in r.headers]
+    assert carried.count(value) == 4
+    for name, driver in env["drivers"].items():
+        files = driver.render(snap, "0123456789abcdef")
+        accepted_by_proxy(driver, files, env["root"] / name / "dashed")
