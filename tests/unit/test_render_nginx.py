@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,7 @@ from meshctl.errors import CompileError
 from meshctl.mesh import CertPaths
 from meshctl.proxy.base import ProxyPaths, generation_of
 from meshctl.proxy.nginx import NginxDriver
-from tests.meshdata import snapshot
+from tests.meshdata import CALLERS, caller_certs, callers_snapshot, snapshot
 
 PATHS = ProxyPaths(
     Path("/var/lib/meshctl/proxy/current"),
@@ -95,3 +96,83 @@ def test_a_reload_reads_the_state_file_once_for_endpoints_and_intentions() -> No
     assert 'local path = "/var/lib/meshctl/nginx/endpoints.json"' in init
     assert 'require("meshctl_balancer").init(state, path)' in init
     assert 'require("meshctl_authz").init(state, path)' in init
+
+
+def _outbound_servers(block: str) -> list[tuple[str, list[str]]]:
+    """(caller, lines) of every outbound ``server`` of an http or stream block."""
+    out: list[tuple[str, list[str]]] = []
+    caller = None
+    for line in block.splitlines():
+        m = re.match(r"    # (outbound|inbound): (\S+)", line)
+        if m:
+            caller = m.group(2) if m.group(1) == "outbound" else None
+        elif line == "    server {" and caller is not None:
+            out.append((caller, []))
+        elif line == "    }":
+            caller = None
+        elif out and caller is not None:
+            out[-1][1].append(line.strip())
+    return out
+
+
+def _pools(block: str, target: str) -> tuple[set[str], dict[str, set[str]], dict[str, set[str]]]:
+    """The block's mesh upstreams (not ``local_``), the callers proxying into each, and
+    the client certificates each caller's outbound servers present."""
+    declared = set(re.findall(r"^    upstream (\S+) \{$", block, re.M))
+    users: dict[str, set[str]] = {}
+    certs: dict[str, set[str]] = {}
+    for caller, lines in _outbound_servers(block):
+        for line in lines:
+            m = re.match(target, line)
+            if m:
+                users.setdefault(m.group(1), set()).add(caller)
+            if line.startswith("proxy_ssl_certificate "):
+                certs.setdefault(caller, set()).add(line.split()[1].rstrip(";"))
+    return {u for u in declared if not u.startswith("local_")}, users, certs
+
+
+def test_no_upstream_block_is_shared_by_two_callers() -> None:
+    """Issue 10.1: nginx pools connections (and TLS sessions) per upstream block, by
+    peer only, so a block two callers' locations proxy into mixes their identities."""
+    text = render(callers_snapshot())
+    http, stream = text.split("\nhttp {", 1)[1].split("\nstream {", 1)
+    for block, target, per_caller in ((http, r"proxy_pass https://([^$/;]+)", 2),
+                                      (stream, r"proxy_pass ([^$][^;]*);", 1)):
+        declared, users, certs = _pools(block, target)
+        shared = {u: sorted(c) for u, c in users.items() if len(c) > 1}
+        assert shared == {}
+        assert set(users) == declared  # every target is an upstream of this config
+        assert len(declared) == per_caller * len(CALLERS)  # one per (caller, cluster)
+        assert certs == {c: {caller_certs(c).cert} for c in CALLERS}
+        for name, (caller,) in users.items():
+            assert name.startswith(f"{caller}.")
+
+
+def test_caller_upstreams_share_the_cluster_endpoints() -> None:
+    """Each caller's block of a cluster balances over the cluster's one endpoint list,
+    so a runtime push (keyed by cluster) reaches every caller's block."""
+    snap = callers_snapshot()
+    text = render(snap)
+    state = NginxDriver(PATHS).endpoint_state(snap)
+    assert state is not None
+    http_ids = sorted(state["clusters"])
+    assert len(http_ids) == 2
+    for cid in http_ids:
+        blocks = re.findall(rf"^    upstream (\S+) \{{\n.*\n.*\n.*balance\(\"{cid}\"\)",
+                            text, re.M)
+        assert sorted(blocks) == sorted(f"{c}.{cid}" for c in CALLERS)
+
+
+def test_render_of_many_callers_is_deterministic_whatever_the_service_order() -> None:
+    drv = NginxDriver(PATHS)
+    forward = drv.render(callers_snapshot(CALLERS), "g")
+    assert forward == drv.render(callers_snapshot(tuple(reversed(CALLERS))), "g")
+
+
+def test_a_caller_outside_the_service_grammar_names_no_upstream() -> None:
+    from meshctl.proxy.l7 import nginx_upstream
+
+    assert nginx_upstream("web", "c_api_12345678") == "web.c_api_12345678"
+    for bad in ("local_x", "web.c_api", "Web", ""):
+        with pytest.raises(CompileError, match="service name"):
+            nginx_upstream(bad, "c_api_12345678")
