@@ -2,11 +2,17 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from meshctl.chain import SUBSET
 from meshctl.errors import CompileError
-from meshctl.mesh import CertPaths
+from meshctl.mesh import CertPaths, cluster_id
 from meshctl.proxy.base import ProxyPaths, generation_of
+from meshctl.proxy.l7 import nginx_upstream
 from meshctl.proxy.nginx import NginxDriver
+from meshctl.proxy.templating import ident
+from meshctl.services import SERVICE_NAME
 from tests.meshdata import CALLERS, caller_certs, callers_snapshot, snapshot
 
 PATHS = ProxyPaths(
@@ -155,12 +161,13 @@ def test_caller_upstreams_share_the_cluster_endpoints() -> None:
     text = render(snap)
     state = NginxDriver(PATHS).endpoint_state(snap)
     assert state is not None
-    http_ids = sorted(state["clusters"])
-    assert len(http_ids) == 2
-    for cid in http_ids:
-        blocks = re.findall(rf"^    upstream (\S+) \{{\n.*\n.*\n.*balance\(\"{cid}\"\)",
-                            text, re.M)
-        assert sorted(blocks) == sorted(f"{c}.{cid}" for c in CALLERS)
+    balanced: dict[str, list[str]] = {}
+    for name, body in re.findall(r"^    upstream (\S+) \{\n(.*?)^    \}", text, re.M | re.S):
+        for cid in re.findall(r'meshctl_balancer"\)\.balance\("([^"]+)"\)', body):
+            balanced.setdefault(cid, []).append(name)
+    assert sorted(balanced) == sorted(state["clusters"]) and len(balanced) == 2
+    for cid, names in balanced.items():
+        assert sorted(names) == sorted(f"{c}.{cid}" for c in CALLERS)
 
 
 def test_render_of_many_callers_is_deterministic_whatever_the_service_order() -> None:
@@ -169,9 +176,24 @@ def test_render_of_many_callers_is_deterministic_whatever_the_service_order() ->
     assert forward == drv.render(callers_snapshot(tuple(reversed(CALLERS))), "g")
 
 
-def test_a_caller_outside_the_service_grammar_names_no_upstream() -> None:
-    from meshctl.proxy.l7 import nginx_upstream
+@given(st.lists(st.tuples(st.from_regex(SERVICE_NAME, fullmatch=True),
+                          st.from_regex(SERVICE_NAME, fullmatch=True),
+                          st.one_of(st.just(""), st.from_regex(SUBSET, fullmatch=True))),
+                min_size=2, max_size=6))
+def test_upstream_names_are_unique_and_valid_for_any_caller_and_cluster(
+        pairs: list[tuple[str, str, str]]) -> None:
+    """Odd but valid names (digits, dashes, nginx keywords) never make two (caller,
+    cluster) pairs share a block, nor meet an inbound's ``local_<id>`` upstream."""
+    names: dict[str, tuple[str, str]] = {}
+    for caller, service, subset in pairs:
+        cid = cluster_id(service, subset)
+        name = nginx_upstream(caller, cid)
+        assert ident(name) == name and not name.startswith("local_")
+        assert name.split(".", 1) == [caller, cid]  # the pair can be read back: injective
+        assert names.setdefault(name, (caller, cid)) == (caller, cid)
 
+
+def test_a_caller_outside_the_service_grammar_names_no_upstream() -> None:
     assert nginx_upstream("web", "c_api_12345678") == "web.c_api_12345678"
     for bad in ("local_x", "web.c_api", "Web", ""):
         with pytest.raises(CompileError, match="service name"):
