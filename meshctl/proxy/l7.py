@@ -10,7 +10,13 @@ each proxy says it, in Python, so the templates only print validated fields:
   from config entries are never nginx syntax). The router picks a route, a
   split and (failover) the first cluster with endpoints, then jumps to a named
   location, one per *action*: a cluster with the route's timeouts and retry
-  policy, which nginx directives must state statically.
+  policy, which nginx directives must state statically. An action proxies to
+  the ``upstream`` block of its (caller, cluster) pair (:func:`nginx_upstream`),
+  never to one another caller also uses: nginx keeps idle connections per
+  upstream block keyed by peer address only, not by the client certificate a
+  location presents, so a block shared by two callers would hand one caller's
+  authenticated connection to the other's requests. The ``stream`` block
+  follows the same rule (its TLS sessions are kept per upstream peer).
 - **HAProxy**: an http outbound is one ``frontend`` whose rules pick the route
   (first match wins, remembered in ``txn.meshctl_r``), the split
   (``rand()`` drawn once per request, ``txn.meshctl_p``), header changes and
@@ -32,7 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshctl._regex import anchored
+from meshctl.errors import CompileError
 from meshctl.mesh import CertPaths, Cluster, HeaderOps, Outbound, Route, Snapshot
+from meshctl.services import SERVICE_NAME
 
 # ---------------------------------------------------------------- retry mapping
 
@@ -116,6 +124,19 @@ def read_timeout_ms(route: Route, cluster: Cluster) -> int:
 
 
 @dataclass(frozen=True)
+class NginxUpstream:
+    """An ``upstream`` block: one caller's connections to one cluster, and nobody else's.
+
+    Its keep-alive pool and the TLS sessions nginx keeps per peer all carry
+    ``caller``'s client certificate; the peers are the cluster's endpoints.
+    """
+
+    name: str
+    caller: str
+    cluster: Cluster
+
+
+@dataclass(frozen=True)
 class NginxAction:
     """A named location: one cluster with one route's timeouts and retries."""
 
@@ -124,6 +145,7 @@ class NginxAction:
     read_timeout_ms: int
     next_upstream: tuple[str, ...]
     tries: int  # -1: the balancer's default (up to 2 more peers)
+    upstream: str  # the caller's upstream block for the cluster (nginx_upstream)
 
 
 @dataclass(frozen=True)
@@ -138,6 +160,39 @@ class NginxPlan:
     outbounds: tuple[NginxOutbound, ...]
     #: the route table for the Lua router, base64 JSON in lines of 76 characters
     table_chunks: tuple[str, ...]
+    #: the http block's upstream blocks, one per (caller, cluster), sorted by name
+    upstreams: tuple[NginxUpstream, ...] = ()
+
+
+@dataclass(frozen=True)
+class NginxStreamOutbound:
+    """A tcp outbound: its listener proxies to ``upstream``, the caller's block for
+    ``cluster`` (the active one of its failover chain when rendered)."""
+
+    outbound: Outbound
+    cluster: Cluster
+    upstream: str
+
+
+@dataclass(frozen=True)
+class NginxStreamPlan:
+    outbounds: tuple[NginxStreamOutbound, ...]
+    #: the stream block's upstream blocks, one per (caller, cluster), sorted by name
+    upstreams: tuple[NginxUpstream, ...]
+
+
+def nginx_upstream(caller: str, cluster_id: str) -> str:
+    """The name of the upstream block carrying ``caller``'s connections to a cluster.
+
+    ``<caller>.<cluster id>``: a service name has no '.', so the first '.' splits
+    the name back into its pair (two pairs never share a block), and no other
+    upstream of the config (``local_<id>``, ``c_…``) can be spelt this way.
+    Raises CompileError for a caller outside the service-name grammar.
+    """
+    if not SERVICE_NAME.match(caller):
+        raise CompileError(f"caller {caller!r} is not a service name; it cannot name "
+                           "an upstream of its own")
+    return f"{caller}.{cluster_id}"
 
 
 def outbound_key(o: Outbound) -> str:
@@ -168,6 +223,7 @@ def _clusters_in(snapshot: Snapshot, ids: Iterable[str]) -> list[Cluster]:
 def nginx_plan(snapshot: Snapshot) -> NginxPlan:
     """Named locations per http outbound and the Lua route table of all of them."""
     outs: list[NginxOutbound] = []
+    upstreams: dict[str, NginxUpstream] = {}
     table: dict[str, Any] = {"outbounds": {}, "clusters": {}}
     for o in snapshot.outbounds:
         if o.protocol != "http":
@@ -187,7 +243,10 @@ def nginx_plan(snapshot: Snapshot) -> NginxPlan:
                     retry = nginx_retry(r, c)
                     spec = (c.id, read_timeout_ms(r, c), retry.conditions, retry.tries)
                     name = "a_" + hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
-                    actions[name] = NginxAction(name, c, spec[1], retry.conditions, retry.tries)
+                    upstream = nginx_upstream(o.caller, c.id)
+                    actions[name] = NginxAction(name, c, spec[1], retry.conditions, retry.tries,
+                                                upstream)
+                    upstreams[upstream] = NginxUpstream(upstream, o.caller, c)
                     by_cluster[c.id] = name
                 splits.append(_present({
                     "upto": upto, "cluster": wc.cluster,
@@ -204,7 +263,30 @@ def nginx_plan(snapshot: Snapshot) -> NginxPlan:
     raw = base64.b64encode(json.dumps(table, sort_keys=True, separators=(",", ":"))
                            .encode()).decode()
     chunks = tuple(raw[i:i + 76] for i in range(0, len(raw), 76))
-    return NginxPlan(tuple(outs), chunks)
+    return NginxPlan(tuple(outs), chunks, _sorted_upstreams(upstreams))
+
+
+def nginx_stream_plan(snapshot: Snapshot) -> NginxStreamPlan:
+    """The tcp outbounds and their upstream blocks, one per (caller, cluster).
+
+    Every cluster an outbound may fail over to gets the caller's block, as
+    before; the listener uses the active one (``Snapshot.active``).
+    """
+    outs: list[NginxStreamOutbound] = []
+    upstreams: dict[str, NginxUpstream] = {}
+    for o in snapshot.outbounds:
+        if o.protocol == "http":
+            continue
+        for c in clusters_of(snapshot, [o]):
+            name = nginx_upstream(o.caller, c.id)
+            upstreams[name] = NginxUpstream(name, o.caller, c)
+        active = snapshot.active(o.default_cluster)
+        outs.append(NginxStreamOutbound(o, active, nginx_upstream(o.caller, active.id)))
+    return NginxStreamPlan(tuple(outs), _sorted_upstreams(upstreams))
+
+
+def _sorted_upstreams(upstreams: dict[str, NginxUpstream]) -> tuple[NginxUpstream, ...]:
+    return tuple(sorted(upstreams.values(), key=lambda u: u.name))
 
 
 def _present(d: dict[str, Any]) -> dict[str, Any]:

@@ -33,8 +33,6 @@ class NginxDriver(ProxyDriver):
         return "nginx"
 
     def render(self, snapshot: Snapshot, generation: str) -> dict[str, str]:
-        http_out = [o for o in snapshot.outbounds if o.protocol == "http"]
-        stream_out = [o for o in snapshot.outbounds if o.protocol != "http"]
         text = environment("nginx").get_template("nginx.conf.j2").render(
             node=snapshot.node,
             generation=generation,
@@ -51,13 +49,10 @@ class NginxDriver(ProxyDriver):
             deny_socket=str(self.paths.run_dir / "mesh-deny.sock"),
             status_socket=str(self.paths.status_socket),
             endpoints_file=str(self.endpoints_file),
-            http_clusters=l7.clusters_of(snapshot, http_out),
-            stream_clusters=l7.clusters_of(snapshot, stream_out),
             l7=l7.nginx_plan(snapshot),
-            active=snapshot.active,
+            stream=l7.nginx_stream_plan(snapshot),
             http_inbounds=[i for i in snapshot.inbounds if i.protocol == "http"],
             stream_inbounds=[i for i in snapshot.inbounds if i.protocol != "http"],
-            stream_outbounds=stream_out,
         )
         return {self.main_file: text}
 

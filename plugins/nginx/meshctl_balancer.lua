@@ -9,6 +9,11 @@
 -- Addresses are validated here again (IP literals and ports only) even though
 -- compile() already refused anything else: this is the last gate.
 --
+-- Endpoints are per cluster, upstream blocks per (caller, cluster): every
+-- caller's block of a cluster calls balance(<cluster id>) and picks from the
+-- same peers, while each block keeps its own keep-alive pool, so a connection
+-- opened with one caller's certificate never carries another caller's request.
+--
 -- Load balancing per cluster (configure(), from the router's table):
 -- round_robin (default), random, least_request (power of N choices over the
 -- requests this worker has in flight), ring_hash (a consistent-hash ring over
@@ -205,8 +210,8 @@ function _M.done()
     end
 end
 
--- balancer_by_lua: pick a peer of the cluster by its policy; on a retry
--- (proxy_next_upstream) another one is tried.
+-- balancer_by_lua of each caller's upstream block of cluster `id`: pick a peer
+-- of the cluster by its policy; on a retry (proxy_next_upstream) another one.
 function _M.balance(id)
     local balancer = require("ngx.balancer")
     local c = peers_of(id)

@@ -25,7 +25,9 @@ WEB_API_PORT = 9001
 WEB_KV_PORT = 9002
 
 # What each host may obtain certificates for (meshctl vault setup's host map).
-PLAN = {"h1": ["web"], "h2": ["api", "kv"], "h3": ["api", "extra", "evil"]}
+# ops, batch and probe: the callers beside web of test_mesh's identity test.
+PLAN = {"h1": ["web", "ops", "batch", "probe"], "h2": ["api", "kv"],
+        "h3": ["api", "extra", "evil"]}
 
 
 # The deployment's intentions (the agents' default action is deny).

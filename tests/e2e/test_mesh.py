@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import http.client
+import json
 import socket
 import ssl
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 
 from meshctl.lab.mesh import Mesh, wait_until
 from tests.e2e.conftest import FLEETS, WEB_API_PORT, WEB_KV_PORT, mesh_for
+from tests.e2e.test_security import (
+    intentions,
+    leaf,
+    mesh_ca,
+    raw_exchange,
+    sidecar_port,
+    tls_context,
+)
 from tests.pki import TestCA
 
 pytestmark = pytest.mark.root
@@ -62,6 +75,142 @@ def test_a_caller_cannot_claim_another_identity_by_header(mesh: Mesh) -> None:
     assert body["headers"].get("x-other") == "kept"  # the control: other headers pass
     leaked = [k for k in body["headers"] if k.replace("_", "-") == "x-mesh-caller"]
     assert leaked == [], body["headers"]
+
+
+# ---------------------------------------------------------------- one identity per caller
+
+#: web's upstreams and those of three more callers on h1: (api port, kv port)
+CALLER_PORTS = {"web": (WEB_API_PORT, WEB_KV_PORT), "ops": (9011, 9012),
+                "batch": (9021, 9022), "probe": (9031, 9032)}
+#: allow web and batch, deny probe; ops is not named (the agents' default action: deny)
+CALLER_RULES = {"Sources": [{"Name": "web", "Action": "allow"},
+                            {"Name": "batch", "Action": "allow"},
+                            {"Name": "probe", "Action": "deny"}]}
+#: requests per caller on its api listener (one kept-alive connection), and on kv
+API_ROUNDS, KV_ROUNDS = 120, 30
+
+
+def expected(caller: str, destination: str) -> str:
+    """The answer to a request that carries ``caller``'s identity: on http, one that
+    no other caller gets; on tcp, allowed (the app answers) or closed."""
+    if destination == "kv":
+        return "200" if caller in ("web", "batch") else "closed"
+    if caller in ("web", "batch"):
+        return f"200 {caller}"
+    if caller == "probe":
+        return "403 denied: intention probe -> api denies"
+    return "403 denied: no intention matched; default deny"
+
+
+def http_answer(status: int, body: str) -> str:
+    if status == 200:
+        return f"200 {json.loads(body)['caller']}"
+    return f"{status} {body.strip()}"
+
+
+def kv_answer(reply: bytes) -> str:
+    if not reply:
+        return "closed"
+    return "200" if reply.startswith(b"HTTP/1.1 200") and b'"service": "kv"' in reply else \
+        f"other {reply[:60]!r}"
+
+
+def caller_traffic(caller: str, start: threading.Barrier) -> list[tuple[str, str]]:
+    """Inside h1: API_ROUNDS requests on one kept-alive connection to the caller's api
+    listener, with a new connection to its kv listener after every fourth one."""
+    api_port, kv_port = CALLER_PORTS[caller]
+    out: list[tuple[str, str]] = []
+    conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=10)
+    start.wait(30)
+    for i in range(API_ROUNDS):
+        try:
+            conn.request("GET", "/who")
+            resp = conn.getresponse()
+            out.append(("api", http_answer(resp.status, resp.read().decode())))
+        except (OSError, http.client.HTTPException) as exc:
+            out.append(("api", f"error {type(exc).__name__}: {exc}"))
+            conn.close()
+        if i % (API_ROUNDS // KV_ROUNDS) == 0:
+            try:
+                with socket.create_connection(("127.0.0.1", kv_port), timeout=10) as s:
+                    s.sendall(b"GET /k HTTP/1.1\r\nHost: kv\r\nConnection: close\r\n\r\n")
+                    reply = b"".join(iter(lambda: s.recv(65536), b""))
+            except OSError:
+                reply = b""
+            out.append(("kv", kv_answer(reply)))
+    conn.close()
+    return out
+
+
+def caller_definition(caller: str) -> dict[str, Any]:
+    api_port, kv_port = CALLER_PORTS[caller]
+    return {"name": caller, "port": 8100 + api_port % 100, "connect": {"sidecar_service": {
+        "proxy": {"upstreams": [{"destination_name": "api", "local_bind_port": api_port},
+                                {"destination_name": "kv", "local_bind_port": kv_port}]}}}}
+
+
+def direct_answer(mesh: Mesh, host: str, destination: str, caller: str) -> str:
+    """What ``host``'s ``destination`` inbound answers ``caller``'s own certificate,
+    sent to it straight from h1: the reference, with no outbound sidecar in between."""
+    h1, ip, port = mesh["h1"], mesh[host].ip, sidecar_port(mesh[host], destination)
+    if destination == "kv":
+        request = b"GET /k HTTP/1.1\r\nHost: kv\r\nConnection: close\r\n\r\n"
+        return kv_answer(raw_exchange(h1.host, ip, port, request,
+                                      tls_context(mesh_ca(mesh), leaf(h1, caller))))
+    status, body = h1.host.http_get(f"https://{ip}:{port}/who", cert=leaf(h1, caller),
+                                    ca=mesh_ca(mesh))
+    return http_answer(status, body.decode("utf-8", "replace"))
+
+
+def test_every_request_is_decided_for_the_caller_whose_listener_it_entered(mesh: Mesh) -> None:
+    """Issue 10.1: four callers on h1 with different intentions, interleaved over
+    kept-alive connections, concurrently. A proxy that pools upstream connections or
+    TLS sessions across callers answers some requests as another caller."""
+    h1 = mesh["h1"]
+    extra = [c for c in CALLER_PORTS if c != "web"]
+
+    def ready() -> bool:
+        ups = {(u["caller"], u["destination"]): len(u["endpoints"])
+               for u in (h1.status() or {}).get("upstreams", [])}
+        return all(ups.get((c, "api")) == 2 and ups.get((c, "kv")) == 1 for c in CALLER_PORTS)
+
+    with intentions(mesh, {"api": CALLER_RULES, "kv": CALLER_RULES}):
+        files = [h1.add_service(caller_definition(c)) for c in extra]
+        try:
+            wait_until("h1 to serve the upstreams of all four callers", ready, timeout=30)
+            for c in CALLER_PORTS:
+                for port in CALLER_PORTS[c]:
+                    wait_until(f"{c}'s listener :{port}",
+                               lambda port=port: h1.host.tcp_connect("127.0.0.1", port) is None)
+            for host, dest in (("h2", "api"), ("h3", "api"), ("h2", "kv")):
+                for c in CALLER_PORTS:
+                    want = expected(c, dest)
+                    wait_until(f"{host}'s {dest} to answer {c} {want!r}",
+                               lambda c=c, host=host, dest=dest, want=want:
+                               direct_answer(mesh, host, dest, c) == want)
+            # Every caller at once, each on its own listeners, starting together.
+            start = threading.Barrier(len(CALLER_PORTS))
+            with concurrent.futures.ThreadPoolExecutor(len(CALLER_PORTS)) as pool:
+                futures = {c: pool.submit(h1.host.call, caller_traffic, c, start)
+                           for c in CALLER_PORTS}
+                results = {c: f.result(timeout=180) for c, f in futures.items()}
+        finally:
+            for f in files:
+                f.unlink()
+    consul = mesh.lab.host("h1").consul()
+    wait_until("the extra callers to deregister",
+               lambda: not set(extra) & set(consul.agent.services()), timeout=15)
+
+    counts = {c: collections.Counter(dest for dest, _ in answers)
+              for c, answers in results.items()}
+    assert all(n == {"api": API_ROUNDS, "kv": KV_ROUNDS} for n in counts.values()), counts
+    wrong = {c: collections.Counter(f"{dest}: {got}" for dest, got in answers
+                                    if got != expected(c, dest))
+             for c, answers in results.items()}
+    bad = {c: dict(w) for c, w in wrong.items() if w}
+    total = sum(sum(w.values()) for w in wrong.values())
+    assert bad == {}, f"{total} of {len(CALLER_PORTS) * (API_ROUNDS + KV_ROUNDS)} " \
+        f"requests decided for another identity: {json.dumps(bad, sort_keys=True)}"
 
 
 def test_tcp_upstream_rides_the_stream_path(mesh: Mesh) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from meshctl.proxy.base import ProxyPaths
 from meshctl.proxy.haproxy import HAProxyDriver, _slot_commands, assign_slots, slot_count
 from meshctl.proxy.nginx import NginxDriver
 from meshctl.services import SERVICE_ID
-from tests.meshdata import snapshot
+from tests.meshdata import CALLERS, DESTINATIONS, caller_certs, callers_snapshot, snapshot
 
 PATHS = ProxyPaths(Path("/var/lib/meshctl/proxy/current"), Path("/var/lib/meshctl/haproxy"),
                    Path("/run/meshctl"), Path("/usr/share/meshctl/plugins"))
@@ -183,3 +184,21 @@ def test_reload_failure_reads_only_what_the_proxy_logged_since_the_mark(
     _log_lines(driver, "[notice] reloading", new)
     assert driver.reload_failure() == reason
     assert driver.error_log_hint() == str(driver.log_file)
+
+
+def test_every_backend_belongs_to_one_caller_and_presents_its_certificate() -> None:
+    """``http-reuse always`` shares a backend's idle connections across client
+    connections: safe only while a backend is used by one caller, with its certificate."""
+    text = HAProxyDriver(PATHS).render(callers_snapshot(), "0123456789abcdef")["haproxy.cfg"]
+    users: dict[str, set[str]] = {}
+    for caller, section in re.findall(r"^# outbound: (\S+) -> .*?\n(.*?)(?=\n\n|\Z)", text,
+                                      re.M | re.S):
+        for backend in re.findall(r"^    (?:use|default)_backend (\S+)", section, re.M):
+            users.setdefault(backend, set()).add(caller)
+    crts = dict(re.findall(r"^backend (\S+)\n(?:    .*\n)*?    default-server .* crt (\S+) ",
+                           text, re.M))
+    mesh = {b: c for b, c in crts.items() if not b.startswith("local_")}
+    assert {b: sorted(c) for b, c in users.items() if len(c) > 1} == {}
+    assert set(users) == set(mesh) and len(mesh) == len(CALLERS) * len(DESTINATIONS)
+    for backend, (caller,) in users.items():
+        assert mesh[backend] == caller_certs(caller).cert
