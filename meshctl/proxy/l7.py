@@ -11,7 +11,7 @@ each proxy says it, in Python, so the templates only print validated fields:
   split and (failover) the first cluster with endpoints, then jumps to a named
   location, one per *action*: a cluster with the route's timeouts and retry
   policy, which nginx directives must state statically. An action proxies to
-  the ``upstream`` block of its (caller, cluster) pair (:func:`nginx_upstream`),
+  the ``upstream`` block of its (caller, cluster) pair (:func:`caller_section`),
   never to one another caller also uses: nginx keeps idle connections per
   upstream block keyed by peer address only, not by the client certificate a
   location presents, so a block shared by two callers would hand one caller's
@@ -145,7 +145,7 @@ class NginxAction:
     read_timeout_ms: int
     next_upstream: tuple[str, ...]
     tries: int  # -1: the balancer's default (up to 2 more peers)
-    upstream: str  # the caller's upstream block for the cluster (nginx_upstream)
+    upstream: str  # the caller's upstream block for the cluster (caller_section)
 
 
 @dataclass(frozen=True)
@@ -181,12 +181,13 @@ class NginxStreamPlan:
     upstreams: tuple[NginxUpstream, ...]
 
 
-def nginx_upstream(caller: str, cluster_id: str) -> str:
-    """The name of the upstream block carrying ``caller``'s connections to a cluster.
+def caller_section(caller: str, cluster_id: str) -> str:
+    """The name of the proxy section carrying ``caller``'s connections to a cluster.
 
-    ``<caller>.<cluster id>``: a service name has no '.', so the first '.' splits
-    the name back into its pair (two pairs never share a block), and no other
-    upstream of the config (``local_<id>``, ``c_…``) can be spelt this way.
+    nginx's upstream block, HAProxy's backend: ``<caller>.<cluster id>``. A
+    service name has no '.', so the first '.' splits the name back into its
+    pair (two pairs never share a section), and no other section of the config
+    (``local_<id>``, ``c_…``) can be spelt this way.
     Raises CompileError for a caller outside the service-name grammar.
     """
     if not SERVICE_NAME.match(caller):
@@ -243,7 +244,7 @@ def nginx_plan(snapshot: Snapshot) -> NginxPlan:
                     retry = nginx_retry(r, c)
                     spec = (c.id, read_timeout_ms(r, c), retry.conditions, retry.tries)
                     name = "a_" + hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
-                    upstream = nginx_upstream(o.caller, c.id)
+                    upstream = caller_section(o.caller, c.id)
                     actions[name] = NginxAction(name, c, spec[1], retry.conditions, retry.tries,
                                                 upstream)
                     upstreams[upstream] = NginxUpstream(upstream, o.caller, c)
@@ -278,10 +279,10 @@ def nginx_stream_plan(snapshot: Snapshot) -> NginxStreamPlan:
         if o.protocol == "http":
             continue
         for c in clusters_of(snapshot, [o]):
-            name = nginx_upstream(o.caller, c.id)
+            name = caller_section(o.caller, c.id)
             upstreams[name] = NginxUpstream(name, o.caller, c)
         active = snapshot.active(o.default_cluster)
-        outs.append(NginxStreamOutbound(o, active, nginx_upstream(o.caller, active.id)))
+        outs.append(NginxStreamOutbound(o, active, caller_section(o.caller, active.id)))
     return NginxStreamPlan(tuple(outs), _sorted_upstreams(upstreams))
 
 
@@ -442,11 +443,19 @@ def haproxy_balance(c: Cluster, http: bool) -> tuple[str, bool]:
 
 
 def backend_name(caller: str, c: Cluster, retry: RetryPolicy, timeout_ms: int) -> str:
-    """``<caller>__<cluster>``, with a policy suffix when a route sets retries/timeouts."""
+    """``<caller>.<cluster>``, with a policy suffix when a route sets retries/timeouts.
+
+    A service name has no ``.`` and no ``_``, so the name splits back into its
+    caller, and no caller's backend can be spelt like an inbound's
+    ``local_<service id>`` (a caller ``local`` and an id ``_c_x`` would meet
+    in ``local__c_x`` with a ``__`` separator, and HAProxy would refuse the
+    whole config).
+    """
+    section = caller_section(caller, c.id)
     if not retry.explicit and timeout_ms == c.request_timeout_ms:
-        return f"{caller}__{c.id}"
+        return section
     spec = repr((retry.tries, retry.conditions, timeout_ms))
-    return f"{caller}__{c.id}__p{hashlib.sha256(spec.encode()).hexdigest()[:6]}"
+    return f"{section}.p{hashlib.sha256(spec.encode()).hexdigest()[:6]}"
 
 
 def haproxy_plan(snapshot: Snapshot) -> HapPlan:

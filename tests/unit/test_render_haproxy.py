@@ -7,14 +7,15 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshctl.mesh import Endpoint, Instance
 from meshctl.proxy.base import ProxyPaths
 from meshctl.proxy.haproxy import HAProxyDriver, _slot_commands, assign_slots, slot_count
+from meshctl.proxy.l7 import RetryPolicy, backend_name
 from meshctl.proxy.nginx import NginxDriver
-from meshctl.services import SERVICE_ID
+from meshctl.services import LOCAL_SERVICE_ID, SERVICE_ID, SERVICE_NAME
 from tests.meshdata import CALLERS, DESTINATIONS, caller_certs, callers_snapshot, snapshot
 
 PATHS = ProxyPaths(Path("/var/lib/meshctl/proxy/current"), Path("/var/lib/meshctl/haproxy"),
@@ -202,3 +203,16 @@ def test_every_backend_belongs_to_one_caller_and_presents_its_certificate() -> N
     assert set(users) == set(mesh) and len(mesh) == len(CALLERS) * len(DESTINATIONS)
     for backend, (caller,) in users.items():
         assert mesh[backend] == caller_certs(caller).cert
+
+
+@settings(max_examples=200)
+@given(caller=st.from_regex(SERVICE_NAME, fullmatch=True),
+       local_id=st.from_regex(LOCAL_SERVICE_ID, fullmatch=True))
+def test_no_caller_backend_is_spelt_like_an_inbound_backend(caller: str, local_id: str) -> None:
+    """A caller ``local`` and a local service id ``_c_api…`` once met in one name."""
+    c = callers_snapshot().clusters[0]
+    name = backend_name(caller, c, RetryPolicy(0, (), False), c.request_timeout_ms)
+    assert name != f"local_{local_id}"
+    assert name.split(".", 1)[0] == caller
+    none = RetryPolicy(0, (), False)
+    assert backend_name("local", c, none, c.request_timeout_ms) != f"local__{c.id}"

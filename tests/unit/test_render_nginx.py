@@ -9,7 +9,7 @@ from meshctl.chain import SUBSET
 from meshctl.errors import CompileError
 from meshctl.mesh import CertPaths, cluster_id
 from meshctl.proxy.base import ProxyPaths, generation_of
-from meshctl.proxy.l7 import nginx_upstream
+from meshctl.proxy.l7 import caller_section
 from meshctl.proxy.nginx import NginxDriver
 from meshctl.proxy.templating import ident
 from meshctl.services import SERVICE_NAME
@@ -187,14 +187,14 @@ def test_upstream_names_are_unique_and_valid_for_any_caller_and_cluster(
     names: dict[str, tuple[str, str]] = {}
     for caller, service, subset in pairs:
         cid = cluster_id(service, subset)
-        name = nginx_upstream(caller, cid)
+        name = caller_section(caller, cid)
         assert ident(name) == name and not name.startswith("local_")
         assert name.split(".", 1) == [caller, cid]  # the pair can be read back: injective
         assert names.setdefault(name, (caller, cid)) == (caller, cid)
 
 
 def test_a_caller_outside_the_service_grammar_names_no_upstream() -> None:
-    assert nginx_upstream("web", "c_api_12345678") == "web.c_api_12345678"
+    assert caller_section("web", "c_api_12345678") == "web.c_api_12345678"
     for bad in ("local_x", "web.c_api", "Web", ""):
         with pytest.raises(CompileError, match="service name"):
-            nginx_upstream(bad, "c_api_12345678")
+            caller_section(bad, "c_api_12345678")
