@@ -4,11 +4,11 @@ A pid alone can be reused, so a process is named by (pid, start time): field 22
 of ``/proc/<pid>/stat``, clock ticks since boot. A process is only signalled
 after that pair has been checked again.
 
-The proxy drivers use :func:`socket_holders` to find the processes of *one*
-sidecar: those running the proxy's executable and holding a unix socket bound
-to a path in that sidecar's private run directory. That is what tells the
-workers an nginx master left behind when it was killed from any other nginx
-on the host, without ever matching a process by its name.
+The proxy drivers use :func:`holders` to find the processes of *one* sidecar:
+those running the proxy's executable and holding a unix socket bound to a path
+in that sidecar's private run directory, or its log file. That is what tells
+the workers an nginx master left behind when it was killed from any other
+nginx on the host, without ever matching a process by its name.
 """
 
 from __future__ import annotations
@@ -96,14 +96,14 @@ def unix_socket_inodes(paths: set[str], net: Path = PROC / "net" / "unix") -> se
     return inodes
 
 
-def socket_holders(exe: str, inodes: set[int]) -> list[ProcessRef]:
-    """Processes running ``exe`` (a resolved path) with an open fd on one of ``inodes``.
+def holders(exe: str, targets: set[str]) -> list[ProcessRef]:
+    """Processes running ``exe`` (a resolved path) with an open fd on one of ``targets``:
+    file paths, or sockets as ``/proc`` names them (``socket:[<inode>]``).
 
     Processes we may not inspect are skipped; a process that exits meanwhile too.
     """
-    if not inodes:
+    if not targets or not exe:
         return []
-    wanted = {f"socket:[{i}]" for i in inodes}
     found: list[ProcessRef] = []
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
@@ -120,7 +120,7 @@ def socket_holders(exe: str, inodes: set[int]) -> list[ProcessRef]:
                 link = os.readlink(entry / "fd" / fd)
             except OSError:
                 continue
-            if link in wanted:
+            if link in targets:
                 ref = process(pid)
                 if ref is not None:
                     found.append(ref)

@@ -38,16 +38,17 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meshctl._fs import fsync_dir, write_atomic
-from meshctl._procfs import ProcessRef
+from meshctl._procfs import ProcessRef, same_process
 from meshctl.errors import MeshctlError, ProxyError, ReloadError, SourceError
 from meshctl.mesh import Snapshot
-from meshctl.proxy.base import ProxyDriver, RenderedConfig
+from meshctl.proxy.base import ProxyDriver, RenderedConfig, signal_processes
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ class Applier:
         self._orphans: list[ProcessRef] = []
         self._recovering: Recovery | None = None
         self._recovery_started = 0.0
+        # Orphans told to stop gracefully, killed if still there at the deadline.
+        self._draining: list[ProcessRef] = []
+        self._drain_deadline = 0.0
 
     def current_generation(self) -> str | None:
         """The generation ``current`` points to, or None."""
@@ -141,6 +145,7 @@ class Applier:
         ReloadError (after rolling back; orphans of a killed master then keep
         serving until a later apply succeeds).
         """
+        self._reap()
         result = self._apply(snapshot)
         if self._orphans or self._recovering:
             self._finish_recovery()  # a master serves: what the dead one left can go
@@ -279,17 +284,35 @@ class Applier:
         self._recovering = Recovery(master, [p.pid for p in orphans], how)
 
     def _finish_recovery(self) -> None:
-        """Stop the orphans by pid (gracefully: they finish their requests), report once."""
+        """Tell the orphans to stop (by pid, gracefully: they finish their requests and
+        exit), report the recovery once. Not waited for: ``_reap`` kills what is
+        left after the driver's shutdown_timeout."""
         serving_after = time.monotonic() - self._recovery_started
-        killed = self.driver.stop_processes(self._orphans) if self._orphans else []
-        self._orphans = []
+        if self._orphans:
+            self._draining += signal_processes(self._orphans, self.driver.stop_signal)
+            self._drain_deadline = time.monotonic() + self.driver.shutdown_timeout
+            self._orphans = []
         rec, self._recovering = self._recovering, None
         if rec is None:
             return
         self._recoveries += 1
-        rec.seconds, rec.killed, rec.count = serving_after, killed, self._recoveries
+        rec.seconds, rec.count = serving_after, self._recoveries
         self.last_recovery = rec
         log.warning("proxy %s: recovered: %s", self.driver.name, rec.summary())
+
+    def _reap(self) -> None:
+        """SIGKILL the orphans that outlived their graceful stop (held connections)."""
+        self._draining = [p for p in self._draining if same_process(p.pid, p.started)]
+        if not self._draining or time.monotonic() < self._drain_deadline:
+            return
+        killed = [p.pid for p in signal_processes(self._draining, signal.SIGKILL)]
+        self._draining = []
+        if killed:
+            log.warning("proxy %s: orphaned processes %s were still running %ds after their "
+                        "graceful stop; killed", self.driver.name,
+                        " ".join(map(str, killed)), self.driver.shutdown_timeout)
+            if self.last_recovery is not None:
+                self.last_recovery.killed += killed
 
     def _serving(self, generation: str) -> bool:
         # Once confirmed, trust it: right after a reload an old worker may still

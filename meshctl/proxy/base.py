@@ -189,10 +189,15 @@ class ProxyDriver(abc.ABC):
         """Every live process of this sidecar's proxy (master, workers, old workers).
 
         Found through ``/proc``: the proxy's executable, holding a socket bound to
-        one of control_sockets() (never by a process name).
+        one of control_sockets() or its log file open (old workers finishing
+        their connections after a reload have closed the sockets, not the log);
+        never by a process name.
         """
         inodes = _procfs.unix_socket_inodes({str(p) for p in self.control_sockets()})
-        return _procfs.socket_holders(self._executable(), inodes)
+        targets = {f"socket:[{i}]" for i in inodes}
+        if self.log_file is not None:
+            targets.add(str(self.log_file))
+        return _procfs.holders(self._executable(), targets)
 
     def orphans(self) -> list[ProcessRef]:
         """Processes of this sidecar that no running master owns.
@@ -216,9 +221,7 @@ class ProxyDriver(abc.ABC):
         pending = list(procs)
         killed: list[int] = []
         for sig, limit in ((first or self.stop_signal, wait), (signal.SIGKILL, 2.0)):
-            pending = [p for p in pending if _procfs.same_process(p.pid, p.started)]
-            for p in pending:
-                _signal(p.pid, sig)
+            pending = signal_processes(pending, sig)
             if sig == signal.SIGKILL:
                 killed = [p.pid for p in pending]
             deadline = time.monotonic() + limit
@@ -375,18 +378,19 @@ def _alive(pid: int) -> bool:
             return False
     except ChildProcessError:
         pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # A zombie is dead too: a killed nginx master stays one until whatever
+    # adopted it reaps it, and signalling it (kill 0) would still succeed.
+    return _procfs.start_time(pid) is not None
 
 
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # exited meanwhile
-        os.kill(pid, sig)
+def signal_processes(procs: list[ProcessRef], sig: int) -> list[ProcessRef]:
+    """Send ``sig`` to each of ``procs`` that is still that process (its start time
+    checked: a reused pid is left alone); returns those signalled."""
+    alive = [p for p in procs if _procfs.same_process(p.pid, p.started)]
+    for p in alive:
+        with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+            os.kill(p.pid, sig)
+    return alive
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

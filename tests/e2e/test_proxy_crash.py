@@ -3,11 +3,13 @@
     h1: web ── api → 127.0.0.1:9001 ──▶ h2: api, h3: api     (tests/e2e/conftest.py)
 
 A client in h1 sends a steady stream of requests (a new connection each) to
-web's api upstream while h1's proxy master (and, for HAProxy, its worker) is
-killed with SIGKILL. Then the agent must still apply a change: h3's api turns
-unhealthy and h1 must stop routing to it (an endpoint change, pushed to the
-running proxy), then healthy again. Nothing of the killed proxy may be left
-serving on h1 (checked by pid), and ``meshctl status`` says what happened.
+web's api upstream while a proxy master (and, for HAProxy, its worker) is
+killed with SIGKILL: h1's (the caller's own sidecar, which the client talks
+to) or h2's (one of api's sidecars: h1's sidecar may retry on h3). Then the
+agents must still apply a change: h3's api turns unhealthy and h1 must route
+only to h2 (an endpoint change, pushed to h1's running proxy; answered by
+h2's), then healthy again. Nothing of the killed proxy may be left serving
+(checked by pid), and ``meshctl status`` says what happened.
 
 Killing nginx's master leaves its worker serving the old config on the sidecar
 ports; HAProxy's worker exits with its master (and a killed worker takes the
@@ -97,16 +99,18 @@ def only_from(stream: Stream, hosts: set[str], since: float, n: int = 20) -> boo
 
 
 @pytest.mark.parametrize("victim", ["master", "worker"])
-def test_a_killed_proxy_is_replaced_and_changes_apply_again(mesh: Mesh, victim: str) -> None:
-    h1, h3 = mesh["h1"], mesh["h3"]
-    if victim == "worker" and h1.proxy == "nginx":
+@pytest.mark.parametrize("where", ["h1", "h2"])
+def test_a_killed_proxy_is_replaced_and_changes_apply_again(mesh: Mesh, where: str,
+                                                            victim: str) -> None:
+    h1, h3, mh = mesh["h1"], mesh["h3"], mesh[where]
+    if victim == "worker" and mh.proxy == "nginx":
         pytest.skip("nginx's master starts a new worker itself: nothing for the agent to do")
-    master = master_pid(h1)
-    before = [p for p in proxy_processes(h1) if master in (p.pid, p.ppid)]
+    master = master_pid(mh)
+    before = [p for p in proxy_processes(mh) if master in (p.pid, p.ppid)]
     workers = [p for p in before if p.pid != master]
     assert workers, before
     target = master if victim == "master" else workers[0].pid
-    count = recoveries(h1)
+    count = recoveries(mh)
     stream = Stream()
     client = threading.Thread(target=h1.host.call, args=(stream.run,), daemon=True)
     client.start()
@@ -130,32 +134,31 @@ def test_a_killed_proxy_is_replaced_and_changes_apply_again(mesh: Mesh, victim: 
     finally:
         stream.stop.set()
         client.join(timeout=10)
-
-    # Nothing of the killed proxy is left: every proxy process on h1 is the new
-    # master or one of its children, and none of the old ones runs.
-    new_master = master_pid(h1)
-    now = proxy_processes(h1)
-    assert new_master != master
-    assert [p for p in now if new_master not in (p.pid, p.ppid)] == [], now
-    assert [p for p in before if _procfs.same_process(p.pid, p.started)] == [], before
-
-    status = h1.status() or {}
+    status = mh.status() or {}
     rec = status.get("proxy_recovery") or {}
-    assert recoveries(h1) == count + 1, rec
-    assert rec["master"] == master, rec
-    assert sorted(rec["orphans"]) == (sorted(p.pid for p in workers)
-                                      if h1.proxy == "nginx" and victim == "master" else []), rec
-    assert (status.get("last_apply") or {}).get("action") != "failed", status
-    shown = h1.meshctl("status")
-    assert "proxy recovered" in shown.stdout and f"master {master} was gone" in shown.stdout, \
-        shown.stdout
-
     failures = stream.failures()
     window = [at - killed_at for at, _, _ in failures]
     print(json.dumps({
-        "proxy": h1.proxy, "killed": victim, "requests": len(stream.results),
-        "failed": len(failures),
+        "proxies": f"{h1.proxy} -> {mesh['h2'].proxy}", "killed": f"{where} {victim}",
+        "requests": len(stream.results), "failed": len(failures),
         "failed_window_s": [round(min(window), 3), round(max(window), 3)] if window else [],
         "errors": sorted({who for _, who, _ in failures})[:5],
         "recovery": {k: v for k, v in rec.items() if k != "summary"},
     }))
+
+    # Nothing of the killed proxy is left: every proxy process of the host is the
+    # new master or one of its children, and none of the old ones runs.
+    new_master = master_pid(mh)
+    now = proxy_processes(mh)
+    assert new_master != master
+    assert [p for p in now if new_master not in (p.pid, p.ppid)] == [], now
+    assert [p for p in before if _procfs.same_process(p.pid, p.started)] == [], before
+
+    assert recoveries(mh) == count + 1, rec
+    assert rec["master"] == master, rec
+    assert sorted(rec["orphans"]) == (sorted(p.pid for p in workers)
+                                      if mh.proxy == "nginx" else []), rec
+    assert (status.get("last_apply") or {}).get("action") != "failed", status
+    shown = mh.meshctl("status")
+    assert "proxy recovered" in shown.stdout and f"master {master} was gone" in shown.stdout, \
+        shown.stdout
