@@ -96,33 +96,60 @@ def unix_socket_inodes(paths: set[str], net: Path = PROC / "net" / "unix") -> se
     return inodes
 
 
-def holders(exe: str, targets: set[str]) -> list[ProcessRef]:
-    """Processes running ``exe`` (a resolved path) with an open fd on one of ``targets``:
-    file paths, or sockets as ``/proc`` names them (``socket:[<inode>]``).
+def listening_inodes(ports: set[int], net: Path = PROC / "net") -> dict[int, int]:
+    """``{inode: port}`` of the TCP sockets listening on one of ``ports`` (IPv4 and IPv6,
+    in the caller's network namespace)."""
+    found: dict[int, int] = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (net / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                if port in ports:
+                    found[int(fields[9])] = port
+    return found
+
+
+def fd_links(pid: int) -> set[str]:
+    """What the open fds of ``pid`` point to (paths, ``socket:[<inode>]``…); empty if we
+    may not look."""
+    base = PROC / str(pid) / "fd"
+    try:
+        fds = os.listdir(base)
+    except OSError:
+        return set()
+    links: set[str] = set()
+    for fd in fds:
+        try:
+            links.add(os.readlink(base / fd))
+        except OSError:
+            continue  # closed meanwhile
+    return links
+
+
+def holders(exe: str | None, targets: set[str]) -> list[ProcessRef]:
+    """Processes running ``exe`` (a resolved path; None: any program) with an open fd
+    on one of ``targets``: file paths, or sockets as ``/proc`` names them
+    (``socket:[<inode>]``).
 
     Processes we may not inspect are skipped; a process that exits meanwhile too.
     """
-    if not targets or not exe:
+    if not targets or exe == "":
         return []
     found: list[ProcessRef] = []
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        if executable(pid) != exe:
+        if exe is not None and executable(pid) != exe:
             continue
-        try:
-            fds = os.listdir(entry / "fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(entry / "fd" / fd)
-            except OSError:
-                continue
-            if link in targets:
-                ref = process(pid)
-                if ref is not None:
-                    found.append(ref)
-                break
+        if fd_links(pid) & targets:
+            ref = process(pid)
+            if ref is not None:
+                found.append(ref)
     return sorted(found, key=lambda p: p.pid)

@@ -174,19 +174,21 @@ class Applier:
                 and self._serving(generation)):
             if previous == target and not moved:
                 return self._done(ApplyResult("unchanged", generation))
-            return self._apply_endpoints(rendered, previous, endpoints, previous_endpoints)
+            return self._apply_endpoints(rendered, previous, endpoints, previous_endpoints,
+                                         _listener_ports(snapshot))
         if running or previous != target:
             self._stage_and_swap(rendered, previous_endpoints)
         # else: a restart of the live files, validated when they were staged (the
         # name is their digest): checking them again would only lengthen the outage.
-        action = self._load(running, generation, previous, target, previous_endpoints)
+        action = self._load(running, generation, previous, target, previous_endpoints,
+                            _listener_ports(snapshot))
         self._prune(keep={target, previous or ""})
         log.info("proxy %s: %s generation %s", self.driver.name, action, generation)
         return self._done(ApplyResult(action, generation))
 
     def _apply_endpoints(self, rendered: RenderedConfig, previous: str,
                          endpoints: dict[str, Any] | None,
-                         previous_endpoints: bytes | None) -> ApplyResult:
+                         previous_endpoints: bytes | None, ports: set[int]) -> ApplyResult:
         """Same structure, new endpoints: new files without a reload, then a run-time push."""
         generation, target = rendered.generation, rendered.dirname
         if target != previous:
@@ -201,7 +203,7 @@ class Applier:
                         self.driver.name, exc)
             # The status socket cannot tell this reload from the last one (same
             # generation); its files were validated in staging like any other.
-            action = self._load(True, generation, previous, target, previous_endpoints)
+            action = self._load(True, generation, previous, target, previous_endpoints, ports)
             self._prune(keep={target, previous})
             return self._done(ApplyResult(action, generation))
         self._prune(keep={target, previous})
@@ -224,9 +226,17 @@ class Applier:
             raise
 
     def _load(self, running: bool, generation: str, previous: str | None, target: str,
-              previous_endpoints: bytes | None) -> str:
-        """Start or reload the proxy on ``current``, confirm ``generation``; else roll back."""
+              previous_endpoints: bytes | None, ports: set[int]) -> str:
+        """Start or reload the proxy on ``current``, confirm ``generation``; else roll back.
+
+        ``ports``: the sidecar's listener ports; another process listening on one
+        of them is refused before the proxy would share the port with it.
+        """
         try:
+            taken = self.driver.foreign_listeners(ports)
+            if taken:
+                raise ProxyError(f"proxy {self.driver.name}: sidecar port already in use by "
+                                 f"another program: {'; '.join(taken)}")
             if not running:
                 self._start(generation)
                 action = "started"
@@ -410,6 +420,11 @@ class Applier:
         for old in gens[:-KEEP_GENERATIONS]:
             if old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _listener_ports(snapshot: Snapshot) -> set[int]:
+    return ({i.listen_port for i in snapshot.inbounds}
+            | {o.bind_port for o in snapshot.outbounds})
 
 
 def _reason(exc: OSError | SourceError) -> str:

@@ -199,6 +199,32 @@ class ProxyDriver(abc.ABC):
             targets.add(str(self.log_file))
         return _procfs.holders(self._executable(), targets)
 
+    def foreign_listeners(self, ports: set[int]) -> list[str]:
+        """Sockets listening on ``ports`` that no process of this sidecar holds, as
+        ``"port P: pid N (program)"``.
+
+        Needed because the listeners share their ports (SO_REUSEPORT: nginx's so
+        a new master can replace a killed one's workers, HAProxy's by default):
+        the kernel would let another process of the same user listen on a
+        sidecar port beside the proxy, silently taking part of its traffic,
+        where a bind would otherwise fail.
+        """
+        inodes = _procfs.listening_inodes(ports)
+        if not inodes:
+            return []
+        ours: set[str] = set()
+        for p in self.processes():
+            ours |= _procfs.fd_links(p.pid)
+        foreign = {f"socket:[{i}]": port for i, port in inodes.items()
+                   if f"socket:[{i}]" not in ours}
+        found: list[str] = []
+        for ref in _procfs.holders(None, set(foreign)):
+            program = os.path.basename(_procfs.executable(ref.pid) or "?")
+            for link in sorted(_procfs.fd_links(ref.pid) & set(foreign)):
+                found.append(f"port {foreign[link]}: pid {ref.pid} ({program})")
+        return sorted(set(found)) or [f"port {p}: a process this agent may not inspect"
+                                      for p in sorted(set(foreign.values()))]
+
     def orphans(self) -> list[ProcessRef]:
         """Processes of this sidecar that no running master owns.
 
