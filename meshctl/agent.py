@@ -112,13 +112,13 @@ class ProxyWatch:
 
     A pidfd (``pidfd_open(2)``) becomes readable when its process exits, child
     of ours or not, so a killed master is noticed at once instead of at the
-    next periodic pass. The pid file is read again every ``interval`` seconds,
-    so a restarted proxy is watched under its new pid. Each exited pid fires
-    ``on_exit`` once.
+    next periodic pass. The pid file is read again every ``interval`` seconds
+    (a small file read), so a restarted proxy is watched under its new pid
+    within that time. Each exited pid fires ``on_exit`` once.
     """
 
     def __init__(self, pid: Callable[[], int | None], on_exit: Callable[[], None],
-                 interval: float = 1.0) -> None:
+                 interval: float = 0.25) -> None:
         self._pid = pid
         self._on_exit = on_exit
         self._interval = interval

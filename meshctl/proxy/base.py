@@ -209,6 +209,17 @@ class ProxyDriver(abc.ABC):
         sidecar port beside the proxy, silently taking part of its traffic,
         where a bind would otherwise fail.
         """
+        found: list[str] = []
+        deadline = time.monotonic() + 1.0
+        while True:
+            found = self._foreign_listeners(ports)
+            # A process that is exiting (the worker of a killed master) may still be
+            # seen with its listeners, or them without it: look again for a moment.
+            if not found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.02)
+
+    def _foreign_listeners(self, ports: set[int]) -> list[str]:
         inodes = _procfs.listening_inodes(ports)
         if not inodes:
             return []
@@ -217,6 +228,8 @@ class ProxyDriver(abc.ABC):
             ours |= _procfs.fd_links(p.pid)
         foreign = {f"socket:[{i}]": port for i, port in inodes.items()
                    if f"socket:[{i}]" not in ours}
+        if not foreign:
+            return []
         found: list[str] = []
         for ref in _procfs.holders(None, set(foreign)):
             program = os.path.basename(_procfs.executable(ref.pid) or "?")
