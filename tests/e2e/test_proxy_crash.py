@@ -156,8 +156,12 @@ def test_a_killed_proxy_is_replaced_and_changes_apply_again(mesh: Mesh, where: s
 
     assert recoveries(mh) == count + 1, rec
     assert rec["master"] == master, rec
-    assert sorted(rec["orphans"]) == (sorted(p.pid for p in workers)
-                                      if mh.proxy == "nginx" else []), rec
+    # nginx: the workers the master left (an old one finishing after a reload may have
+    # exited meanwhile); HAProxy's exit with their master.
+    if mh.proxy == "nginx":
+        assert rec["orphans"] and set(rec["orphans"]) <= {p.pid for p in workers}, rec
+    else:
+        assert rec["orphans"] == [], rec
     assert (status.get("last_apply") or {}).get("action") != "failed", status
     shown = mh.meshctl("status")
     assert "proxy recovered" in shown.stdout and f"master {master} was gone" in shown.stdout, \
