@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import select
 import signal
 import threading
 import time
@@ -81,6 +83,13 @@ class Quiescence:
             self._last = now
         self._event.set()
 
+    def trigger_now(self) -> None:
+        """Fire at once, without waiting for quiet (the proxy died: every moment counts)."""
+        with self._lock:
+            self._first = time.monotonic() - self.wait_max
+            self._last = self._first
+        self._event.set()
+
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for a settled trigger; True if one fired."""
         if not self._event.wait(timeout):
@@ -96,6 +105,57 @@ class Quiescence:
                     return True
             # A trigger meanwhile only moves ``due`` later: sleeping until it never oversleeps.
             time.sleep(due - now)
+
+
+class ProxyWatch:
+    """Wakes the reconcile loop the moment the proxy's master exits.
+
+    A pidfd (``pidfd_open(2)``) becomes readable when its process exits, child
+    of ours or not, so a killed master is noticed at once instead of at the
+    next periodic pass. The pid file is read again every ``interval`` seconds
+    (a small file read), so a restarted proxy is watched under its new pid
+    within that time. Each exited pid fires ``on_exit`` once.
+    """
+
+    def __init__(self, pid: Callable[[], int | None], on_exit: Callable[[], None],
+                 interval: float = 0.25) -> None:
+        self._pid = pid
+        self._on_exit = on_exit
+        self._interval = interval
+        self._stop = threading.Event()
+        self._fired: int | None = None
+        self._thread = threading.Thread(target=self._run, name="proxy-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pid = self._pid()
+            if pid is None or pid == self._fired:
+                self._stop.wait(self._interval)
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self._exited(pid)
+                continue
+            except OSError:  # not ours to watch: the periodic pass still checks it
+                self._stop.wait(self._interval)
+                continue
+            try:
+                if select.select([fd], [], [], self._interval)[0]:
+                    self._exited(pid)
+            finally:
+                os.close(fd)
+
+    def _exited(self, pid: int) -> None:
+        self._fired = pid
+        log.debug("proxy master %d exited", pid)
+        self._on_exit()
 
 
 @dataclass
@@ -117,6 +177,8 @@ class AgentState:
     warnings: list[str] = field(default_factory=list)
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_apply: dict[str, Any] = field(default_factory=dict)
+    #: the last time the proxy was found dead and started again (see apply.Recovery)
+    proxy_recovery: dict[str, Any] = field(default_factory=dict)
     updated: float = 0.0
 
 
@@ -151,6 +213,7 @@ class Agent:
         self._apply_failures = 0
         self._failed_snapshot: Snapshot | None = None
         self._observer: Any = None
+        self._proxy_watch = ProxyWatch(self.driver.pid, self.trigger.trigger_now)
         self._warned: set[str] = set()
         self._source_state: dict[str, dict[str, Any]] = {}
         self._wanted_since: dict[Key, float] = {}
@@ -169,6 +232,7 @@ class Agent:
         if self._last_snapshot is not None:
             self._serve_last_good(self._last_snapshot)
         self._start_dir_watch()
+        self._proxy_watch.start()
         self.trigger.trigger()
         try:
             while not self._stop.is_set():
@@ -189,6 +253,7 @@ class Agent:
         log.info("meshctl agent stopping")
         if self._observer is not None:
             self._observer.stop()
+        self._proxy_watch.stop()
         self.watcher.stop()
         if self.cfg.deregister_on_exit:
             for sid in sorted(self._registered):
@@ -546,6 +611,8 @@ class Agent:
             state.sources[str(key)] = st
         if self.applier.last is not None:
             state.last_apply = self.applier.last.to_dict()
+        if self.applier.last_recovery is not None:
+            state.proxy_recovery = self.applier.last_recovery.to_dict()
         state.updated = time.time()
         text = json.dumps(state.__dict__, indent=2, default=str)
         try:

@@ -19,6 +19,12 @@ swapped, the proxy reloaded, and its status socket asked which generation it
 serves. If anything fails the previous config is restored and reloaded, and the
 proxy keeps serving it.
 
+A proxy found not running is started. If its master was killed, what it left
+is taken over (see ``Applier._start``): workers that still serve the old
+config on the sidecar ports (nginx's outlive their master) are replaced by the
+new master and then stopped, by pid; the recovery is kept in ``last_recovery``
+for ``meshctl status``.
+
 An endpoint-only change (same generation, running proxy confirmed on it): new
 files, if the driver renders endpoints, are staged and validated the same way
 and ``current`` is swapped *without* a reload; the endpoints are then pushed to
@@ -32,15 +38,17 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meshctl._fs import fsync_dir, write_atomic
+from meshctl._procfs import ProcessRef, same_process
 from meshctl.errors import MeshctlError, ProxyError, ReloadError, SourceError
 from meshctl.mesh import Snapshot
-from meshctl.proxy.base import ProxyDriver, RenderedConfig
+from meshctl.proxy.base import ProxyDriver, RenderedConfig, signal_processes
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,30 @@ class ApplyResult:
         }
 
 
+@dataclass
+class Recovery:
+    """The proxy was found dead (its master killed, say) and started again."""
+
+    master: int | None  # the pid the pid file named, gone
+    orphans: list[int]  # processes it left serving the old config on the sidecar ports
+    how: str  # restarted | replaced beside the orphans | orphans stopped first
+    at: float = field(default_factory=time.time)
+    seconds: float = 0.0  # from finding it dead to serving again
+    killed: list[int] = field(default_factory=list)  # orphans that ignored the graceful stop
+    count: int = 0  # recoveries since the agent started
+
+    def to_dict(self) -> dict[str, object]:
+        return {**self.__dict__, "summary": self.summary()}
+
+    def summary(self) -> str:
+        """One line for the log and ``meshctl status``."""
+        left = (f"; orphaned processes {' '.join(map(str, self.orphans))} stopped"
+                if self.orphans else "")
+        killed = f" (killed: {' '.join(map(str, self.killed))})" if self.killed else ""
+        return (f"master {self.master or '(no pid file)'} was gone; {self.how} in "
+                f"{self.seconds:.2f}s{left}{killed}")
+
+
 class Applier:
     """Owns the proxy's config directory and its reloads. Not thread-safe: one caller."""
 
@@ -79,7 +111,16 @@ class Applier:
         self.reloads = 0
         self._last_reload = 0.0
         self.last: ApplyResult | None = None
+        self.last_recovery: Recovery | None = None
+        self._recoveries = 0
         self._confirmed: str | None = None
+        # Orphans of a killed master, until a new master serves (then stopped).
+        self._orphans: list[ProcessRef] = []
+        self._recovering: Recovery | None = None
+        self._recovery_started = 0.0
+        # Orphans told to stop gracefully, killed if still there at the deadline.
+        self._draining: list[ProcessRef] = []
+        self._drain_deadline = 0.0
 
     def current_generation(self) -> str | None:
         """The generation ``current`` points to, or None."""
@@ -96,12 +137,21 @@ class Applier:
         """Make the proxy serve ``snapshot``; on failure keep serving the previous one.
 
         Endpoint-only changes are pushed at run time (action ``endpoints``);
-        anything else reloads (``reloaded``, or ``started``). Raises
+        anything else reloads (``reloaded``, or ``started``: also after the
+        proxy's master was found dead, see ``last_recovery``). Raises
         CompileError (rendering), ValidationError (the proxy refused the
         files; nothing was swapped), ProxyError (the files could not be written
         or swapped in, e.g. a full disk; the proxy was not touched) or
-        ReloadError (after rolling back).
+        ReloadError (after rolling back; orphans of a killed master then keep
+        serving until a later apply succeeds).
         """
+        self._reap()
+        result = self._apply(snapshot)
+        if self._orphans or self._recovering:
+            self._finish_recovery()  # a master serves: what the dead one left can go
+        return result
+
+    def _apply(self, snapshot: Snapshot) -> ApplyResult:
         rendered = self.driver.render_config(snapshot)
         generation, target = rendered.generation, rendered.dirname
         previous = self._current_dir()
@@ -124,16 +174,21 @@ class Applier:
                 and self._serving(generation)):
             if previous == target and not moved:
                 return self._done(ApplyResult("unchanged", generation))
-            return self._apply_endpoints(rendered, previous, endpoints, previous_endpoints)
-        self._stage_and_swap(rendered, previous_endpoints)
-        action = self._load(running, generation, previous, target, previous_endpoints)
+            return self._apply_endpoints(rendered, previous, endpoints, previous_endpoints,
+                                         _listener_ports(snapshot))
+        if running or previous != target:
+            self._stage_and_swap(rendered, previous_endpoints)
+        # else: a restart of the live files, validated when they were staged (the
+        # name is their digest): checking them again would only lengthen the outage.
+        action = self._load(running, generation, previous, target, previous_endpoints,
+                            _listener_ports(snapshot))
         self._prune(keep={target, previous or ""})
         log.info("proxy %s: %s generation %s", self.driver.name, action, generation)
         return self._done(ApplyResult(action, generation))
 
     def _apply_endpoints(self, rendered: RenderedConfig, previous: str,
                          endpoints: dict[str, Any] | None,
-                         previous_endpoints: bytes | None) -> ApplyResult:
+                         previous_endpoints: bytes | None, ports: set[int]) -> ApplyResult:
         """Same structure, new endpoints: new files without a reload, then a run-time push."""
         generation, target = rendered.generation, rendered.dirname
         if target != previous:
@@ -148,7 +203,7 @@ class Applier:
                         self.driver.name, exc)
             # The status socket cannot tell this reload from the last one (same
             # generation); its files were validated in staging like any other.
-            action = self._load(True, generation, previous, target, previous_endpoints)
+            action = self._load(True, generation, previous, target, previous_endpoints, ports)
             self._prune(keep={target, previous})
             return self._done(ApplyResult(action, generation))
         self._prune(keep={target, previous})
@@ -171,11 +226,19 @@ class Applier:
             raise
 
     def _load(self, running: bool, generation: str, previous: str | None, target: str,
-              previous_endpoints: bytes | None) -> str:
-        """Start or reload the proxy on ``current``, confirm ``generation``; else roll back."""
+              previous_endpoints: bytes | None, ports: set[int]) -> str:
+        """Start or reload the proxy on ``current``, confirm ``generation``; else roll back.
+
+        ``ports``: the sidecar's listener ports; another process listening on one
+        of them is refused before the proxy would share the port with it.
+        """
         try:
+            taken = self.driver.foreign_listeners(ports)
+            if taken:
+                raise ProxyError(f"proxy {self.driver.name}: sidecar port already in use by "
+                                 f"another program: {'; '.join(taken)}")
             if not running:
-                self.driver.start()
+                self._start(generation)
                 action = "started"
             else:
                 self._rate_limit()
@@ -193,6 +256,73 @@ class Applier:
             self._done(ApplyResult("failed", generation, error=message))
             raise ReloadError(message) from exc
         return action
+
+    def _start(self, generation: str) -> None:
+        """Start the proxy; if a master was killed, take over from what it left.
+
+        The workers of a killed nginx master keep their listeners and serve the
+        config they were started with, but can never be reloaded. The new
+        master is started *beside* them (the listeners are shared with
+        SO_REUSEPORT) and they are stopped gracefully once it serves
+        (``_finish_recovery``): callers see no moment without a listener. If
+        the ports cannot be shared (orphans of a config without reuseport),
+        they are stopped first: the ports then refuse connections while the
+        proxy starts. Raises ProxyError if the proxy does not start.
+        """
+        master = self.driver.pid()
+        orphans = self.driver.orphans()
+        if not orphans and self._confirmed is None:
+            self.driver.start()  # first start, or after one that failed: no recovery
+            return
+        self._recovery_started = time.monotonic()
+        log.warning("proxy %s: master %s is gone%s; starting a new one",
+                    self.driver.name, master or "(no pid file)",
+                    f", its processes {' '.join(str(p.pid) for p in orphans)} still hold the "
+                    "sidecar ports" if orphans else "")
+        how = "replaced beside the orphans" if orphans else "restarted"
+        try:
+            self.driver.start()
+        except ProxyError as exc:
+            if not orphans:
+                raise
+            log.warning("proxy %s: cannot share the sidecar ports with the orphans (%s); "
+                        "stopping them first", self.driver.name, exc)
+            self.driver.stop_processes(orphans)
+            how = "orphans stopped first"
+            self.driver.start()
+        self._orphans = orphans
+        self._recovering = Recovery(master, [p.pid for p in orphans], how)
+
+    def _finish_recovery(self) -> None:
+        """Tell the orphans to stop (by pid, gracefully: they finish their requests and
+        exit), report the recovery once. Not waited for: ``_reap`` kills what is
+        left after the driver's shutdown_timeout."""
+        serving_after = time.monotonic() - self._recovery_started
+        if self._orphans:
+            self._draining += signal_processes(self._orphans, self.driver.stop_signal)
+            self._drain_deadline = time.monotonic() + self.driver.shutdown_timeout
+            self._orphans = []
+        rec, self._recovering = self._recovering, None
+        if rec is None:
+            return
+        self._recoveries += 1
+        rec.seconds, rec.count = serving_after, self._recoveries
+        self.last_recovery = rec
+        log.warning("proxy %s: recovered: %s", self.driver.name, rec.summary())
+
+    def _reap(self) -> None:
+        """SIGKILL the orphans that outlived their graceful stop (held connections)."""
+        self._draining = [p for p in self._draining if same_process(p.pid, p.started)]
+        if not self._draining or time.monotonic() < self._drain_deadline:
+            return
+        killed = [p.pid for p in signal_processes(self._draining, signal.SIGKILL)]
+        self._draining = []
+        if killed:
+            log.warning("proxy %s: orphaned processes %s were still running %ds after their "
+                        "graceful stop; killed", self.driver.name,
+                        " ".join(map(str, killed)), self.driver.shutdown_timeout)
+            if self.last_recovery is not None:
+                self.last_recovery.killed += killed
 
     def _serving(self, generation: str) -> bool:
         # Once confirmed, trust it: right after a reload an old worker may still
@@ -290,6 +420,11 @@ class Applier:
         for old in gens[:-KEEP_GENERATIONS]:
             if old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _listener_ports(snapshot: Snapshot) -> set[int]:
+    return ({i.listen_port for i in snapshot.inbounds}
+            | {o.bind_port for o in snapshot.outbounds})
 
 
 def _reason(exc: OSError | SourceError) -> str:

@@ -128,6 +128,10 @@ def status(config_path: Path | None, as_json: bool) -> None:
             f" (reloads {la.get('reloads', 0)})"
             + (f"\n  error: {la['error']}" if la.get("error") else ""),
         ]
+    rec = state.get("proxy_recovery") or {}
+    if rec:
+        parts += ["", f"proxy recovered {_ago(rec['at'])} (recoveries {rec.get('count', 1)}): "
+                      f"{rec.get('summary', '')}"]
     bad = {k: v for k, v in state.get("sources", {}).items() if not v.get("ok", True)}
     if bad:
         parts += [

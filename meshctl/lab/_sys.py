@@ -20,6 +20,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+# Re-exported: the lab names its processes the way the proxy drivers do.
+from meshctl._procfs import same_process as same_process
+from meshctl._procfs import start_time as start_time
 from meshctl.errors import LabError
 
 CLONE_NEWNET = 0x40000000
@@ -167,31 +170,6 @@ def disable_ipv6(ifname: str) -> None:
 
 
 # ---- processes -------------------------------------------------------------------
-
-
-def start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot; None if it is gone or a zombie."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # comm (field 2) is in parentheses and may hold spaces: split after the last ')'.
-    fields = raw[raw.rfind(")") + 2 :].split()
-    state = fields[0]
-    if state in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def same_process(pid: int, started: int | None) -> bool:
-    """Whether ``pid`` is still the process that started at ``started`` (and is not a zombie).
-
-    ``started=None`` accepts whichever process has the pid now.
-    """
-    if pid <= 1:
-        return False
-    now = start_time(pid)
-    return now is not None and (started is None or now == started)
 
 
 def send_signal(pid: int, sig: int, *, group: bool = False) -> None:

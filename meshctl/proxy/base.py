@@ -13,9 +13,11 @@ decides how its proxy says it, and reports (``unsupported``) what it cannot say.
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +27,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
+from meshctl import _procfs
+from meshctl._procfs import ProcessRef
 from meshctl.errors import DriverNotFound, ProxyError, ReloadError, ValidationError
 from meshctl.mesh import Snapshot
 
@@ -168,25 +172,117 @@ class ProxyDriver(abc.ABC):
         """The proxy's version string."""
 
     def running(self) -> bool:
+        """Whether the master named by the pid file runs (and runs this proxy's program:
+        a pid file left by a killed master may name a reused pid)."""
         pid = self.pid()
-        return pid is not None and _alive(pid)
+        if pid is None or not _alive(pid):
+            return False
+        exe = _procfs.executable(pid)
+        return exe is None or exe == self._executable()  # None: not ours to look at
+
+    def control_sockets(self) -> tuple[Path, ...]:
+        """The unix sockets this sidecar's proxy processes listen on, in its private run
+        directory: holding one is what makes a process part of this sidecar."""
+        return (self.paths.status_socket,)
+
+    def processes(self) -> list[ProcessRef]:
+        """Every live process of this sidecar's proxy (master, workers, old workers).
+
+        Found through ``/proc``: the proxy's executable, holding a socket bound to
+        one of control_sockets() or its log file open (old workers finishing
+        their connections after a reload have closed the sockets, not the log);
+        never by a process name.
+        """
+        inodes = _procfs.unix_socket_inodes({str(p) for p in self.control_sockets()})
+        targets = {f"socket:[{i}]" for i in inodes}
+        if self.log_file is not None:
+            targets.add(str(self.log_file))
+        return _procfs.holders(self._executable(), targets)
+
+    def foreign_listeners(self, ports: set[int]) -> list[str]:
+        """Sockets listening on ``ports`` that no process of this sidecar holds, as
+        ``"port P: pid N (program)"``.
+
+        Needed because the listeners share their ports (SO_REUSEPORT: nginx's so
+        a new master can replace a killed one's workers, HAProxy's by default):
+        the kernel would let another process of the same user listen on a
+        sidecar port beside the proxy, silently taking part of its traffic,
+        where a bind would otherwise fail.
+        """
+        found: list[str] = []
+        deadline = time.monotonic() + 1.0
+        while True:
+            found = self._foreign_listeners(ports)
+            # A process that is exiting (the worker of a killed master) may still be
+            # seen with its listeners, or them without it: look again for a moment.
+            if not found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.02)
+
+    def _foreign_listeners(self, ports: set[int]) -> list[str]:
+        inodes = _procfs.listening_inodes(ports)
+        if not inodes:
+            return []
+        ours: set[str] = set()
+        for p in self.processes():
+            ours |= _procfs.fd_links(p.pid)
+        foreign = {f"socket:[{i}]": port for i, port in inodes.items()
+                   if f"socket:[{i}]" not in ours}
+        if not foreign:
+            return []
+        found: list[str] = []
+        for ref in _procfs.holders(None, set(foreign)):
+            program = os.path.basename(_procfs.executable(ref.pid) or "?")
+            for link in sorted(_procfs.fd_links(ref.pid) & set(foreign)):
+                found.append(f"port {foreign[link]}: pid {ref.pid} ({program})")
+        return sorted(set(found)) or [f"port {p}: a process this agent may not inspect"
+                                      for p in sorted(set(foreign.values()))]
+
+    def orphans(self) -> list[ProcessRef]:
+        """Processes of this sidecar that no running master owns.
+
+        After a master was killed, its workers (nginx) keep serving the config
+        they were started with on the sidecar ports, but can never be reloaded.
+        """
+        master = self.pid() if self.running() else None
+        return [p for p in self.processes() if master not in (p.pid, p.ppid)]
+
+    def stop_processes(self, procs: list[ProcessRef], timeout: float | None = None,
+                       first: signal.Signals | None = None) -> list[int]:
+        """Stop ``procs`` by pid: ``first`` (default: the graceful stop signal), then
+        SIGKILL after ``timeout`` (default: shutdown_timeout, the time old workers
+        of a reload get).
+
+        A pid that now names another process is left alone. Returns the pids
+        that had to be killed.
+        """
+        wait = float(self.shutdown_timeout) if timeout is None else timeout
+        pending = list(procs)
+        killed: list[int] = []
+        for sig, limit in ((first or self.stop_signal, wait), (signal.SIGKILL, 2.0)):
+            pending = signal_processes(pending, sig)
+            if sig == signal.SIGKILL:
+                killed = [p.pid for p in pending]
+            deadline = time.monotonic() + limit
+            while pending and time.monotonic() < deadline:
+                time.sleep(0.02)
+                pending = [p for p in pending if _procfs.same_process(p.pid, p.started)]
+            if not pending:
+                break
+        return killed
+
+    def _executable(self) -> str:
+        found = shutil.which(self.binary)
+        return os.path.realpath(found) if found else ""
 
     def stop(self, timeout: float = 10.0, graceful: bool = True) -> None:
         """Stop the proxy by its pid: gracefully (or fast), then SIGKILL after ``timeout``."""
         pid = self.pid()
-        if pid is None:
+        if pid is None or not _alive(pid):  # (reaps it if it is our exited child)
             return
-        first = self.stop_signal if graceful else signal.SIGTERM
-        for sig, wait in ((first, timeout), (signal.SIGKILL, 2.0)):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if not _alive(pid):
-                    return
-                time.sleep(0.05)
+        ref = _procfs.process(pid)
+        if ref is not None:
+            self.stop_processes([ref], timeout, None if graceful else signal.SIGTERM)
 
     def control_request(self, method: str, path: str, body: str | None = None,
                         timeout: float = 2.0) -> tuple[int, str]:
@@ -321,13 +417,19 @@ def _alive(pid: int) -> bool:
             return False
     except ChildProcessError:
         pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # A zombie is dead too: a killed nginx master stays one until whatever
+    # adopted it reaps it, and signalling it (kill 0) would still succeed.
+    return _procfs.start_time(pid) is not None
+
+
+def signal_processes(procs: list[ProcessRef], sig: int) -> list[ProcessRef]:
+    """Send ``sig`` to each of ``procs`` that is still that process (its start time
+    checked: a reused pid is left alone); returns those signalled."""
+    alive = [p for p in procs if _procfs.same_process(p.pid, p.started)]
+    for p in alive:
+        with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+            os.kill(p.pid, sig)
+    return alive
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

@@ -144,6 +144,10 @@ class HAProxyDriver(ProxyDriver):
     def admin_socket(self) -> Path:
         return self.paths.run_dir / "haproxy-admin.sock"
 
+    def control_sockets(self) -> tuple[Path, ...]:
+        # The worker listens on the status socket, the master on its CLI socket.
+        return (self.paths.status_socket, self.master_socket)
+
     @property
     def log_file(self) -> Path:
         """The master's stderr: where it reports a failed reload."""

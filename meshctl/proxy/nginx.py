@@ -28,6 +28,12 @@ class NginxDriver(ProxyDriver):
     worker_processes = 1
     shutdown_timeout = 10
     user = ""
+    #: SO_REUSEPORT on the sidecar listeners: a new master can bind them while
+    #: the workers of a killed one still hold them, so it replaces them without
+    #: a moment in which the ports refuse connections. Only a process of the
+    #: same user can join such a port (the kernel's rule), and it could as
+    #: well rewrite the config.
+    reuseport = True
 
     def default_binary(self) -> str:
         return "nginx"
@@ -39,6 +45,7 @@ class NginxDriver(ProxyDriver):
             modules_dir=MODULES_DIR,
             user=self.user,
             worker_processes=self.worker_processes,
+            reuseport=self.reuseport,
             shutdown_timeout=self.shutdown_timeout,
             run_dir=str(self.paths.run_dir),
             log_dir=str(self.paths.state_dir / "logs"),
@@ -46,7 +53,7 @@ class NginxDriver(ProxyDriver):
             plugins_dir=str(self.paths.plugins_dir / "nginx"),
             plugins_root=str(self.paths.plugins_dir),
             trust_domain=snapshot.trust_domain,
-            deny_socket=str(self.paths.run_dir / "mesh-deny.sock"),
+            deny_socket=str(self.deny_socket),
             status_socket=str(self.paths.status_socket),
             endpoints_file=str(self.endpoints_file),
             l7=l7.nginx_plan(snapshot),
@@ -55,6 +62,11 @@ class NginxDriver(ProxyDriver):
             stream_inbounds=[i for i in snapshot.inbounds if i.protocol != "http"],
         )
         return {self.main_file: text}
+
+    @property
+    def deny_socket(self) -> Path:
+        """Where denied stream connections are handed to be closed."""
+        return self.paths.run_dir / "mesh-deny.sock"
 
     def unsupported(self, snapshot: Snapshot) -> list[str]:
         return l7.unsupported(snapshot, self.name)
@@ -101,8 +113,10 @@ class NginxDriver(ProxyDriver):
         self._prepare_dirs()
         if self.running():
             return
-        # A stale unix status socket would make nginx fail to bind.
-        self.paths.status_socket.unlink(missing_ok=True)
+        # A stale unix socket would make nginx fail to bind (a killed master
+        # leaves them; the workers it left, if any, keep theirs open unlinked).
+        for sock in (self.paths.status_socket, self.deny_socket):
+            sock.unlink(missing_ok=True)
         proc = self._run(self._argv(self.paths.config_dir))
         if proc.returncode != 0:
             raise ReloadError(f"nginx failed to start:\n{(proc.stdout + proc.stderr).strip()}")

@@ -52,7 +52,7 @@ def test_stream_endpoints_are_rendered_into_the_file() -> None:
 
 def test_inbound_demands_client_certificate_from_mesh_ca() -> None:
     text = render()
-    assert "listen 198.18.0.11:21000 ssl;" in text
+    assert "listen 198.18.0.11:21000 ssl reuseport;" in text
     assert "ssl_verify_client on;" in text
     assert "ssl_client_certificate /var/lib/meshctl/certs/ca.pem;" in text
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in text
@@ -61,7 +61,7 @@ def test_inbound_demands_client_certificate_from_mesh_ca() -> None:
 def test_tcp_services_go_to_the_stream_block() -> None:
     text = render(snapshot(protocols={}))
     stream = text.split("\nstream {", 1)[1]
-    assert "proxy_ssl on;" in stream and "listen 127.0.0.1:19001;" in stream
+    assert "proxy_ssl on;" in stream and "listen 127.0.0.1:19001 reuseport;" in stream
 
 
 def test_no_passing_instance_renders_a_down_server() -> None:
