@@ -441,8 +441,8 @@ def test_haproxy_rules_pick_route_split_and_failover() -> None:
     assert "{ var(txn.meshctl_w) -m int -- 9000:9999 }" in text
     assert 'http-request set-path "/%[path,regsub(^.{6},)]"' in text
     v1 = s.outbounds[0].routes[2].clusters[0].cluster
-    assert f"use_backend web__{v1} if {{ var(txn.meshctl_p) -m str -- r2s0 }} " \
-           f"{{ nbsrv(web__{v1}) gt 0 }}" in text
+    assert f"use_backend web.{v1} if {{ var(txn.meshctl_p) -m str -- r2s0 }} " \
+           f"{{ nbsrv(web.{v1}) gt 0 }}" in text
     assert "balance hdr(x-user)\n    hash-type consistent" in text
     assert "retry-on conn-failure empty-response 500 501 502 503 504" in text
 
