@@ -108,10 +108,6 @@ core.register_action("meshctl_authz_tcp", { "tcp-req" }, function(txn, service)
     local allowed, reason = rules.decide(authz_of(service), req, re_full)
     if not allowed then
         txn:set_var("txn.meshctl_deny", reason)
-        -- The caller only sees its connection closed: say who was refused and by
-        -- which rule (caller: a checked service name or ""; service: our argument).
-        core.log(core.err, string.format("meshctl: denied connection from %s:%s to %s: caller \"%s\": %s",
-            tostring(txn.f:src()), tostring(txn.f:src_port()), service, req.caller, reason))
     end
 end, 1)
 
