@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -214,3 +215,16 @@ def test_a_ca_set_up_for_another_trust_domain_is_called_a_mismatch() -> None:
     same = explain_refusal(exc, service="web", host="h1", services=["web"],
                            trust_domain="meshctl.test", ca_pem=ca)
     assert "mismatch" not in str(same)
+
+
+# ---------------------------------------------------------------- the README
+
+
+def test_the_readme_sets_up_vault_for_the_trust_domain_of_its_agent_toml() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    toml = re.search(r'^trust_domain = "([^"]+)"', readme, re.MULTILINE)
+    setup = re.findall(r"`meshctl vault setup ([^`]*)`", readme)
+    assert toml and setup
+    for command in setup:
+        if "--host" in command:
+            assert f"--trust-domain {toml.group(1)} " in command, command
