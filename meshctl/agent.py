@@ -45,7 +45,7 @@ from meshctl.errors import (
     Problem,
     VaultError,
 )
-from meshctl.fields import HONOURED, IgnoredField, ignored_fields
+from meshctl.fields import HONOURED, IgnoredField, ignored_fields, ignored_sidecar_config
 from meshctl.mesh import (
     CertPaths,
     Instance,
@@ -265,7 +265,7 @@ class Agent:
         self._sync_registrations(services, address)
         self._refresh_certificates(services)
         self._watch_upstreams(services)
-        self._report_ignored_fields()
+        self._report_ignored_fields(services)
         self._compile_and_apply(services, address)
 
     def _read_definitions(self) -> list[ServiceDefinition]:
@@ -430,9 +430,14 @@ class Agent:
         self._wanted_since = {k: self._wanted_since.get(k, now) for k in keys}
         self.watcher.watch_only(keys)
 
-    def _report_ignored_fields(self) -> None:
-        """The fields of the watched config entries meshctl does not honour, logged per change."""
+    def _report_ignored_fields(self, services: list[ServiceDefinition]) -> None:
+        """The fields of the watched config entries and of the local sidecars' opaque
+        config that meshctl does not honour, logged once per change."""
         current = ignored_by_entry(self.watcher.get, self._wanted_since)
+        for d in services:
+            local = ignored_sidecar_config(d)
+            if local:
+                current[local[0].source] = local
         for source in sorted(set(current) | set(self._ignored)):
             now, before = current.get(source, []), self._ignored.get(source, [])
             if now == before:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import re
 import socket
@@ -551,7 +552,18 @@ def sidecar_registration(
         }
         if up.datacenter:
             item["Datacenter"] = up.datacenter
+        if up.config:  # opaque to Consul, as the definition gave it
+            item["Config"] = {k: json.loads(v) for k, v in up.config}
         upstreams.append(item)
+    proxy: dict[str, Any] = {
+        "DestinationServiceName": defn.name,
+        "DestinationServiceID": defn.id,
+        "LocalServiceAddress": defn.address or "127.0.0.1",
+        "LocalServicePort": defn.port,
+        "Upstreams": upstreams,
+    }
+    if defn.proxy_config:
+        proxy["Config"] = {k: json.loads(v) for k, v in defn.proxy_config}
     return {
         "name": f"{defn.name}-sidecar-proxy",
         "service_id": defn.sidecar_id,
@@ -560,13 +572,7 @@ def sidecar_registration(
         "tags": list(defn.tags),
         "meta": {**defn.meta_dict, RESERVED_META: "1"},
         "kind": "connect-proxy",
-        "proxy": {
-            "DestinationServiceName": defn.name,
-            "DestinationServiceID": defn.id,
-            "LocalServiceAddress": defn.address or "127.0.0.1",
-            "LocalServicePort": defn.port,
-            "Upstreams": upstreams,
-        },
+        "proxy": proxy,
         "checks": [
             {
                 "CheckID": f"service:{defn.sidecar_id}:1",

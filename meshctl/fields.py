@@ -6,7 +6,8 @@ The L7 entries (router, splitter, resolver) reach meshctl compiled by Consul
 meshctl honours only the protocol so far. Everything else an operator sets
 there (``UpstreamConfig``, ``MaxInboundConnections``, ``LocalRequestTimeoutMs``,
 ``MeshGateway``, ``Expose``, ``EnvoyExtensions``, ``AccessLogs``, ``Config``
-keys …) has no effect, and must be said, never dropped silently.
+keys …) has no effect, and must be said, never dropped silently; so must the
+keys of a local sidecar's opaque ``proxy.config`` and ``upstreams[].config``.
 
 This is an *allow-list*: a field is honoured only if it is named here, so a
 field a newer Consul adds is reported too, not ignored. Bookkeeping fields
@@ -22,11 +23,18 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshctl.services import ServiceDefinition
+
 #: Fields of each kind that meshctl carries into the proxies (dotted paths).
 HONOURED: Mapping[str, frozenset[str]] = {
     "service-defaults": frozenset({"Protocol"}),
     "proxy-defaults": frozenset({"Config.protocol"}),
 }
+
+#: Keys of a local sidecar's opaque ``proxy.config`` and of an upstream's ``config``
+#: (Consul hands them to the proxy as they are) that meshctl uses: none yet.
+HONOURED_PROXY_CONFIG: frozenset[str] = frozenset()
+HONOURED_UPSTREAM_CONFIG: frozenset[str] = frozenset()
 
 #: Top-level fields that describe an entry rather than configure a proxy.
 BOOKKEEPING = frozenset({"Kind", "Name", "Namespace", "Partition", "Meta", "CreateIndex",
@@ -99,4 +107,17 @@ def ignored_fields(kind: str, name: str, entry: Any) -> list[IgnoredField]:
     out = [IgnoredField(source, p) for p in paths[:MAX_LISTED]]
     if len(paths) > MAX_LISTED:
         out.append(IgnoredField(source, f"({len(paths) - MAX_LISTED} more fields)"))
+    return out
+
+
+def ignored_sidecar_config(defn: ServiceDefinition) -> list[IgnoredField]:
+    """The keys of a local definition's ``proxy.config`` and ``upstreams[].config``
+    that meshctl does not use (they are registered with Consul all the same)."""
+    source = f"{defn.source}: service {defn.id}"
+    base = "connect.sidecar_service.proxy"
+    out = [IgnoredField(source, f"{base}.config.{key}") for key, _ in defn.proxy_config
+           if key not in HONOURED_PROXY_CONFIG]
+    for i, up in enumerate(defn.upstreams):
+        out += [IgnoredField(source, f"{base}.upstreams[{i}].config.{key}")
+                for key, _ in up.config if key not in HONOURED_UPSTREAM_CONFIG]
     return out

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from meshctl.lab.mesh import Mesh, MeshHost, wait_until
-from tests.e2e.conftest import WEB_KV_PORT
+from tests.e2e.conftest import WEB_KV_PORT, web_definition
 from tests.e2e.test_security import consul, eventually, intentions, via_outbound
 
 pytestmark = pytest.mark.root
@@ -92,6 +92,29 @@ def test_config_entry_fields_meshctl_ignores_are_listed_and_logged_once(mesh: Me
     for mh in (h1, h2):
         wait_until(f"{mh.name} to list no ignored field", lambda mh=mh: not ignored(mh) or None)
     assert "service-defaults/api: every field set is honoured now" in agent_log(h1)
+
+
+def test_a_local_sidecars_config_keys_are_registered_and_listed(mesh: Mesh) -> None:
+    h1 = mesh["h1"]
+    web = web_definition()
+    proxy = web["connect"]["sidecar_service"]["proxy"]
+    proxy["config"] = {"local_connect_timeout_ms": 1000}
+    proxy["upstreams"][0]["config"] = {"connect_timeout_ms": 500}
+    path = h1.add_service(web)
+    base = "connect.sidecar_service.proxy"
+    want = {(f"{path}: service web", f"{base}.config.local_connect_timeout_ms"),
+            (f"{path}: service web", f"{base}.upstreams[0].config.connect_timeout_ms")}
+    try:
+        wait_until("h1 to list the sidecar's config keys",
+                   lambda: ignored(h1) == want or None, timeout=20)
+        sidecar = h1.host.consul().agent.services()["web-sidecar-proxy"]["Proxy"]
+        # Registered as given (Consul merges its central config in: the protocol).
+        assert sidecar["Config"]["local_connect_timeout_ms"] == 1000
+        assert sidecar["Upstreams"][0]["Config"]["connect_timeout_ms"] == 500
+        assert via_outbound(mesh, WEB_KV_PORT, path="/k")[0] == 200  # still served
+    finally:
+        h1.add_service(web_definition())
+    wait_until("the keys to leave the status", lambda: not ignored(h1) or None)
 
 
 # ---------------------------------------------------------------- refused catalog instances

@@ -15,12 +15,18 @@ from typing import Any
 import pytest
 
 from meshctl.chain import compile_chain
-from meshctl.consul import ConfigEntry, instances_from_health, refused_instances
-from meshctl.errors import VaultError
-from meshctl.fields import MAX_LISTED, ignored_fields
+from meshctl.consul import (
+    ConfigEntry,
+    instances_from_health,
+    refused_instances,
+    sidecar_registration,
+)
+from meshctl.errors import DefinitionError, VaultError
+from meshctl.fields import MAX_LISTED, ignored_fields, ignored_sidecar_config
 from meshctl.intentions import Authorization, Request, SourceRule, decide
 from meshctl.mesh import Cluster
 from meshctl.proxy import l7
+from meshctl.services import parse_definition_file
 from meshctl.vault import explain_refusal, setup_trust_domains
 from tests.pki import TestCA
 from tests.unit.test_chain import chain, snap
@@ -228,3 +234,57 @@ def test_the_readme_sets_up_vault_for_the_trust_domain_of_its_agent_toml() -> No
     for command in setup:
         if "--host" in command:
             assert f"--trust-domain {toml.group(1)} " in command, command
+
+
+# ---------------------------------------------------------------- a local sidecar's opaque config
+
+SIDECAR_CONFIG_HCL = """
+service {
+  name = "web"
+  port = 8080
+  connect {
+    sidecar_service {
+      proxy {
+        config {
+          local_connect_timeout_ms = 1000
+          envoy_stats_tags = ["a=b"]
+        }
+        upstreams {
+          destination_name = "api"
+          local_bind_port = 9001
+          config {
+            connect_timeout_ms = 500
+            limits { max_connections = 10 }
+          }
+        }
+      }
+    }
+  }
+}
+"""
+
+
+def test_sidecar_config_keys_are_carried_to_consul_and_reported(tmp_path: Path) -> None:
+    path = tmp_path / "web.hcl"
+    path.write_text(SIDECAR_CONFIG_HCL)
+    [defn] = parse_definition_file(path)
+    reg = sidecar_registration(defn, "10.0.0.1", 21000)
+    assert reg["proxy"]["Config"] == {"local_connect_timeout_ms": 1000,
+                                      "envoy_stats_tags": ["a=b"]}
+    assert reg["proxy"]["Upstreams"][0]["Config"] == {"connect_timeout_ms": 500,
+                                                      "limits": {"max_connections": 10}}
+    fields = [f.field for f in ignored_sidecar_config(defn)]
+    assert fields == ["connect.sidecar_service.proxy.config.local_connect_timeout_ms",
+                      "connect.sidecar_service.proxy.config.envoy_stats_tags",
+                      "connect.sidecar_service.proxy.upstreams[0].config.connect_timeout_ms",
+                      "connect.sidecar_service.proxy.upstreams[0].config.limits"]
+    assert all(str(f).startswith(f"{path}: service web: ") for f in ignored_sidecar_config(defn))
+
+
+def test_sidecar_config_keys_that_cannot_be_config_keys_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "web.json"
+    path.write_text(json.dumps({"service": {"name": "web", "port": 8080, "connect": {
+        "sidecar_service": {"proxy": {"config": {"bad key\n": 1}}}}}}))
+    with pytest.raises(DefinitionError) as info:
+        parse_definition_file(path)
+    assert "config keys are 1-64 letters, digits, '_' and '-'" in str(info.value)
