@@ -541,6 +541,13 @@ def _lb_gaps(where: str, c: Cluster, driver: str, http: bool) -> list[str]:
         out.append(f"{name}: nginx builds its hash ring with {nginx_ring_size(c)} points "
                    f"({NGINX_RING_POINTS[0]}-{NGINX_RING_POINTS[1]}), not the "
                    f"{wanted_ring_size(c)} RingHashConfig asks for")
+    if driver == "nginx" and not http and c.lb_policy in ("ring_hash", "maglev") and (
+            c.ring_size_min or c.ring_size_max):
+        out.append(f"{name}: nginx sizes the hash ring of a tcp upstream itself; "
+                   "RingHashConfig has no effect")
+    if driver == "nginx" and not http and c.lb_policy == "least_request" and c.choice_count:
+        out.append(f"{name}: a tcp upstream is balanced by least_conn over every instance; "
+                   "ChoiceCount has no effect")
     if driver == "nginx" and not http and c.lb_policy in ("ring_hash", "maglev") and not any(
             h.source_ip for h in c.hash_policies):
         out.append(f"{name}: no hash policy applies to a tcp upstream; a random peer is used")

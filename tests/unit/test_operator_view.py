@@ -138,6 +138,16 @@ def test_nginx_honours_the_ring_size_bounds_and_says_where_it_cannot(
     assert any("hash ring with" in g for g in gaps) == gap, gaps
 
 
+def test_nginx_says_what_a_tcp_upstream_ignores_of_the_load_balancer() -> None:
+    ring = Cluster(id="c", service="db", lb_policy="ring_hash", ring_size_min=2048)
+    least = Cluster(id="c", service="db", lb_policy="least_request", choice_count=4)
+    assert any("RingHashConfig has no effect" in g
+               for g in l7._lb_gaps("web -> db", ring, "nginx", False))
+    assert any("ChoiceCount has no effect" in g
+               for g in l7._lb_gaps("web -> db", least, "nginx", False))
+    assert not any("ChoiceCount" in g for g in l7._lb_gaps("web -> db", least, "nginx", True))
+
+
 def test_ring_size_bounds_keep_a_cluster_plain() -> None:
     c = Cluster(id="c", service="api", lb_policy="ring_hash", ring_size_max=256)
     assert l7.wanted_ring_size(c) == 256
