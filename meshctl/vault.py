@@ -103,6 +103,11 @@ def _vault_detail(exc: hvac.exceptions.VaultError) -> str:
     return "; ".join(parts) or "no error text"
 
 
+#: Said of a 403 for which Vault no longer accepts the agent's token itself,
+#: which is not a policy refusal (explain_refusal tells the two apart by it).
+_NOT_ACCEPTED = "Vault no longer accepts the agent's token (expired or revoked)"
+
+
 def _redact(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         if secret and len(secret) >= 4:
@@ -305,8 +310,12 @@ class VaultClient:
             raise self._error(what, exc) from None
         with self._lock:
             if self._client.token == token:
-                if not (self._token_rejected() and self._relogin_possible(token)):
-                    raise self._error(what, first) from None
+                rejected = self._token_rejected()
+                if not (rejected and self._relogin_possible(token)):
+                    err = self._error(what, first)
+                    if rejected:  # not a policy refusal: say so (explain_refusal reads it)
+                        err = VaultError(f"{err}; {_NOT_ACCEPTED}", status=err.status)
+                    raise err from None
                 log.info(
                     "Vault at %s no longer accepts the agent's token; logging in again", self.addr
                 )
@@ -548,10 +557,10 @@ def explain_refusal(exc: VaultError, *, service: str, host: str, services: Seque
     """``exc`` (Vault refused to sign a leaf for ``service``) with its likely cause and fix.
 
     A mesh CA set up for another trust domain than the agent's is a mismatch
-    (the roles only allow that domain's names); a 403 means the host's policy
-    does not cover ``service`` (``meshctl vault setup --host`` lists what each
-    host may sign). ``services``: every service of this host. Anything else
-    is returned as it is.
+    (the roles only allow that domain's names); a 403 for a token Vault still
+    accepts means the host's policy does not cover ``service`` (``meshctl vault
+    setup --host`` lists what each host may sign). ``services``: every service
+    of this host. Anything else is returned as it is.
     """
     msg = str(exc)
     domains = setup_trust_domains(ca_pem)
@@ -562,7 +571,7 @@ def explain_refusal(exc: VaultError, *, service: str, host: str, services: Seque
             f"but Vault's mesh CA was set up for {theirs}: use the same trust domain in "
             f"agent.toml (trust_domain) and in `meshctl vault setup --trust-domain`",
             status=exc.status)
-    if exc.status == 403:
+    if exc.status == 403 and _NOT_ACCEPTED not in msg:
         listed = ",".join(sorted({*services, service}))
         return VaultError(
             f"{msg}; this host's Vault AppRole does not cover service {service!r}: allow it "

@@ -440,6 +440,10 @@ def test_token_file_is_read_again_when_vault_refuses_the_token(
     with pytest.raises(VaultError, match="HTTP 403: permission denied") as info:
         static.issue_leaf("web", TD, DC, "1h")
     assert second not in str(info.value) and first not in str(info.value)
+    # That 403 is about the token, not the host's policy: no setup command for it.
+    msg = str(explain_refusal(info.value, service="web", host="alpha", services=["web"],
+                              trust_domain=TD))
+    assert "no longer accepts the agent's token" in msg and "vault setup" not in msg, msg
 
 
 # ---------------------------------------------------------------- failures, secrets
