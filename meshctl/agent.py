@@ -17,7 +17,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from meshctl.consul import (
     HealthConnect,
     IntentionMatch,
     Watcher,
+    refused_instances,
 )
 from meshctl.errors import (
     CompileError,
@@ -44,7 +45,9 @@ from meshctl.errors import (
     DefinitionError,
     MeshctlError,
     Problem,
+    VaultError,
 )
+from meshctl.fields import HONOURED, IgnoredField, ignored_fields, ignored_sidecar_config
 from meshctl.mesh import (
     CertPaths,
     Instance,
@@ -56,9 +59,19 @@ from meshctl.mesh import (
 from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
 from meshctl.resources import plugins_dir
 from meshctl.services import ServiceDefinition, load_definitions
-from meshctl.vault import CertStore, VaultClient, ensure_leaf, refresh_ca, renew_at
+from meshctl.vault import (
+    CertStore,
+    VaultClient,
+    ensure_leaf,
+    explain_refusal,
+    refresh_ca,
+    renew_at,
+)
 
 log = logging.getLogger(__name__)
+
+#: the key of a failed CA bundle refresh among the agent's Vault errors (no service name)
+_CA_BUNDLE = "(CA bundle)"
 
 #: seconds a compile waits for the first answer of a health watch a chain change added
 FIRST_ANSWER_WAIT = 3.0
@@ -175,6 +188,10 @@ class AgentState:
     upstreams: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: config entry fields meshctl does not honour: {"entry", "field", "message"}
+    ignored_fields: list[dict[str, str]] = field(default_factory=list)
+    #: instances Consul reports that no proxy config can carry: {"query", "node", "id", "reason"}
+    refused_instances: list[dict[str, str]] = field(default_factory=list)
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_apply: dict[str, Any] = field(default_factory=dict)
     #: the last time the proxy was found dead and started again (see apply.Recovery)
@@ -203,6 +220,7 @@ class Agent:
         self._problems: dict[str, list[Problem]] = {}
         self._registered: dict[str, str] = {}  # service id -> registration digest
         self._certs: dict[str, _CertState] = {}
+        self._vault_errors: dict[str, str] = {}  # service (or _CA_BUNDLE) -> its Vault error
         self._ports = _PortBook(cfg.data_dir / "sidecar-ports.json", cfg.sidecar_port_min,
                                 cfg.sidecar_port_max)
         self._address = cfg.advertise_address
@@ -215,6 +233,7 @@ class Agent:
         self._observer: Any = None
         self._proxy_watch = ProxyWatch(self.driver.pid, self.trigger.trigger_now)
         self._warned: set[str] = set()
+        self._ignored: dict[str, list[IgnoredField]] = {}  # config entry -> its ignored fields
         self._source_state: dict[str, dict[str, Any]] = {}
         self._wanted_since: dict[Key, float] = {}
         self._endpoint_gauges: set[str] = set()  # clusters with an UPSTREAM_ENDPOINTS series
@@ -311,6 +330,7 @@ class Agent:
         self._sync_registrations(services, address)
         self._refresh_certificates(services)
         self._watch_upstreams(services)
+        self._report_ignored_fields(services)
         self._compile_and_apply(services, address)
 
     def _read_definitions(self) -> list[ServiceDefinition]:
@@ -325,8 +345,11 @@ class Agent:
             if self._problems.get(f) != probs:
                 for p in probs:
                     log.error("definition rejected, keeping the last good one: %s", p)
-        for f in set(self._problems) - set(bad):
-            log.info("definition %s is valid again", f)
+        for f in sorted(set(self._problems) - set(bad)):
+            if f in by_file or (self.cfg.services_dir / Path(f).name).exists():
+                log.info("definition %s is valid again", f)
+            else:
+                log.info("definition %s was removed (its problems with it)", f)
         self._problems = bad
         merged: dict[str, list[ServiceDefinition]] = {}
         for f in set(by_file) | set(self._file_services):
@@ -412,7 +435,11 @@ class Agent:
                                             self.cfg.datacenter, self.cfg.vault.cert_ttl,
                                             force=force)
             except MeshctlError as exc:
-                self._source_error("vault", exc)
+                if isinstance(exc, VaultError):
+                    exc = explain_refusal(exc, service=name, host=self.cfg.node_name,
+                                          services=names, trust_domain=self.cfg.trust_domain,
+                                          ca_pem=self.store.read_ca())
+                self._vault_errors[name] = str(exc)
                 retry = now + 5.0 + random.random() * 5
                 cached = self.store.load(name)
                 if name in self._certs:
@@ -423,7 +450,7 @@ class Agent:
                                                    cached.not_after.timestamp(), retry)
                     metrics.CERT_EXPIRY.labels(service=name).set(cached.not_after.timestamp())
                 continue
-            self._source_ok("vault")
+            self._vault_errors.pop(name, None)
             if changed:
                 log.info("certificate for %s issued (serial %s, expires %s)", name, leaf.serial,
                          leaf.not_after.isoformat())
@@ -436,9 +463,18 @@ class Agent:
                 if refresh_ca(self.vault, self.store):
                     log.info("mesh CA bundle changed")
                 self._next_ca = now + self.cfg.ca_refresh_interval
+                self._vault_errors.pop(_CA_BUNDLE, None)
             except MeshctlError as exc:
-                self._source_error("vault", exc)
+                self._vault_errors[_CA_BUNDLE] = str(exc)
                 self._next_ca = now + 10.0 + random.random() * 5
+        # An error about a service that is gone goes with it (from the status too).
+        for gone in set(self._vault_errors) - set(names) - ({_CA_BUNDLE} if names else set()):
+            del self._vault_errors[gone]
+        if self._vault_errors:
+            self._source_error("vault", VaultError(
+                "; ".join(self._vault_errors[k] for k in sorted(self._vault_errors))))
+        elif due or "vault" in self._source_state:
+            self._source_ok("vault")
         for gone in set(self._certs) - set(names):
             del self._certs[gone]
             metrics.CERT_EXPIRY.remove(gone)
@@ -458,6 +494,25 @@ class Agent:
         now = time.time()
         self._wanted_since = {k: self._wanted_since.get(k, now) for k in keys}
         self.watcher.watch_only(keys)
+
+    def _report_ignored_fields(self, services: list[ServiceDefinition]) -> None:
+        """The fields of the watched config entries and of the local sidecars' opaque
+        config that meshctl does not honour, logged once per change."""
+        current = ignored_by_entry(self.watcher.get, self._wanted_since)
+        for d in services:
+            local = ignored_sidecar_config(d)
+            if local:
+                current[local[0].source] = local
+        for source in sorted(set(current) | set(self._ignored)):
+            now, before = current.get(source, []), self._ignored.get(source, [])
+            if now == before:
+                continue
+            if now:
+                log.warning("%s: %d field(s) not honoured by meshctl (no effect): %s", source,
+                            len(now), ", ".join(f.field for f in now))
+            else:
+                log.info("%s: every field set is honoured now", source)
+        self._ignored = current
 
     def _awaiting_first_answers(self) -> bool:
         """True while a target's health watch, new with a chain change, has not answered.
@@ -606,6 +661,12 @@ class Agent:
                 })
             state.warnings = [*snap.warnings, *self.driver.unsupported(snap)]
         state.problems = [str(p) for probs in self._problems.values() for p in probs]
+        state.ignored_fields = [f.to_dict() for _, fields in sorted(self._ignored.items())
+                                for f in fields]
+        refused = [r for k in self._wanted_since if isinstance(k, HealthConnect)
+                   for r in refused_instances(str(k))]
+        state.refused_instances = [r.to_dict() for r in sorted(
+            refused, key=lambda r: (r.query, r.node, r.service_id))]
         state.sources = dict(self._source_state)
         for key, st in self.watcher.statuses().items():
             state.sources[str(key)] = st
@@ -685,6 +746,18 @@ def source_keys(services: list[ServiceDefinition], get: Getter, datacenter: str)
     # Who may call each local service: enforced at its inbound listener.
     keys |= {IntentionMatch(d.name) for d in services}
     return keys
+
+
+def ignored_by_entry(get: Getter, keys: Iterable[Key]) -> dict[str, list[IgnoredField]]:
+    """The fields meshctl does not honour in each watched ``service-defaults`` and
+    ``proxy-defaults`` entry that has some (``"service-defaults/api"`` → fields)."""
+    out: dict[str, list[IgnoredField]] = {}
+    for key in keys:
+        if isinstance(key, ConfigEntry) and key.kind in HONOURED:
+            fields = ignored_fields(key.kind, key.name, get(key))
+            if fields:
+                out[f"{key.kind}/{key.name}"] = fields
+    return out
 
 
 def protocols_from(get: Getter, names: set[str]) -> dict[str, str]:

@@ -305,8 +305,10 @@ class _Compiler:
         failover: list[str] = []
         fo = res.get("Failover")
         if isinstance(fo, Mapping) and fo:
-            _report_unknown(self, fo, f"{where}: Failover", {"Targets", "Policy", "Regions"})
+            # Regions (and Policy.Regions) need locality data meshctl does not have.
+            _report_unknown(self, fo, f"{where}: Failover", {"Targets", "Policy"})
             policy = fo.get("Policy") or {}
+            _report_unknown(self, policy, f"{where}: Failover.Policy", {"Mode"})
             if isinstance(policy, Mapping) and policy.get("Mode") not in (None, "", "sequential"):
                 self.warn(f"{where}: Failover.Policy.Mode {policy.get('Mode')!r} is not "
                           "supported by meshctl; failover targets are tried in order")

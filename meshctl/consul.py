@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import re
 import socket
@@ -53,6 +54,7 @@ __all__ = [
     "HealthConnect",
     "IntentionMatch",
     "Key",
+    "RefusedInstance",
     "Watcher",
 ]
 
@@ -172,11 +174,20 @@ def _make_abortable(client: consul.Consul, tracker: _Tracker) -> None:
         adapter.poolmanager.pool_classes_by_scheme = pools  # type: ignore[attr-defined]
 
 
-class ConsulSession:
-    """One watch loop's own py-consul client (own connection pool), abortable."""
+def consul_at(addr: str) -> str:
+    """The start of every Consul error: which Consul, as Vault errors name their Vault."""
+    return f"Consul at {addr}: " if addr else "Consul: "
 
-    def __init__(self, client: consul.Consul) -> None:
+
+class ConsulSession:
+    """One watch loop's own py-consul client (own connection pool), abortable.
+
+    ``addr``: the Consul address, for error messages.
+    """
+
+    def __init__(self, client: consul.Consul, addr: str = "") -> None:
         self.consul = client
+        self.addr = addr
         self._tracker = _Tracker()
         _make_abortable(client, self._tracker)
 
@@ -249,7 +260,7 @@ class HealthConnect:
             )
             value = instances_from_health(entries or [], str(self))
         except _FAILURES as exc:
-            raise ConsulError(f"{self}: {_describe(exc)}") from None
+            raise ConsulError(f"{consul_at(session.addr)}{self}: {_describe(exc)}") from None
         return int(new_index), value
 
 
@@ -280,9 +291,10 @@ class ConfigEntry:
                 headers=session.consul.prepare_headers(),
             )
         except _FAILURES as exc:
-            raise ConsulError(f"{self}: {_describe(exc)}") from None
+            raise ConsulError(f"{consul_at(session.addr)}{self}: {_describe(exc)}") from None
         if data is not None and not isinstance(data, dict):
-            raise ConsulError(f"{self}: unexpected answer ({type(data).__name__})")
+            raise ConsulError(f"{consul_at(session.addr)}{self}: "
+                              f"unexpected answer ({type(data).__name__})")
         return new_index, data
 
 
@@ -318,9 +330,9 @@ class DiscoveryChain:
                 headers=session.consul.prepare_headers(),
             )
         except _FAILURES as exc:
-            raise ConsulError(f"{self}: {_describe(exc)}") from None
+            raise ConsulError(f"{consul_at(session.addr)}{self}: {_describe(exc)}") from None
         if not isinstance(data, dict) or not isinstance(data.get("Chain"), dict):
-            raise ConsulError(f"{self}: unexpected answer (no Chain)")
+            raise ConsulError(f"{consul_at(session.addr)}{self}: unexpected answer (no Chain)")
         return new_index, data
 
 
@@ -356,12 +368,14 @@ class IntentionMatch:
                 headers=session.consul.prepare_headers(),
             )
         except _FAILURES as exc:
-            raise ConsulError(f"{self}: {_describe(exc)}") from None
+            raise ConsulError(f"{consul_at(session.addr)}{self}: {_describe(exc)}") from None
         if not isinstance(data, dict):
-            raise ConsulError(f"{self}: unexpected answer ({type(data).__name__})")
+            raise ConsulError(f"{consul_at(session.addr)}{self}: "
+                              f"unexpected answer ({type(data).__name__})")
         matches = data.get(self.service) or []
         if not isinstance(matches, list) or not all(isinstance(m, dict) for m in matches):
-            raise ConsulError(f"{self}: unexpected answer (not a list of intentions)")
+            raise ConsulError(f"{consul_at(session.addr)}{self}: "
+                              "unexpected answer (not a list of intentions)")
         return new_index, tuple(matches)
 
 
@@ -379,7 +393,50 @@ def _check_dc(dc: str) -> None:
 # ---------------------------------------------------------------- health answers
 
 _skipped_lock = threading.Lock()
-_skipped: dict[str, frozenset[str]] = {}
+_skipped: dict[str, frozenset[RefusedInstance]] = {}
+
+
+@dataclass(frozen=True)
+class RefusedInstance:
+    """An instance Consul reports that meshctl leaves out, and why (all reasons)."""
+
+    query: str  # the watch key, e.g. health.connect(api)
+    node: str  # shown repr'd and truncated: it comes from the catalog
+    service_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return (f"{self.query}: instance {self.service_id[:80]!r} on node {self.node[:80]!r} "
+                f"refused: {self.reason}")
+
+    def to_dict(self) -> dict[str, str]:
+        """For ``meshctl status --json``."""
+        return {"query": self.query, "node": self.node[:80], "id": self.service_id[:80],
+                "reason": self.reason, "message": str(self)}
+
+
+def refused_instances(what: str) -> frozenset[RefusedInstance]:
+    """The instances the last answer of watch ``what`` (``str(key)``) had to leave out."""
+    with _skipped_lock:
+        return _skipped.get(what, frozenset())
+
+
+def _refusal(dest_id: str, address: str, port: Any) -> str:
+    """Why an instance cannot reach a proxy config ("" if it can): every reason, precisely."""
+    reasons = []
+    if not SERVICE_ID.match(dest_id):
+        # Ids reach proxy configs as server names.
+        reasons.append(f"service id {dest_id[:80]!r} is not 1-128 letters, digits, '_', '.', '-'")
+    try:
+        if "%" in address:  # a scoped IPv6 zone may hold any text: never usable
+            raise ValueError(address)
+        ipaddress.ip_address(address)
+    except ValueError:
+        reasons.append(f"address {address[:80]!r} is not an IP address"
+                       + (" (scoped IPv6 addresses are refused)" if "%" in address else ""))
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        reasons.append(f"port {str(port)[:20]!r} is not a port number (1-65535)")
+    return "; ".join(reasons)
 
 
 def instances_from_health(entries: Any, what: str = "health.connect") -> tuple[Instance, ...]:
@@ -388,34 +445,26 @@ def instances_from_health(entries: Any, what: str = "health.connect") -> tuple[I
     The sidecar's address is its Service.Address, falling back to the
     node's address; ``service_id`` is the destination instance's id
     (``Proxy.DestinationServiceID``). Entries with an address that is not an
-    IP literal, a bad port or a service id outside ``SERVICE_ID`` are skipped
-    and logged once per change.
+    IP literal, a bad port or a service id outside ``SERVICE_ID`` are skipped,
+    kept for ``refused_instances(what)`` with the reasons and logged once per change.
     Raises TypeError/KeyError/ValueError on an answer of the wrong shape.
     """
     if not isinstance(entries, list):
         raise TypeError(f"expected a list of entries, got {type(entries).__name__}")
     out: list[Instance] = []
-    skipped: set[str] = set()
+    skipped: set[RefusedInstance] = set()
     for entry in entries:
         node = entry.get("Node") or {}
         svc = entry.get("Service") or {}
         proxy = svc.get("Proxy") or {}
         dest_id = str(proxy.get("DestinationServiceID") or svc.get("ID") or "")
         address = str(svc.get("Address") or node.get("Address") or "")
-        port = svc.get("Port")
-        try:
-            if "%" in address:  # a scoped IPv6 zone may hold any text: never usable
-                raise ValueError(address)
-            address = str(ipaddress.ip_address(address))
-        except ValueError:
-            skipped.add(f"{dest_id[:80]!r}@{node.get('Node', '')} (address {address[:80]!r})")
+        port: Any = svc.get("Port")
+        reason = _refusal(dest_id, address, port)
+        if reason:
+            skipped.add(RefusedInstance(what, str(node.get("Node") or ""), dest_id, reason))
             continue
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            skipped.add(f"{dest_id[:80]!r}@{node.get('Node', '')} (port {port!r})")
-            continue
-        if not SERVICE_ID.match(dest_id):  # ids reach proxy configs as server names
-            skipped.add(f"{dest_id[:80]!r}@{node.get('Node', '')} (service id)")
-            continue
+        address = str(ipaddress.ip_address(address))
         checks = entry.get("Checks") or []
         meta = svc.get("Meta") or {}
         out.append(
@@ -436,11 +485,8 @@ def instances_from_health(entries: Any, what: str = "health.connect") -> tuple[I
         changed = _skipped.get(what, frozenset()) != frozen
         _skipped[what] = frozen
     if changed and frozen:
-        log.warning(
-            "%s: ignoring instances Consul reports with unusable addresses: %s",
-            what,
-            ", ".join(sorted(frozen)),
-        )
+        log.warning("%s: leaving out instances Consul reports that no proxy config can carry: %s",
+                    what, "; ".join(sorted(str(r).removeprefix(f"{what}: ") for r in frozen)))
     return tuple(sorted(out, key=lambda i: (i.address, i.port, i.service_id, i.node)))
 
 
@@ -506,7 +552,18 @@ def sidecar_registration(
         }
         if up.datacenter:
             item["Datacenter"] = up.datacenter
+        if up.config:  # opaque to Consul, as the definition gave it
+            item["Config"] = {k: json.loads(v) for k, v in up.config}
         upstreams.append(item)
+    proxy: dict[str, Any] = {
+        "DestinationServiceName": defn.name,
+        "DestinationServiceID": defn.id,
+        "LocalServiceAddress": defn.address or "127.0.0.1",
+        "LocalServicePort": defn.port,
+        "Upstreams": upstreams,
+    }
+    if defn.proxy_config:
+        proxy["Config"] = {k: json.loads(v) for k, v in defn.proxy_config}
     return {
         "name": f"{defn.name}-sidecar-proxy",
         "service_id": defn.sidecar_id,
@@ -515,13 +572,7 @@ def sidecar_registration(
         "tags": list(defn.tags),
         "meta": {**defn.meta_dict, RESERVED_META: "1"},
         "kind": "connect-proxy",
-        "proxy": {
-            "DestinationServiceName": defn.name,
-            "DestinationServiceID": defn.id,
-            "LocalServiceAddress": defn.address or "127.0.0.1",
-            "LocalServicePort": defn.port,
-            "Upstreams": upstreams,
-        },
+        "proxy": proxy,
         "checks": [
             {
                 "CheckID": f"service:{defn.sidecar_id}:1",
@@ -604,14 +655,16 @@ class ConsulClient:
 
     def session(self) -> ConsulSession:
         """A new abortable session for one watch loop."""
-        return ConsulSession(self._new())
+        return ConsulSession(self._new(), self.settings.addr)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """``fn()``; any py-consul / requests failure becomes ConsulError("<what>: …")."""
+        """``fn()``; any py-consul / requests failure becomes
+        ConsulError("Consul at <addr>: <what>: …")."""
         try:
             return fn()
         except _FAILURES as exc:
-            raise ConsulError(f"{what}: {_describe(exc, self.timeout)}") from None
+            raise ConsulError(f"{consul_at(self.settings.addr)}{what}: "
+                              f"{_describe(exc, self.timeout)}") from None
 
     # -- registration
 
@@ -638,7 +691,8 @@ class ConsulClient:
             )
             ok = self._call(f"register {sid}", register)
             if not ok:
-                raise ConsulError(f"register {sid}: the Consul agent refused the registration")
+                raise ConsulError(f"{consul_at(self.settings.addr)}register {sid}: "
+                                  "the Consul agent refused the registration")
 
     def deregister(self, service_id: str) -> None:
         """Deregister a service and its sidecar; absent ones are fine. Raises ConsulError."""
@@ -655,7 +709,7 @@ class ConsulClient:
         """
         services = self._call("list services", lambda: self.api.agent.services())
         if not isinstance(services, Mapping):
-            raise ConsulError("list services: unexpected answer")
+            raise ConsulError(f"{consul_at(self.settings.addr)}list services: unexpected answer")
         ids: set[str] = set()
         for sid, svc in services.items():
             if (svc.get("Meta") or {}).get(RESERVED_META) != "1":
@@ -682,7 +736,8 @@ class ConsulClient:
                 raise ValueError(addr)
             return str(ipaddress.ip_address(addr))
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise ConsulError("read agent info: no usable advertise address") from None
+            raise ConsulError(f"{consul_at(self.settings.addr)}read agent info: "
+                              "no usable advertise address") from None
 
     def close(self) -> None:
         with self._lock:

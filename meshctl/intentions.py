@@ -126,6 +126,27 @@ class Authorization:
             listed.setdefault(rule.source, action)
         return self.default_action, tuple(sorted(listed.items()))
 
+    def l4_denials(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """Why ``l4_view()`` denies, for the proxies' log of denied connections.
+
+        Returns (reason for any caller not listed, ((caller, reason), ...)), a
+        reason being what ``decide()`` says, or "" where the connection is allowed.
+        """
+        wildcard, callers = self.l4_view()
+        listed = tuple((caller, "" if action == "allow" else decide(self, Request(caller)).reason)
+                       for caller, action in callers)
+        if wildcard == "allow":
+            return "", listed
+        if self.pending:
+            return "intentions not loaded yet", listed
+        if self.error:
+            return "intentions could not be compiled", listed
+        star = next((r for r in self.rules if r.source == "*"), None)
+        if star is None:
+            return f"no intention matched; default {self.default_action}", listed
+        verb = "denies" if star.action == "deny" else "has L7 permissions"
+        return f"intention {star.intention} {verb}", listed
+
 
 @dataclass(frozen=True)
 class Request:

@@ -47,6 +47,8 @@ class Upstream:
     local_bind_port: int
     local_bind_address: str = "127.0.0.1"
     datacenter: str = ""
+    #: the upstream's opaque ``config`` (Consul's): (key, value as canonical JSON), in order
+    config: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class ServiceDefinition:
     checks: tuple[Check, ...] = ()
     sidecar_port: int | None = None  # None: allocate from the agent's range
     upstreams: tuple[Upstream, ...] = field(default=())
+    #: the sidecar's opaque ``proxy.config`` (Consul's): (key, value as canonical JSON)
+    proxy_config: tuple[tuple[str, str], ...] = ()
 
     @property
     def meta_dict(self) -> dict[str, str]:
@@ -124,10 +128,11 @@ _CHECK_KEYS = frozenset(
 _CHECK_ALIASES = {"check_id": "id"}
 _CONNECT_KEYS = frozenset({"sidecar_service"})
 _SIDECAR_KEYS = frozenset({"port", "proxy"})
-_PROXY_KEYS = frozenset({"upstreams"})
+_PROXY_KEYS = frozenset({"upstreams", "config"})
 _UPSTREAM_KEYS = frozenset(
-    {"destination_name", "local_bind_port", "local_bind_address", "datacenter"}
+    {"destination_name", "local_bind_port", "local_bind_address", "datacenter", "config"}
 )
+MAX_CONFIG_KEYS = 64  # of one opaque ``config`` object
 
 # Consul fields that exist but that meshctl does not carry: said explicitly, so
 # nobody believes they took effect.
@@ -591,6 +596,27 @@ class _Reader:
             return None
         return value
 
+    def opaque(self, value: object, path: str) -> tuple[tuple[str, str], ...]:
+        """An opaque ``config`` object, which Consul hands to the proxy as it is: its
+        keys (not folded: they are the proxy's) with their values as canonical JSON."""
+        if not isinstance(value, dict):
+            self.bad(path, f"expected an object, got {_typename(value)}")
+            return ()
+        if len(value) > MAX_CONFIG_KEYS:
+            self.bad(path, f"more than {MAX_CONFIG_KEYS} keys ({len(value)})")
+            return ()
+        out: list[tuple[str, str]] = []
+        for key, item in value.items():
+            if not isinstance(key, str) or not _PLAIN_KEY.match(key):
+                self.bad(_join(path, _label(key)),
+                         "config keys are 1-64 letters, digits, '_' and '-'")
+                continue
+            try:
+                out.append((key, json.dumps(item, sort_keys=True, allow_nan=False)))
+            except (TypeError, ValueError):
+                self.bad(_join(path, key), f"{_show(item)} is not a JSON value")
+        return tuple(out)
+
     def upstream(self, value: object, path: str) -> Upstream | None:
         before = len(self.problems)
         f = self.fields(value, path, _UPSTREAM_KEYS)
@@ -614,22 +640,25 @@ class _Reader:
                 )
                 or ""
             )
+        config = self.opaque(*_get(f, "config")) if "config" in f else ()
         if len(self.problems) != before or dest is None or port is None:
             return None
-        return Upstream(dest, port, address, datacenter)
+        return Upstream(dest, port, address, datacenter, config)
 
-    def connect(self, value: object, path: str) -> tuple[int | None, tuple[Upstream, ...]] | None:
+    def connect(self, value: object, path: str
+                ) -> tuple[int | None, tuple[Upstream, ...], tuple[tuple[str, str], ...]] | None:
         before = len(self.problems)
         f = self.fields(value, path, _CONNECT_KEYS)
         if f is None:
             return None
         if "sidecar_service" not in f:
-            return None, ()
+            return None, (), ()
         s = self.fields(*_get(f, "sidecar_service"), _SIDECAR_KEYS)
         if s is None:
             return None
         sidecar_port = self.port(*_get(s, "port")) if "port" in s else None
         upstreams: list[Upstream] = []
+        config: tuple[tuple[str, str], ...] = ()
         if "proxy" in s:
             p = self.fields(*_get(s, "proxy"), _PROXY_KEYS)
             if p is not None and "upstreams" in p:
@@ -637,9 +666,11 @@ class _Reader:
                     up = self.upstream(uvalue, upath)
                     if up is not None:
                         upstreams.append(up)
+            if p is not None and "config" in p:
+                config = self.opaque(*_get(p, "config"))
         if len(self.problems) != before:
             return None
-        return sidecar_port, tuple(upstreams)
+        return sidecar_port, tuple(upstreams), config
 
     def service(self, value: object, path: str) -> ServiceDefinition | None:
         before = len(self.problems)
@@ -674,7 +705,8 @@ class _Reader:
             if chk.check_id and chk.check_id in seen_check_ids:
                 self.bad(f"{path}.checks", f"check id {chk.check_id!r} is used twice")
             seen_check_ids[chk.check_id] = i
-        connect: tuple[int | None, tuple[Upstream, ...]] | None = (None, ())
+        connect: tuple[int | None, tuple[Upstream, ...], tuple[tuple[str, str], ...]] | None = (
+            None, (), ())
         if "connect" in f:
             connect = self.connect(*_get(f, "connect"))
         if (
@@ -698,6 +730,7 @@ class _Reader:
             checks=tuple(checks),
             sidecar_port=connect[0],
             upstreams=connect[1],
+            proxy_config=connect[2],
         )
 
     def document(self, data: object) -> list[tuple[str, ServiceDefinition]]:

@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 import hvac
 import hvac.exceptions
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from meshctl._certs import (
     CertStore,
@@ -100,6 +101,11 @@ def _vault_detail(exc: hvac.exceptions.VaultError) -> str:
             if line:
                 parts.append(line)
     return "; ".join(parts) or "no error text"
+
+
+#: Said of a 403 for which Vault no longer accepts the agent's token itself,
+#: which is not a policy refusal (explain_refusal tells the two apart by it).
+_NOT_ACCEPTED = "Vault no longer accepts the agent's token (expired or revoked)"
 
 
 def _redact(text: str, secrets: Iterable[str]) -> str:
@@ -304,8 +310,12 @@ class VaultClient:
             raise self._error(what, exc) from None
         with self._lock:
             if self._client.token == token:
-                if not (self._token_rejected() and self._relogin_possible(token)):
-                    raise self._error(what, first) from None
+                rejected = self._token_rejected()
+                if not (rejected and self._relogin_possible(token)):
+                    err = self._error(what, first)
+                    if rejected:  # not a policy refusal: say so (explain_refusal reads it)
+                        err = VaultError(f"{err}; {_NOT_ACCEPTED}", status=err.status)
+                    raise err from None
                 log.info(
                     "Vault at %s no longer accepts the agent's token; logging in again", self.addr
                 )
@@ -518,6 +528,61 @@ def _write_bundle(store: CertStore, certs: list[str]) -> bool:
     if changed:
         log.info("mesh CA bundle %s updated (%d certificates)", store.ca_path, len(certs))
     return changed
+
+
+# ---------------------------------------------------------------- refusals explained
+
+#: The CN ``meshctl vault setup`` gives the mesh CA it generates (see _Setup.pki_mount).
+_SETUP_CA_CN = re.compile(r"^meshctl mesh CA ([a-z0-9.-]{1,253})\Z")
+
+
+def setup_trust_domains(ca_pem: str) -> set[str]:
+    """The trust domains ``meshctl vault setup`` created the CAs of ``ca_pem`` for
+    (read from their CN); empty when no CA of the bundle was made by it."""
+    out: set[str] = set()
+    try:
+        certs = split_pem_certs(ca_pem) if ca_pem.strip() else []
+    except ValueError:
+        return out
+    for cert in certs:
+        for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+            m = _SETUP_CA_CN.match(str(attr.value))
+            if m:
+                out.add(m.group(1))
+    return out
+
+
+def explain_refusal(exc: VaultError, *, service: str, host: str, services: Sequence[str],
+                    trust_domain: str, ca_pem: str = "") -> VaultError:
+    """``exc`` (Vault refused to sign a leaf for ``service``) with its likely cause and fix.
+
+    A mesh CA set up for another trust domain than the agent's is a mismatch
+    (the roles only allow that domain's names); a 403 for a token Vault still
+    accepts means the host's policy does not cover ``service`` (``meshctl vault
+    setup --host`` lists what each host may sign). ``services``: every service
+    of this host. Anything else is returned as it is.
+    """
+    msg = str(exc)
+    domains = setup_trust_domains(ca_pem)
+    if domains and trust_domain not in domains:
+        theirs = ", ".join(repr(d) for d in sorted(domains))
+        return VaultError(
+            f"{msg}; trust domain mismatch: the agent's trust_domain is {trust_domain!r}, "
+            f"but Vault's mesh CA was set up for {theirs}: use the same trust domain in "
+            f"agent.toml (trust_domain) and in `meshctl vault setup --trust-domain`",
+            status=exc.status)
+    if exc.status == 403 and _NOT_ACCEPTED not in msg:
+        listed = ",".join(sorted({*services, service}))
+        return VaultError(
+            f"{msg}; this host's Vault AppRole does not cover service {service!r}: allow it "
+            f"with `meshctl vault setup --host {host}={listed} ...` (every service this host "
+            "runs); the agent retries by itself", status=403)
+    if exc.status == 400 and "not allowed" in msg:
+        return VaultError(
+            f"{msg}; the role allows only the names of the trust domain it was set up for: "
+            f"check that `meshctl vault setup --trust-domain` was given the agent's "
+            f"trust_domain {trust_domain!r}", status=400)
+    return exc
 
 
 # ---------------------------------------------------------------- setup

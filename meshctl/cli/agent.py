@@ -141,7 +141,11 @@ def status(config_path: Path | None, as_json: bool) -> None:
                 [[k, v["error"], _ago(v["since"])] for k, v in sorted(bad.items())],
             ),
         ]
-    for title, items in (("problems", state.get("problems")), ("warnings", state.get("warnings"))):
+    refused = [r["message"] for r in state.get("refused_instances") or ()]
+    ignored = [f["message"] for f in state.get("ignored_fields") or ()]
+    for title, items in (("problems", state.get("problems")), ("warnings", state.get("warnings")),
+                         ("instances refused from the catalog", refused),
+                         ("config entry fields not honoured (no effect)", ignored)):
         if items:
             parts += ["", f"{title}:"] + [f"  {i}" for i in items]
     emit(state, as_json, "\n".join(parts))

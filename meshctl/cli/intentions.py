@@ -30,6 +30,9 @@ from meshctl.intentions import (
 from meshctl.mesh import read_snapshot
 from meshctl.services import SERVICE_NAME
 
+#: ``rules_from`` (the JSON value) as a sentence says it
+_ORIGIN = {"consul": "Consul", "local sidecar": "the local sidecar"}
+
 
 def _local(cfg: AgentConfig, destination: str) -> Authorization | None:
     """DST's rules in the snapshot this host's agent last applied, if DST runs here."""
@@ -125,7 +128,7 @@ def check(source: str, destination: str, path: str, method: str, headers: tuple[
     }
     what = f" {req.method} {req.path}" if authz.l7 else ""
     human = (f"{d.action}: {source} -> {destination}{what}: {d.reason}\n"
-             f"(rules from the {rules_from}; default action {authz.default_action})")
+             f"(rules from {_ORIGIN[rules_from]}; default action {authz.default_action})")
     for w in warnings:
         human += f"\nwarning: {w}"
     emit(data, as_json, human)

@@ -331,11 +331,29 @@ def _rewrite(r: Route) -> dict[str, Any] | None:
     return {"strip": len(r.path_prefix or "/"), "to": r.prefix_rewrite}
 
 
+#: the points of a hash ring the nginx balancer builds (Lua tables: bounded)
+NGINX_RING_POINTS = (64, 65536)
+
+
+def wanted_ring_size(c: Cluster) -> int:
+    """The ring size RingHashConfig asks for: MinimumRingSize (Envoy's default 1024),
+    at most MaximumRingSize when that is set."""
+    size = c.ring_size_min or 1024
+    return min(size, c.ring_size_max) if c.ring_size_max else size
+
+
+def nginx_ring_size(c: Cluster) -> int:
+    """The points of the nginx balancer's ring for ``c``: the wanted size, within
+    NGINX_RING_POINTS (``unsupported()`` says when that differs)."""
+    low, high = NGINX_RING_POINTS
+    return min(max(wanted_ring_size(c), low), high)
+
+
 def _nginx_lb(c: Cluster) -> dict[str, Any]:
     policy = "ring_hash" if c.lb_policy == "maglev" else c.lb_policy
     out: dict[str, Any] = {"lb": policy}
     if policy == "ring_hash":
-        out["ring"] = min(max(c.ring_size_min or 1024, 64), 65536)
+        out["ring"] = nginx_ring_size(c)
         out["hash"] = [
             {"kind": "source_ip" if h.source_ip else h.field,
              "name": h.field_value.lower() if h.field == "header" else h.field_value,
@@ -609,6 +627,18 @@ def _lb_gaps(where: str, c: Cluster, driver: str, http: bool) -> list[str]:
     if driver == "haproxy" and c.lb_policy == "least_request":
         out.append(f"{name}: least_request is carried as leastconn (fewest connections)"
                    + ("; ChoiceCount has no effect" if c.choice_count else ""))
+    if (driver == "nginx" and http and c.lb_policy in ("ring_hash", "maglev")
+            and nginx_ring_size(c) != wanted_ring_size(c)):
+        out.append(f"{name}: nginx builds its hash ring with {nginx_ring_size(c)} points "
+                   f"({NGINX_RING_POINTS[0]}-{NGINX_RING_POINTS[1]}), not the "
+                   f"{wanted_ring_size(c)} RingHashConfig asks for")
+    if driver == "nginx" and not http and c.lb_policy in ("ring_hash", "maglev") and (
+            c.ring_size_min or c.ring_size_max):
+        out.append(f"{name}: nginx sizes the hash ring of a tcp upstream itself; "
+                   "RingHashConfig has no effect")
+    if driver == "nginx" and not http and c.lb_policy == "least_request" and c.choice_count:
+        out.append(f"{name}: a tcp upstream is balanced by least_conn over every instance; "
+                   "ChoiceCount has no effect")
     if driver == "nginx" and not http and c.lb_policy in ("ring_hash", "maglev") and not any(
             h.source_ip for h in c.hash_policies):
         out.append(f"{name}: no hash policy applies to a tcp upstream; a random peer is used")

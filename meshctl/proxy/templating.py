@@ -101,6 +101,17 @@ def hap_path_format(to: object, strip: object) -> str:
     return f'"{_hap_escape(to, log_format=True)}%[path,regsub(^.{{{n}}},)]"'
 
 
+_NOTE = re.compile(r"^[A-Za-z0-9 _.,;:*>()-]{0,200}\Z")
+
+
+def note(value: object) -> str:
+    """A short message (a denial reason) as one double-quoted word: no character any
+    proxy syntax treats specially inside double quotes (``"``, ``\\``, ``$``, ``%``)."""
+    if not isinstance(value, str) or not _NOTE.match(value):
+        raise CompileError(f"{str(value)[:80]!r} cannot be carried into a proxy config")
+    return f'"{value}"'
+
+
 def integer(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise CompileError(f"{value!r} is not an integer")
@@ -119,7 +130,7 @@ def environment(driver: str) -> ImmutableSandboxedEnvironment:
         lstrip_blocks=True,
     )
     env.filters.update(path=safe_path, ident=ident, num=integer, regex_literal=regex_literal,
-                       b64=base64_chunk, hapq=hap_quote, haplf=hap_log_format)
+                       b64=base64_chunk, hapq=hap_quote, haplf=hap_log_format, note=note)
     env.globals.update(hap_path_format=hap_path_format)
     env.globals.update(hostport=hostport)
     return env

@@ -317,7 +317,7 @@ def test_intentions_check_answers_what_the_sidecar_does(mesh: Mesh) -> None:
         # From a host where api does not run, the same answer comes from Consul.
         res = mesh["h1"].meshctl("intentions", "check", "web", "api", "--path", "/admin")
         assert res.returncode == 2 and "permission 1 of intention web -> api denies" in res.stdout
-        assert "rules from the consul" in res.stdout
+        assert "(rules from Consul; default action deny)" in res.stdout
 
 
 # ---------------------------------------------------------------- least privilege

@@ -220,7 +220,8 @@ def test_unreachable_consul_is_a_consul_error_without_the_token() -> None:
     c = ConsulClient(ConsulSettings(addr=f"http://127.0.0.1:{port}", token="s3cr3t-token"))
     with pytest.raises(ConsulError) as info:
         c.register(web(), "127.0.0.1", 21000)
-    assert "register web-1: cannot connect: Connection refused" in str(info.value)
+    assert str(info.value) == (f"Consul at http://127.0.0.1:{port}: register web-1: "
+                               "cannot connect: Connection refused")
     with pytest.raises(ConsulError):
         c.registered_ids()
     assert "s3cr3t" not in str(info.value)

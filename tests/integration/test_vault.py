@@ -37,6 +37,7 @@ from meshctl.vault import (
     SetupResult,
     VaultClient,
     ensure_leaf,
+    explain_refusal,
     new_key_and_csr,
     setup_mesh,
 )
@@ -240,6 +241,31 @@ def test_host_cannot_issue_for_a_service_it_does_not_run(bao: OpenBao, tmp_path:
         assert secret not in msg
 
 
+def test_a_403_and_a_trust_domain_mismatch_say_what_to_fix(bao: OpenBao, tmp_path: Path
+                                                            ) -> None:
+    mesh = make_mesh(bao, tmp_path)
+    beta = mesh.client("beta")
+    ca = beta.ca_bundle()
+    with pytest.raises(VaultError) as info:
+        beta.issue_leaf("web", TD, DC, "1h")
+    msg = str(explain_refusal(info.value, service="web", host="beta", services=["api"],
+                              trust_domain=TD, ca_pem=ca))
+    assert msg.startswith(str(info.value)) and "HTTP 403" in msg
+    assert ("this host's Vault AppRole does not cover service 'web': allow it with "
+            "`meshctl vault setup --host beta=api,web ...`") in msg, msg
+    # The agent's trust domain is not the one Vault was set up for.
+    with pytest.raises(VaultError) as info:
+        beta.issue_leaf("api", "other.example", DC, "1h")
+    msg = str(explain_refusal(info.value, service="api", host="beta", services=["api"],
+                              trust_domain="other.example", ca_pem=ca))
+    assert ("trust domain mismatch: the agent's trust_domain is 'other.example', but Vault's "
+            f"mesh CA was set up for {TD!r}") in msg, msg
+    # Without a CA of meshctl's, the role's refusal still points at the trust domain.
+    msg = str(explain_refusal(info.value, service="api", host="beta", services=["api"],
+                              trust_domain="other.example"))
+    assert "HTTP 400" in msg and "`meshctl vault setup --trust-domain`" in msg, msg
+
+
 @pytest.mark.parametrize(
     ("common_name", "extra"),
     [
@@ -414,6 +440,10 @@ def test_token_file_is_read_again_when_vault_refuses_the_token(
     with pytest.raises(VaultError, match="HTTP 403: permission denied") as info:
         static.issue_leaf("web", TD, DC, "1h")
     assert second not in str(info.value) and first not in str(info.value)
+    # That 403 is about the token, not the host's policy: no setup command for it.
+    msg = str(explain_refusal(info.value, service="web", host="alpha", services=["web"],
+                              trust_domain=TD))
+    assert "no longer accepts the agent's token" in msg and "vault setup" not in msg, msg
 
 
 # ---------------------------------------------------------------- failures, secrets

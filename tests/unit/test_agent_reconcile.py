@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -218,6 +219,42 @@ def test_a_broken_definition_keeps_its_last_good_and_a_deleted_one_goes(
     assert [d.name for d in agent._read_definitions()] == ["api", "web"]
     web.unlink()
     assert [d.name for d in agent._read_definitions()] == ["api"]
+
+
+def test_removing_a_broken_definition_says_removed_not_valid_again(
+    make_agent: Callable[[], Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = make_agent()
+    bad = agent.cfg.services_dir / "bad.json"
+    bad.write_text('{"service": {"name": "web", "port": "not a port"}}')
+    agent._read_definitions()
+    caplog.clear()
+    bad.unlink()
+    with caplog.at_level(logging.INFO, logger="meshctl.agent"):
+        agent._read_definitions()
+    assert f"definition {bad} was removed" in caplog.text, caplog.text
+    assert "valid again" not in caplog.text
+    bad.write_text('{"service": {"name": "web", "port": "not a port"}}')
+    agent._read_definitions()
+    caplog.clear()
+    define(agent, "bad")
+    with caplog.at_level(logging.INFO, logger="meshctl.agent"):
+        agent._read_definitions()
+    assert f"definition {bad} is valid again" in caplog.text, caplog.text
+
+
+def test_a_vault_error_leaves_the_status_with_its_service(make_agent: Callable[[], Agent]
+                                                         ) -> None:
+    agent = make_agent()
+    web = define(agent, "web")
+    agent.reconcile()
+    state = agent._source_state["vault"]
+    assert state["ok"] is False and "sign a certificate for service 'web'" in state["error"]
+    web.unlink()
+    agent.reconcile()
+    assert agent._source_state["vault"]["ok"] is True
+    status = json.loads(agent.cfg.state_path.read_text())
+    assert status["sources"]["vault"]["error"] == ""
 
 
 def cert_expiry(service: str) -> float | None:

@@ -172,9 +172,10 @@ def test_registration_failures_read_as_vaults_do(exc: Exception, words: str) -> 
     d = ServiceDefinition(name="web", id="web-1", port=8080, source="x")
     with pytest.raises(ConsulError) as reg:
         client.register(d, "127.0.0.1", 21000)
-    assert str(reg.value) == f"register web-1: {words}"
+    assert str(reg.value) == f"Consul at http://127.0.0.1:8500: register web-1: {words}"
     with pytest.raises(ConsulError) as dereg:
         client.deregister("web-1")
-    assert str(dereg.value) == f"deregister web-1-sidecar-proxy: {words}"
+    assert str(dereg.value) == (
+        f"Consul at http://127.0.0.1:8500: deregister web-1-sidecar-proxy: {words}")
     vault = _translate(exc, "http://127.0.0.1:8200", "login", [], 2.5)
     assert str(vault) == f"Vault at http://127.0.0.1:8200: login: {words}"

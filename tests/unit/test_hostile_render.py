@@ -240,7 +240,10 @@ def twin(p: dict[str, Any]) -> dict[str, Any]:
         for u in s["upstreams"]:
             u["dest"] = plain(u["dest"], "db")
         for ixn in s["intentions"]:
-            ixn["SourceName"] = plain(ixn["SourceName"], "Not_A_Name")
+            # "*" means every caller (it never reaches a config as text): keep it, or
+            # the twin's intentions would mean something else (another rule order).
+            if ixn["SourceName"] != "*":
+                ixn["SourceName"] = plain(ixn["SourceName"], "Not_A_Name")
     nodes: dict[str, str] = {}  # distinct stay distinct (endpoints are deduplicated)
     t["instances"] = {
         plain(d, "db"): [{**i, "node": nodes.setdefault(i["node"], f"n{len(nodes)}"),
