@@ -146,10 +146,11 @@ class Agent:
         self.store = CertStore(cfg.certs_dir)
         self.trigger = Quiescence(cfg.wait_min, cfg.wait_max)
         self._stop = threading.Event()
-        # Which file each service id belongs to survives restarts, so a newcomer
-        # file can never take over a service, whatever the file names sort to.
-        self._owners_path = cfg.data_dir / "service-owners.json"
-        self._defs = DefinitionSet(owners=_read_owners(self._owners_path))
+        # Which file each service id belongs to, and each file's last good
+        # content, survive restarts: a newcomer file can never take a service
+        # over, and a file broken while the agent was down keeps its last good.
+        self._defs_path = cfg.data_dir / "last-good-definitions.json"
+        self._defs = _read_last_good(self._defs_path)
         self._problems: dict[str, list[Problem]] = {}
         self._registered: dict[str, str] = {}  # service id -> registration digest
         self._certs: dict[str, _CertState] = {}
@@ -286,12 +287,12 @@ class Agent:
             else:
                 log.info("definition file %s removed", f)
         self._problems = bad
-        if result.owners != self._defs.owners:
+        if (result.owners, result.texts) != (self._defs.owners, self._defs.texts):
+            doc = {"owners": dict(result.owners), "files": dict(result.texts)}
             try:
-                write_atomic(self._owners_path,
-                             json.dumps(dict(result.owners), sort_keys=True).encode(), 0o640)
+                write_atomic(self._defs_path, json.dumps(doc, sort_keys=True).encode(), 0o640)
             except MeshctlError as exc:
-                self._warn_once(f"cannot remember which file defines each service: {exc}")
+                self._warn_once(f"cannot persist the last good definitions: {exc}")
         self._defs = result
         services = sorted(result.definitions, key=lambda d: d.id)
         self._ports.reserve(services, lambda port: probe(port, "") is not None)
@@ -769,15 +770,21 @@ def port_unavailable(address: str, port: int) -> str | None:
     return None
 
 
-def _read_owners(path: Path) -> dict[str, str]:
-    """The persisted ``{service id: definition file}`` map; {} if absent or unreadable."""
+def _read_last_good(path: Path) -> DefinitionSet:
+    """The definitions the agent persisted (owners and file texts); empty if unusable."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
+        return DefinitionSet()
     if not isinstance(data, dict):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+        return DefinitionSet()
+
+    def strings(value: object) -> dict[str, str]:
+        if not isinstance(value, dict):
+            return {}
+        return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+    return DefinitionSet.restore(strings(data.get("files")), strings(data.get("owners")))
 
 
 class _PortBook:

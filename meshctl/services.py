@@ -868,12 +868,31 @@ class DefinitionSet:
     ``files``: each file's accepted definitions with their field paths (a
     broken file's last good ones, when the agent had them); ``owners``: the
     file each service id belongs to, kept from pass to pass (and across
-    restarts) so a newcomer can never take an id over, whatever its name.
+    restarts) so a newcomer can never take an id over, whatever its name;
+    ``texts``: the accepted content of each file of ``files``, which is what
+    the agent persists (see :meth:`restore`).
     """
 
     files: Mapping[str, tuple[tuple[str, ServiceDefinition], ...]] = field(default_factory=dict)
     problems: tuple[Problem, ...] = ()
     owners: Mapping[str, str] = field(default_factory=dict)
+    texts: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def restore(cls, texts: Mapping[str, str], owners: Mapping[str, str]) -> DefinitionSet:
+        """The set an agent persisted (``texts``, ``owners``), parsed again by the same grammar.
+
+        So a file that is broken when the agent restarts keeps its last good
+        definitions, as it does while the agent runs. A text that no longer
+        parses (an older meshctl's) is dropped; its ids stay with their owner.
+        """
+        files: dict[str, tuple[tuple[str, ServiceDefinition], ...]] = {}
+        kept: dict[str, str] = {}
+        for name, text in sorted(texts.items()):
+            found, problems = _parse_found(text, Path(name))
+            if found and not problems:
+                files[name], kept[name] = tuple(found), text
+        return cls(files, (), dict(owners), kept)
 
     @property
     def definitions(self) -> list[ServiceDefinition]:
@@ -881,16 +900,26 @@ class DefinitionSet:
         return [d for _, defs in sorted(self.files.items()) for _, d in defs]
 
 
-def _parse_one(path: Path) -> tuple[list[tuple[str, ServiceDefinition]], list[Problem]]:
-    text, problem = _read_text(path)
-    if problem is not None or text is None:
-        return [], [problem] if problem else []
+def _parse_found(
+    text: str, path: Path
+) -> tuple[list[tuple[str, ServiceDefinition]], list[Problem]]:
     data, problem = _parse_text(text, path)
     if problem is not None:
         return [], [problem]
     reader = _Reader(str(path))
     found = reader.document(data)
     return found, reader.problems
+
+
+def _parse_one(
+    path: Path,
+) -> tuple[list[tuple[str, ServiceDefinition]], list[Problem], str | None]:
+    """A file's definitions (with field paths), its problems, and its text if it was read."""
+    text, problem = _read_text(path)
+    if problem is not None or text is None:
+        return [], [problem] if problem else [], None
+    found, problems = _parse_found(text, path)
+    return found, problems, text
 
 
 def parse_definition_file(path: str | os.PathLike[str]) -> list[ServiceDefinition]:
@@ -901,7 +930,7 @@ def parse_definition_file(path: str | os.PathLike[str]) -> list[ServiceDefinitio
     invalid values, ids or listener ports used twice within the file).
     """
     where = str(path)
-    found, problems = _parse_one(Path(path))
+    found, problems, _ = _parse_one(Path(path))
     entries = [_Entry(where, 0, p, i, d, False) for i, (p, d) in enumerate(found)]
     kept, cross = _cross_check(entries)
     problems.extend(cross)
@@ -946,11 +975,12 @@ def read_definitions(
         problem = Problem(str(root), FILE_FIELD, f"cannot list directory: {exc.strerror}")
         if previous is None:
             return DefinitionSet(problems=(problem,))
-        return DefinitionSet(previous.files, (problem,), previous.owners)
+        return DefinitionSet(previous.files, (problem,), previous.owners, previous.texts)
     problems: list[Problem] = []
     candidates: dict[str, list[tuple[str, ServiceDefinition]]] = {}
     mtimes: dict[str, int] = {}
     replaced: set[str] = set()  # files standing in with their last good definitions
+    texts: dict[str, str] = {}
     for name in names:
         path = root / name
         if path.is_dir():
@@ -961,7 +991,7 @@ def read_definitions(
                 Problem(where, FILE_FIELD, "file name has control characters; not read")
             )
             continue
-        found, file_problems = _parse_one(path)
+        found, file_problems, text = _parse_one(path)
         problems.extend(file_problems)
         mtimes[str(path)] = _mtime_ns(path)
         if file_problems and keep is not None:
@@ -969,6 +999,8 @@ def read_definitions(
             replaced.add(str(path))
         else:
             candidates[str(path)] = found
+            if text is not None:
+                texts[str(path)] = text
     # An owner that is present but whose definitions are unknown (broken since
     # the agent started) keeps its ids: refusing a newcomer is the safe side.
     reserved = {
@@ -991,11 +1023,15 @@ def read_definitions(
         for f in newly:
             candidates[f] = list(keep.get(f, ()))
             replaced.add(f)
+            texts.pop(f, None)
     files: dict[str, list[tuple[str, ServiceDefinition]]] = {}
     for e in sorted(kept, key=lambda e: (e.file, e.index)):
         files.setdefault(e.file, []).append((e.path, e.defn))
     new_owners = {e.defn.id: e.file for e in kept} | reserved
-    return DefinitionSet({f: tuple(v) for f, v in files.items()}, tuple(problems), new_owners)
+    old_texts = {} if previous is None else previous.texts
+    accepted = {f: texts[f] if f in texts else old_texts.get(f, "") for f in files}
+    return DefinitionSet({f: tuple(v) for f, v in files.items()}, tuple(problems), new_owners,
+                         {f: t for f, t in accepted.items() if t})
 
 
 def load_definitions(

@@ -357,11 +357,23 @@ def test_a_stop_keeps_the_host_in_the_mesh_and_a_bad_restart_is_refused_first(
         assert api_nodes() == ["h2", "h3"]
         wait_until("web to keep both api instances",
                    lambda: len(mesh["h1"].endpoints("api")) == 2, timeout=5)
-        # Fixed: the check passes and the agent starts again.
+        # Fixed: the check passes and the agent starts again; a definition broken
+        # while it was stopped serves its last good version meanwhile.
         h3.config_path.write_text(good)
         res = h3.host.run(pre_start, check=False)
         assert res.returncode == 0, res.stdout + res.stderr
-        h3.start_agent()
+        api_file = h3.services_dir / "api-h3.json"
+        good_api = api_file.read_text()
+        api_file.write_text(good_api.replace('"port": 8080', '"port": "8080"'))
+        try:
+            h3.start_agent()
+            assert any(p.startswith(f"{api_file}: service.port:") for p in problems(h3))
+            sent, failed = load.more(40)
+            assert failed == 0, f"{failed} of {sent} requests failed: {load.errors[:3]}"
+            assert api_nodes() == ["h2", "h3"]
+        finally:
+            api_file.write_text(good_api)
+        wait_until("the problem to clear", lambda: not problems(h3), timeout=10)
         # Removing the host is asked for: refused while the agent runs ...
         res = h3.meshctl("deregister")
         assert res.returncode == 1 and "the meshctl agent is running" in res.stderr

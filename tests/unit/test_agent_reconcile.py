@@ -294,3 +294,23 @@ def test_a_plain_stop_keeps_the_registrations(make_agent: Callable[[], Agent]) -
     asked.reconcile()
     asked._shutdown()
     assert ("deregister", "web") in consul.calls
+
+
+def test_a_file_broken_while_the_agent_was_stopped_keeps_its_last_good_version(
+    make_agent: Callable[[], Agent]
+) -> None:
+    first = make_agent()
+    consul = RecordingConsul(set())
+    first.consul = consul  # type: ignore[assignment]
+    api = define(first, "api")
+    first.reconcile()
+    first._shutdown()
+    api.write_text('{"service": {"name": "api", "port": "8080"}}')  # a typo meanwhile
+    restarted = make_agent()
+    restarted.consul = consul  # type: ignore[assignment]
+    assert [(d.id, d.port) for d in restarted._read_definitions()] == [("api", 8080)]
+    consul.calls.clear()
+    restarted._next_sync = 0.0  # the anti-entropy pass of a start
+    restarted.reconcile()
+    assert ("deregister", "api") not in consul.calls and "api" in consul.registered
+    assert "service.port" in str(restarted._problems[str(api)][0])

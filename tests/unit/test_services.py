@@ -828,6 +828,21 @@ def test_a_broken_owner_keeps_its_last_good_version_and_its_id(tmp_path: Path) -
         newcomer.message)
 
 
+def test_a_restored_set_stands_in_for_files_broken_at_a_restart(tmp_path: Path) -> None:
+    api = write(tmp_path, "api.json", {"services": [
+        {"name": "api", "port": 8080}, {"name": "api", "id": "api-2", "port": 8082}]})
+    first = read_definitions(tmp_path, DefinitionSet())
+    assert dict(first.texts) == {str(api): api.read_text()}
+    restored = DefinitionSet.restore(dict(first.texts), dict(first.owners))
+    assert restored.files == first.files and restored.owners == first.owners
+    api.write_text("{ broken")
+    again = read_definitions(tmp_path, restored)
+    assert [(d.id, d.port) for d in again.definitions] == [("api", 8080), ("api-2", 8082)]
+    assert dict(again.texts) == dict(first.texts)  # still the last good content
+    # A persisted text that no longer parses is dropped, its owners kept.
+    assert DefinitionSet.restore({str(api): "{"}, {"api": str(api)}).files == {}
+
+
 def test_an_unreadable_directory_keeps_what_the_agent_serves(tmp_path: Path) -> None:
     d = tmp_path / "services.d"
     d.mkdir()
