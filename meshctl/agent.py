@@ -9,12 +9,14 @@ values, so a source in error keeps contributing its last good answer.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
 import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -58,7 +60,13 @@ from meshctl.mesh import (
 )
 from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
 from meshctl.resources import plugins_dir
-from meshctl.services import ServiceDefinition, load_definitions
+from meshctl.services import (
+    DefinitionSet,
+    PortProbe,
+    ServiceDefinition,
+    load_definitions,
+    read_definitions,
+)
 from meshctl.vault import (
     CertStore,
     VaultClient,
@@ -216,7 +224,11 @@ class Agent:
         self.store = CertStore(cfg.certs_dir)
         self.trigger = Quiescence(cfg.wait_min, cfg.wait_max)
         self._stop = threading.Event()
-        self._file_services: dict[str, list[ServiceDefinition]] = {}
+        # Which file each service id belongs to, and each file's last good
+        # content, survive restarts: a newcomer file can never take a service
+        # over, and a file broken while the agent was down keeps its last good.
+        self._defs_path = cfg.data_dir / "last-good-definitions.json"
+        self._defs = _read_last_good(self._defs_path)
         self._problems: dict[str, list[Problem]] = {}
         self._registered: dict[str, str] = {}  # service id -> registration digest
         self._certs: dict[str, _CertState] = {}
@@ -248,6 +260,8 @@ class Agent:
         metrics.serve(self.cfg.metrics_address)
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
                  self.driver.name, self._safe_version())
+        # Lets `meshctl deregister` see that an agent would register everything again.
+        write_atomic(_pid_path(self.cfg), f"{os.getpid()}\n".encode(), 0o644)
         if self._last_snapshot is not None:
             self._serve_last_good(self._last_snapshot)
         self._start_dir_watch()
@@ -270,6 +284,7 @@ class Agent:
 
     def _shutdown(self) -> None:
         log.info("meshctl agent stopping")
+        _pid_path(self.cfg).unlink(missing_ok=True)
         if self._observer is not None:
             self._observer.stop()
         self._proxy_watch.stop()
@@ -281,6 +296,11 @@ class Agent:
                     log.info("deregistered %s", sid)
                 except ConsulError as exc:
                     log.warning("could not deregister %s: %s", sid, exc)
+        elif self._registered:
+            # A stop is usually a restart or an upgrade: the proxy keeps serving
+            # and so do the registrations. Removing a host is asked for explicitly.
+            log.info("registrations kept (deregister_on_exit is false; `meshctl deregister` "
+                     "removes them): %s", ", ".join(sorted(self._registered)))
 
     def _safe_version(self) -> str:
         try:
@@ -313,7 +333,7 @@ class Agent:
 
     def _next_deadline(self) -> float:
         times = [self._next_sync, self._retry_at]
-        if any(self._file_services.values()):
+        if self._defs.files:
             # The CA bundle is refreshed only for local services: without any,
             # its deadline stays in the past and would wake the loop at once.
             times.append(self._next_ca)
@@ -325,8 +345,8 @@ class Agent:
     def reconcile(self) -> None:
         """One pass: definitions → registrations → certificates → compile → apply."""
         log.debug("reconcile")
-        services = self._read_definitions()
         address = self._sidecar_address()  # a Consul call while it is unknown: once per pass
+        services = self._read_definitions()
         self._sync_registrations(services, address)
         self._refresh_certificates(services)
         self._watch_upstreams(services)
@@ -334,39 +354,57 @@ class Agent:
         self._compile_and_apply(services, address)
 
     def _read_definitions(self) -> list[ServiceDefinition]:
-        defs, problems = load_definitions(self.cfg.services_dir)
-        by_file: dict[str, list[ServiceDefinition]] = {}
-        for d in defs:
-            by_file.setdefault(d.source, []).append(d)
+        probe = self._port_probe()
+        result = read_definitions(self.cfg.services_dir, self._defs, probe)
         bad: dict[str, list[Problem]] = {}
-        for p in problems:
+        for p in result.problems:
             bad.setdefault(p.file, []).append(p)
         for f, probs in bad.items():
             if self._problems.get(f) != probs:
+                what = ("keeping its last good version" if f in result.files
+                        else "not served; the rest of the host is")
                 for p in probs:
-                    log.error("definition rejected, keeping the last good one: %s", p)
+                    log.error("definition refused (%s): %s", what, p)
         for f in sorted(set(self._problems) - set(bad)):
-            if f in by_file or (self.cfg.services_dir / Path(f).name).exists():
+            if Path(f).exists():
                 log.info("definition %s is valid again", f)
             else:
-                log.info("definition %s was removed (its problems with it)", f)
+                log.info("definition file %s was removed (its problems with it)", f)
         self._problems = bad
-        merged: dict[str, list[ServiceDefinition]] = {}
-        for f in set(by_file) | set(self._file_services):
-            # A file with problems was listed, so it is present (one deleted
-            # while being read is dropped on the pass its deletion triggers).
-            if f in bad:
-                merged[f] = self._file_services.get(f, [])  # broken file: keep last good
-            elif f in by_file:
-                merged[f] = by_file[f]
-        self._file_services = merged
-        seen: dict[str, ServiceDefinition] = {}
-        for f in sorted(merged):
-            for d in merged[f]:
-                seen.setdefault(d.id, d)
-        services = sorted(seen.values(), key=lambda d: d.id)
-        self._ports.reserve(services)
+        if (result.owners, result.texts) != (self._defs.owners, self._defs.texts):
+            doc = {"owners": dict(result.owners), "files": dict(result.texts)}
+            try:
+                write_atomic(self._defs_path, json.dumps(doc, sort_keys=True).encode(), 0o640)
+            except MeshctlError as exc:
+                self._warn_once(f"cannot persist the last good definitions: {exc}")
+        self._defs = result
+        services = sorted(result.definitions, key=lambda d: d.id)
+        self._ports.reserve(services, lambda port: probe(port, "") is not None)
         return services
+
+    def _port_probe(self) -> PortProbe:
+        """Whether a listener port can be bound: the running proxy's own ports always can.
+
+        Answers are cached for one pass; a port found taken is refused before
+        rendering, so one bad definition never makes the proxy refuse (and
+        retry) the whole host's config.
+        """
+        snap = self._last_snapshot
+        ours: set[int] = set()
+        if snap is not None and self.driver.running():
+            ours = {i.listen_port for i in snap.inbounds} | {o.bind_port for o in snap.outbounds}
+        address = self._address
+        cache: dict[tuple[str, int], str | None] = {}
+
+        def probe(port: int, bind_address: str) -> str | None:
+            if port in ours:
+                return None
+            key = (bind_address or address, port)
+            if key not in cache:
+                cache[key] = port_unavailable(*key)
+            return cache[key]
+
+        return probe
 
     def _sidecar_address(self) -> str:
         if not self._address:
@@ -846,25 +884,76 @@ def plan_once(cfg: AgentConfig) -> tuple[Snapshot, dict[str, str]]:
     return snapshot, make_driver(cfg).render_config(snapshot).files
 
 
+def port_unavailable(address: str, port: int) -> str | None:
+    """Why a proxy could not bind TCP ``address:port`` now (another process holds it), or None.
+
+    ``address`` "" is every address. Bound with SO_REUSEADDR as nginx and
+    HAProxy bind, so connections in TIME_WAIT do not count; nothing listens.
+    """
+    where = f"[{address}]:{port}" if ":" in address else f"{address or '*'}:{port}"
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+        except OSError as exc:
+            # Only a port another process holds is this check's business; any
+            # other bind error (an address not on the host ...) is the proxy's
+            # to report, with its own words.
+            if exc.errno == errno.EADDRINUSE:
+                return (f"{where} is in use by another process (not this host's meshctl "
+                        "proxy); stop that process or choose another port")
+    return None
+
+
+def _read_last_good(path: Path) -> DefinitionSet:
+    """The definitions the agent persisted (owners and file texts); empty if unusable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return DefinitionSet()
+    if not isinstance(data, dict):
+        return DefinitionSet()
+
+    def strings(value: object) -> dict[str, str]:
+        if not isinstance(value, dict):
+            return {}
+        return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+    return DefinitionSet.restore(strings(data.get("files")), strings(data.get("owners")))
+
+
 class _PortBook:
     """Stable sidecar ports: explicit ones from definitions, else allocated and remembered."""
 
     def __init__(self, path: Path, low: int, high: int, persist: bool = True) -> None:
         self.path, self.low, self.high, self.persist = path, low, high, persist
         self.fixed: set[int] = set()
+        self.busy: Callable[[int], bool] = lambda port: False
         try:
             self.ports: dict[str, int] = json.loads(path.read_text())
         except (OSError, ValueError):
             self.ports = {}
 
-    def reserve(self, services: list[ServiceDefinition]) -> None:
-        """Ports fixed in definitions (sidecar or upstream listeners) are never allocated."""
+    def reserve(self, services: list[ServiceDefinition],
+                busy: Callable[[int], bool] | None = None) -> None:
+        """Ports fixed in definitions (sidecar, upstream or the apps' own) are never allocated.
+
+        ``busy``: whether another process holds a port (the proxy's own never
+        count); an allocation it holds moves, and allocating skips such ports.
+        """
+        self.busy = busy or (lambda port: False)
         self.fixed = {d.sidecar_port for d in services if d.sidecar_port} | {
-            u.local_bind_port for d in services for u in d.upstreams}
+            u.local_bind_port for d in services for u in d.upstreams} | {
+            d.port for d in services}
         for sid, port in list(self.ports.items()):
             if port in self.fixed and not any(d.id == sid and d.sidecar_port == port
                                               for d in services):
                 del self.ports[sid]  # a definition now fixes this port: move the allocation
+            elif any(d.id == sid and not d.sidecar_port for d in services) and self.busy(port):
+                log.warning("sidecar port %d of %s is taken by another process: moving it",
+                            port, sid)
+                del self.ports[sid]
 
     def port_for(self, d: ServiceDefinition) -> int:
         if d.sidecar_port:
@@ -873,13 +962,53 @@ class _PortBook:
             return self.ports[d.id]
         used = set(self.ports.values()) | self.fixed
         for port in range(self.low, self.high + 1):
-            if port not in used:
+            if port not in used and not self.busy(port):
                 self.ports[d.id] = port
                 if self.persist:
                     write_atomic(self.path, json.dumps(self.ports, sort_keys=True).encode(),
                                  0o644)
                 return port
         raise CompileError(f"{d.source}: no free sidecar port left in {self.low}-{self.high}")
+
+
+def _pid_path(cfg: AgentConfig) -> Path:
+    return cfg.run_dir / "agent.pid"
+
+
+def running_agent(cfg: AgentConfig) -> int | None:
+    """The pid of the meshctl agent running with this config's run_dir, or None."""
+    try:
+        pid = int(_pid_path(cfg).read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
+    # A stale pid file whose pid now belongs to another program does not count.
+    return pid if b"meshctl" in cmdline else None
+
+
+def deregister_host(cfg: AgentConfig) -> list[str]:
+    """Remove every service (and sidecar) meshctl registered on this host's Consul agent.
+
+    For decommissioning or draining a host: a plain agent stop keeps them (see
+    ``deregister_on_exit``). Returns the service ids removed. Raises ConfigError
+    while the agent runs (it would register them again at its next sync), and
+    ConsulError.
+    """
+    pid = running_agent(cfg)
+    if pid is not None:
+        raise ConfigError(
+            f"the meshctl agent is running (pid {pid}): it would register the services again; "
+            "stop it first (systemctl stop meshctl-agent), or run it with --deregister-on-exit"
+        )
+    consul = ConsulClient(cfg.consul)
+    try:
+        ids = sorted(consul.registered_ids())
+        for sid in ids:
+            consul.deregister(sid)
+            log.info("deregistered %s", sid)
+    finally:
+        consul.close()
+    return ids
 
 
 def make_driver(cfg: AgentConfig) -> ProxyDriver:

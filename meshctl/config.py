@@ -86,7 +86,8 @@ class AgentConfig:
     proxy_shutdown_timeout: int = 10
     sidecar_port_min: int = 21000
     sidecar_port_max: int = 21255
-    deregister_on_exit: bool = True
+    # A stop is usually a restart: registrations stay unless asked (see README).
+    deregister_on_exit: bool = False
     default_intention_action: str = "deny"
     wait_min: float = 0.1
     wait_max: float = 1.0
@@ -134,6 +135,36 @@ _ENV: dict[tuple[str, str], str] = {
 }
 
 
+def _typed(where: str, name: str, value: Any, default: Any) -> None:
+    """Refuse a TOML value of the wrong type, a quoted number or boolean included.
+
+    TOML has types: ``wait_min = "0.1"`` or ``deregister_on_exit = "false"`` is
+    a string, usually a quoting mistake (``"false"`` read as text would mean
+    the opposite in many tools), so it is named with the fix, not guessed at.
+    """
+    if isinstance(default, bool):
+        want, ok = "true or false", isinstance(value, bool)
+    elif isinstance(default, int):
+        want, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        want = "a number"
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        return
+    if ok:
+        return
+    if isinstance(value, str):
+        try:
+            _coerce(where, name, value, default)
+        except ConfigError:
+            raise ConfigError(f"{where}: {name}: expected {want}, got the string {value!r}"
+                              ) from None
+        raise ConfigError(f"{where}: {name}: expected {want}, got the string {value!r}: "
+                          "write it without quotes")
+    got = "a boolean" if isinstance(value, bool) else type(value).__name__
+    raise ConfigError(f"{where}: {name}: expected {want}, got {got} {value!r}")
+
+
 def _coerce(where: str, name: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -160,7 +191,9 @@ def _coerce(where: str, name: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _merge(obj: Any, values: Mapping[str, Any], where: str, prefix: str = "") -> Any:
+def _merge(obj: Any, values: Mapping[str, Any], where: str, prefix: str = "",
+           typed: bool = False) -> Any:
+    """``obj`` with ``values`` applied; ``typed``: values carry their own types (TOML)."""
     known = {f.name: f for f in fields(obj)}
     changes: dict[str, Any] = {}
     for key, value in values.items():
@@ -170,8 +203,10 @@ def _merge(obj: Any, values: Mapping[str, Any], where: str, prefix: str = "") ->
         if isinstance(current, ConsulSettings | VaultSettings):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: {prefix}{key}: expected a table")
-            changes[key] = _merge(current, value, where, f"{prefix}{key}.")
+            changes[key] = _merge(current, value, where, f"{prefix}{key}.", typed)
         else:
+            if typed:
+                _typed(where, prefix + key, value, current)
             changes[key] = _coerce(where, prefix + key, value, current)
     return replace(obj, **changes)
 
@@ -238,7 +273,7 @@ def load_config(
             data = tomllib.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-        cfg = _merge(cfg, data, where)
+        cfg = _merge(cfg, data, where, typed=True)
     from_env: dict[str, Any] = {}
     for (section, key), var in _ENV.items():
         if env.get(var):
@@ -251,3 +286,44 @@ def load_config(
         where = f"{where} + flags"
     _validate(cfg, where)
     return cfg
+
+
+# (setting, what the file holds) of every file the agent reads at run time.
+_FILES = (
+    ("consul.cacert", "a CA certificate (PEM)"),
+    ("consul.client_cert", "a client certificate (PEM)"),
+    ("consul.client_key", "a client key (PEM)"),
+    ("vault.cacert", "a CA certificate (PEM)"),
+    ("vault.client_cert", "a client certificate (PEM)"),
+    ("vault.client_key", "a client key (PEM)"),
+    ("vault.token_file", "a Vault token"),
+    ("vault.role_id_file", "the host's AppRole role id (from `meshctl vault setup --out`)"),
+    ("vault.secret_id_file", "the host's AppRole secret id (from `meshctl vault setup --out`)"),
+)
+
+
+def missing_files(cfg: AgentConfig, where: str) -> list[str]:
+    """The files the config names that the agent could not read, as ``where: setting: ...``.
+
+    Checked by ``meshctl validate --config`` (the agent would fail on them only
+    when it first talks to Consul or Vault). Reads only metadata, never contents.
+    """
+    problems: list[str] = []
+    for name, what in _FILES:
+        section, key = name.split(".")
+        if key in ("role_id_file", "secret_id_file") and cfg.vault.auth != "approle":
+            continue
+        value = getattr(getattr(cfg, section), key)
+        if not value:
+            continue
+        path = Path(value)
+        if not path.exists():
+            problems.append(f"{where}: {name}: {value} does not exist (it should hold {what})")
+        elif not path.is_file():
+            problems.append(f"{where}: {name}: {value} is not a regular file")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"{where}: {name}: {value} is not readable by this user "
+                            f"(uid {os.getuid()}); the agent runs as its unit's User=")
+        elif key.endswith(("_id_file", "token_file")) and path.stat().st_size == 0:
+            problems.append(f"{where}: {name}: {value} is empty (it should hold {what})")
+    return problems

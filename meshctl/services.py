@@ -16,7 +16,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -771,82 +771,188 @@ def _get(f: Mapping[str, tuple[str, Any]], key: str) -> tuple[Any, str]:
 
 # ---------------------------------------------------------------- cross-checks
 
+#: Whether a listener port can be bound on this host: None if it can (or it is
+#: already the agent's own), else why not. The address is the listener's
+#: bind address, "" for a sidecar (whose address only the agent knows).
+PortProbe = Callable[[int, str], "str | None"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One definition in the running for its id and ports, with what decides precedence."""
+
+    file: str
+    mtime: int  # ns; older files keep what a newer one also claims
+    path: str  # field path in the file: service / services[i]
+    index: int  # position in the file
+    defn: ServiceDefinition
+    established: bool  # served from this file already (or its last good version)
+
+    def rank(self) -> tuple[bool, int, str, int]:
+        return (not self.established, self.mtime, self.file, self.index)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    port: int
+    field: str
+    who: str  # the claimant, as the loser's message names it
+    # Claims with the same key may share the port (two instances of one service
+    # calling the same destination; two services on one app port); None: exclusive.
+    share: tuple[str, ...] | None
+    address: str | None  # where meshctl's proxy binds it (probed); None: the app's own port
+
+
+def _claims(entry: _Entry) -> list[_Claim]:
+    d, path = entry.defn, entry.path
+    # The service's own port first: the app listens there, so a sidecar or
+    # upstream listener of any definition on that port could never bind.
+    claims = [_Claim(d.port, f"{path}.port",
+                     f"service {d.id!r} itself (its port, {d.source})", ("app",), None)]
+    if d.sidecar_port is not None:
+        claims.append(_Claim(d.sidecar_port, f"{path}.connect.sidecar_service.port",
+                             f"the sidecar of service {d.id!r} ({d.source})", None, ""))
+    for i, up in enumerate(d.upstreams):
+        claims.append(_Claim(
+            up.local_bind_port,
+            f"{path}.connect.sidecar_service.proxy.upstreams[{i}].local_bind_port",
+            f"upstream {up.destination_name!r} of service {d.id!r} ({d.source})",
+            (d.name, up.destination_name, up.local_bind_address),
+            up.local_bind_address,
+        ))
+    return claims
+
+
+def _keeps_because(holder: _Entry, newcomer: _Entry) -> str:
+    """Why ``holder`` keeps a service id that ``newcomer`` also defines (said in the message)."""
+    if holder.established:
+        return "the agent serves it from there"
+    if holder.mtime < newcomer.mtime:
+        return "the older file"
+    return "same age; its file name sorts first"
+
 
 def _cross_check(
-    found: Sequence[tuple[str, ServiceDefinition]],
-) -> tuple[list[ServiceDefinition], list[Problem]]:
+    entries: Sequence[_Entry],
+    reserved: Mapping[str, str] | None = None,
+    probe: PortProbe | None = None,
+) -> tuple[list[_Entry], list[Problem]]:
     """Refuse duplicate service ids and listener ports across definitions.
 
-    The first definition (in file-name order) keeps an id or port; a later one
-    that collides is dropped and reported. Two instances of one service may
-    share an upstream listener (same service, destination and address), as
-    compile() merges them.
+    ``entries`` come in precedence order (see ``_Entry.rank``): the first to
+    claim an id or port keeps it, a later one that collides is refused and
+    named, with the holder's file. ``reserved``: ids that belong to a file
+    whose definitions are unknown now (present, but broken). ``probe`` tells
+    whether a listener port can be bound on this host at all.
     """
     problems: list[Problem] = []
-    kept: list[ServiceDefinition] = []
-    ids: dict[str, str] = {}
-    # port -> (who holds it, a sharing key or None when it cannot be shared)
-    ports: dict[int, tuple[str, tuple[str, str, str] | None]] = {}
-    for path, defn in found:
+    kept: list[_Entry] = []
+    ids: dict[str, _Entry] = {}
+    ports: dict[int, _Claim] = {}
+    for entry in entries:
+        defn = entry.defn
         trouble: list[Problem] = []
-        if defn.id in ids:
-            trouble.append(
-                Problem(
-                    defn.source,
-                    f"{path}.id",
-                    f"service id {defn.id!r} is already defined in {ids[defn.id]}",
-                )
-            )
-        claims: list[tuple[int, str, str, tuple[str, str, str] | None]] = []
-        if defn.sidecar_port is not None:
-            claims.append(
-                (
-                    defn.sidecar_port,
-                    f"{path}.connect.sidecar_service.port",
-                    f"the sidecar of service {defn.id!r} ({defn.source})",
-                    None,
-                )
-            )
-        for i, up in enumerate(defn.upstreams):
-            claims.append(
-                (
-                    up.local_bind_port,
-                    f"{path}.connect.sidecar_service.proxy.upstreams[{i}].local_bind_port",
-                    f"upstream {up.destination_name!r} of service {defn.id!r} ({defn.source})",
-                    (defn.name, up.destination_name, up.local_bind_address),
-                )
-            )
-        mine: dict[int, tuple[str, tuple[str, str, str] | None]] = {}
-        for port, field_path, who, share in claims:
-            holder = mine.get(port) or ports.get(port)
-            if holder is not None and (share is None or holder[1] != share):
-                trouble.append(
-                    Problem(defn.source, field_path, f"port {port} is already used by {holder[0]}")
-                )
+        holder = ids.get(defn.id)
+        if holder is not None and holder.file == entry.file:
+            trouble.append(Problem(defn.source, f"{entry.path}.id",
+                                   f"service id {defn.id!r} is already defined in {holder.file}"))
+        elif holder is not None:
+            trouble.append(Problem(
+                defn.source, f"{entry.path}.id",
+                f"service id {defn.id!r} is already defined in {holder.file}, which keeps it "
+                f"({_keeps_because(holder, entry)}); this definition is refused: give it "
+                "another id, or remove one of the two"))
+        elif reserved and defn.id in reserved and reserved[defn.id] != entry.file:
+            trouble.append(Problem(
+                defn.source, f"{entry.path}.id",
+                f"service id {defn.id!r} is already defined in {reserved[defn.id]}, which keeps "
+                "it (the agent registered it from there; that file has problems of its own "
+                "now); this definition is refused: give it another id, or fix or remove the "
+                "other file"))
+        mine: dict[int, _Claim] = {}
+        for claim in _claims(entry):
+            other = mine.get(claim.port) or ports.get(claim.port)
+            if other is not None and (claim.share is None or other.share != claim.share):
+                trouble.append(Problem(defn.source, claim.field,
+                                       f"port {claim.port} is already used by {other.who}"))
             else:
-                mine[port] = (who, share)
+                mine.setdefault(claim.port, claim)
+        if not trouble and probe is not None:
+            for claim in _claims(entry):
+                why = probe(claim.port, claim.address) if claim.address is not None else None
+                if why:
+                    trouble.append(Problem(defn.source, claim.field, f"port {claim.port}: {why}"))
         if trouble:
             problems.extend(trouble)
             continue
-        ids[defn.id] = defn.source
+        ids[defn.id] = entry
         ports.update(mine)
-        kept.append(defn)
+        kept.append(entry)
     return kept, problems
 
 
 # ---------------------------------------------------------------- public API
 
 
-def _parse_one(path: Path) -> tuple[list[tuple[str, ServiceDefinition]], list[Problem]]:
-    text, problem = _read_text(path)
-    if problem is not None or text is None:
-        return [], [problem] if problem else []
+@dataclass(frozen=True)
+class DefinitionSet:
+    """services.d as the agent runs it.
+
+    ``files``: each file's accepted definitions with their field paths (a
+    broken file's last good ones, when the agent had them); ``owners``: the
+    file each service id belongs to, kept from pass to pass (and across
+    restarts) so a newcomer can never take an id over, whatever its name;
+    ``texts``: the accepted content of each file of ``files``, which is what
+    the agent persists (see :meth:`restore`).
+    """
+
+    files: Mapping[str, tuple[tuple[str, ServiceDefinition], ...]] = field(default_factory=dict)
+    problems: tuple[Problem, ...] = ()
+    owners: Mapping[str, str] = field(default_factory=dict)
+    texts: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def restore(cls, texts: Mapping[str, str], owners: Mapping[str, str]) -> DefinitionSet:
+        """The set an agent persisted (``texts``, ``owners``), parsed again by the same grammar.
+
+        So a file that is broken when the agent restarts keeps its last good
+        definitions, as it does while the agent runs. A text that no longer
+        parses (an older meshctl's) is dropped; its ids stay with their owner.
+        """
+        files: dict[str, tuple[tuple[str, ServiceDefinition], ...]] = {}
+        kept: dict[str, str] = {}
+        for name, text in sorted(texts.items()):
+            found, problems = _parse_found(text, Path(name))
+            if found and not problems:
+                files[name], kept[name] = tuple(found), text
+        return cls(files, (), dict(owners), kept)
+
+    @property
+    def definitions(self) -> list[ServiceDefinition]:
+        """Every accepted definition, in file-name order (ids are unique)."""
+        return [d for _, defs in sorted(self.files.items()) for _, d in defs]
+
+
+def _parse_found(
+    text: str, path: Path
+) -> tuple[list[tuple[str, ServiceDefinition]], list[Problem]]:
     data, problem = _parse_text(text, path)
     if problem is not None:
         return [], [problem]
     reader = _Reader(str(path))
     found = reader.document(data)
     return found, reader.problems
+
+
+def _parse_one(
+    path: Path,
+) -> tuple[list[tuple[str, ServiceDefinition]], list[Problem], str | None]:
+    """A file's definitions (with field paths), its problems, and its text if it was read."""
+    text, problem = _read_text(path)
+    if problem is not None or text is None:
+        return [], [problem] if problem else [], None
+    found, problems = _parse_found(text, path)
+    return found, problems, text
 
 
 def parse_definition_file(path: str | os.PathLike[str]) -> list[ServiceDefinition]:
@@ -856,33 +962,58 @@ def parse_definition_file(path: str | os.PathLike[str]) -> list[ServiceDefinitio
     too large, binary, not UTF-8, too deeply nested, syntax, unknown keys,
     invalid values, ids or listener ports used twice within the file).
     """
-    found, problems = _parse_one(Path(path))
-    kept, cross = _cross_check(found)
+    where = str(path)
+    found, problems, _ = _parse_one(Path(path))
+    entries = [_Entry(where, 0, p, i, d, False) for i, (p, d) in enumerate(found)]
+    kept, cross = _cross_check(entries)
     problems.extend(cross)
     if problems:
         raise DefinitionError(problems)
-    return kept
+    return [e.defn for e in kept]
 
 
-def load_definitions(
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def read_definitions(
     directory: str | os.PathLike[str],
-) -> tuple[list[ServiceDefinition], list[Problem]]:
-    """Load every ``*.json`` / ``*.hcl`` definition of ``directory``.
+    previous: DefinitionSet | None = None,
+    probe: PortProbe | None = None,
+) -> DefinitionSet:
+    """Read every ``*.json`` / ``*.hcl`` definition of ``directory``.
 
-    Returns the valid definitions and every problem found. Files are read in
-    name order; hidden and editor files (``.*``, ``*~``, ``*.swp``) and other
-    suffixes are ignored. A bad service never hides good ones: it is left out
-    and reported, as is a later definition whose id or listener port collides
-    with an earlier one. Never raises for a bad file; a directory that cannot
-    be listed is reported as a problem.
+    Files are read in name order; hidden and editor files (``.*``, ``*~``,
+    ``*.swp``) and other suffixes are ignored. A bad service never hides good
+    ones: it is left out and reported, and so is a definition whose id or
+    listener port another one already holds. Who holds it: the definition
+    the agent already serves (``previous.owners``), else the older file, else
+    the file whose name sorts first; the refused one's problem names both
+    files. ``probe`` refuses listener ports that cannot be bound on this host.
+
+    With ``previous`` (the agent), a file with any problem keeps its last good
+    definitions (none if it never had any) and the ids it owned, and an
+    unreadable directory keeps everything; without it (``meshctl validate``)
+    the good services of a partly broken file are kept. Never raises.
     """
     root = Path(directory)
+    keep = None if previous is None else previous.files
+    owners: Mapping[str, str] = {} if previous is None else previous.owners
     try:
         names = sorted(entry.name for entry in os.scandir(root) if _is_candidate(entry.name))
     except OSError as exc:
-        return [], [Problem(str(root), FILE_FIELD, f"cannot list directory: {exc.strerror}")]
-    found: list[tuple[str, ServiceDefinition]] = []
+        problem = Problem(str(root), FILE_FIELD, f"cannot list directory: {exc.strerror}")
+        if previous is None:
+            return DefinitionSet(problems=(problem,))
+        return DefinitionSet(previous.files, (problem,), previous.owners, previous.texts)
     problems: list[Problem] = []
+    candidates: dict[str, list[tuple[str, ServiceDefinition]]] = {}
+    mtimes: dict[str, int] = {}
+    replaced: set[str] = set()  # files standing in with their last good definitions
+    texts: dict[str, str] = {}
     for name in names:
         path = root / name
         if path.is_dir():
@@ -893,9 +1024,57 @@ def load_definitions(
                 Problem(where, FILE_FIELD, "file name has control characters; not read")
             )
             continue
-        file_found, file_problems = _parse_one(path)
-        found.extend(file_found)
+        found, file_problems, text = _parse_one(path)
         problems.extend(file_problems)
-    kept, cross = _cross_check(found)
-    problems.extend(cross)
-    return kept, problems
+        mtimes[str(path)] = _mtime_ns(path)
+        if file_problems and keep is not None:
+            candidates[str(path)] = list(keep.get(str(path), ()))
+            replaced.add(str(path))
+        else:
+            candidates[str(path)] = found
+            if text is not None:
+                texts[str(path)] = text
+    # An owner that is present but whose definitions are unknown (broken since
+    # the agent started) keeps its ids: refusing a newcomer is the safe side.
+    reserved = {
+        sid: f for sid, f in owners.items()
+        if f in replaced and not any(d.id == sid for _, d in candidates[f])
+    }
+    while True:
+        entries = sorted(
+            (_Entry(f, mtimes[f], p, i, d, f in replaced or owners.get(d.id) == f)
+             for f, found in candidates.items() for i, (p, d) in enumerate(found)),
+            key=_Entry.rank,
+        )
+        kept, cross = _cross_check(entries, reserved, probe)
+        problems.extend(p for p in cross if p not in problems)
+        newly = {p.file for p in cross} - replaced
+        if keep is None or not newly:
+            break
+        # The agent: a file refused here keeps its last good definitions too.
+        # Each round replaces at least one file for good, so this ends.
+        for f in newly:
+            candidates[f] = list(keep.get(f, ()))
+            replaced.add(f)
+            texts.pop(f, None)
+    files: dict[str, list[tuple[str, ServiceDefinition]]] = {}
+    for e in sorted(kept, key=lambda e: (e.file, e.index)):
+        files.setdefault(e.file, []).append((e.path, e.defn))
+    new_owners = {e.defn.id: e.file for e in kept} | reserved
+    old_texts = {} if previous is None else previous.texts
+    accepted = {f: texts[f] if f in texts else old_texts.get(f, "") for f in files}
+    return DefinitionSet({f: tuple(v) for f, v in files.items()}, tuple(problems), new_owners,
+                         {f: t for f, t in accepted.items() if t})
+
+
+def load_definitions(
+    directory: str | os.PathLike[str],
+) -> tuple[list[ServiceDefinition], list[Problem]]:
+    """Load every ``*.json`` / ``*.hcl`` definition of ``directory``, as ``meshctl validate``.
+
+    Returns the valid definitions (in file-name order) and every problem found; see
+    :func:`read_definitions`, of which this is the offline form. Never raises
+    for a bad file; a directory that cannot be listed is reported as a problem.
+    """
+    result = read_definitions(directory)
+    return result.definitions, list(result.problems)

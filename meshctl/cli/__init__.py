@@ -37,6 +37,7 @@ def _register() -> None:
     cli.add_command(agent.agent)
     cli.add_command(agent.status)
     cli.add_command(agent.render)
+    cli.add_command(agent.deregister)
 
     from meshctl.cli import validate
 

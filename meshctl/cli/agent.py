@@ -36,6 +36,12 @@ def _load(config_path: Path | None, **overrides: Any) -> AgentConfig:
 @click.option("--proxy", default=None, help="Proxy driver name (nginx, haproxy, ...).")
 @click.option("--services-dir", default=None, help="Override services_dir.")
 @click.option(
+    "--deregister-on-exit/--keep-registrations-on-exit",
+    default=None,
+    help="Override deregister_on_exit: remove this host's services from Consul when the "
+    "agent stops (default: keep them, so a restart or upgrade is invisible).",
+)
+@click.option(
     "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
 )
 def agent(
@@ -43,9 +49,14 @@ def agent(
     node_name: str | None,
     proxy: str | None,
     services_dir: str | None,
+    deregister_on_exit: bool | None,
     log_level: str,
 ) -> None:
-    """Run the host agent (register, certificates, discovery, proxy) until SIGTERM."""
+    """Run the host agent (register, certificates, discovery, proxy) until SIGTERM.
+
+    On SIGTERM the proxy keeps serving and the registrations stay (unless
+    deregister_on_exit); `meshctl deregister` removes them.
+    """
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
         stream=sys.stderr,
@@ -53,10 +64,30 @@ def agent(
     )
     for noisy in ("urllib3", "watchdog", "hvac"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cfg = _load(config_path, node_name=node_name, proxy=proxy, services_dir=services_dir)
+    cfg = _load(config_path, node_name=node_name, proxy=proxy, services_dir=services_dir,
+                deregister_on_exit=deregister_on_exit)
     from meshctl.agent import run_agent
 
     run_agent(cfg)
+
+
+@click.command()
+@config_option
+def deregister(config_path: Path | None) -> None:
+    """Remove this host's services and sidecars from Consul (decommission, drain).
+
+    Refused while the agent runs, which would register them again: stop it
+    first. The proxy is not touched; stop it with the unit
+    (`systemctl kill --kill-whom=all meshctl-agent`) once traffic has moved.
+    """
+    cfg = _load(config_path)
+    from meshctl.agent import deregister_host
+
+    ids = deregister_host(cfg)
+    if ids:
+        click.echo(f"deregistered from Consul at {cfg.consul.addr}: " + ", ".join(ids))
+    else:
+        click.echo(f"nothing of this host registered by meshctl in Consul at {cfg.consul.addr}")
 
 
 def _ago(ts: float | None) -> str:

@@ -1,7 +1,8 @@
-"""``meshctl validate``: check a services.d directory (and optionally the agent config)."""
+"""``meshctl validate``: check a services.d directory and/or the agent config."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,9 @@ from typing import Any
 import click
 
 from meshctl.cli._output import emit, table
-from meshctl.config import AgentConfig, load_config
-from meshctl.errors import ConfigError, Problem
+from meshctl.config import AgentConfig, load_config, missing_files
+from meshctl.errors import ConfigError, DriverNotFound, Problem
+from meshctl.proxy.base import load_driver
 from meshctl.services import ServiceDefinition, load_definitions
 
 
@@ -43,6 +45,16 @@ def _against_config(defs: list[ServiceDefinition], cfg: AgentConfig) -> list[Pro
     return problems
 
 
+def _host_checks(cfg: AgentConfig, where: str) -> list[str]:
+    """What the agent would refuse on this host beyond the file's grammar."""
+    problems: list[str] = []
+    try:
+        load_driver(cfg.proxy)
+    except DriverNotFound as exc:
+        problems.append(f"{where}: proxy: {exc}")
+    return problems + missing_files(cfg, where)
+
+
 def _service_row(d: ServiceDefinition) -> dict[str, Any]:
     return {
         "name": d.name,
@@ -66,30 +78,49 @@ def _service_row(d: ServiceDefinition) -> dict[str, Any]:
 
 
 @click.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Also check this agent config (TOML, without the environment) and the "
-    "definitions against it.",
+    help="Also check this agent config (TOML) as the agent loads it: settings, proxy "
+    "driver, the files it names; and the definitions against it.",
+)
+@click.option(
+    "--environment",
+    "with_env",
+    is_flag=True,
+    help="Apply the environment to --config as the agent does (CONSUL_HTTP_ADDR, "
+    "MESHCTL_PROXY ...); what the systemd unit runs before it starts the agent.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def validate(directory: Path, config_path: Path | None, as_json: bool) -> None:
-    """Check the service definitions in DIRECTORY; exit 1 if anything is wrong.
+def validate(
+    directory: Path | None, config_path: Path | None, with_env: bool, as_json: bool
+) -> None:
+    """Check the service definitions in DIRECTORY and/or the agent config; exit 1 if
+    anything is wrong.
 
-    Prints every problem as ``file: field: what is wrong``, or a summary of
-    the services when all is well.
+    Prints every problem as ``file: field: what is wrong``, or a summary when
+    all is well. With only --config, the definitions are not checked: the
+    agent refuses a bad definition file on its own and serves the rest, so a
+    start is never refused for one.
     """
-    defs, problems = load_definitions(directory)
+    if directory is None and config_path is None:
+        raise click.UsageError("give a services.d DIRECTORY, --config FILE, or both")
+    defs: list[ServiceDefinition] = []
+    problems: list[Problem] = []
+    if directory is not None:
+        defs, problems = load_definitions(directory)
     config_errors: list[str] = []
+    cfg: AgentConfig | None = None
     if config_path is not None:
         try:
-            cfg = load_config(config_path, env={})
+            cfg = load_config(config_path, env=os.environ if with_env else {})
         except ConfigError as exc:
             config_errors.append(str(exc))
         else:
+            config_errors += _host_checks(cfg, str(config_path))
             problems += _against_config(defs, cfg)
     ok = not problems and not config_errors
     data = {
@@ -98,7 +129,17 @@ def validate(directory: Path, config_path: Path | None, as_json: bool) -> None:
         + [{"file": str(config_path), "field": "(config)", "message": m} for m in config_errors],
         "services": [_service_row(d) for d in defs],
     }
-    if ok:
+    if not ok:
+        lines = [str(p) for p in problems] + config_errors
+        count = len(lines)
+        human = "\n".join(lines) + f"\n\n{count} problem{'s' if count != 1 else ''} found"
+    elif directory is None:
+        assert cfg is not None
+        human = (
+            f"{config_path}: valid (proxy {cfg.proxy}); the definitions are checked with "
+            f"`meshctl validate {cfg.services_dir} --config {config_path}`"
+        )
+    else:
         rows = [
             [
                 d.name,
@@ -115,10 +156,6 @@ def validate(directory: Path, config_path: Path | None, as_json: bool) -> None:
         human = f"{len(defs)} service(s) in {directory}: all valid\n\n" + table(
             ["name", "id", "port", "sidecar", "upstreams"], rows
         )
-    else:
-        lines = [str(p) for p in problems] + config_errors
-        count = len(lines)
-        human = "\n".join(lines) + f"\n\n{count} problem{'s' if count != 1 else ''} found"
     emit(data, as_json, human)
     if not ok:
         sys.exit(1)

@@ -261,7 +261,8 @@ class Mesh:
         return self.setup
 
     def stop(self) -> None:
-        """Stop every agent (deregistering); the lab stops the proxies with the namespaces."""
+        """Stop every agent (registrations stay, as on a real stop); the lab stops the proxies
+        and Consul with the namespaces."""
         for mh in self.hosts.values():
             mh.stop_agent()
 

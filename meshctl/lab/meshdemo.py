@@ -232,5 +232,5 @@ def mesh_demo(lab: Lab, proxy: str = "nginx") -> None:
     _say("meshctl status on h1:")
     _say(h1.meshctl("status").stdout.rstrip())
     _say()
-    _say("tearing down: agents deregister, the lab removes its namespaces and processes")
+    _say("tearing down: agents stop, the lab removes its namespaces and processes")
     mesh.stop()

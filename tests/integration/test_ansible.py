@@ -202,6 +202,8 @@ def _inventory(work: Path, bao: OpenBao) -> dict[str, Any]:
                         "meshctl_config_owner": user,
                         "meshctl_bin": MESHCTL,
                         "meshctl_manage_service": False,
+                        # What a managed host runs before its restart, here without one.
+                        "meshctl_validate_before_restart": True,
                         "meshctl_consul_token": "consul-secret-token",
                         "meshctl_environment": {"CONSUL_HTTP_SSL_VERIFY": "true"},
                     },
@@ -336,6 +338,14 @@ def test_rollout_renders_a_config_the_agent_loads(rollout: Rollout) -> None:
     unit = (rollout.host_root(HOST) / "etc/systemd/system/meshctl-agent.service").read_text()
     assert f"ExecStart={MESHCTL} agent --config {rollout.config(HOST)}\n" in unit
     assert "KillMode=process\n" in unit
+    # A start, a reload and the role's restart are each preceded by the agent's own check.
+    check = f"{MESHCTL} validate --config {rollout.config(HOST)} --environment\n"
+    assert f"\nExecStartPre={check}" in unit and f"\nExecReload={check}" in unit
+    handler = re.search(r"^RUNNING HANDLER \[meshctl : Check the live configuration before the "
+                        r"agent restarts\][^\n]*\n(\w+): \[web-01\]", rollout.first.stdout, re.M)
+    assert handler and handler.group(1) == "ok", _show(rollout.first)
+    assert rollout.first.stdout.index("RUNNING HANDLER [meshctl : Restart meshctl agent]") > (
+        handler.start())
 
 
 def test_credentials_issue_only_the_hosts_own_certificates(rollout: Rollout) -> None:
@@ -398,14 +408,16 @@ def test_packaged_unit_is_the_roles_rendering_with_defaults(background: dict[str
 def test_packaged_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     text = UNIT.read_text()
     assert "ExecStart=/opt/meshctl/bin/meshctl agent --config /etc/meshctl/agent.toml\n" in text
+    check = "/opt/meshctl/bin/meshctl validate --config /etc/meshctl/agent.toml --environment\n"
+    assert f"\nExecStartPre={check}" in text
+    assert f"\nExecReload={check}ExecReload=/bin/kill -HUP $MAINPID\n" in text
     for line in ("Restart=on-failure", "KillMode=process", "RuntimeDirectory=meshctl",
                  "RuntimeDirectoryMode=0750", "RuntimeDirectoryPreserve=yes",
                  "StateDirectory=meshctl", "User=meshctl"):
         assert f"\n{line}\n" in text, line
     # verify also checks that ExecStart exists: point it at an executable that does.
     unit = tmp_path / "meshctl-agent.service"
-    unit.write_text(
-        text.replace("ExecStart=/opt/meshctl/bin/meshctl", f"ExecStart={sys.executable}"))
+    unit.write_text(text.replace("=/opt/meshctl/bin/meshctl", f"={sys.executable}"))
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
                           timeout=60)
     # Unknown or misspelt settings are only warned about: any output is a failure.

@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +233,7 @@ def test_removing_a_broken_definition_says_removed_not_valid_again(
     bad.unlink()
     with caplog.at_level(logging.INFO, logger="meshctl.agent"):
         agent._read_definitions()
-    assert f"definition {bad} was removed" in caplog.text, caplog.text
+    assert f"definition file {bad} was removed" in caplog.text, caplog.text
     assert "valid again" not in caplog.text
     bad.write_text('{"service": {"name": "web", "port": "not a port"}}')
     agent._read_definitions()
@@ -276,3 +277,77 @@ def test_cached_leaf_with_vault_down_sets_the_expiry_metric_and_leaving_removes_
     web.unlink()
     agent.reconcile()
     assert cert_expiry("web") is None
+
+
+def test_a_port_another_process_holds_refuses_only_that_definition(
+    make_agent: Callable[[], Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = make_agent()
+    define(agent, "api")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        web = agent.cfg.services_dir / "web.json"
+        web.write_text(json.dumps({"service": {"name": "web", "port": 8081, "connect": {
+            "sidecar_service": {"proxy": {"upstreams": [
+                {"destination_name": "api", "local_bind_port": port}]}}}}}))
+        assert [d.id for d in agent._read_definitions()] == ["api"]
+        [problem] = agent._problems[str(web)]
+        assert problem.field == "service.connect.sidecar_service.proxy.upstreams[0].local_bind_port"
+        assert f"127.0.0.1:{port} is in use by another process" in problem.message
+        assert f"definition refused (not served; the rest of the host is): {web}" in caplog.text
+    # Freed: served at the next pass.
+    assert [d.id for d in agent._read_definitions()] == ["api", "web"]
+    assert agent._problems == {}
+
+
+def test_which_file_owns_an_id_survives_a_restart(make_agent: Callable[[], Agent]) -> None:
+    first = make_agent()
+    owner = define(first, "api")
+    assert [d.source for d in first._read_definitions()] == [str(owner)]
+    # A newcomer, older by mtime and first by name, while the agent is stopped.
+    dup = first.cfg.services_dir / "00-dup.json"
+    dup.write_text(json.dumps({"service": {"name": "api", "port": 9999}}))
+    then = time.time() - 3600
+    os.utime(dup, (then, then))
+    restarted = make_agent()
+    assert [(d.source, d.port) for d in restarted._read_definitions()] == [(str(owner), 8080)]
+    assert "the agent serves it from there" in str(restarted._problems[str(dup)][0])
+
+
+def test_a_plain_stop_keeps_the_registrations(make_agent: Callable[[], Agent]) -> None:
+    agent = make_agent()
+    consul = RecordingConsul(set())
+    agent.consul = consul  # type: ignore[assignment]
+    define(agent, "web")
+    agent.reconcile()
+    consul.calls.clear()
+    agent._shutdown()
+    assert consul.calls == []
+    asked = make_agent()
+    asked.cfg = replace(asked.cfg, deregister_on_exit=True)
+    asked.consul = consul  # type: ignore[assignment]
+    asked.reconcile()
+    asked._shutdown()
+    assert ("deregister", "web") in consul.calls
+
+
+def test_a_file_broken_while_the_agent_was_stopped_keeps_its_last_good_version(
+    make_agent: Callable[[], Agent]
+) -> None:
+    first = make_agent()
+    consul = RecordingConsul(set())
+    first.consul = consul  # type: ignore[assignment]
+    api = define(first, "api")
+    first.reconcile()
+    first._shutdown()
+    api.write_text('{"service": {"name": "api", "port": "8080"}}')  # a typo meanwhile
+    restarted = make_agent()
+    restarted.consul = consul  # type: ignore[assignment]
+    assert [(d.id, d.port) for d in restarted._read_definitions()] == [("api", 8080)]
+    consul.calls.clear()
+    restarted._next_sync = 0.0  # the anti-entropy pass of a start
+    restarted.reconcile()
+    assert ("deregister", "api") not in consul.calls and "api" in consul.registered
+    assert "service.port" in str(restarted._problems[str(api)][0])

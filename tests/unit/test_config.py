@@ -52,3 +52,40 @@ def test_bad_config_names_file_and_field(tmp_path: Path, text: str, needle: str)
         load_config(f, env={})
     assert str(f) in str(err.value) or "defaults" in str(err.value)
     assert needle in str(err.value)
+
+
+def test_deregister_on_exit_is_off_by_default() -> None:
+    # A stop is usually a restart or an upgrade: it must not take the host out of the mesh.
+    assert load_config(env={}).deregister_on_exit is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('wait_min = "0.1"', "wait_min: expected a number, got the string '0.1': write it "
+         "without quotes"),
+        ('sidecar_port_min = "21000"', "sidecar_port_min: expected an integer, got the string "
+         "'21000': write it without quotes"),
+        ('deregister_on_exit = "false"', "deregister_on_exit: expected true or false, got the "
+         "string 'false': write it without quotes"),
+        ('sync_interval = "5s"', "sync_interval: expected a number, got the string '5s'"),
+        ("proxy_shutdown_timeout = true", "proxy_shutdown_timeout: expected an integer, got a "
+         "boolean True"),
+        ("sidecar_port_max = 21000.5", "sidecar_port_max: expected an integer, got float 21000.5"),
+    ],
+)
+def test_a_value_of_the_wrong_type_in_the_file_is_named(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(text + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f, env={})
+    assert str(err.value) == f"{f}: {message}"
+
+
+def test_flags_may_still_give_values_as_text(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text("wait_min = 0\nsidecar_port_max = 21100\n")  # a TOML integer is a number too
+    cfg = load_config(f, env={}, overrides={"deregister_on_exit": "true"})
+    assert (cfg.wait_min, cfg.sidecar_port_max, cfg.deregister_on_exit) == (0.0, 21100, True)

@@ -17,10 +17,12 @@ from meshctl.services import (
     MAX_FILE_BYTES,
     SERVICE_NAME,
     Check,
+    DefinitionSet,
     ServiceDefinition,
     Upstream,
     load_definitions,
     parse_definition_file,
+    read_definitions,
 )
 
 FULL_SNAKE = {
@@ -744,8 +746,15 @@ def test_broken_file_does_not_hide_good_files(tmp_path: Path) -> None:
     assert [p.file for p in problems] == [str(tmp_path / "b.json")]
 
 
+def aged(path: Path, seconds_ago: int) -> Path:
+    """Give ``path`` an mtime ``seconds_ago`` in the past (precedence goes by age)."""
+    then = os.stat(path).st_mtime - seconds_ago
+    os.utime(path, (then, then))
+    return path
+
+
 def test_duplicate_service_ids_across_files(tmp_path: Path) -> None:
-    write(tmp_path, "a.json", service(name="web", id="web-1"))
+    aged(write(tmp_path, "a.json", service(name="web", id="web-1")), 60)
     write(tmp_path, "b.json", {"services": [{"name": "api", "id": "web-1", "port": 2}]})
     defs, problems = load_definitions(tmp_path)
     assert [(d.name, d.source) for d in defs] == [("web", str(tmp_path / "a.json"))]
@@ -753,9 +762,150 @@ def test_duplicate_service_ids_across_files(tmp_path: Path) -> None:
         Problem(
             str(tmp_path / "b.json"),
             "services[0].id",
-            f"service id 'web-1' is already defined in {tmp_path / 'a.json'}",
+            f"service id 'web-1' is already defined in {tmp_path / 'a.json'}, which keeps it "
+            "(the older file); this definition is refused: give it another id, or remove one "
+            "of the two",
         )
     ]
+
+
+def test_a_newer_file_never_takes_an_id_over_whatever_its_name(tmp_path: Path) -> None:
+    """The reported case: 00-dup.json sorts before api-h2.json, which is older."""
+    old = aged(write(tmp_path, "api-h2.json", service(name="api", id="api-h2", port=8080)), 60)
+    write(tmp_path, "00-dup.json", service(name="api", id="api-h2", port=9999))
+    defs, problems = load_definitions(tmp_path)
+    assert [(d.id, d.port, d.source) for d in defs] == [("api-h2", 8080, str(old))]
+    assert [(p.file, p.field) for p in problems] == [(str(tmp_path / "00-dup.json"), "service.id")]
+    assert f"already defined in {old}, which keeps it (the older file)" in problems[0].message
+
+
+def test_files_of_one_age_are_decided_by_name(tmp_path: Path) -> None:
+    a = write(tmp_path, "a.json", service(name="web"))
+    b = write(tmp_path, "b.json", service(name="web", port=9090))
+    st = os.stat(a)
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+    defs, problems = load_definitions(tmp_path)
+    assert [d.source for d in defs] == [str(a)]
+    assert "(same age; its file name sorts first)" in problems[0].message
+
+
+def test_the_agent_keeps_an_id_with_the_file_it_serves_it_from(tmp_path: Path) -> None:
+    """Once served from a file, an id stays there: a newcomer is refused even if older."""
+    write(tmp_path, "api-h2.json", service(name="api", id="api-h2", port=8080))
+    first = read_definitions(tmp_path, DefinitionSet())
+    assert dict(first.owners) == {"api-h2": str(tmp_path / "api-h2.json")}
+    # Older by mtime and first by name: neither matters against the owner.
+    aged(write(tmp_path, "00-dup.json", service(name="api", id="api-h2", port=9999)), 3600)
+    second = read_definitions(tmp_path, first)
+    assert [(d.port, d.source) for d in second.definitions] == [
+        (8080, str(tmp_path / "api-h2.json"))]
+    assert [p.file for p in second.problems] == [str(tmp_path / "00-dup.json")]
+    assert "which keeps it (the agent serves it from there)" in second.problems[0].message
+    # Offline (no owners), the older file would have won: the owners are what decides.
+    assert [d.port for d in load_definitions(tmp_path)[0]] == [9999]
+    # The owner file goes: the id is free for the other one.
+    (tmp_path / "api-h2.json").unlink()
+    third = read_definitions(tmp_path, second)
+    assert [(d.port, d.source) for d in third.definitions] == [
+        (9999, str(tmp_path / "00-dup.json"))]
+    assert third.problems == ()
+
+
+def test_a_broken_owner_keeps_its_last_good_version_and_its_id(tmp_path: Path) -> None:
+    owner = write(tmp_path, "api.json", service(name="api", port=8080))
+    first = read_definitions(tmp_path, DefinitionSet())
+    owner.write_text('{"service": {"name": "api", "port": "8080"}}')  # broken
+    write(tmp_path, "00-new.json", service(name="api", port=9999))
+    second = read_definitions(tmp_path, first)
+    assert [(d.port, d.source) for d in second.definitions] == [(8080, str(owner))]
+    assert {p.file for p in second.problems} == {str(owner), str(tmp_path / "00-new.json")}
+    # After a restart (owners persisted, definitions not): the id stays reserved.
+    cold = read_definitions(tmp_path, DefinitionSet(owners=first.owners))
+    assert cold.definitions == []
+    assert dict(cold.owners) == {"api": str(owner)}
+    newcomer = next(p for p in cold.problems if p.file == str(tmp_path / "00-new.json"))
+    assert f"already defined in {owner}, which keeps it (the agent registered" in (
+        newcomer.message)
+
+
+def test_a_restored_set_stands_in_for_files_broken_at_a_restart(tmp_path: Path) -> None:
+    api = write(tmp_path, "api.json", {"services": [
+        {"name": "api", "port": 8080}, {"name": "api", "id": "api-2", "port": 8082}]})
+    first = read_definitions(tmp_path, DefinitionSet())
+    assert dict(first.texts) == {str(api): api.read_text()}
+    restored = DefinitionSet.restore(dict(first.texts), dict(first.owners))
+    assert restored.files == first.files and restored.owners == first.owners
+    api.write_text("{ broken")
+    again = read_definitions(tmp_path, restored)
+    assert [(d.id, d.port) for d in again.definitions] == [("api", 8080), ("api-2", 8082)]
+    assert dict(again.texts) == dict(first.texts)  # still the last good content
+    # A persisted text that no longer parses is dropped, its owners kept.
+    assert DefinitionSet.restore({str(api): "{"}, {"api": str(api)}).files == {}
+
+
+def test_an_unreadable_directory_keeps_what_the_agent_serves(tmp_path: Path) -> None:
+    d = tmp_path / "services.d"
+    d.mkdir()
+    write(d, "web.json", service(name="web"))
+    first = read_definitions(d, DefinitionSet())
+    (d / "web.json").unlink()
+    d.rmdir()
+    again = read_definitions(d, first)
+    assert [x.name for x in again.definitions] == ["web"]
+    assert [p.field for p in again.problems] == [FILE_FIELD]
+
+
+def test_upstream_on_a_local_services_port_is_refused(tmp_path: Path) -> None:
+    aged(write(tmp_path, "api.json", service(name="api", port=9191)), 60)
+    write(tmp_path, "web.json", {"service": upstream_service("web", "web", "db", 9191)})
+    defs, problems = load_definitions(tmp_path)
+    assert [d.id for d in defs] == ["api"]
+    assert problems == [Problem(
+        str(tmp_path / "web.json"),
+        "service.connect.sidecar_service.proxy.upstreams[0].local_bind_port",
+        f"port 9191 is already used by service 'api' itself (its port, {tmp_path / 'api.json'})",
+    )]
+    # ... also its own port, and a sidecar port, in one definition.
+    own = upstream_service("web", "web", "db", 8000)
+    assert_problem(problems_of(tmp_path, {"service": own}, "own.json"),
+                   "service.connect.sidecar_service.proxy.upstreams[0].local_bind_port",
+                   "already used by service 'web' itself")
+    assert_problem(
+        problems_of(tmp_path, service(connect={"sidecar_service": {"port": 8080}}), "sc.json"),
+        "service.connect.sidecar_service.port", "already used by service 'web' itself")
+
+
+def test_two_services_may_share_an_app_port(tmp_path: Path) -> None:
+    write(tmp_path, "a.json", service(name="web", port=8080))
+    write(tmp_path, "b.json", service(name="web-admin", port=8080))
+    defs, problems = load_definitions(tmp_path)
+    assert problems == [] and len(defs) == 2
+
+
+def test_a_listener_port_the_probe_finds_taken_is_refused_alone(tmp_path: Path) -> None:
+    write(tmp_path, "web.json", {"service": upstream_service("web", "web", "db", 9191)})
+    extra = write(tmp_path, "extra.json",
+                  service(name="extra", port=8090, connect={"sidecar_service": {"port": 21300}}))
+    asked: list[tuple[int, str]] = []
+
+    def probe(port: int, address: str) -> str | None:
+        asked.append((port, address))
+        return "in use by another process" if port == 21300 else None
+
+    result = read_definitions(tmp_path, DefinitionSet(), probe)
+    assert [d.id for d in result.definitions] == ["web"]
+    assert list(result.problems) == [Problem(str(extra), "service.connect.sidecar_service.port",
+                                             "port 21300: in use by another process")]
+    # Listener ports only (the apps' own ports are theirs), with their bind address.
+    assert sorted(set(asked)) == [(9191, "127.0.0.1"), (21300, "")]
+    # Once the port is free, the definition is served.
+    again = read_definitions(tmp_path, result, lambda port, address: None)
+    assert [d.id for d in again.definitions] == ["extra", "web"] and again.problems == ()
+    # An edit that takes a busy port keeps the last good version.
+    extra.write_text(json.dumps(service(name="extra", port=8090,
+                                        connect={"sidecar_service": {"port": 21301}})))
+    third = read_definitions(tmp_path, again, lambda port, a: "taken" if port == 21301 else None)
+    assert [(d.id, d.sidecar_port) for d in third.definitions] == [("extra", 21300), ("web", None)]
 
 
 def test_duplicate_id_from_default_name(tmp_path: Path) -> None:
