@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["web", "db", "ops", "*"]
 METHODS = ["GET", "POST", "PUT"]
 REGEXES = ["/a.*", "/[ab]+", "/(a|b)/c", ".*", r"/a\.b", "/a/?", "[^/]*", "/a|/b/.+", "x{2,3}"]
-PATHS = ["/", "/a", "/a/b", "/b", "/a.b", "/ab", "/b/c", "/admin"]
+PATHS = ["/", "/a", "/a/b", "/b", "/a.b", "/ab", "/b/c", "/admin",
+         # Repeated slashes: the app gets them, and the merged form is checked too.
+         "//a", "/a//b"]
 HEADER_VALUES = ["1", "abc", "ABC", "a,b", "xx", "xxx", "bca", "cAb"]
 # "x_a" is not "x-a": nginx's header table would answer one for the other.
 RULE_HEADERS = ["x-a", "X-B", "x_a"]
@@ -116,7 +118,8 @@ def focused_case(draw: st.DrawFn) -> dict[str, Any]:
                "Permissions": draw(st.lists(permission(), min_size=1, max_size=3))}]
     authz, _ = compile_intentions("api", answer, http=True,
                                   default_action=draw(st.sampled_from(["allow", "deny"])))
-    raw_path = draw(st.sampled_from([*PATHS, "/a/../b", "//a", "/%61"]))
+    raw_path = draw(st.sampled_from([*PATHS, "/a/../b", "//a", "/%61", "//admin", "///a",
+                                     "/a//../b", "//a/..//b", "/a/b//"]))
     headers = draw(st.dictionaries(st.sampled_from(REQUEST_HEADERS),
                                    st.sampled_from(HEADER_VALUES), max_size=2))
     return {"authz": authz.to_data(), "caller": "web", "cn": "web.svc.meshctl.test",
@@ -263,6 +266,34 @@ def test_the_harness_can_tell_a_difference(tmp_path: Path) -> None:
         got = run(tmp_path, cases)
         assert got == want, run.__name__
         assert got[0]["allowed"] != got[1]["allowed"], run.__name__
+
+
+def test_both_forms_of_a_path_with_repeated_slashes_decide_alike(tmp_path: Path) -> None:
+    """Kept and merged slashes: the path the app gets and the decision, in both proxies.
+
+    Each case is one where the two forms of the path decide differently, so a
+    proxy that checked only one of them would answer otherwise.
+    """
+    def authz_of(default: str, *perms: dict[str, Any]) -> dict[str, Any]:
+        authz, _ = compile_intentions("api", [{
+            "SourceName": "web", "DestinationName": "api", "Precedence": 9,
+            "Permissions": list(perms)}], http=True, default_action=default)
+        return authz.to_data()
+
+    deny_admin = authz_of("allow", {"Action": "deny", "HTTP": {"PathPrefix": "/admin"}})
+    allow_2x = authz_of("deny", {"Action": "allow", "HTTP": {"PathPrefix": "//x"}})
+    allow_ab = authz_of("deny", {"Action": "allow", "HTTP": {"PathExact": "/a/b"}})
+    cases = [{"authz": authz, "caller": "web", "cn": "web.svc.meshctl.test", "method": "GET",
+              "raw_path": raw, "headers": {}}
+             for authz, raw in ((deny_admin, "//admin"), (deny_admin, "/x/..//admin/"),
+                                (deny_admin, "/x//admin"), (allow_2x, "//x"),
+                                (allow_ab, "/a//b"), (allow_ab, "/a/b"))]
+    want = [expected(c) for c in cases]
+    assert [(w["path"], w["allowed"]) for w in want] == [
+        ("//admin", False), ("//admin/", False), ("/x//admin", True), ("//x", False),
+        ("/a//b", False), ("/a/b", True)]
+    for run in (run_haproxy, run_nginx):
+        assert run(tmp_path, cases) == want, run.__name__
 
 
 def test_an_underscore_header_is_not_its_dash_twin(tmp_path: Path) -> None:
