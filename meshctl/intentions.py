@@ -515,19 +515,18 @@ def decide(authz: Authorization, req: Request) -> Decision:
 
     ``req.path`` is the path the app receives (``normalize_path()``: repeated
     slashes kept). The intentions are evaluated on it and, when it has repeated
-    slashes, again on its ``merge_slashes()`` form; the request is denied if
+    slashes, on its ``merge_slashes()`` form too; the request is denied if
     either evaluation denies, so ``//admin`` cannot dodge a rule on ``/admin``
-    while an app still gets exactly a path that was authorized. Returned: the
-    kept form's decision, unless only the merged form denies (then that one).
+    while an app still gets exactly a path that was authorized. The merged
+    form's deny is the answer when there is one (it names the rule written for
+    the path as it is usually spelled), else the kept form's decision.
     """
-    kept = _decide_one(authz, req)
-    if not kept.allowed:
-        return kept
     merged = merge_slashes(req.path)
-    if merged == req.path:
-        return kept
-    other = _decide_one(authz, replace(req, path=merged))
-    return kept if other.allowed else other
+    if merged != req.path:
+        d = _decide_one(authz, replace(req, path=merged))
+        if not d.allowed:
+            return d
+    return _decide_one(authz, req)
 
 
 def _decide_one(authz: Authorization, req: Request) -> Decision:

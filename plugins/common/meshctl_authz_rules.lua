@@ -256,27 +256,22 @@ end
 -- req.path is the path the app receives (normalize_path: repeated slashes kept).
 -- As meshctl.intentions.decide: evaluated on it and, when it has repeated
 -- slashes, on its merge_slashes form too; denied if either denies, so "//admin"
--- cannot dodge a rule on "/admin". Answers the kept form's decision unless only
--- the merged form denies.
+-- cannot dodge a rule on "/admin". The merged form's deny is the answer when
+-- there is one, else the kept form's decision.
 function M.decide(a, req, re_full)
-    local allowed, reason = decide_one(a, req, re_full)
-    if not allowed or req.path == nil then
-        return allowed, reason
+    local merged = req.path and M.merge_slashes(req.path)
+    if merged ~= nil and merged ~= req.path then
+        local other = {}
+        for k, v in pairs(req) do
+            other[k] = v
+        end
+        other.path = merged
+        local allowed, reason = decide_one(a, other, re_full)
+        if not allowed then
+            return allowed, reason
+        end
     end
-    local merged = M.merge_slashes(req.path)
-    if merged == req.path then
-        return allowed, reason
-    end
-    local other = {}
-    for k, v in pairs(req) do
-        other[k] = v
-    end
-    other.path = merged
-    local allowed2, reason2 = decide_one(a, other, re_full)
-    if allowed2 then
-        return allowed, reason
-    end
-    return allowed2, reason2
+    return decide_one(a, req, re_full)
 end
 
 return M

@@ -232,6 +232,9 @@ def test_a_request_is_denied_if_either_form_of_its_path_is_denied() -> None:
     assert check(a, "//admin") == (False, "permission 1 of intention web -> api denies")
     assert check(a, "/x//admin") == (True, "no permission of intention web -> api matched; "
                                            "default allow")
+    # Both forms denied: the 403 names the rule on the merged form.
+    a = authz([l7("web", perm("deny", PathPrefix="/admin"))], default="deny")
+    assert check(a, "//admin") == (False, "permission 1 of intention web -> api denies")
     # Only the kept form is allowed: an allow written for "//x" does not open "/x".
     a = authz([l7("web", perm("allow", PathPrefix="//x"))], default="deny")
     assert check(a, "//x") == (False, "no permission of intention web -> api matched; "
