@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from meshctl._regex import regex_field
@@ -448,15 +448,18 @@ def authorization_from_dict(data: Mapping[str, Any]) -> Authorization:
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_SLASHES = re.compile(r"/{2,}")
 
 
 def normalize_path(path: str) -> str:
-    """The path intentions are matched against (and the app then receives).
+    """The path the app receives: Envoy's ``normalize_path`` with ``merge_slashes`` off.
 
     RFC 3986 normalization: percent-encoded unreserved characters decoded,
-    other escapes upper-cased, dot segments removed; repeated slashes merged
-    (stricter than Consul's default, so ``//admin`` cannot dodge ``/admin``).
-    The HAProxy plugin does exactly this; nginx decodes every escape.
+    other escapes upper-cased, dot segments removed; repeated slashes are kept,
+    as Envoy (Consul's default) keeps them, so a prefix rewrite reaches the app
+    exactly as Envoy would send it (``/items`` → ``/`` gives ``//7``). ``decide()``
+    also matches the form with slashes merged (``merge_slashes``). The HAProxy
+    plugin does exactly this; nginx's ``$uri`` additionally decodes every escape.
     """
 
     def pct(m: re.Match[str]) -> str:
@@ -464,7 +467,6 @@ def normalize_path(path: str) -> str:
         return ch if ch in _UNRESERVED else "%" + m.group(1).upper()
 
     path = _PCT.sub(pct, path)
-    path = re.sub(r"/{2,}", "/", path)
     out: list[str] = []
     segments = path.split("/")
     for i, seg in enumerate(segments):
@@ -483,6 +485,16 @@ def normalize_path(path: str) -> str:
     if not result.startswith("/"):
         result = "/" + result
     return result
+
+
+def merge_slashes(path: str) -> str:
+    """``path`` with every run of slashes merged into one (``//admin//x`` → ``/admin/x``).
+
+    Of a path already normalized by ``normalize_path()``, this is the form an
+    app that merges slashes itself would read, so intentions must hold for it
+    too; merging creates no dot segment, so the result needs no other step.
+    """
+    return _SLASHES.sub("/", path)
 
 
 def _header_matches(h: HeaderMatch, headers: Mapping[str, str]) -> bool:
@@ -520,7 +532,26 @@ def permission_matches(p: Permission, req: Request) -> bool:
 
 
 def decide(authz: Authorization, req: Request) -> Decision:
-    """What the sidecar does with ``req``: the reference every driver's Lua mirrors."""
+    """What the sidecar does with ``req``: the reference every driver's Lua mirrors.
+
+    ``req.path`` is the path the app receives (``normalize_path()``: repeated
+    slashes kept). The intentions are evaluated on it and, when it has repeated
+    slashes, on its ``merge_slashes()`` form too; the request is denied if
+    either evaluation denies, so ``//admin`` cannot dodge a rule on ``/admin``
+    while an app still gets exactly a path that was authorized. The merged
+    form's deny is the answer when there is one (it names the rule written for
+    the path as it is usually spelled), else the kept form's decision.
+    """
+    merged = merge_slashes(req.path)
+    if merged != req.path:
+        d = _decide_one(authz, replace(req, path=merged))
+        if not d.allowed:
+            return d
+    return _decide_one(authz, req)
+
+
+def _decide_one(authz: Authorization, req: Request) -> Decision:
+    """The decision for ``req`` exactly as its path is (one evaluation of ``decide()``)."""
     if authz.pending:
         return Decision(False, "intentions not loaded yet")
     if authz.error:

@@ -4,8 +4,9 @@
 exists, so a demo or test can fail the app's Consul check without stopping it.
 While the ``--fail-file`` flag file exists every other path answers 503 (and
 the health check stays green): an instance that fails requests, for retries.
-Every other path answers JSON describing who answered and who called (the
-sidecar's ``X-Mesh-Caller`` header).
+Every other path answers JSON describing who answered, who called (the
+sidecar's ``X-Mesh-Caller`` header) and the request target exactly as it
+arrived (``path``).
 
     python -m meshctl.lab.demoapp --service api --host h2 --port 8080
 """
@@ -39,12 +40,19 @@ def make_handler(service: str, host: str, version: str, health_file: Path | None
                 "service": service,
                 "host": host,
                 "version": version,
-                "path": self.path,
+                "path": self._target(),
                 "caller": self.headers.get("X-Mesh-Caller", ""),
                 # What the mesh did to the request: its x-* headers, as received.
                 "headers": {k.lower(): v for k, v in self.headers.items()
                             if k.lower().startswith("x-") and k.lower() != "x-mesh-caller"},
             })
+
+        def _target(self) -> str:
+            # The request target as received: http.server folds a leading "//"
+            # of self.path into "/" (gh-87389), and tests must see what the
+            # sidecar sent.
+            words = self.requestline.split()
+            return words[1] if len(words) >= 2 else self.path
 
         def _send(self, status: int, body: dict[str, object]) -> None:
             data = (json.dumps(body, sort_keys=True) + "\n").encode()

@@ -99,9 +99,9 @@ end
 
 local UNRESERVED = "^[A-Za-z0-9%-%._~]$"
 
--- RFC 3986 normalization as meshctl.intentions.normalize_path does it:
--- unreserved escapes decoded, other escapes upper-cased, slashes merged,
--- dot segments removed.
+-- RFC 3986 normalization as meshctl.intentions.normalize_path does it (Envoy's
+-- normalize_path, merge_slashes off): unreserved escapes decoded, other escapes
+-- upper-cased, dot segments removed, repeated slashes kept.
 function M.normalize_path(path)
     path = (path:gsub("%%(%x%x)", function(hex)
         local c = string.char(tonumber(hex, 16))
@@ -110,7 +110,6 @@ function M.normalize_path(path)
         end
         return "%" .. hex:upper()
     end))
-    path = (path:gsub("//+", "/"))
     local segments = {}
     for seg in (path .. "/"):gmatch("([^/]*)/") do
         segments[#segments + 1] = seg
@@ -138,6 +137,12 @@ function M.normalize_path(path)
         result = "/" .. result
     end
     return result
+end
+
+-- The path with every run of slashes merged, as meshctl.intentions.merge_slashes:
+-- what an app that merges slashes itself reads, so decide() checks it too.
+function M.merge_slashes(path)
+    return (path:gsub("//+", "/"))
 end
 
 local function header_matches(h, req, re_full, strict)
@@ -207,10 +212,8 @@ local function permission_matches(p, req, re_full)
     return true
 end
 
--- decide(authorization or nil, req, re_full) -> allowed (boolean), reason (string)
--- req: {caller = "web", method = "GET" or nil for a connection, path = "/x",
---       header = function(lower-case name) -> joined values or nil}
-function M.decide(a, req, re_full)
+-- One evaluation of decide(), on req.path exactly as it is.
+local function decide_one(a, req, re_full)
     if a == nil then
         return false, "no authorization rules for this service"
     end
@@ -245,6 +248,30 @@ function M.decide(a, req, re_full)
         end
     end
     return a.default_action == "allow", "no intention matched; default " .. a.default_action
+end
+
+-- decide(authorization or nil, req, re_full) -> allowed (boolean), reason (string)
+-- req: {caller = "web", method = "GET" or nil for a connection, path = "/x",
+--       header = function(lower-case name) -> joined values or nil}
+-- req.path is the path the app receives (normalize_path: repeated slashes kept).
+-- As meshctl.intentions.decide: evaluated on it and, when it has repeated
+-- slashes, on its merge_slashes form too; denied if either denies, so "//admin"
+-- cannot dodge a rule on "/admin". The merged form's deny is the answer when
+-- there is one, else the kept form's decision.
+function M.decide(a, req, re_full)
+    local merged = req.path and M.merge_slashes(req.path)
+    if merged ~= nil and merged ~= req.path then
+        local other = {}
+        for k, v in pairs(req) do
+            other[k] = v
+        end
+        other.path = merged
+        local allowed, reason = decide_one(a, other, re_full)
+        if not allowed then
+            return allowed, reason
+        end
+    end
+    return decide_one(a, req, re_full)
 end
 
 return M

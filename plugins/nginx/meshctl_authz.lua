@@ -9,7 +9,9 @@
 -- The caller is $mesh_caller: the service name from the CN of the client
 -- certificate nginx verified against the mesh CA (ssl_verify_client on), only
 -- when it is <service>.svc.<trust domain>. The path is nginx's normalized $uri,
--- which is also what the app receives (proxy_pass with a URI part).
+-- which is also what the app receives (proxy_pass with a URI part); the inbound
+-- server has merge_slashes off, so $uri keeps repeated slashes as Envoy does and
+-- rules.decide also checks the merged form.
 local cjson = require("cjson.safe")
 local rules = require("meshctl_authz_rules")
 local headers = require("meshctl_headers")

@@ -393,8 +393,8 @@ class WireRecorder:
     Connect sidecar, and is registered in Consul as a connect-proxy of admin with
     meta ``wire=1`` (a subset of admin selects it). This is where Envoy's
     semantics are defined: what the caller's sidecar sends upstream. (meshctl's
-    inbound then merges repeated slashes before the app and intentions see the
-    path, docs/security.md, so an app behind it never sees ``//``.)
+    inbound then hands the app the same path, dot segments removed and repeated
+    slashes kept; test_mesh.py checks that end to end, docs/security.md.)
     """
 
     PORT = 21990

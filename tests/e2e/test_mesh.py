@@ -10,7 +10,7 @@ import socket
 import ssl
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 
 from meshctl.lab.mesh import Mesh, wait_until
-from tests.e2e.conftest import FLEETS, WEB_API_PORT, WEB_KV_PORT, mesh_for
+from tests.e2e.conftest import FLEETS, INTENTIONS, WEB_API_PORT, WEB_KV_PORT, mesh_for
 from tests.e2e.test_security import (
     intentions,
     leaf,
@@ -309,6 +309,74 @@ def test_failing_health_check_moves_traffic_and_back(mesh: Mesh) -> None:
     # traffic reaches h2 again (HAProxy may first send it a catch-up burst)
     wait_until("both instances to answer", lambda: set(answers(mesh, 10)) == {"200 h2", "200 h3"})
     assert set(answers(mesh, 20)) == {"200 h2", "200 h3"}  # every answer a 200, from both
+
+
+def _raw_get(mesh: Mesh, target: str) -> tuple[int, str]:
+    """GET ``target`` byte for byte (no client-side cleanup) through web's api upstream."""
+
+    def go() -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", WEB_API_PORT, timeout=5)
+        try:
+            conn.request("GET", target)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode("utf-8", "replace")
+        finally:
+            conn.close()
+
+    return mesh["h1"].host.call(go)
+
+
+def _settled(what: str, check: Callable[[], bool], times: int = 5) -> None:
+    """Wait until ``check()`` holds ``times`` in a row: after a reload, nginx's old
+    workers still accept connections for a moment and serve the old config."""
+    streak = [0]
+
+    def held() -> bool:
+        streak[0] = streak[0] + 1 if check() else 0
+        return streak[0] >= times
+
+    wait_until(what, held, interval=0.1)
+
+
+def _app_path(mesh: Mesh, target: str) -> str | None:
+    status, body = _raw_get(mesh, target)
+    return str(json.loads(body)["path"]) if status == 200 else None
+
+
+def test_paths_reach_the_app_as_envoy_forwards_them_and_intentions_still_hold(
+        mesh: Mesh) -> None:
+    """PathPrefix "/items" + PrefixRewrite "/": the app gets ``//7?page=2``, as with Envoy.
+
+    The callee's sidecar keeps repeated slashes (Envoy's merge_slashes off) yet
+    checks intentions on the merged form too, so ``//admin`` and ``/x/../admin``
+    are still denied by a rule on ``/admin`` (issue 10, item 7).
+    """
+    consul = mesh.lab.host("h1").consul()
+    deny_admin = {"Sources": [{"Name": "web", "Permissions": [
+        {"Action": "deny", "HTTP": {"PathPrefix": "/admin"}},
+        {"Action": "allow", "HTTP": {"PathPrefix": "/"}}]}]}
+    assert consul.config.set("service-router", "api", {"Routes": [{
+        "Match": {"HTTP": {"PathPrefix": "/items"}}, "Destination": {"PrefixRewrite": "/"}}]})
+    assert consul.config.set("service-intentions", "api", deny_admin)
+    try:
+        _settled("the rewrite and the L7 intention to apply",
+                 lambda: _app_path(mesh, "/items/7") not in (None, "/items/7")
+                 and _raw_get(mesh, "/admin")[0] == 403)
+        # Both api instances (h2, h3) answer in turn: every sidecar is checked.
+        for _ in range(2):
+            assert _app_path(mesh, "/items/7?page=2") == "//7?page=2"
+            assert _app_path(mesh, "/items?page=2") == "/?page=2"
+            assert _app_path(mesh, "/a//b/./c") == "/a//b/c"
+            for dodge in ("//admin", "/x/../admin", "//admin/x", "/items/admin", "/x/..//admin"):
+                status, body = _raw_get(mesh, dodge)
+                assert (status, body.strip()) == (
+                    403, "denied: permission 1 of intention web -> api denies"), dodge
+    finally:
+        consul.config.delete("service-router", "api")
+        consul.config.set("service-intentions", "api", INTENTIONS["api"])
+    _settled("the plain route and intention to return",
+             lambda: _app_path(mesh, "/items/7") == "/items/7"
+             and _raw_get(mesh, "/admin")[0] == 200)
 
 
 def test_services_d_add_edit_remove_without_touching_others(mesh: Mesh) -> None:

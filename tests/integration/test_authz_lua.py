@@ -12,6 +12,7 @@ reasons, path normalization and caller extraction must be identical.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import socket
 import subprocess
@@ -31,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["web", "db", "ops", "*"]
 METHODS = ["GET", "POST", "PUT"]
 REGEXES = ["/a.*", "/[ab]+", "/(a|b)/c", ".*", r"/a\.b", "/a/?", "[^/]*", "/a|/b/.+", "x{2,3}"]
-PATHS = ["/", "/a", "/a/b", "/b", "/a.b", "/ab", "/b/c", "/admin"]
+PATHS = ["/", "/a", "/a/b", "/b", "/a.b", "/ab", "/b/c", "/admin",
+         # Repeated slashes: the app gets them, and the merged form is checked too.
+         "//a", "/a//b"]
 HEADER_VALUES = ["1", "abc", "ABC", "a,b", "xx", "xxx", "bca", "cAb"]
 # "x_a" is not "x-a": nginx's header table would answer one for the other.
 RULE_HEADERS = ["x-a", "X-B", "x_a"]
@@ -116,7 +119,8 @@ def focused_case(draw: st.DrawFn) -> dict[str, Any]:
                "Permissions": draw(st.lists(permission(), min_size=1, max_size=3))}]
     authz, _ = compile_intentions("api", answer, http=True,
                                   default_action=draw(st.sampled_from(["allow", "deny"])))
-    raw_path = draw(st.sampled_from([*PATHS, "/a/../b", "//a", "/%61"]))
+    raw_path = draw(st.sampled_from([*PATHS, "/a/../b", "//a", "/%61", "//admin", "///a",
+                                     "/a//../b", "//a/..//b", "/a/b//"]))
     headers = draw(st.dictionaries(st.sampled_from(REQUEST_HEADERS),
                                    st.sampled_from(HEADER_VALUES), max_size=2))
     return {"authz": authz.to_data(), "caller": "web", "cn": "web.svc.meshctl.test",
@@ -263,6 +267,117 @@ def test_the_harness_can_tell_a_difference(tmp_path: Path) -> None:
         got = run(tmp_path, cases)
         assert got == want, run.__name__
         assert got[0]["allowed"] != got[1]["allowed"], run.__name__
+
+
+def test_both_forms_of_a_path_with_repeated_slashes_decide_alike(tmp_path: Path) -> None:
+    """Kept and merged slashes: the path the app gets and the decision, in both proxies.
+
+    Each case is one where the two forms of the path decide differently, so a
+    proxy that checked only one of them would answer otherwise.
+    """
+    def authz_of(default: str, *perms: dict[str, Any]) -> dict[str, Any]:
+        authz, _ = compile_intentions("api", [{
+            "SourceName": "web", "DestinationName": "api", "Precedence": 9,
+            "Permissions": list(perms)}], http=True, default_action=default)
+        return authz.to_data()
+
+    deny_admin = authz_of("allow", {"Action": "deny", "HTTP": {"PathPrefix": "/admin"}})
+    allow_2x = authz_of("deny", {"Action": "allow", "HTTP": {"PathPrefix": "//x"}})
+    allow_ab = authz_of("deny", {"Action": "allow", "HTTP": {"PathExact": "/a/b"}})
+    cases = [{"authz": authz, "caller": "web", "cn": "web.svc.meshctl.test", "method": "GET",
+              "raw_path": raw, "headers": {}}
+             for authz, raw in ((deny_admin, "//admin"), (deny_admin, "/x/..//admin/"),
+                                (deny_admin, "/x//admin"), (allow_2x, "//x"),
+                                (allow_ab, "/a//b"), (allow_ab, "/a/b"))]
+    want = [expected(c) for c in cases]
+    assert [(w["path"], w["allowed"]) for w in want] == [
+        ("//admin", False), ("//admin/", False), ("/x//admin", True), ("//x", False),
+        ("/a//b", False), ("/a/b", True)]
+    for run in (run_haproxy, run_nginx):
+        assert run(tmp_path, cases) == want, run.__name__
+
+
+def _climbs_above_root(raw: str) -> bool:
+    """Whether a ".." segment of ``raw`` would climb above "/" (RFC 3986 stops there)."""
+    depth = 0
+    for seg in raw.replace("%2E", ".").replace("%61", "a").split("/")[1:]:
+        if seg == "..":
+            if depth == 0:
+                return True
+            depth -= 1
+        elif seg != ".":
+            depth += 1
+    return False
+
+
+def test_nginx_inbound_uri_is_normalize_path_with_slashes_kept(tmp_path: Path) -> None:
+    """The path nginx's inbound matches and forwards ($uri, merge_slashes off as
+    the template sets it) is normalize_path()'s, for every path made of these
+    segments: what `meshctl intentions check` decides on is what nginx decides on.
+
+    nginx refuses (400) a path whose dot segments climb above the root, where
+    RFC 3986 stops at "/": stricter, never another path.
+    """
+    sock = tmp_path / "uri.sock"
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "u.conf").write_text(f"""
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+pid {tmp_path}/u.pid;
+error_log {tmp_path}/logs/error.log;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {tmp_path}/body;
+    server {{
+        listen unix:{sock};
+        keepalive_requests 100000;
+        merge_slashes off;
+        location / {{
+            content_by_lua_block {{ ngx.print(ngx.var.uri) }}
+        }}
+    }}
+}}
+""")
+    template = (ROOT / "templates/nginx/nginx.conf.j2").read_text()
+    assert "merge_slashes off;" in template  # the directive this test stands for
+    parts = ["a", "..", ".", "", "%61", "%2E", "b"]
+    paths = ["/" + "/".join(c) for n in range(5) for c in itertools.product(parts, repeat=n)]
+    proc = subprocess.Popen(["nginx", "-p", str(tmp_path), "-e", str(tmp_path / "logs/error.log"),
+                             "-c", str(tmp_path / "u.conf"),
+                             "-g", "daemon off; master_process off;"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wrong: list[tuple[str, str]] = []
+    refused = 0
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
+            assert time.monotonic() < deadline, "nginx did not open its socket"
+            try:
+                conn = _UnixHTTPConnection(sock)
+                conn.connect()
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.02)
+        for raw in paths:
+            conn.request("GET", raw)
+            resp = conn.getresponse()
+            got = resp.read().decode()
+            if resp.status == 400:
+                refused += 1
+                conn.close()  # nginx closes after a 400
+                conn = _UnixHTTPConnection(sock)
+                if not _climbs_above_root(raw):
+                    wrong.append((raw, "400"))
+            elif (resp.status, got) != (200, normalize_path(raw)):
+                wrong.append((raw, f"{resp.status} {got}"))
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert wrong == []
+    assert refused < len(paths) // 2  # most paths were compared, not refused
 
 
 def test_an_underscore_header_is_not_its_dash_twin(tmp_path: Path) -> None:

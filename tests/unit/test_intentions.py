@@ -16,6 +16,7 @@ from meshctl.intentions import (
     compile_intentions,
     decide,
     join_headers,
+    merge_slashes,
     normalize_path,
 )
 from meshctl.mesh import snapshot_from_dict
@@ -200,14 +201,56 @@ def test_jwt_requirements_are_enforced_stricter_never_looser() -> None:
 
 def test_paths_are_normalized_before_matching() -> None:
     assert normalize_path("/a/./b/../c") == "/a/c"
-    assert normalize_path("//admin///x") == "/admin/x"
     assert normalize_path("/%61dmin/%2e%2E/x") == "/x"
     assert normalize_path("/a%2fb") == "/a%2Fb"  # an escaped slash stays a character
     assert normalize_path("/..") == "/" and normalize_path("/a/..") == "/"
     assert normalize_path("/a/.") == "/a/"
     a = authz([l7("web", perm("deny", PathPrefix="/admin"))], default="allow")
-    for dodge in ("//admin", "/x/../admin", "/%61dmin", "/./admin"):
+    for dodge in ("//admin", "/x/../admin", "/%61dmin", "/./admin", "//x/..//admin"):
         assert not allowed(a, "web", path=dodge), dodge
+
+
+def test_repeated_slashes_are_kept_as_envoy_keeps_them() -> None:
+    """Envoy's normalize_path with merge_slashes off (Consul's default): the app gets ``//``."""
+    assert normalize_path("//7") == "//7"
+    assert normalize_path("//admin///x") == "//admin///x"
+    # Dot segments are removed on the kept form: "" is a segment like any other.
+    assert normalize_path("/a//../b") == "/a/b"
+    assert normalize_path("//..//admin") == "//admin"
+    assert merge_slashes("//admin///x/") == "/admin/x/"
+    assert merge_slashes("/a/b") == "/a/b"
+
+
+def test_a_request_is_denied_if_either_form_of_its_path_is_denied() -> None:
+    """Intentions hold for the path the app gets and for its slash-merged form."""
+    def check(a: Authorization, path: str) -> tuple[bool, str]:
+        d = decide(a, Request("web", "GET", path, {}))
+        return d.allowed, d.reason
+
+    # Only the merged form is denied: "//admin" is "/admin" to an app that merges.
+    a = authz([l7("web", perm("deny", PathPrefix="/admin"))], default="allow")
+    assert check(a, "//admin") == (False, "permission 1 of intention web -> api denies")
+    assert check(a, "/x//admin") == (True, "no permission of intention web -> api matched; "
+                                           "default allow")
+    # Both forms denied: the 403 names the rule on the merged form.
+    a = authz([l7("web", perm("deny", PathPrefix="/admin"))], default="deny")
+    assert check(a, "//admin") == (False, "permission 1 of intention web -> api denies")
+    # Only the kept form is allowed: an allow written for "//x" does not open "/x".
+    a = authz([l7("web", perm("allow", PathPrefix="//x"))], default="deny")
+    assert check(a, "//x") == (False, "no permission of intention web -> api matched; "
+                                      "default deny")
+    # Only the merged form is allowed: the kept form's deny stands.
+    a = authz([l7("web", perm("allow", PathExact="/a/b"))], default="deny")
+    assert check(a, "/a/b") == (True, "permission 1 of intention web -> api allows")
+    assert check(a, "/a//b") == (False, "no permission of intention web -> api matched; "
+                                        "default deny")
+    # Both allow: the kept form's decision (its permission) is the answer.
+    a = authz([l7("web", perm("allow", PathPrefix="//a"), perm("allow", PathPrefix="/"))])
+    d = decide(a, Request("web", "GET", "//a", {}))
+    assert (d.allowed, d.permission) == (True, 0)
+    # A path without repeated slashes is evaluated once, as before.
+    a = authz([l7("web", perm("deny", PathPrefix="/admin"))], default="allow")
+    assert check(a, "/admin/x") == (False, "permission 1 of intention web -> api denies")
 
 
 # ---------------------------------------------------------------- refusals and skips
