@@ -383,7 +383,8 @@ class Agent:
         return services
 
     def _port_probe(self) -> PortProbe:
-        """Whether a listener port can be bound: the running proxy's own ports always can.
+        """Whether a listener port can be bound: the running proxy's own ports always can,
+        and so can a port that only this sidecar's proxy processes hold.
 
         Answers are cached for one pass; a port found taken is refused before
         rendering, so one bad definition never makes the proxy refuse (and
@@ -401,7 +402,13 @@ class Agent:
                 return None
             key = (bind_address or address, port)
             if key not in cache:
-                cache[key] = port_unavailable(*key)
+                why = port_unavailable(*key)
+                # A port only this sidecar's own proxy holds (an old worker still
+                # finishing after a reload dropped it, the reuseport listener of a
+                # config being replaced) is ours to listen on again, not "taken".
+                if why is not None and not self.driver.foreign_listeners({port}):
+                    why = None
+                cache[key] = why
             return cache[key]
 
         return probe

@@ -123,13 +123,27 @@ def caller_traffic(caller: str, start: threading.Barrier) -> list[tuple[str, str
     conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=10)
     start.wait(30)
     for i in range(API_ROUNDS):
-        try:
-            conn.request("GET", "/who")
-            resp = conn.getresponse()
-            out.append(("api", http_answer(resp.status, resp.read().decode())))
-        except (OSError, http.client.HTTPException) as exc:
-            out.append(("api", f"error {type(exc).__name__}: {exc}"))
-            conn.close()
+        # A kept-alive connection may be closed by the sidecar at any time (an
+        # nginx reload closes idle ones); HTTP/1.1 lets a client send an idempotent
+        # request again when a reused connection gave no response (RFC 9112
+        # §9.3.1), as urllib3 and browsers do. A wrong answer is never retried.
+        for attempt in (1, 2):
+            reused = conn.sock is not None
+            try:
+                conn.request("GET", "/who")
+                resp = conn.getresponse()
+                out.append(("api", http_answer(resp.status, resp.read().decode())))
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError,
+                    ConnectionResetError) as exc:
+                conn.close()
+                if reused and attempt == 1:
+                    continue
+                out.append(("api", f"error {type(exc).__name__}: {exc}"))
+            except (OSError, http.client.HTTPException) as exc:
+                out.append(("api", f"error {type(exc).__name__}: {exc}"))
+                conn.close()
+                break
         if i % (API_ROUNDS // KV_ROUNDS) == 0:
             try:
                 with socket.create_connection(("127.0.0.1", kv_port), timeout=10) as s:

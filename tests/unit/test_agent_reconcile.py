@@ -351,3 +351,21 @@ def test_a_file_broken_while_the_agent_was_stopped_keeps_its_last_good_version(
     restarted.reconcile()
     assert ("deregister", "api") not in consul.calls and "api" in consul.registered
     assert "service.port" in str(restarted._problems[str(api)][0])
+
+
+def test_a_port_only_our_own_proxy_holds_is_not_taken(
+    make_agent: Callable[[], Agent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old worker (or the reuseport listener of a config being replaced) still
+    holding a port that a definition comes back to must not make the agent move it."""
+    agent = make_agent()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = int(held.getsockname()[1])
+        foreign: list[str] = []
+        monkeypatch.setattr(agent.driver, "foreign_listeners", lambda ports: list(foreign))
+        assert agent._port_probe()(port, "127.0.0.1") is None  # held by "our" proxy alone
+        foreign.append(f"port {port}: pid 1 (other)")
+        why = agent._port_probe()(port, "127.0.0.1")
+        assert why is not None and "in use by another process" in why
