@@ -1,10 +1,13 @@
 """The host agent: sources → compile() → apply, with quiescence and fail-static.
 
-Threads: the watchdog observer of ``services.d``, one blocking-query loop per
-Consul key (in the Watcher), and this module's reconcile loop, which is the
-only thread that registers, issues certificates, compiles and applies. Every
-source only *signals* the loop; the loop reads the sources' latest good
-values, so a source in error keeps contributing its last good answer.
+Threads: the watchdog observer of ``services.d``, the Watcher's loops and
+workers (a bounded number, however many upstreams: see ``meshctl._watch``),
+and this module's reconcile loop, which is the only thread that registers,
+issues certificates, compiles and applies. Every source only *signals* the
+loop; the loop reads the sources' latest good values, so a source in error
+keeps contributing its last good answer. A pass that a timer wakes (the
+registration sync, a certificate renewal) compiles only if it changed
+something: an idle host does no work but those timers.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from meshctl.apply import Applier
 from meshctl.chain import TargetQuery, chain_key, chain_queries
 from meshctl.config import AgentConfig
 from meshctl.consul import (
-    ConfigEntry,
+    WATCHED_KINDS,
+    ConfigEntries,
     ConsulClient,
     DiscoveryChain,
     HealthConnect,
     IntentionMatch,
     Watcher,
+    health_feeds,
 )
 from meshctl.errors import (
     CompileError,
@@ -60,6 +65,12 @@ log = logging.getLogger(__name__)
 
 #: seconds a compile waits for the first answer of a health watch a chain change added
 FIRST_ANSWER_WAIT = 3.0
+#: health keys that may hold a blocking query (one connection each) to the Consul agent;
+#: the rest are followed through one aggregate feed. With the 6 config-entry kinds,
+#: the feed and the watcher's 4 workers the agent holds at most ~28 of the 200
+#: connections a stock agent allows one client address (http_max_conns_per_client).
+MAX_BLOCKING_HEALTH = 16
+WATCH_WORKERS = 4
 
 
 class Quiescence:
@@ -132,7 +143,9 @@ class Agent:
         self.applier = Applier(self.driver, cfg.proxy_dir, cfg.reload_min_interval)
         self.consul = ConsulClient(cfg.consul,
                                    sidecar_check_interval=cfg.sidecar_check_interval)
-        self.watcher = Watcher(self.consul, on_change=self._on_source_change)
+        self.watcher = Watcher(self.consul, on_change=self._on_source_change,
+                               max_blocking=MAX_BLOCKING_HEALTH, workers=WATCH_WORKERS,
+                               feeds=health_feeds, on_settled=self._on_settled)
         self.vault = VaultClient(cfg.vault)
         self.store = CertStore(cfg.certs_dir)
         self.trigger = Quiescence(cfg.wait_min, cfg.wait_max)
@@ -177,7 +190,7 @@ class Agent:
                 if self._stop.is_set():
                     break
                 if fired or time.time() >= self._next_deadline():
-                    self.reconcile()
+                    self.reconcile(changed=fired)
         finally:
             self._shutdown()
 
@@ -206,6 +219,10 @@ class Agent:
 
     def _on_source_change(self, key: object, value: object) -> None:
         log.debug("source changed: %s", key)
+        self.trigger.trigger()
+
+    def _on_settled(self) -> None:
+        # The refetches a change asked for have answered (changed or not): compile now.
         self.trigger.trigger()
 
     def _start_dir_watch(self) -> None:
@@ -238,15 +255,30 @@ class Agent:
 
     # ------------------------------------------------------------ reconcile
 
-    def reconcile(self) -> None:
-        """One pass: definitions → registrations → certificates → compile → apply."""
+    def reconcile(self, changed: bool = True) -> None:
+        """One pass: definitions → registrations → certificates → compile → apply.
+
+        ``changed=False`` (a pass a timer woke, no source signalled): compile
+        and apply only if the registrations, certificates or a due retry call
+        for it; else write the status file only if a source's state moved.
+        """
         log.debug("reconcile")
         services = self._read_definitions()
         address = self._sidecar_address()  # a Consul call while it is unknown: once per pass
+        before = self._pass_inputs(address)
+        states = {k: dict(v) for k, v in self._source_state.items()}
         self._sync_registrations(services, address)
         self._refresh_certificates(services)
         self._watch_upstreams(services)
-        self._compile_and_apply(services, address)
+        if changed or self._pass_inputs(address) != before or self._retry_at <= time.time():
+            self._compile_and_apply(services, address)
+        elif self._source_state != states:
+            self._write_state(services)
+
+    def _pass_inputs(self, address: str) -> tuple[Any, ...]:
+        """What a timer-woken pass may change that a compile reads."""
+        return (address, dict(self._registered),
+                {name: st.paths for name, st in self._certs.items()})
 
     def _read_definitions(self) -> list[ServiceDefinition]:
         defs, problems = load_definitions(self.cfg.services_dir)
@@ -419,6 +451,12 @@ class Agent:
             self._retry_at = float("inf")
         if self._awaiting_first_answers():
             log.debug("waiting for the first answer of new health watches")
+            return
+        if self.watcher.settling():
+            # A config entry or check change asked for refetches (chains, health):
+            # their answers trigger the compile, so it runs once with all of them.
+            log.debug("waiting for the refetches a change asked for")
+            self._retry_at = min(self._retry_at, time.time() + 0.5)
             return
         locals_: list[LocalService] = []
         for d in services:
@@ -602,19 +640,17 @@ def _queries(get: Getter, upstreams: set[tuple[str, str]], datacenter: str) -> s
 def source_keys(services: list[ServiceDefinition], get: Getter, datacenter: str) -> set[Key]:
     """Every Consul key the snapshot of these local services depends on.
 
-    Each upstream's discovery chain (Consul re-answers it whenever one of the
-    proxy-defaults, service-defaults, resolver, splitter or router entries it
-    depends on changes) and, once ``get`` knows a chain, one health watch per
-    target it reaches, with the target subset's filter. Local services' own
-    service-defaults give their inbound protocol.
+    Each upstream's discovery chain and, once ``get`` knows a chain, one
+    health watch per target it reaches, with the target subset's filter; who
+    may call each local service (its intention match). Chains and matches
+    depend only on config entries, so the entries are watched one list per
+    kind (WATCHED_KINDS), whose changes refetch only the chains and matches
+    they mention; local services' service-defaults give their inbound protocol.
     """
     upstreams = _upstreams(services)
-    destinations = {dest for dest, _ in upstreams}
     keys: set[Key] = {chain_of(dest, dc) for dest, dc in upstreams}
     keys |= {health_of(q) for q in _queries(get, upstreams, datacenter)}
-    for name in destinations | {d.name for d in services}:
-        keys.add(ConfigEntry("service-defaults", name))
-    keys.add(ConfigEntry("proxy-defaults", "global"))
+    keys |= {ConfigEntries(kind) for kind in WATCHED_KINDS}
     # Who may call each local service: enforced at its inbound listener.
     keys |= {IntentionMatch(d.name) for d in services}
     return keys
@@ -623,12 +659,14 @@ def source_keys(services: list[ServiceDefinition], get: Getter, datacenter: str)
 def protocols_from(get: Getter, names: set[str]) -> dict[str, str]:
     """Each service's protocol: service-defaults, else proxy-defaults, else tcp."""
     default = "tcp"
-    pd = get(ConfigEntry("proxy-defaults", "global"))
+    proxy_defaults = get(ConfigEntries("proxy-defaults")) or {}
+    service_defaults = get(ConfigEntries("service-defaults")) or {}
+    pd = proxy_defaults.get("global")
     if isinstance(pd, dict):
         default = str((pd.get("Config") or {}).get("protocol", default))
     out: dict[str, str] = {}
     for name in names:
-        sd = get(ConfigEntry("service-defaults", name))
+        sd = service_defaults.get(name)
         proto = sd.get("Protocol") if isinstance(sd, dict) else None
         out[name] = str(proto or default)
     return out
