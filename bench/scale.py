@@ -380,7 +380,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# meshctl scale scenario — {result['stamp']}",
         "",
         f"{result['upstreams']} upstreams (1-3 instances each) on one host, {result['driver']}, "
-        f"stock Consul {m['versions']['consul']} agents ({STOCK_CONNS_PER_CLIENT} connections per client).",
+        f"stock Consul {m['versions']['consul']} agents "
+        f"({STOCK_CONNS_PER_CLIENT} connections per client).",
         f"Machine: {m['cores']} cores, load {m['loadavg_start']} → {m['loadavg_end']}.",
         "",
         "| figure | measured | target | met | before (issue 11) |",
