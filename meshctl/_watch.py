@@ -27,6 +27,8 @@ says how it is followed (its ``follow`` attribute, ``"block"`` when absent):
 - ``"poll"``: never a loop of its own: fetched once, then again whenever another
   key's change names it.
 
+A key's ``blocking_wait``, if set, replaces the watcher's ``wait`` for its loop.
+
 A key with an ``affected(old, new, keys, get)`` method names, when its value
 changes from ``old`` to ``new``, which of the polled ``keys`` may have changed
 too; the pool refetches them (blocking up to ``refresh_wait`` past their last
@@ -265,6 +267,9 @@ class _Loop(_Entry):
     def __init__(self, watcher: Watcher, key: Key) -> None:
         super().__init__(watcher, key)
         self.stopping = threading.Event()
+        # A key may ask for its own wait: a held RPC at the servers (a config kind)
+        # is re-issued less often with Consul's own default of 5 minutes.
+        self.wait = str(getattr(key, "blocking_wait", "") or watcher.wait)
         self._session: Session | None = None
         self._session_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"watch {key}", daemon=True)
@@ -293,7 +298,7 @@ class _Loop(_Entry):
                             self._session = session
                         if self.stopping.is_set():  # stop() may have missed the new session
                             break
-                    returned, value = self.key.fetch(session, index, self.watcher.wait)
+                    returned, value = self.key.fetch(session, index, self.wait)
                 except Exception as exc:
                     if self.stopping.is_set():
                         break

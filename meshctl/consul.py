@@ -294,6 +294,10 @@ class ConfigEntries:
 
     kind: str
 
+    #: a blocking RPC held at a server (config entries have no agent cache): Consul's
+    #: default wait, so a fleet re-issues it every 5 minutes, not every minute
+    blocking_wait: ClassVar[str] = "300s"
+
     def __post_init__(self) -> None:
         if self.kind not in CONFIG_ENTRY_KINDS:
             raise ValueError(f"unknown config entry kind {self.kind!r}")
@@ -377,6 +381,7 @@ class HealthChecks:
 
     follow: ClassVar[str] = "block"
     notify: ClassVar[bool] = False  # nobody compiles from it: it only names refetches
+    blocking_wait: ClassVar[str] = "300s"  # held at a server, like a config kind
 
     def __post_init__(self) -> None:
         _check_dc(self.datacenter)
