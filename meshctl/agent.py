@@ -71,6 +71,8 @@ FIRST_ANSWER_WAIT = 3.0
 #: connections a stock agent allows one client address (http_max_conns_per_client).
 MAX_BLOCKING_HEALTH = 16
 WATCH_WORKERS = 4
+#: a reconcile pass slower than this (s) is logged with its duration
+SLOW_PASS = 1.0
 
 
 class Quiescence:
@@ -164,6 +166,7 @@ class Agent:
         self._apply_failures = 0
         self._failed_snapshot: Snapshot | None = None
         self._observer: Any = None
+        self._services: list[ServiceDefinition] | None = None  # as the last full pass read them
         self._warned: set[str] = set()
         self._source_state: dict[str, dict[str, Any]] = {}
         self._wanted_since: dict[Key, float] = {}
@@ -263,17 +266,28 @@ class Agent:
         for it; else write the status file only if a source's state moved.
         """
         log.debug("reconcile")
-        services = self._read_definitions()
+        started = time.monotonic()
+        if changed or self._services is None:
+            services = self._services = self._read_definitions()
+        else:
+            # Definitions change only with an event in services.d (which signals):
+            # a timer pass does not parse them (at 1,000 upstreams that is ~0.1 s).
+            services = self._services
         address = self._sidecar_address()  # a Consul call while it is unknown: once per pass
         before = self._pass_inputs(address)
         states = {k: dict(v) for k, v in self._source_state.items()}
         self._sync_registrations(services, address)
         self._refresh_certificates(services)
-        self._watch_upstreams(services)
+        if changed:
+            self._watch_upstreams(services)
         if changed or self._pass_inputs(address) != before or self._retry_at <= time.time():
             self._compile_and_apply(services, address)
         elif self._source_state != states:
             self._write_state(services)
+        took = time.monotonic() - started
+        if took > SLOW_PASS:
+            log.info("reconcile pass took %.2fs (%d upstreams)", took,
+                     sum(len(d.upstreams) for d in services))
 
     def _pass_inputs(self, address: str) -> tuple[Any, ...]:
         """What a timer-woken pass may change that a compile reads."""
@@ -427,17 +441,19 @@ class Agent:
         self.watcher.watch_only(keys)
 
     def _awaiting_first_answers(self) -> bool:
-        """True while a target's health watch, new with a chain change, has not answered.
+        """True while a key new in this pass (a target's health, a chain) has not answered.
 
-        Compiling then would give the new target no endpoints (503s until the
-        answer arrives); its first answer triggers a reconcile, so wait for it,
-        but never longer than FIRST_ANSWER_WAIT (a failing watch must not stall
-        every other change).
+        Compiling then would give a new target no endpoints (503s until the
+        answer arrives), or compile a thousand upstreams at start once per
+        trickle of answers; each first answer triggers a reconcile, so wait
+        for them, but never longer than FIRST_ANSWER_WAIT, and not for a key
+        in error (a failing watch must not stall every other change).
         """
         now = time.time()
+        statuses = self.watcher.statuses()
         pending = [since for k, since in self._wanted_since.items()
-                   if isinstance(k, HealthConnect) and now - since < FIRST_ANSWER_WAIT
-                   and not self.watcher.has_value(k)]
+                   if now - since < FIRST_ANSWER_WAIT
+                   and (statuses.get(k) or {}).get("state") == "pending"]
         if pending:
             self._retry_at = min(self._retry_at, min(pending) + FIRST_ANSWER_WAIT)
         return bool(pending)
@@ -450,7 +466,8 @@ class Agent:
         if retry_due:
             self._retry_at = float("inf")
         if self._awaiting_first_answers():
-            log.debug("waiting for the first answer of new health watches")
+            log.debug("waiting for the first answers of new watches")
+            self._write_state(services)
             return
         if self.watcher.settling():
             # A config entry or check change asked for refetches (chains, health):
