@@ -512,6 +512,7 @@ class Watcher:
         self._pool = _Pool(self, workers)
         self._stopped = False
         self._planning = threading.Lock()
+        self._batch = False  # inside watch_only(): feeds are planned at its end
 
     # ------------------------------------------------------------ subscribing
 
@@ -538,7 +539,7 @@ class Watcher:
             has_value, value = entry.has_value, entry.value
         if fresh:
             self._start(entry)
-            if entry.polled and follow_of(key) == "budget":
+            if entry.polled and follow_of(key) == "budget" and not self._batch:
                 self._plan_feeds()
         elif has_value:
             sub._deliver(value)
@@ -569,10 +570,16 @@ class Watcher:
         Changes reach the watcher's ``on_change``.
         """
         wanted = set(keys)
-        for key in sorted(set(self._own) - wanted, key=str):
-            self._own.pop(key).cancel()
-        for key in sorted(wanted - set(self._own), key=str):
-            self._own[key] = self.watch(key)
+        # The feeds are planned once for the whole change, not once per key.
+        self._batch = True
+        try:
+            for key in sorted(set(self._own) - wanted, key=str):
+                self._own.pop(key).cancel()
+            for key in sorted(wanted - set(self._own), key=str):
+                self._own[key] = self.watch(key)
+        finally:
+            self._batch = False
+        self._plan_feeds()
 
     def _unsubscribe(self, sub: Subscription) -> None:
         promoted: _Loop | None = None
@@ -593,7 +600,7 @@ class Watcher:
             self._pool.drop(sub.key)
         if promoted is not None:
             promoted.start()
-        if budget:
+        if budget and not self._batch:
             self._plan_feeds()
 
     def _promote(self) -> _Loop | None:
