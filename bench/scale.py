@@ -6,7 +6,7 @@
 On a fresh 3-host lab (needs root; talks only to lab namespaces), with Consul
 agents in their stock configuration (``limits.http_max_conns_per_client`` 200):
 
-    h1: client ── N upstreams svc0000 … → 127.0.0.1:20000+i, one meshctl agent
+    h1: client ── N upstreams svc0000 … → 127.0.0.1:40000+i, one meshctl agent
     h2, h3: 1-3 connect-proxy instances of every svcNNNN (TTL checks, passing),
             registered straight through their own Consul agents
 
@@ -42,7 +42,7 @@ from meshctl.lab.mesh import Mesh, MeshHost, wait_until
 
 CLIENT = "client"
 CLIENT_PORT = 8081
-FIRST_BIND_PORT = 20000
+FIRST_BIND_PORT = 40000  # clear of the agent's sidecar port range (21000-21255)
 CONSUL_PORT = 8500
 STOCK_CONNS_PER_CLIENT = 200  # Consul's limits.http_max_conns_per_client default
 
@@ -90,7 +90,7 @@ def _put_all(payloads: list[tuple[str, dict[str, Any] | None]]) -> None:
     with requests.Session() as s:
         s.trust_env = False
         for path, body in payloads:
-            r = s.put(f"http://127.0.0.1:{CONSUL_PORT}{path}", json=body, timeout=30)
+            r = s.put(f"http://127.0.0.1:{CONSUL_PORT}{path}", json=body, timeout=120)
             r.raise_for_status()
 
 
@@ -105,12 +105,12 @@ def register_instances(lab: Lab, upstreams: int) -> int:
         for k in range(instances(i)):
             h = instance_host(k)
             by_host[h].append(("/v1/agent/service/register", sidecar(i, k, lab.host(h).ip)))
-    # Four connections per host at once (Host.call runs up to four calls in parallel).
+    # Two connections per host at once: more only queues in a loaded Consul agent.
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(8) as pool:
-        jobs = [pool.submit(register, lab.host(h), payloads[n::4])
-                for h, payloads in by_host.items() for n in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(register, lab.host(h), payloads[n::2])
+                for h, payloads in by_host.items() for n in range(2)]
         for job in jobs:
             job.result()
     return sum(len(p) for p in by_host.values())
@@ -317,7 +317,7 @@ class Scale:
 
     def agent_log_has_429(self) -> int:
         proc = self.h1.agent
-        return _count(proc.log_path if proc else None, "429")
+        return _count(proc.log_path if proc else None, "too many concurrent connections")
 
 
 def _count(path: Path | None, needle: str) -> int:
