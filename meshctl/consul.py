@@ -8,14 +8,20 @@ agent watches with blocking queries:
 - ``HealthConnect(service, passing, datacenter, filter)`` → tuple of
   ``meshctl.mesh.Instance`` (the sidecars of a destination, only passing ones
   with ``passing``; ``filter`` is evaluated by Consul);
-- ``ConfigEntry(kind, name)`` → the config entry dict, or None when absent;
+- ``ConfigEntries(kind)`` → every config entry of a kind, by name;
+- ``ConfigEntry(kind, name)`` → one config entry dict, or None when absent;
 - ``DiscoveryChain(service)`` → the ``/v1/discovery-chain/<service>`` answer;
 - ``IntentionMatch(service)`` → the intentions that apply to ``service`` as a
-  destination, in Consul's precedence order (``/v1/connect/intentions/match``).
+  destination, in Consul's precedence order (``/v1/connect/intentions/match``);
+- ``HealthChecks(datacenter, services)`` → a feed naming the health keys
+  whose checks changed (``health_feeds`` builds them for a Watcher).
 
-Keys are plain data and run in ``Watcher`` (``meshctl._watch``): one loop per
-distinct key, fail static on errors. Every failure surfaces as ConsulError
-with the operation in its message; tokens never appear in messages.
+Keys are plain data and run in ``Watcher`` (``meshctl._watch``) on a bounded
+number of connections: each key's ``follow`` says whether it holds a
+blocking query, shares the budget, or is refetched when another key's change
+names it (chains and intention matches, by their config kinds; overflowing
+health keys, by the feed). Fail static on errors. Every failure surfaces as
+ConsulError with the operation in its message; tokens never appear in messages.
 """
 
 from __future__ import annotations
