@@ -167,6 +167,7 @@ class Agent:
         self._failed_snapshot: Snapshot | None = None
         self._observer: Any = None
         self._services: list[ServiceDefinition] | None = None  # as the last full pass read them
+        self._defs_dirty = True  # services.d changed since the last read
         self._warned: set[str] = set()
         self._source_state: dict[str, dict[str, Any]] = {}
         self._wanted_since: dict[Key, float] = {}
@@ -178,7 +179,7 @@ class Agent:
         """Run until SIGTERM/SIGINT; deregister on the way out if configured."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
-        signal.signal(signal.SIGHUP, lambda *_: self.trigger.trigger())
+        signal.signal(signal.SIGHUP, lambda *_: self._definitions_changed())
         metrics.serve(self.cfg.metrics_address)
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
                  self.driver.name, self._safe_version())
@@ -193,7 +194,8 @@ class Agent:
                 if self._stop.is_set():
                     break
                 if fired or time.time() >= self._next_deadline():
-                    self.reconcile(changed=fired)
+                    reread, self._defs_dirty = self._defs_dirty, False
+                    self.reconcile(changed=fired, reread=reread)
         finally:
             self._shutdown()
 
@@ -224,6 +226,11 @@ class Agent:
         log.debug("source changed: %s", key)
         self.trigger.trigger()
 
+    def _definitions_changed(self) -> None:
+        # Set before the trigger: the pass it wakes reads services.d again.
+        self._defs_dirty = True
+        self.trigger.trigger()
+
     def _on_settled(self) -> None:
         # The refetches a change asked for have answered (changed or not): compile now.
         self.trigger.trigger()
@@ -232,14 +239,14 @@ class Agent:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
-        trigger = self.trigger
+        changed = self._definitions_changed
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
                 if event.event_type in ("opened", "closed_no_write"):
                     return  # reads (our own included) change nothing
                 log.debug("services.d: %s %s", event.event_type, event.src_path)
-                trigger.trigger()
+                changed()
 
         self.cfg.services_dir.mkdir(parents=True, exist_ok=True)
         self._observer = Observer()
@@ -258,20 +265,20 @@ class Agent:
 
     # ------------------------------------------------------------ reconcile
 
-    def reconcile(self, changed: bool = True) -> None:
+    def reconcile(self, changed: bool = True, reread: bool = True) -> None:
         """One pass: definitions → registrations → certificates → compile → apply.
 
         ``changed=False`` (a pass a timer woke, no source signalled): compile
         and apply only if the registrations, certificates or a due retry call
         for it; else write the status file only if a source's state moved.
+        ``reread=False``: services.d did not signal since the last pass, so its
+        definitions are not parsed again (at 1,000 upstreams that is ~0.1 s).
         """
         log.debug("reconcile")
         started = time.monotonic()
-        if changed or self._services is None:
+        if (changed and reread) or self._services is None:
             services = self._services = self._read_definitions()
         else:
-            # Definitions change only with an event in services.d (which signals):
-            # a timer pass does not parse them (at 1,000 upstreams that is ~0.1 s).
             services = self._services
         address = self._sidecar_address()  # a Consul call while it is unknown: once per pass
         before = self._pass_inputs(address)
@@ -441,19 +448,23 @@ class Agent:
         self.watcher.watch_only(keys)
 
     def _awaiting_first_answers(self) -> bool:
-        """True while a key new in this pass (a target's health, a chain) has not answered.
+        """True while a new upstream's chain or a new target's health has not answered.
 
         Compiling then would give a new target no endpoints (503s until the
         answer arrives), or compile a thousand upstreams at start once per
-        trickle of answers; each first answer triggers a reconcile, so wait
-        for them, but never longer than FIRST_ANSWER_WAIT, and not for a key
-        in error (a failing watch must not stall every other change).
+        trickle of chain answers; each first answer triggers a reconcile, so
+        wait for them, but never longer than FIRST_ANSWER_WAIT, and not for a
+        key in error (a failing watch must not stall every other change).
         """
         now = time.time()
-        statuses = self.watcher.statuses()
-        pending = [since for k, since in self._wanted_since.items()
-                   if now - since < FIRST_ANSWER_WAIT
-                   and (statuses.get(k) or {}).get("state") == "pending"]
+        pending = []
+        for k, since in self._wanted_since.items():
+            if now - since >= FIRST_ANSWER_WAIT or not isinstance(k, HealthConnect
+                                                                  | DiscoveryChain):
+                continue
+            st = self.watcher.status(k)
+            if st is not None and st.state == "pending":
+                pending.append(since)
         if pending:
             self._retry_at = min(self._retry_at, min(pending) + FIRST_ANSWER_WAIT)
         return bool(pending)
@@ -467,7 +478,6 @@ class Agent:
             self._retry_at = float("inf")
         if self._awaiting_first_answers():
             log.debug("waiting for the first answers of new watches")
-            self._write_state(services)
             return
         if self.watcher.settling():
             # A config entry or check change asked for refetches (chains, health):
