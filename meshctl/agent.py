@@ -168,6 +168,7 @@ class Agent:
         self._observer: Any = None
         self._services: list[ServiceDefinition] | None = None  # as the last full pass read them
         self._defs_dirty = True  # services.d changed since the last read
+        self._written_states: tuple[Any, ...] = ()  # _states() as the status file last showed
         self._warned: set[str] = set()
         self._source_state: dict[str, dict[str, Any]] = {}
         self._wanted_since: dict[Key, float] = {}
@@ -282,19 +283,25 @@ class Agent:
             services = self._services
         address = self._sidecar_address()  # a Consul call while it is unknown: once per pass
         before = self._pass_inputs(address)
-        states = {k: dict(v) for k, v in self._source_state.items()}
         self._sync_registrations(services, address)
         self._refresh_certificates(services)
         if changed:
             self._watch_upstreams(services)
         if changed or self._pass_inputs(address) != before or self._retry_at <= time.time():
             self._compile_and_apply(services, address)
-        elif self._source_state != states:
+        elif self._states() != self._written_states:
+            # A source went bad or recovered: the status file says so even when
+            # no value changed (a recovered watch answers what it answered before).
             self._write_state(services)
         took = time.monotonic() - started
         if took > SLOW_PASS:
             log.info("reconcile pass took %.2fs (%d upstreams)", took,
                      sum(len(d.upstreams) for d in services))
+
+    def _states(self) -> tuple[Any, ...]:
+        """How every source is doing (ok or not, and why): what the status file shows."""
+        watched = {key: (st["state"], st["error"]) for key, st in self.watcher.statuses().items()}
+        return ({k: (v["ok"], v["error"]) for k, v in self._source_state.items()}, watched)
 
     def _pass_inputs(self, address: str) -> tuple[Any, ...]:
         """What a timer-woken pass may change that a compile reads."""
@@ -607,6 +614,7 @@ class Agent:
             state.warnings = [*snap.warnings, *self.driver.unsupported(snap)]
         state.problems = [str(p) for probs in self._problems.values() for p in probs]
         state.sources = dict(self._source_state)
+        self._written_states = self._states()
         for key, st in self.watcher.statuses().items():
             state.sources[str(key)] = st
         if self.applier.last is not None:
