@@ -188,6 +188,7 @@ class Scale:
         self.mesh = Mesh(lab, driver)
         self.h1: MeshHost = self.mesh["h1"]
         self.peak: dict[str, Any] = {"connections": 0, "threads": 0}
+        self.added = 0
 
     @property
     def pid(self) -> int:
@@ -298,10 +299,11 @@ class Scale:
 
     def new_instance(self, i: int) -> dict[str, Any]:
         """An endpoint change: one more instance of ``svc<i>`` (on h3)."""
-        k = instances(i)
+        self.added += 1
+        k = instances(i) + 10 * self.added  # a new instance id every time
         h3 = self.lab.host("h3")
         before = len(self.h1.endpoints(service(i)))
-        register(h3, [("/v1/agent/service/register", sidecar(i, k + 10, h3.ip))])
+        register(h3, [("/v1/agent/service/register", sidecar(i, k, h3.ip))])
         elapsed = self._wait(f"the new instance of {service(i)}",
                              lambda: len(self.h1.endpoints(service(i))) == before + 1,
                              timeout=120)
@@ -344,13 +346,14 @@ def run_scale(lab: Lab, driver: str, upstreams: int, idle: float) -> dict[str, A
     say(f"idle: {result.get('idle')}")
     # One change through a blocking slot (svc0001 sorts among the first keys) and
     # one through the aggregate feed (the last upstreams overflow the budget).
-    late = upstreams - 2
+    # (With fewer upstreams than the budget, every change goes through a slot.)
+    late = max(upstreams - 2, 1)
     result["changes"] = {
-        "new_instance_slot": sc.new_instance(1),
-        "new_instance_feed": sc.new_instance(late),
-        "failed_check_feed": sc.fail_instance(late - 1),
+        "new_instance_slot": sc.new_instance(1 % upstreams),
+        "new_instance_feed": sc.new_instance(late % upstreams),
+        "failed_check_feed": sc.fail_instance(max(late - 1, 0)),
         "add_upstream": sc.add_upstream(),
-        "protocol_change": sc.protocol_change(late - 3),
+        "protocol_change": sc.protocol_change(max(late - 3, 0)),
     }
     for change in result["changes"].values():
         change.pop("since", None)
