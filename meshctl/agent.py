@@ -1,10 +1,13 @@
 """The host agent: sources → compile() → apply, with quiescence and fail-static.
 
-Threads: the watchdog observer of ``services.d``, one blocking-query loop per
-Consul key (in the Watcher), and this module's reconcile loop, which is the
-only thread that registers, issues certificates, compiles and applies. Every
-source only *signals* the loop; the loop reads the sources' latest good
-values, so a source in error keeps contributing its last good answer.
+Threads: the watchdog observer of ``services.d``, the Watcher's loops and
+workers (a bounded number, however many upstreams: see ``meshctl._watch``),
+and this module's reconcile loop, which is the only thread that registers,
+issues certificates, compiles and applies. Every source only *signals* the
+loop; the loop reads the sources' latest good values, so a source in error
+keeps contributing its last good answer. A pass that a timer wakes (the
+registration sync, a certificate renewal) compiles only if it changed
+something: an idle host does no work but those timers.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +35,14 @@ from meshctl.apply import Applier
 from meshctl.chain import TargetQuery, chain_key, chain_queries
 from meshctl.config import AgentConfig
 from meshctl.consul import (
-    ConfigEntry,
+    WATCHED_KINDS,
+    ConfigEntries,
     ConsulClient,
     DiscoveryChain,
     HealthConnect,
     IntentionMatch,
     Watcher,
+    health_feeds,
     refused_instances,
 )
 from meshctl.errors import (
@@ -83,6 +88,14 @@ _CA_BUNDLE = "(CA bundle)"
 
 #: seconds a compile waits for the first answer of a health watch a chain change added
 FIRST_ANSWER_WAIT = 3.0
+#: health keys that may hold a blocking query (one connection each) to the Consul agent;
+#: the rest are followed through one aggregate feed. With the 6 config-entry kinds,
+#: the feed and the watcher's 4 workers the agent holds at most ~28 of the 200
+#: connections a stock agent allows one client address (http_max_conns_per_client).
+MAX_BLOCKING_HEALTH = 16
+WATCH_WORKERS = 4
+#: a reconcile pass slower than this (s) is logged with its duration
+SLOW_PASS = 1.0
 
 
 class Quiescence:
@@ -219,7 +232,9 @@ class Agent:
         self.applier = Applier(self.driver, cfg.proxy_dir, cfg.reload_min_interval)
         self.consul = ConsulClient(cfg.consul,
                                    sidecar_check_interval=cfg.sidecar_check_interval)
-        self.watcher = Watcher(self.consul, on_change=self._on_source_change)
+        self.watcher = Watcher(self.consul, on_change=self._on_source_change,
+                               max_blocking=MAX_BLOCKING_HEALTH, workers=WATCH_WORKERS,
+                               feeds=health_feeds, on_settled=self._on_settled)
         self.vault = VaultClient(cfg.vault)
         self.store = CertStore(cfg.certs_dir)
         self.trigger = Quiescence(cfg.wait_min, cfg.wait_max)
@@ -244,6 +259,9 @@ class Agent:
         self._failed_snapshot: Snapshot | None = None
         self._observer: Any = None
         self._proxy_watch = ProxyWatch(self.driver.pid, self.trigger.trigger_now)
+        self._services: list[ServiceDefinition] | None = None  # as the last full pass read them
+        self._defs_dirty = True  # services.d changed since the last read
+        self._written_states: tuple[Any, ...] = ()  # _states() as the status file last showed
         self._warned: set[str] = set()
         self._ignored: dict[str, list[IgnoredField]] = {}  # config entry -> its ignored fields
         self._source_state: dict[str, dict[str, Any]] = {}
@@ -256,7 +274,7 @@ class Agent:
         """Run until SIGTERM/SIGINT; deregister on the way out if configured."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
-        signal.signal(signal.SIGHUP, lambda *_: self.trigger.trigger())
+        signal.signal(signal.SIGHUP, lambda *_: self._definitions_changed())
         metrics.serve(self.cfg.metrics_address)
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
                  self.driver.name, self._safe_version())
@@ -274,7 +292,8 @@ class Agent:
                 if self._stop.is_set():
                     break
                 if fired or time.time() >= self._next_deadline():
-                    self.reconcile()
+                    reread, self._defs_dirty = self._defs_dirty, False
+                    self.reconcile(changed=fired, reread=reread)
         finally:
             self._shutdown()
 
@@ -312,18 +331,27 @@ class Agent:
         log.debug("source changed: %s", key)
         self.trigger.trigger()
 
+    def _definitions_changed(self) -> None:
+        # Set before the trigger: the pass it wakes reads services.d again.
+        self._defs_dirty = True
+        self.trigger.trigger()
+
+    def _on_settled(self) -> None:
+        # The refetches a change asked for have answered (changed or not): compile now.
+        self.trigger.trigger()
+
     def _start_dir_watch(self) -> None:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
-        trigger = self.trigger
+        changed = self._definitions_changed
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
                 if event.event_type in ("opened", "closed_no_write"):
                     return  # reads (our own included) change nothing
                 log.debug("services.d: %s %s", event.event_type, event.src_path)
-                trigger.trigger()
+                changed()
 
         self.cfg.services_dir.mkdir(parents=True, exist_ok=True)
         self._observer = Observer()
@@ -342,16 +370,48 @@ class Agent:
 
     # ------------------------------------------------------------ reconcile
 
-    def reconcile(self) -> None:
-        """One pass: definitions → registrations → certificates → compile → apply."""
+    def reconcile(self, changed: bool = True, reread: bool = True) -> None:
+        """One pass: definitions → registrations → certificates → compile → apply.
+
+        ``changed=False`` (a pass a timer woke, no source signalled): compile
+        and apply only if the registrations, certificates or a due retry call
+        for it; else write the status file only if a source's state moved.
+        ``reread=False``: services.d did not signal since the last pass, so its
+        definitions are not parsed again (at 1,000 upstreams that is ~0.1 s).
+        """
         log.debug("reconcile")
+        started = time.monotonic()
+        if (changed and reread) or self._services is None:
+            services = self._services = self._read_definitions()
+        else:
+            services = self._services
         address = self._sidecar_address()  # a Consul call while it is unknown: once per pass
-        services = self._read_definitions()
+        before = self._pass_inputs(address)
         self._sync_registrations(services, address)
         self._refresh_certificates(services)
-        self._watch_upstreams(services)
-        self._report_ignored_fields(services)
-        self._compile_and_apply(services, address)
+        if changed:
+            self._watch_upstreams(services)
+            self._report_ignored_fields(services)
+        if changed or self._pass_inputs(address) != before or self._retry_at <= time.time():
+            self._compile_and_apply(services, address)
+        elif self._states() != self._written_states:
+            # A source went bad or recovered: the status file says so even when
+            # no value changed (a recovered watch answers what it answered before).
+            self._write_state(services)
+        took = time.monotonic() - started
+        if took > SLOW_PASS:
+            log.info("reconcile pass took %.2fs (%d upstreams)", took,
+                     sum(len(d.upstreams) for d in services))
+
+    def _states(self) -> tuple[Any, ...]:
+        """How every source is doing (ok or not, and why): what the status file shows."""
+        watched = {key: (st["state"], st["error"]) for key, st in self.watcher.statuses().items()}
+        return ({k: (v["ok"], v["error"]) for k, v in self._source_state.items()}, watched)
+
+    def _pass_inputs(self, address: str) -> tuple[Any, ...]:
+        """What a timer-woken pass may change that a compile reads."""
+        return (address, dict(self._registered),
+                {name: st.paths for name, st in self._certs.items()})
 
     def _read_definitions(self) -> list[ServiceDefinition]:
         probe = self._port_probe()
@@ -543,7 +603,7 @@ class Agent:
     def _report_ignored_fields(self, services: list[ServiceDefinition]) -> None:
         """The fields of the watched config entries and of the local sidecars' opaque
         config that meshctl does not honour, logged once per change."""
-        current = ignored_by_entry(self.watcher.get, self._wanted_since)
+        current = ignored_by_entry(self.watcher.get, services)
         for d in services:
             local = ignored_sidecar_config(d)
             if local:
@@ -560,17 +620,23 @@ class Agent:
         self._ignored = current
 
     def _awaiting_first_answers(self) -> bool:
-        """True while a target's health watch, new with a chain change, has not answered.
+        """True while a new upstream's chain or a new target's health has not answered.
 
-        Compiling then would give the new target no endpoints (503s until the
-        answer arrives); its first answer triggers a reconcile, so wait for it,
-        but never longer than FIRST_ANSWER_WAIT (a failing watch must not stall
-        every other change).
+        Compiling then would give a new target no endpoints (503s until the
+        answer arrives), or compile a thousand upstreams at start once per
+        trickle of chain answers; each first answer triggers a reconcile, so
+        wait for them, but never longer than FIRST_ANSWER_WAIT, and not for a
+        key in error (a failing watch must not stall every other change).
         """
         now = time.time()
-        pending = [since for k, since in self._wanted_since.items()
-                   if isinstance(k, HealthConnect) and now - since < FIRST_ANSWER_WAIT
-                   and not self.watcher.has_value(k)]
+        pending = []
+        for k, since in self._wanted_since.items():
+            if now - since >= FIRST_ANSWER_WAIT or not isinstance(k, HealthConnect
+                                                                  | DiscoveryChain):
+                continue
+            st = self.watcher.status(k)
+            if st is not None and st.state == "pending":
+                pending.append(since)
         if pending:
             self._retry_at = min(self._retry_at, min(pending) + FIRST_ANSWER_WAIT)
         return bool(pending)
@@ -583,7 +649,13 @@ class Agent:
         if retry_due:
             self._retry_at = float("inf")
         if self._awaiting_first_answers():
-            log.debug("waiting for the first answer of new health watches")
+            log.debug("waiting for the first answers of new watches")
+            return
+        if self.watcher.settling():
+            # A config entry or check change asked for refetches (chains, health):
+            # their answers trigger the compile, so it runs once with all of them.
+            log.debug("waiting for the refetches a change asked for")
+            self._retry_at = min(self._retry_at, time.time() + 0.5)
             return
         locals_: list[LocalService] = []
         for d in services:
@@ -713,6 +785,7 @@ class Agent:
         state.refused_instances = [r.to_dict() for r in sorted(
             refused, key=lambda r: (r.query, r.node, r.service_id))]
         state.sources = dict(self._source_state)
+        self._written_states = self._states()
         for key, st in self.watcher.statuses().items():
             state.sources[str(key)] = st
         if self.applier.last is not None:
@@ -775,45 +848,50 @@ def _queries(get: Getter, upstreams: set[tuple[str, str]], datacenter: str) -> s
 def source_keys(services: list[ServiceDefinition], get: Getter, datacenter: str) -> set[Key]:
     """Every Consul key the snapshot of these local services depends on.
 
-    Each upstream's discovery chain (Consul re-answers it whenever one of the
-    proxy-defaults, service-defaults, resolver, splitter or router entries it
-    depends on changes) and, once ``get`` knows a chain, one health watch per
-    target it reaches, with the target subset's filter. Local services' own
-    service-defaults give their inbound protocol.
+    Each upstream's discovery chain and, once ``get`` knows a chain, one
+    health watch per target it reaches, with the target subset's filter; who
+    may call each local service (its intention match). Chains and matches
+    depend only on config entries, so the entries are watched one list per
+    kind (WATCHED_KINDS), whose changes refetch only the chains and matches
+    they mention; local services' service-defaults give their inbound protocol.
     """
     upstreams = _upstreams(services)
-    destinations = {dest for dest, _ in upstreams}
     keys: set[Key] = {chain_of(dest, dc) for dest, dc in upstreams}
     keys |= {health_of(q) for q in _queries(get, upstreams, datacenter)}
-    for name in destinations | {d.name for d in services}:
-        keys.add(ConfigEntry("service-defaults", name))
-    keys.add(ConfigEntry("proxy-defaults", "global"))
+    keys |= {ConfigEntries(kind) for kind in WATCHED_KINDS}
     # Who may call each local service: enforced at its inbound listener.
     keys |= {IntentionMatch(d.name) for d in services}
     return keys
 
 
-def ignored_by_entry(get: Getter, keys: Iterable[Key]) -> dict[str, list[IgnoredField]]:
-    """The fields meshctl does not honour in each watched ``service-defaults`` and
-    ``proxy-defaults`` entry that has some (``"service-defaults/api"`` → fields)."""
+def ignored_by_entry(get: Getter, services: list[ServiceDefinition]
+                     ) -> dict[str, list[IgnoredField]]:
+    """The fields meshctl does not honour in the ``service-defaults`` of the local
+    services and upstream destinations and in ``proxy-defaults/global``, for
+    each entry that has some (``"service-defaults/api"`` → fields)."""
+    names = {dest for dest, _ in _upstreams(services)} | {d.name for d in services}
+    wanted = {"service-defaults": names, "proxy-defaults": {"global"}}
     out: dict[str, list[IgnoredField]] = {}
-    for key in keys:
-        if isinstance(key, ConfigEntry) and key.kind in HONOURED:
-            fields = ignored_fields(key.kind, key.name, get(key))
+    for kind in sorted(HONOURED):
+        entries = get(ConfigEntries(kind)) or {}
+        for name in sorted(wanted.get(kind, set()) & set(entries)):
+            fields = ignored_fields(kind, name, entries[name])
             if fields:
-                out[f"{key.kind}/{key.name}"] = fields
+                out[f"{kind}/{name}"] = fields
     return out
 
 
 def protocols_from(get: Getter, names: set[str]) -> dict[str, str]:
     """Each service's protocol: service-defaults, else proxy-defaults, else tcp."""
     default = "tcp"
-    pd = get(ConfigEntry("proxy-defaults", "global"))
+    proxy_defaults = get(ConfigEntries("proxy-defaults")) or {}
+    service_defaults = get(ConfigEntries("service-defaults")) or {}
+    pd = proxy_defaults.get("global")
     if isinstance(pd, dict):
         default = str((pd.get("Config") or {}).get("protocol", default))
     out: dict[str, str] = {}
     for name in names:
-        sd = get(ConfigEntry("service-defaults", name))
+        sd = service_defaults.get(name)
         proto = sd.get("Protocol") if isinstance(sd, dict) else None
         out[name] = str(proto or default)
     return out

@@ -21,6 +21,8 @@ import pytest
 
 from meshctl.config import ConsulSettings
 from meshctl.consul import (
+    WATCHED_KINDS,
+    ConfigEntries,
     ConfigEntry,
     ConsulClient,
     DiscoveryChain,
@@ -415,9 +417,14 @@ def test_config_entry_key_follows_consul(raw: consul.Consul, watcher: Watcher) -
 def test_discovery_chain_key_returns_consuls_compiled_chain(
     raw: consul.Consul, watcher: Watcher
 ) -> None:
+    """Chains hold no query of their own: the config-entry kinds they depend on do,
+    and a change to one refetches the chains it mentions."""
     key = DiscoveryChain("billing")
+    for kind in WATCHED_KINDS:
+        watcher.watch(ConfigEntries(kind))
     watcher.watch(key)
     first = eventually(lambda: watcher.get(key), what="first chain")
+    assert watcher.counts()["blocking"] == len(WATCHED_KINDS)
     assert first["Chain"]["ServiceName"] == "billing"
     assert first["Chain"]["Protocol"] == "tcp"
 

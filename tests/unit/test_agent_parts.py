@@ -7,7 +7,7 @@ from pathlib import Path
 
 from meshctl import metrics
 from meshctl.agent import Quiescence, _PortBook, _update_endpoint_gauges, protocols_from
-from meshctl.consul import ConfigEntry
+from meshctl.consul import ConfigEntries
 from meshctl.services import ServiceDefinition, Upstream
 from tests.meshdata import api_instances, snapshot
 
@@ -105,8 +105,8 @@ def test_quiescence_without_trigger_times_out() -> None:
 
 def test_protocol_resolution_service_defaults_over_proxy_defaults() -> None:
     entries = {
-        ConfigEntry("proxy-defaults", "global"): {"Config": {"protocol": "http"}},
-        ConfigEntry("service-defaults", "db"): {"Protocol": "tcp"},
+        ConfigEntries("proxy-defaults"): {"global": {"Config": {"protocol": "http"}}},
+        ConfigEntries("service-defaults"): {"db": {"Protocol": "tcp"}},
     }
     got = protocols_from(entries.get, {"api", "db"})
     assert got == {"api": "http", "db": "tcp"}

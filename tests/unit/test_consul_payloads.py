@@ -14,10 +14,13 @@ import requests
 
 from meshctl.config import ConsulSettings
 from meshctl.consul import (
+    ConfigEntries,
     ConfigEntry,
     ConsulClient,
     DiscoveryChain,
+    HealthChecks,
     HealthConnect,
+    IntentionMatch,
     instances_from_health,
     sidecar_registration,
 )
@@ -179,3 +182,62 @@ def test_registration_failures_read_as_vaults_do(exc: Exception, words: str) -> 
         f"Consul at http://127.0.0.1:8500: deregister web-1-sidecar-proxy: {words}")
     vault = _translate(exc, "http://127.0.0.1:8200", "login", [], 2.5)
     assert str(vault) == f"Vault at http://127.0.0.1:8200: login: {words}"
+
+
+# ---------------------------------------------------------------- what a change refetches
+
+
+def default_chain(service: str, *targets: str) -> dict[str, Any]:
+    """The shape of a compiled chain: its service, resolver nodes and targets."""
+    names = targets or (service,)
+    return {"Chain": {
+        "ServiceName": service,
+        "Nodes": {f"resolver:{t}.default.default.dc1": {"Type": "resolver",
+                                                         "Name": f"{t}.default.default.dc1"}
+                  for t in names},
+        "Targets": {f"{t}.default.default.dc1": {"Service": t} for t in names},
+    }}
+
+
+def test_a_config_kind_change_refetches_the_chains_that_mention_it() -> None:
+    api, web, db = DiscoveryChain("api"), DiscoveryChain("web"), DiscoveryChain("db")
+    chains = {api: default_chain("api", "api", "api-v2"), web: default_chain("web"),
+              db: None}  # db has no answer yet: it is always refetched
+    keys = [api, web, db, IntentionMatch("web")]
+    resolvers = ConfigEntries("service-resolver")
+    old = {"web": {"Kind": "service-resolver", "Name": "web"}}
+    # A resolver for api-v2 (a target of api's chain) appears: api's chain may change.
+    new = {**old, "api-v2": {"Kind": "service-resolver", "Name": "api-v2"}}
+    assert resolvers.affected(old, new, keys, chains.get) == {api, db}
+    assert resolvers.affected(new, new, keys, chains.get) == {db}
+    # proxy-defaults reach every chain; intentions only the matches they name.
+    pd = ConfigEntries("proxy-defaults")
+    assert pd.affected({}, {"global": {"Config": {}}}, keys, chains.get) == {api, web, db}
+    intentions = ConfigEntries("service-intentions")
+    assert intentions.affected({}, {"api": {}}, keys, chains.get) == set()
+    assert intentions.affected({}, {"web": {}}, keys, chains.get) == {IntentionMatch("web")}
+    assert intentions.affected({}, {"*": {}}, keys, chains.get) == {IntentionMatch("web")}
+
+
+def test_the_health_feed_names_the_services_and_nodes_whose_checks_changed() -> None:
+    api, kv = HealthConnect("api"), HealthConnect("kv")
+    other_dc = HealthConnect("kv", datacenter="dc2")
+    feed = HealthChecks("", ("api", "kv"))
+    values = {api: (Instance("h2", "api-h2", "198.18.0.12", 21000),),
+              kv: (Instance("h3", "kv-h3", "198.18.0.13", 21000),), other_dc: ()}
+    keys = [api, kv, other_dc]
+    old = {("h2", "serfHealth"): ("", "passing", 5),
+           ("h2", "ttl-api"): ("api-sidecar-proxy", "passing", 7)}
+    # The sidecar's check changed: its service is named, not the other one.
+    new = {**old, ("h2", "ttl-api"): ("api-sidecar-proxy", "critical", 9)}
+    assert feed.affected(old, new, keys, values.get) == {api}
+    # A new instance of kv (its checks appear), and a node check of h3.
+    grown = {**old, ("h4", "ttl-kv"): ("kv", "passing", 10)}
+    assert feed.affected(old, grown, keys, values.get) == {kv}
+    node_down = {**old, ("h3", "serfHealth"): ("", "critical", 11)}
+    assert feed.affected(old, node_down, keys, values.get) == {kv}
+    assert feed.affected(None, new, keys, values.get) == set()  # a first answer
+    assert feed.affected(new, new, keys, values.get) == set()
+    assert 'ServiceName matches `^(api|kv)(-sidecar-proxy)?$`' in feed.filter_expr()
+    with pytest.raises(ValueError):
+        HealthChecks("", ("api`) or (true",))

@@ -16,7 +16,6 @@ import pytest
 
 from meshctl.chain import compile_chain
 from meshctl.consul import (
-    ConfigEntry,
     instances_from_health,
     refused_instances,
     sidecar_registration,
@@ -97,13 +96,21 @@ def test_hostile_keys_are_shown_escaped_and_bounded() -> None:
     assert any("'evil\\nline'" in f.field for f in got)
 
 
-def test_the_agent_reports_the_watched_entries_only() -> None:
+def test_the_agent_reports_the_entries_of_its_services_only(tmp_path: Path) -> None:
     from meshctl.agent import ignored_by_entry
+    from meshctl.consul import ConfigEntries
+    from meshctl.services import parse_definition_file
 
-    answers: dict[Any, Any] = {ConfigEntry("service-defaults", "api"): SERVICE_DEFAULTS,
-                               ConfigEntry("service-defaults", "web"): {"Protocol": "http"},
-                               ConfigEntry("service-resolver", "api"): {"Subsets": {}}}
-    got = ignored_by_entry(answers.get, list(answers))
+    (tmp_path / "web.json").write_text(json.dumps({"service": {
+        "name": "web", "port": 8080, "connect": {"sidecar_service": {"proxy": {
+            "upstreams": [{"destination_name": "api", "local_bind_port": 9001}]}}}}}))
+    web = parse_definition_file(tmp_path / "web.json")
+    answers: dict[Any, Any] = {
+        ConfigEntries("service-defaults"): {"api": SERVICE_DEFAULTS, "web": {"Protocol": "http"},
+                                            "other": SERVICE_DEFAULTS},
+        ConfigEntries("service-resolver"): {"api": {"Subsets": {}}},
+    }
+    got = ignored_by_entry(answers.get, web)
     assert list(got) == ["service-defaults/api"]
 
 

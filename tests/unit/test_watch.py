@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshctl import _watch
-from meshctl._watch import Watcher, backoff_delay, next_index
+from meshctl._watch import Watcher, WatchStatus, backoff_delay, next_index
 
 # ---------------------------------------------------------------- pure rules
 
@@ -89,11 +89,15 @@ class Store:
         self.active: dict[str, int] = {}
         self.max_active: dict[str, int] = {}
         self.requests: list[tuple[str, int]] = []
+        # per_key: each name has its own index (as a Consul view does), else one for all
+        self.per_key = False
+        self.key_index: dict[str, int] = {}
 
     def set(self, name: str, value: Any, index: int | None = None) -> None:
         with self.cond:
             self.index = self.index + 1 if index is None else index
             self.values[name] = value
+            self.key_index[name] = self.index
             self.cond.notify_all()
 
     def fail(self, message: str | None) -> None:
@@ -144,8 +148,9 @@ class MemKey:
                         raise ConnectionError("aborted")
                     if store.failing:
                         raise ConnectionError(store.failing)
-                    if store.index != index or time.monotonic() >= deadline:
-                        return store.index, store.values.get(self.name)
+                    now = store.key_index.get(self.name, 1) if store.per_key else store.index
+                    if now != index or time.monotonic() >= deadline:
+                        return now, store.values.get(self.name)
                     store.cond.wait(deadline - time.monotonic())
             finally:
                 store.active[self.name] -= 1
@@ -408,3 +413,191 @@ def test_watch_only_keeps_exactly_the_given_keys(store: Store, watcher: Watcher)
     other.cancel()
     assert watcher.keys() == {MemKey("c")}
     eventually(lambda: store.max_active.get("b") == 1 and store.active.get("b") == 0)
+
+
+# ---------------------------------------------------------------- bounded connections
+
+
+@dataclass(frozen=True)
+class BudgetKey(MemKey):
+    """A key that holds a loop only within the watcher's budget (like HealthConnect)."""
+
+    follow = "budget"
+    refresh_blocking = True
+
+    def __str__(self) -> str:
+        return f"budget({self.name})"
+
+
+@dataclass(frozen=True)
+class PollKey(MemKey):
+    """A key that never holds a loop (like DiscoveryChain): refetched when named."""
+
+    follow = "poll"
+
+    def __str__(self) -> str:
+        return f"poll({self.name})"
+
+
+@dataclass(frozen=True)
+class FeedKey(MemKey):
+    """A feed (like HealthChecks/ConfigEntries): its value lists names that changed."""
+
+    notify = False
+
+    def __str__(self) -> str:
+        return f"feed({self.name})"
+
+    def affected(self, old: Any, new: Any, keys: Any, get: Any) -> set[Any]:
+        if old is None:
+            return set()
+        names = set(new or ()) ^ set(old or ())
+        return {k for k in keys if k.name in names}
+
+
+def feeds_for(overflow: frozenset[Any]) -> set[Any]:
+    return {FeedKey("feed")} if overflow else set()
+
+
+def bounded(store: Store, **kw: Any) -> Watcher:
+    kw.setdefault("max_blocking", 2)
+    kw.setdefault("workers", 2)
+    kw.setdefault("refresh_wait", "5s")
+    return Watcher(store, wait="30s", backoff_base=0.005, backoff_cap=0.02, min_interval=0.0,
+                   feeds=feeds_for, **kw)
+
+
+def test_budget_keys_beyond_the_budget_share_a_feed_and_a_small_pool(store: Store) -> None:
+    """50 keys: 2 loops, the rest polled by 2 workers, one feed: 5 sessions, not 50."""
+    for i in range(50):
+        store.set(f"k{i}", [i])
+    w = bounded(store)
+    try:
+        w.watch_only({BudgetKey(f"k{i}") for i in range(50)})
+        eventually(lambda: all(w.get(BudgetKey(f"k{i}")) == [i] for i in range(50)))
+        assert w.counts() == {"blocking": 3, "polled": 48, "workers": 2}  # 2 keys + the feed
+        assert {FeedKey("feed")} <= w.keys()
+        assert store.sessions_opened <= 5
+        held = {name for name, n in store.active.items() if n}
+        eventually(lambda: {name for name, n in store.active.items() if n} >= {"feed"})
+        assert len(held) <= 3 + 2
+    finally:
+        w.stop()
+
+
+def test_a_feed_change_refetches_only_the_keys_it_names(store: Store) -> None:
+    rec = Recorder()
+    for i in range(6):
+        store.set(f"k{i}", "v1")
+    store.set("feed", [])
+    w = bounded(store, on_change=rec)
+    try:
+        w.watch_only({BudgetKey(f"k{i}") for i in range(6)})
+        eventually(lambda: all(w.get(BudgetKey(f"k{i}")) == "v1" for i in range(6)))
+        eventually(lambda: w.has_value(FeedKey("feed")))
+        asked = len(store.requests)
+        store.set("k5", "v2")
+        store.set("feed", ["k5"])  # the feed names k5; k3 changes too but unnamed
+        eventually(lambda: w.get(BudgetKey("k5")) == "v2")
+        refetched = {name for name, _ in store.requests[asked:]} - {"feed", "k0", "k1"}
+        assert refetched == {"k5"}
+        assert FeedKey("feed") not in [k for k, _ in rec.calls]  # feeds notify nobody
+    finally:
+        w.stop()
+
+
+def test_a_refetch_waits_for_a_view_that_lags_the_feed(store: Store) -> None:
+    """The feed may answer before the key's own view moved: the refetch blocks past its
+    last index instead of reading the old value and missing the change."""
+    store.per_key = True
+    store.set("k2", "old")
+    store.set("feed", [])
+    w = bounded(store, max_blocking=0)
+    try:
+        w.watch(BudgetKey("k2"))
+        eventually(lambda: w.get(BudgetKey("k2")) == "old" and w.has_value(FeedKey("feed")))
+        store.set("feed", ["k2"])  # the feed first...
+        eventually(lambda: store.active.get("k2") == 1)  # a blocking refetch waits
+        assert w.settling()
+        store.set("k2", "new")  # ...then the value
+        eventually(lambda: w.get(BudgetKey("k2")) == "new")
+        eventually(lambda: not w.settling())
+    finally:
+        w.stop()
+
+
+def test_poll_keys_hold_no_loop_and_follow_what_names_them(store: Store) -> None:
+    settled = threading.Event()
+    store.set("chain", "c1")
+    store.set("entries", [])
+    w = bounded(store, on_settled=settled.set)
+    try:
+        w.watch(FeedKey("entries"))
+        w.watch(PollKey("chain"))
+        eventually(lambda: w.get(PollKey("chain")) == "c1" and w.has_value(FeedKey("entries")))
+        assert w.counts()["blocking"] == 1 and store.max_active.get("chain") == 1
+        before = len([1 for name, _ in store.requests if name == "chain"])
+        time.sleep(0.1)
+        assert len([1 for name, _ in store.requests if name == "chain"]) == before  # no loop
+        store.set("chain", "c2")
+        store.set("entries", ["chain"])
+        eventually(lambda: w.get(PollKey("chain")) == "c2")
+        assert settled.wait(5)
+    finally:
+        w.stop()
+
+
+def test_a_refused_polled_key_keeps_its_value_and_backs_off(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="meshctl.watch")
+    store.set("k1", ["a:1"])
+    w = bounded(store, max_blocking=0, resync=0.01)  # re-read all the time: many failures
+    key = BudgetKey("k1")
+    try:
+        w.watch(key)
+        eventually(lambda: w.get(key) == ["a:1"])
+        store.fail("429 Your IP is issuing too many concurrent connections")
+        eventually(lambda: (w.status(key) or WatchStatus()).failures >= 5)
+        assert w.get(key) == ["a:1"]  # fail static: known endpoints stay
+        store.set("k1", ["a:1", "b:2"])
+        store.fail(None)
+        eventually(lambda: w.get(key) == ["a:1", "b:2"])
+    finally:
+        w.stop()
+    messages = [m for r in caplog.records if "429" in (m := r.getMessage()) and "k1" in m]
+    assert len(messages) == 1
+
+
+def test_a_freed_slot_goes_to_a_polled_key(store: Store) -> None:
+    for name in ("a", "b", "c"):
+        store.set(name, name)
+    w = bounded(store, max_blocking=2)
+    try:
+        w.watch_only({BudgetKey("a"), BudgetKey("b"), BudgetKey("c")})
+        eventually(lambda: w.get(BudgetKey("c")) == "c")
+        assert w.counts()["polled"] == 1 and {FeedKey("feed")} <= w.keys()
+        w.watch_only({BudgetKey("b"), BudgetKey("c")})
+        assert w.counts() == {"blocking": 2, "polled": 0, "workers": w.counts()["workers"]}
+        assert not {FeedKey("feed")} & w.keys()  # nothing overflows: no feed
+        assert w.get(BudgetKey("c")) == "c"  # the promoted key kept its value
+        store.set("c", "c2")
+        eventually(lambda: w.get(BudgetKey("c")) == "c2")  # now by its own blocking query
+    finally:
+        w.stop()
+
+
+def test_stop_is_prompt_with_workers_blocked(store: Store) -> None:
+    store.per_key = True
+    store.set("k", "v")
+    store.set("feed", [])
+    w = bounded(store, max_blocking=0, refresh_wait="600s")
+    w.watch(BudgetKey("k"))
+    eventually(lambda: w.has_value(BudgetKey("k")) and w.has_value(FeedKey("feed")))
+    store.set("feed", ["k"])  # a blocking refetch that would wait 600 s
+    eventually(lambda: store.active.get("k") == 1)
+    started = time.monotonic()
+    w.stop(timeout=5)
+    assert time.monotonic() - started < 2.0
+    assert sum(store.active.values()) == 0
+    assert store.sessions_closed == store.sessions_opened
