@@ -381,7 +381,9 @@ class Agent:
         """
         log.debug("reconcile")
         started = time.monotonic()
-        if (changed and reread) or self._services is None:
+        # A refused definition is looked at again on every pass: what refused it
+        # (a port another process holds) may change without services.d changing.
+        if (changed and reread) or self._services is None or self._problems:
             services = self._services = self._read_definitions()
         else:
             services = self._services
@@ -406,7 +408,12 @@ class Agent:
     def _states(self) -> tuple[Any, ...]:
         """How every source is doing (ok or not, and why): what the status file shows."""
         watched = {key: (st["state"], st["error"]) for key, st in self.watcher.statuses().items()}
-        return ({k: (v["ok"], v["error"]) for k, v in self._source_state.items()}, watched)
+        # Instances left out of an answer leave its value as it was (no change is
+        # signalled), so a timer-woken pass finds them here and writes the status.
+        refused = {str(k): refused_instances(str(k)) for k in self._wanted_since
+                   if isinstance(k, HealthConnect)}
+        return ({k: (v["ok"], v["error"]) for k, v in self._source_state.items()}, watched,
+                refused)
 
     def _pass_inputs(self, address: str) -> tuple[Any, ...]:
         """What a timer-woken pass may change that a compile reads."""

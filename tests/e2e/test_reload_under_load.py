@@ -99,25 +99,52 @@ def _last_apply(h: MeshHost) -> dict[str, Any]:
     return dict((h.status() or {}).get("last_apply") or {})
 
 
+def _pad_port(h: MeshHost) -> int | None:
+    """pad's sidecar port as h's status shows it, once pad is registered."""
+    for svc in (h.status() or {}).get("services", []):
+        if svc.get("name") == "pad" and svc.get("registered"):
+            return int(svc["sidecar_port"])
+    return None
+
+
+def _listening(h: MeshHost, port: int) -> bool:
+    try:
+        h.host.tcp_connect(h.ip, port, timeout=1.0)
+    except OSError:
+        return False
+    return True
+
+
 def _toggle_pad(hosts: list[MeshHost], present: bool) -> None:
-    """Add or remove the dummy service on ``hosts`` and wait for each agent's reload."""
+    """Add or remove the dummy service on ``hosts`` and wait for each agent's reload
+    that serves the change: pad's sidecar listening, or no longer listening.
+
+    A reload alone is not proof: an agent may reload for a pass that read
+    services.d just before the change (and pad's certificate may still be pending)."""
     before = {h.name: _last_apply(h) for h in hosts}
+    ports = {h.name: _pad_port(h) for h in hosts}
     for h in hosts:
         if present:
             h.add_service(PAD, "pad.json")
         else:
             h.remove_service("pad.json")
 
-    def reloaded(h: MeshHost) -> bool:
+    def served(h: MeshHost) -> bool:
         la, old = _last_apply(h), before[h.name]
         if la.get("action") == "failed":
             raise AssertionError(f"apply failed on {h.name}: {la.get('error')}")
-        return (la.get("reloads", 0) > old.get("reloads", 0)
-                and la.get("generation") != old.get("generation"))
+        if la.get("reloads", 0) <= old.get("reloads", 0):
+            return False
+        if present:
+            port = _pad_port(h)
+            return port is not None and _listening(h, port)
+        gone = all(s.get("name") != "pad" for s in (h.status() or {}).get("services", []))
+        port = ports[h.name]
+        return gone and (port is None or not _listening(h, port))
 
     for h in hosts:
         wait_until(f"{h.name} to reload with pad {'added' if present else 'removed'}",
-                   lambda h=h: reloaded(h), timeout=30)  # type: ignore[misc]
+                   lambda h=h: served(h), timeout=30)  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------- the client
