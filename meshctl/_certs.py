@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshctl._fs import write_atomic
 from meshctl.errors import ConfigError, SourceError
-from meshctl.mesh import CertPaths, check_service_name
+from meshctl.model import CertPaths, check_service_name
 
 log = logging.getLogger("meshctl.vault")
 

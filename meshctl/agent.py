@@ -30,6 +30,7 @@ from meshctl._fs import write_atomic
 from meshctl._watch import Key, backoff_delay
 from meshctl.apply import Applier
 from meshctl.chain import TargetQuery, chain_key, chain_queries
+from meshctl.compile import compile_snapshot
 from meshctl.config import AgentConfig
 from meshctl.consul import (
     ConfigEntry,
@@ -50,14 +51,7 @@ from meshctl.errors import (
     VaultError,
 )
 from meshctl.fields import HONOURED, IgnoredField, ignored_fields, ignored_sidecar_config
-from meshctl.mesh import (
-    CertPaths,
-    Instance,
-    LocalService,
-    Snapshot,
-    compile_snapshot,
-    read_snapshot,
-)
+from meshctl.model import CertPaths, Instance, LocalService, Snapshot
 from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
 from meshctl.resources import plugins_dir
 from meshctl.services import (
@@ -67,6 +61,7 @@ from meshctl.services import (
     load_definitions,
     read_definitions,
 )
+from meshctl.snapshot_io import read_snapshot
 from meshctl.vault import (
     CertStore,
     VaultClient,

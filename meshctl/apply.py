@@ -47,7 +47,7 @@ from typing import Any
 from meshctl._fs import fsync_dir, write_atomic
 from meshctl._procfs import ProcessRef, same_process
 from meshctl.errors import MeshctlError, ProxyError, ReloadError, SourceError
-from meshctl.mesh import Snapshot
+from meshctl.model import Snapshot
 from meshctl.proxy.base import ProxyDriver, RenderedConfig, signal_processes
 
 log = logging.getLogger(__name__)

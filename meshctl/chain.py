@@ -46,8 +46,7 @@ from typing import Any
 
 from meshctl._regex import regex_field
 from meshctl.errors import CompileError
-from meshctl.mesh import (
-    SERVICE_NAME,
+from meshctl.model import (
     Cluster,
     HashPolicy,
     HeaderMatch,
@@ -60,7 +59,7 @@ from meshctl.mesh import (
     endpoints_of,
     identity_dns,
 )
-from meshctl.services import DATACENTER
+from meshctl.services import DATACENTER, SERVICE_NAME
 
 # ---------------------------------------------------------------- grammars
 

@@ -51,7 +51,7 @@ from meshctl._fs import write_atomic
 from meshctl._transport import describe
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError, MeshctlError, SourceError, VaultError
-from meshctl.mesh import check_service_name, identity_dns, spiffe_id
+from meshctl.model import check_service_name, identity_dns, spiffe_id
 
 __all__ = [
     "CertStore",

@@ -10,10 +10,11 @@ from typing import Any
 
 import click
 
-from meshctl.cli._output import emit, table
+from meshctl.cli._output import emit
 from meshctl.config import AgentConfig, load_config
 from meshctl.errors import ConfigError
-from meshctl.mesh import read_state
+from meshctl.snapshot_io import read_state
+from meshctl.tables import table
 
 config_option = click.option(
     "--config",

@@ -27,8 +27,8 @@ from meshctl.intentions import (
     join_headers,
     normalize_path,
 )
-from meshctl.mesh import read_snapshot
 from meshctl.services import SERVICE_NAME
+from meshctl.snapshot_io import read_snapshot
 
 #: ``rules_from`` (the JSON value) as a sentence says it
 _ORIGIN = {"consul": "Consul", "local sidecar": "the local sidecar"}

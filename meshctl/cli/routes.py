@@ -15,10 +15,12 @@ from typing import Any
 
 import click
 
-from meshctl.cli._output import emit, table
+from meshctl.cli._output import emit
 from meshctl.cli.agent import _load, config_option
 from meshctl.errors import ConfigError
-from meshctl.mesh import Cluster, HeaderOps, Route, Snapshot, read_snapshot, read_state
+from meshctl.model import Cluster, HeaderOps, Route, Snapshot
+from meshctl.snapshot_io import read_snapshot, read_state
+from meshctl.tables import table
 
 
 def _seconds(ms: int) -> str:

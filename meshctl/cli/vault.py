@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from meshctl.cli._output import table
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError
+from meshctl.tables import table
 
 
 @click.group()

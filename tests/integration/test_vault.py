@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from meshctl.config import VaultSettings, load_config
 from meshctl.errors import VaultError
-from meshctl.mesh import identity_dns, spiffe_id
+from meshctl.model import identity_dns, spiffe_id
 from meshctl.vault import (
     CertStore,
     SetupResult,

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from meshctl._certs import format_serial, identity_problem, leaf_chain_pem
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError, SourceError, VaultError
-from meshctl.mesh import identity_dns, spiffe_id
+from meshctl.model import identity_dns, spiffe_id
 from meshctl.vault import (
     CertStore,
     LeafCert,

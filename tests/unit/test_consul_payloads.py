@@ -22,7 +22,7 @@ from meshctl.consul import (
     sidecar_registration,
 )
 from meshctl.errors import ConsulError
-from meshctl.mesh import Instance
+from meshctl.model import Instance
 from meshctl.services import Check, ServiceDefinition, Upstream
 from meshctl.vault import _translate
 

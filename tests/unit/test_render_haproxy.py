@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshctl.mesh import Endpoint, Instance
+from meshctl.model import Endpoint, Instance
 from meshctl.proxy.base import ProxyPaths
 from meshctl.proxy.haproxy import HAProxyDriver, _slot_commands, assign_slots, slot_count
 from meshctl.proxy.l7 import RetryPolicy, backend_name

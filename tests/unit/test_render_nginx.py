@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from meshctl.chain import SUBSET
 from meshctl.errors import CompileError
-from meshctl.mesh import CertPaths, cluster_id
+from meshctl.model import CertPaths, cluster_id
 from meshctl.proxy.base import ProxyPaths, generation_of
 from meshctl.proxy.l7 import caller_section
 from meshctl.proxy.nginx import NginxDriver
