@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshctl._fs import write_atomic
-from meshctl.errors import ConfigError, SourceError
-from meshctl.model import CertPaths, check_service_name
+from meshctl.errors import ConfigError, DiskError, SourceError
+from meshctl.model import CertPaths
+from meshctl.names import check_service_name, duration_ms
 
 log = logging.getLogger("meshctl.vault")
 
@@ -34,13 +35,14 @@ RENEW_FRACTION = 2 / 3
 #: … plus or minus this fraction of the lifetime, so a fleet does not renew at once.
 RENEW_JITTER = 0.05
 
-_DURATION = re.compile(r"(\d+)(d|h|m|s)")
-_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_VAULT_DURATION = re.compile(r"^(\d+[dhms])+\Z")
 
 
 def parse_duration(value: str | int) -> int:
     """Seconds in a Vault-style duration: ``3600``, ``"3600"``, ``"72h"``, ``"1h30m"``, ``"7d"``.
 
+    Whole numbers of ``d``, ``h``, ``m``, ``s`` only (what Vault's TTL fields
+    take), parsed by the one duration parser (``meshctl.names.duration_ms``).
     Raises ConfigError when ``value`` is not such a duration.
     """
     if isinstance(value, int) and not isinstance(value, bool):
@@ -51,9 +53,8 @@ def parse_duration(value: str | int) -> int:
         text = value.strip()
         if text.isdigit():
             return int(text)
-        parts = _DURATION.findall(text)
-        if parts and "".join(n + u for n, u in parts) == text:
-            return sum(int(n) * _UNIT[u] for n, u in parts)
+        if _VAULT_DURATION.match(text):
+            return int(duration_ms(text, days=True) // 1000)
     raise ConfigError(f"duration {value!r}: expected seconds or a duration like '72h' or '1h30m'")
 
 
@@ -351,12 +352,12 @@ class CertStore:
         try:
             self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as exc:
-            raise SourceError(f"{self.dir}: cannot create: {exc.strerror or exc}") from None
+            raise DiskError(f"{self.dir}: cannot create: {exc.strerror or exc}") from None
 
     def write_leaf(self, service: str, leaf: LeafCert) -> bool:
         """Store ``leaf`` for ``service`` (key first, so a crash leaves a pair that
         :meth:`load` rejects rather than a new certificate with an old key).
-        Returns True if a file changed. Raises SourceError."""
+        Returns True if a file changed. Raises DiskError."""
         paths = self._files(service)
         self._ensure_dir()
         changed = write_atomic(
@@ -366,7 +367,7 @@ class CertStore:
         return changed
 
     def write_ca(self, ca_pem: str) -> bool:
-        """Store the mesh CA bundle. Returns True if it changed. Raises SourceError."""
+        """Store the mesh CA bundle. Returns True if it changed. Raises DiskError."""
         self._ensure_dir()
         return write_atomic(self.ca_path, ca_pem.encode("ascii"), mode=0o644)
 
@@ -398,7 +399,7 @@ class CertStore:
 
     def remove(self, service: str) -> bool:
         """Delete ``service``'s certificate and key (a service left the host); the
-        CA bundle stays. Returns True if a file was removed. Raises SourceError."""
+        CA bundle stays. Returns True if a file was removed. Raises DiskError."""
         paths = self._files(service)
         removed = False
         for p in (paths.cert, paths.key):
@@ -408,7 +409,7 @@ class CertStore:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise SourceError(f"{p}: cannot remove: {exc.strerror or exc}") from None
+                raise DiskError(f"{p}: cannot remove: {exc.strerror or exc}") from None
         return removed
 
 

@@ -30,10 +30,8 @@ from meshctl.model import (
     Outbound,
     Route,
     Snapshot,
-    check_ip,
-    check_port,
-    check_service_name,
 )
+from meshctl.names import check_ip, check_port, check_service_name
 
 
 def compile_snapshot(

@@ -20,11 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from meshctl.errors import ConfigError
-
-_NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\Z")
-_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
-_MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_/-]{0,127}\Z")
+from meshctl.names import DATACENTER, DNS_DOMAIN, NODE_NAME, PKI_MOUNT
 
 
 @dataclass(frozen=True)
@@ -215,13 +211,13 @@ def _validate(cfg: AgentConfig, where: str) -> None:
     def bad(name: str, msg: str) -> ConfigError:
         return ConfigError(f"{where}: {name}: {msg}")
 
-    if not _NAME.match(cfg.node_name):
+    if not NODE_NAME.match(cfg.node_name):
         raise bad("node_name", f"{cfg.node_name!r} is not a valid node name")
-    if not _NAME.match(cfg.datacenter):
+    if not DATACENTER.match(cfg.datacenter):
         raise bad("datacenter", f"{cfg.datacenter!r} is not a valid datacenter name")
-    if not _DOMAIN.match(cfg.trust_domain):
+    if not DNS_DOMAIN.match(cfg.trust_domain):
         raise bad("trust_domain", f"{cfg.trust_domain!r} is not a lower-case DNS name")
-    if not _NAME.match(cfg.proxy):
+    if not NODE_NAME.match(cfg.proxy):
         raise bad("proxy", f"{cfg.proxy!r} is not a driver name")
     if not (1024 <= cfg.sidecar_port_min <= cfg.sidecar_port_max <= 65535):
         raise bad("sidecar_port_min", "sidecar port range must lie within 1024-65535, min <= max")
@@ -241,7 +237,7 @@ def _validate(cfg: AgentConfig, where: str) -> None:
         raise bad("vault.auth", "must be 'token' or 'approle'")
     if cfg.vault.auth == "approle" and not (cfg.vault.role_id_file and cfg.vault.secret_id_file):
         raise bad("vault.auth", "approle needs vault.role_id_file and vault.secret_id_file")
-    if not _MOUNT.match(cfg.vault.pki_mount):
+    if not PKI_MOUNT.match(cfg.vault.pki_mount):
         raise bad("vault.pki_mount", f"{cfg.vault.pki_mount!r} is not a mount path")
     if not re.match(r"^[a-z0-9-]{0,32}\Z", cfg.vault.role_prefix):
         raise bad("vault.role_prefix", "use lower-case letters, digits and '-' only")

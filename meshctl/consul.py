@@ -44,7 +44,8 @@ from meshctl._watch import Key, Watcher
 from meshctl.config import ConsulSettings
 from meshctl.errors import ConsulError
 from meshctl.model import Instance
-from meshctl.services import RESERVED_META, SERVICE_ID, SERVICE_NAME, Check, ServiceDefinition
+from meshctl.names import SERVICE_ID, SERVICE_NAME
+from meshctl.services import RESERVED_META, Check, ServiceDefinition
 
 # Key and Watcher are re-exported: the keys below run in a Watcher.
 __all__ = [

@@ -14,49 +14,16 @@ authorization rules an ``Inbound`` carries) ← ``model`` ← ``chain`` ←
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from meshctl.errors import CompileError
 from meshctl.intentions import Authorization
-from meshctl.services import SERVICE_NAME, ServiceDefinition
+from meshctl.names import check_ip, check_port
+from meshctl.services import ServiceDefinition
 
 PROTOCOLS = ("tcp", "http", "http2", "grpc")
-
-
-def check_service_name(name: str, what: str = "service name") -> str:
-    """Return ``name`` if it is a safe service name, else raise CompileError."""
-    if not isinstance(name, str) or not SERVICE_NAME.match(name):
-        raise CompileError(
-            f"{what} {name!r}: must be lower-case letters, digits and '-' (max 63), "
-            "starting and ending with a letter or digit"
-        )
-    return name
-
-
-def check_ip(address: str, what: str) -> str:
-    """Return ``address`` if it is a literal IPv4/IPv6 address, else raise CompileError.
-
-    Scoped IPv6 addresses (``fe80::1%zone``) are refused: Python accepts any
-    text as the zone, and that text would reach a proxy config verbatim.
-    """
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise CompileError(f"{what}: {address!r} is not an IP address") from None
-    if getattr(ip, "scope_id", None) is not None:
-        raise CompileError(f"{what}: {address!r}: scoped IPv6 addresses are not supported")
-    return str(ip)
-
-
-def check_port(port: Any, what: str) -> int:
-    """Return ``port`` if it is a TCP port number, else raise CompileError."""
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise CompileError(f"{what}: {port!r} is not a port number (1-65535)")
-    return port
 
 
 def identity_dns(service: str, trust_domain: str) -> str:

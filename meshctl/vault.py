@@ -51,7 +51,8 @@ from meshctl._fs import write_atomic
 from meshctl._transport import describe
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError, MeshctlError, SourceError, VaultError
-from meshctl.model import check_service_name, identity_dns, spiffe_id
+from meshctl.model import identity_dns, spiffe_id
+from meshctl.names import DATACENTER, DNS_DOMAIN, NODE_NAME, PKI_MOUNT, check_service_name
 
 __all__ = [
     "CertStore",
@@ -587,10 +588,6 @@ def explain_refusal(exc: VaultError, *, service: str, host: str, services: Seque
 
 # ---------------------------------------------------------------- setup
 
-_HOST = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\Z")
-_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
-_MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,127}\Z")
 _PREFIX = re.compile(r"^[a-z0-9-]{0,32}\Z")
 
 
@@ -752,13 +749,13 @@ def _check_inputs(
     hosts: Mapping[str, Sequence[str]],
     durations: Mapping[str, str],
 ) -> dict[str, tuple[str, ...]]:
-    if not _DOMAIN.match(trust_domain):
+    if not DNS_DOMAIN.match(trust_domain):
         raise ConfigError(f"trust domain {trust_domain!r}: not a lower-case DNS name")
-    if not _HOST.match(datacenter):
+    if not DATACENTER.match(datacenter):
         raise ConfigError(f"datacenter {datacenter!r}: not a valid datacenter name")
     for what, value in (("mount", mount), ("AppRole mount", approle_mount)):
-        if not _MOUNT.match(value):
-            raise ConfigError(f"{what} {value!r}: use letters, digits, '-' and '_'")
+        if not PKI_MOUNT.match(value):
+            raise ConfigError(f"{what} {value!r}: use letters, digits, '-', '_' and '/'")
     if not _PREFIX.match(role_prefix):
         raise ConfigError(f"role prefix {role_prefix!r}: use lower-case letters, digits and '-'")
     secs = {k: parse_duration(v) for k, v in durations.items()}
@@ -768,7 +765,7 @@ def _check_inputs(
         raise ConfigError("no hosts given")
     out: dict[str, tuple[str, ...]] = {}
     for host, services in hosts.items():
-        if not isinstance(host, str) or not _HOST.match(host):
+        if not isinstance(host, str) or not NODE_NAME.match(host):
             raise ConfigError(f"host {host!r}: not a valid host name")
         if host.lower() in {h.lower() for h in out}:
             raise ConfigError(f"host {host!r}: given twice")

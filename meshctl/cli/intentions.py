@@ -27,7 +27,7 @@ from meshctl.intentions import (
     join_headers,
     normalize_path,
 )
-from meshctl.services import SERVICE_NAME
+from meshctl.names import SERVICE_NAME
 from meshctl.snapshot_io import read_snapshot
 
 #: ``rules_from`` (the JSON value) as a sentence says it

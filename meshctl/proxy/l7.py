@@ -40,7 +40,7 @@ from typing import Any
 from meshctl._regex import anchored
 from meshctl.errors import CompileError
 from meshctl.model import CertPaths, Cluster, HeaderOps, Outbound, Route, Snapshot
-from meshctl.services import SERVICE_NAME
+from meshctl.names import SERVICE_NAME
 
 # ---------------------------------------------------------------- retry mapping
 

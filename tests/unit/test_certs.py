@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from meshctl._certs import format_serial, identity_problem, leaf_chain_pem
 from meshctl.config import VaultSettings
-from meshctl.errors import ConfigError, SourceError, VaultError
+from meshctl.errors import ConfigError, DiskError, SourceError, VaultError
 from meshctl.model import identity_dns, spiffe_id
 from meshctl.vault import (
     CertStore,
@@ -437,7 +437,7 @@ def test_store_write_failure_names_the_path(tmp_path: Path, ca: CA) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     store = CertStore(blocker / "certs")
-    with pytest.raises(SourceError, match=str(blocker)) as info:
+    with pytest.raises(DiskError, match=str(blocker)) as info:
         store.write_leaf("web", ca.leaf("web"))
     assert "PRIVATE KEY" not in str(info.value)
 
