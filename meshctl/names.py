@@ -58,19 +58,30 @@ def check_service_name(name: str, what: str = "service name") -> str:
 # ---------------------------------------------------------------- addresses, ports
 
 
-def check_ip(address: str, what: str) -> str:
-    """Return ``address`` if it is a literal IPv4/IPv6 address, else raise CompileError.
+def ip_literal(address: str) -> str:
+    """``address`` as a canonical literal IPv4/IPv6 address; ValueError if it is none.
 
     Scoped IPv6 addresses (``fe80::1%zone``) are refused: Python accepts any
     text as the zone, and that text would reach a proxy config verbatim.
     """
+    ip = ipaddress.ip_address(address)
+    if getattr(ip, "scope_id", None) is not None:
+        raise ValueError(f"{address!r}: scoped IPv6 addresses are not supported")
+    return str(ip)
+
+
+def check_ip(address: str, what: str) -> str:
+    """Return ``address`` if it is a literal IPv4/IPv6 address (see :func:`ip_literal`),
+    else raise CompileError."""
     try:
-        ip = ipaddress.ip_address(address)
+        ipaddress.ip_address(address)
     except ValueError:
         raise CompileError(f"{what}: {address!r} is not an IP address") from None
-    if getattr(ip, "scope_id", None) is not None:
-        raise CompileError(f"{what}: {address!r}: scoped IPv6 addresses are not supported")
-    return str(ip)
+    try:
+        return ip_literal(address)
+    except ValueError:
+        raise CompileError(f"{what}: {address!r}: scoped IPv6 addresses are not supported"
+                           ) from None
 
 
 def is_port(port: Any) -> bool:

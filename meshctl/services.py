@@ -30,6 +30,8 @@ from meshctl.names import (
     SERVICE_NAME,
     SIMPLE_DURATION,
     duration_ms,
+    ip_literal,
+    is_port,
 )
 
 
@@ -422,7 +424,7 @@ class _Reader:
         if not isinstance(value, int) or isinstance(value, bool):
             self.bad(path, f"expected a port number (1-65535), got {_typename(value)}")
             return None
-        if not 1 <= value <= 65535:
+        if not is_port(value):
             self.bad(path, f"{value} is not a port number (1-65535)")
             return None
         return value
@@ -434,7 +436,7 @@ class _Reader:
         try:
             if "%" in value:  # a scoped address's zone may hold any text
                 raise ValueError(value)
-            return str(ipaddress.ip_address(value))
+            return ip_literal(value)
         except ValueError:
             self.bad(path, f"{_show(value)} is not a literal IPv4 or IPv6 address "
                      "(scoped addresses are not supported)")
@@ -586,7 +588,7 @@ class _Reader:
         else:
             # IPv4 literals are valid host names too; bare IPv6 is ambiguous here.
             valid_host = bool(HOSTNAME.match(host))
-        if not sep or not valid_host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not sep or not valid_host or not port.isdigit() or not is_port(int(port)):
             self.bad(path, f"{_show(value)}: expected host:port ([v6]:port for IPv6)")
             return None
         return value
