@@ -5,11 +5,16 @@ host whose Consul and Vault agents listen on their usual local addresses.
 The environment variables Consul and Vault users already set are honoured
 (``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_TOKEN``, ``VAULT_ADDR`` …).
 
+Durations are Consul's Go-style strings (``wait_min = "100ms"``,
+``sync_interval = "5s"``); the fields hold seconds. The old form, a bare
+number of seconds, is still read, with one deprecation warning per setting.
+
 Secrets (tokens, secret ids) are kept out of ``repr`` and of every message.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -20,7 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from meshctl.errors import ConfigError
-from meshctl.names import DATACENTER, DNS_DOMAIN, NODE_NAME, PKI_MOUNT
+from meshctl.names import DATACENTER, DNS_DOMAIN, NODE_NAME, PKI_MOUNT, duration_seconds
+
+log = logging.getLogger("meshctl.config")
+
+#: field metadata of a duration setting: a Go-style string in the file, seconds here
+DURATION: Mapping[str, Any] = {"duration": True}
 
 
 @dataclass(frozen=True)
@@ -79,18 +89,18 @@ class AgentConfig:
     run_dir: Path = Path("/run/meshctl")
     proxy_binary: str = ""
     # Seconds old proxy workers may keep finishing connections after a reload.
-    proxy_shutdown_timeout: int = 10
+    proxy_shutdown_timeout: int = field(default=10, metadata=DURATION)
     sidecar_port_min: int = 21000
     sidecar_port_max: int = 21255
     # A stop is usually a restart: registrations stay unless asked (see README).
     deregister_on_exit: bool = False
     default_intention_action: str = "deny"
-    wait_min: float = 0.1
-    wait_max: float = 1.0
-    reload_min_interval: float = 0.0
+    wait_min: float = field(default=0.1, metadata=DURATION)
+    wait_max: float = field(default=1.0, metadata=DURATION)
+    reload_min_interval: float = field(default=0.0, metadata=DURATION)
     advertise_address: str = ""
-    sync_interval: float = 5.0
-    ca_refresh_interval: float = 300.0
+    sync_interval: float = field(default=5.0, metadata=DURATION)
+    ca_refresh_interval: float = field(default=300.0, metadata=DURATION)
     sidecar_check_interval: str = "5s"
     metrics_address: str = "127.0.0.1:9466"
     consul: ConsulSettings = field(default_factory=ConsulSettings)
@@ -129,6 +139,59 @@ _ENV: dict[tuple[str, str], str] = {
     ("", "node_name"): "MESHCTL_NODE_NAME",
     ("", "proxy"): "MESHCTL_PROXY",
 }
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` as the Go-style string a config file holds (``0.1`` → ``"100ms"``)."""
+    ms = round(seconds * 1000, 3)
+    if ms % 1000:
+        return f"{ms:g}ms"
+    s = int(ms // 1000)
+    if s and s % 3600 == 0:
+        return f"{s // 3600}h"
+    if s and s % 60 == 0:
+        return f"{s // 60}m"
+    return f"{s}s"
+
+
+_deprecated: set[str] = set()
+
+
+def _duration(where: str, name: str, value: Any, default: Any) -> float | int:
+    """A duration setting's value in seconds (an int for an integer setting).
+
+    Go-style strings are the form; a bare number (or numeric text from the
+    environment or a flag) is the old form: read, and warned about once per
+    setting and process. Raises ConfigError naming the setting.
+    """
+    whole = isinstance(default, int)
+    example = format_duration(default if default else 5)
+    if isinstance(value, str) and not _looks_numeric(value):
+        try:
+            seconds = duration_seconds(value.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: {name}: expected a duration like {example!r} "
+                              f"(Go style: ms, s, m, h), got {value!r}") from None
+        if whole and seconds != int(seconds):
+            raise ConfigError(f"{where}: {name}: {value!r}: must be whole seconds")
+        return int(seconds) if whole else seconds
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{where}: {name}: expected a duration like {example!r}, "
+                          f"got {type(value).__name__} {value!r}")
+    number = _coerce(where, name, value, default)
+    if name not in _deprecated:
+        _deprecated.add(name)
+        log.warning("%s: %s = %s: a bare number of seconds is deprecated; write %s = %r",
+                    where, name, value, name, format_duration(number))
+    return number  # type: ignore[no-any-return]
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _typed(where: str, name: str, value: Any, default: Any) -> None:
@@ -196,7 +259,14 @@ def _merge(obj: Any, values: Mapping[str, Any], where: str, prefix: str = "",
         if key not in known:
             raise ConfigError(f"{where}: {prefix}{key}: unknown setting")
         current = getattr(obj, key)
-        if isinstance(current, ConsulSettings | VaultSettings):
+        if known[key].metadata.get("duration"):
+            if typed and isinstance(value, str) and _looks_numeric(value):
+                raise ConfigError(f"{where}: {prefix}{key}: expected a duration like "
+                                  f"{format_duration(float(value))!r}, got the string {value!r}")
+            if typed and not isinstance(value, str):
+                _typed(where, prefix + key, value, current)
+            changes[key] = _duration(where, prefix + key, value, current)
+        elif isinstance(current, ConsulSettings | VaultSettings):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: {prefix}{key}: expected a table")
             changes[key] = _merge(current, value, where, f"{prefix}{key}.", typed)
@@ -227,7 +297,7 @@ def _validate(cfg: AgentConfig, where: str) -> None:
         raise bad("wait_min", "quiescence needs 0 <= wait_min <= wait_max")
     if cfg.metrics_address and not re.match(r"^[0-9a-fA-F.:\[\]]+:\d{1,5}\Z", cfg.metrics_address):
         raise bad("metrics_address", "expected ip:port, or empty to disable")
-    if not re.match(r"^[1-9][0-9]{0,4}(ms|s|m)\Z", cfg.sidecar_check_interval):
+    if not _check_interval(cfg.sidecar_check_interval):
         raise bad("sidecar_check_interval", "expected a duration such as 5s")
     if cfg.sync_interval <= 0:
         raise bad("sync_interval", "must be positive")
@@ -244,6 +314,15 @@ def _validate(cfg: AgentConfig, where: str) -> None:
     for name, addr in (("consul.addr", cfg.consul.addr), ("vault.addr", cfg.vault.addr)):
         if not re.match(r"^https?://[^\s/]+/?\Z", addr):
             raise bad(name, f"{addr!r} is not an http(s)://host:port address")
+
+
+def _check_interval(text: str) -> bool:
+    """A Consul check interval: a Go-style duration from 1 ms to 99999 m."""
+    try:
+        seconds = duration_seconds(text)
+    except ValueError:
+        return False
+    return 0.001 <= seconds <= 99999 * 60
 
 
 def load_config(
