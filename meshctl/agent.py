@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from meshctl import metrics
-from meshctl._certs import utcnow
 from meshctl._fs import write_atomic
 from meshctl._watch import Key, backoff_delay
 from meshctl.apply import Applier
@@ -62,14 +61,8 @@ from meshctl.services import (
     read_definitions,
 )
 from meshctl.snapshot_io import read_snapshot
-from meshctl.vault import (
-    CertStore,
-    VaultClient,
-    ensure_leaf,
-    explain_refusal,
-    refresh_ca,
-    renew_at,
-)
+from meshctl.vault.client import VaultClient, explain_refusal
+from meshctl.vault.leaf import CertStore, ensure_leaf, refresh_ca, renew_at, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from types import FrameType
 
 from meshctl.errors import LabError
 from meshctl.lab._lab import Lab
-from meshctl.lab.meshdemo import mesh_demo
 from meshctl.lab.show import show_lab
 
 Scenario = Callable[[Lab], None]
@@ -97,6 +96,11 @@ def main(argv: Sequence[str] | None = None, scenario: Scenario | None = None) ->
         if args.lab_only:
             scenario = show_lab
         else:
+            # Imported here so that `meshctl lab` (which imports this module for
+            # run()) does not load the mesh walkthrough and Vault setup it never
+            # uses; meshdemo does not import this module, so this hides no cycle.
+            from meshctl.lab.meshdemo import mesh_demo
+
             def scenario(lab: Lab) -> None:
                 mesh_demo(lab, proxy=args.proxy)
 

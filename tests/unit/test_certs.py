@@ -23,15 +23,17 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshctl._certs import format_serial, identity_problem, leaf_chain_pem
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError, DiskError, SourceError, VaultError
 from meshctl.model import identity_dns, spiffe_id
-from meshctl.vault import (
+from meshctl.vault.client import VaultClient
+from meshctl.vault.leaf import (
     CertStore,
     LeafCert,
-    VaultClient,
     ensure_leaf,
+    format_serial,
+    identity_problem,
+    leaf_chain_pem,
     parse_duration,
     refresh_ca,
     renew_at,

@@ -24,7 +24,7 @@ from meshctl.consul import (
 from meshctl.errors import ConsulError
 from meshctl.model import Instance
 from meshctl.services import Check, ServiceDefinition, Upstream
-from meshctl.vault import _translate
+from meshctl.vault.client import translate as _translate
 
 
 def entry(

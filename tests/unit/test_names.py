@@ -14,7 +14,7 @@ from meshctl.chain import duration_ms as chain_duration_ms
 from meshctl.config import load_config
 from meshctl.errors import CompileError, ConfigError, DefinitionError
 from meshctl.services import parse_definition_file
-from meshctl.vault import _check_inputs
+from meshctl.vault.setup import _check_inputs
 
 DURATIONS = {"ttl": "1h", "max_ttl": "2h", "ca_ttl": "10h", "cert_ttl": "1h"}
 

@@ -27,7 +27,7 @@ from meshctl.intentions import Authorization, Request, SourceRule, decide
 from meshctl.model import Cluster
 from meshctl.proxy import l7
 from meshctl.services import parse_definition_file
-from meshctl.vault import explain_refusal, setup_trust_domains
+from meshctl.vault.client import explain_refusal, setup_trust_domains
 from tests.pki import TestCA
 from tests.unit.test_chain import chain, snap
 from tests.unit.test_consul_payloads import entry
