@@ -1,9 +1,10 @@
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from meshctl.config import load_config
+from meshctl.config import AgentConfig, ConsulSettings, VaultSettings, load_config
 from meshctl.errors import ConfigError
 
 
@@ -129,3 +130,35 @@ def test_numbers_of_seconds_are_still_read_with_one_deprecation_warning(
         f"{f}: proxy_shutdown_timeout = 3: a bare number of seconds is deprecated; "
         "write proxy_shutdown_timeout = '3s'",
     ])  # once per setting, not once per load
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: AgentConfig(node_name="h1", wait_min=2.0, wait_max=1.0),
+         "wait_min: quiescence needs 0 <= wait_min <= wait_max"),
+        (lambda: AgentConfig(node_name="h1", datacenter="DC1"),
+         "datacenter: 'DC1' is not a valid datacenter name"),
+        (lambda: VaultSettings(auth="approle"),
+         "vault.auth: approle needs vault.role_id_file and vault.secret_id_file"),
+        (lambda: ConsulSettings(addr="ftp://127.0.0.1:8500"),
+         "consul.addr: 'ftp://127.0.0.1:8500' is not an http(s)://host:port address"),
+    ],
+)
+def test_config_objects_validate_when_built(build: Callable[[], object], message: str) -> None:
+    # Not only the loader: whoever builds the object (a CLI command, a test) gets the
+    # same refusal, naming the setting.
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert str(err.value) == message
+
+
+def test_layers_are_checked_once_merged(tmp_path: Path) -> None:
+    # A file value that only the flags make consistent is fine: the object is
+    # built (and checked) once, from every layer.
+    f = tmp_path / "agent.toml"
+    f.write_text('wait_min = "2s"\n')
+    assert load_config(f, env={}, overrides={"wait_max": "3s"}).wait_min == 2.0
+    with pytest.raises(ConfigError) as err:
+        load_config(f, env={})
+    assert str(err.value) == f"{f}: wait_min: quiescence needs 0 <= wait_min <= wait_max"
