@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -29,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from meshctl.errors import ConfigError
-from meshctl.names import DATACENTER, DNS_DOMAIN, NODE_NAME, PKI_MOUNT, duration_seconds
+from meshctl.names import (
+    DATACENTER,
+    DNS_DOMAIN,
+    HTTP_ADDR,
+    LISTEN_ADDR,
+    NODE_NAME,
+    PKI_MOUNT,
+    ROLE_PREFIX,
+    duration_seconds,
+)
 
 log = logging.getLogger("meshctl.config")
 
@@ -42,7 +50,7 @@ def _bad(name: str, msg: str) -> ConfigError:
 
 
 def _check_addr(name: str, addr: str) -> None:
-    if not isinstance(addr, str) or not re.match(r"^https?://[^\s/]+/?\Z", addr):
+    if not isinstance(addr, str) or not HTTP_ADDR.match(addr):
         raise _bad(name, f"{addr!r} is not an http(s)://host:port address")
 
 
@@ -99,7 +107,7 @@ class VaultSettings:
             raise _bad("vault.auth", "approle needs vault.role_id_file and vault.secret_id_file")
         if not PKI_MOUNT.match(self.pki_mount):
             raise _bad("vault.pki_mount", f"{self.pki_mount!r} is not a mount path")
-        if not re.match(r"^[a-z0-9-]{0,32}\Z", self.role_prefix):
+        if not ROLE_PREFIX.match(self.role_prefix):
             raise _bad("vault.role_prefix", "use lower-case letters, digits and '-' only")
 
 
@@ -151,8 +159,7 @@ class AgentConfig:
             raise _bad("default_intention_action", "must be 'allow' or 'deny'")
         if not (0 <= self.wait_min <= self.wait_max):
             raise _bad("wait_min", "quiescence needs 0 <= wait_min <= wait_max")
-        if self.metrics_address and not re.match(r"^[0-9a-fA-F.:\[\]]+:\d{1,5}\Z",
-                                                 self.metrics_address):
+        if self.metrics_address and not LISTEN_ADDR.match(self.metrics_address):
             raise _bad("metrics_address", "expected ip:port, or empty to disable")
         if not _check_interval(self.sidecar_check_interval):
             raise _bad("sidecar_check_interval", "expected a duration such as 5s")

@@ -41,6 +41,8 @@ HOSTNAME = re.compile(
     r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
 )
+#: the prefix of the mesh's Vault PKI role names (``<prefix><service>``)
+ROLE_PREFIX = re.compile(r"^[a-z0-9-]{0,32}\Z")
 #: a Vault secrets-engine mount path (``pki``, ``pki-mesh``, ``mesh/pki``)
 PKI_MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_/-]{0,127}\Z")
 
@@ -56,6 +58,11 @@ def check_service_name(name: str, what: str = "service name") -> str:
 
 
 # ---------------------------------------------------------------- addresses, ports
+
+#: the address of an HTTP API meshctl calls (Consul, Vault): scheme, host[:port], no path
+HTTP_ADDR = re.compile(r"^https?://[^\s/]+/?\Z")
+#: a local listen address ``ip:port`` (``[v6]:port``), e.g. the metrics endpoint
+LISTEN_ADDR = re.compile(r"^[0-9a-fA-F.:\[\]]+:\d{1,5}\Z")
 
 
 def ip_literal(address: str) -> str:

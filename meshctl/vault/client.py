@@ -33,7 +33,7 @@ from meshctl._transport import describe
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError, SourceError, VaultError
 from meshctl.model import identity_dns, spiffe_id
-from meshctl.names import check_service_name
+from meshctl.names import HTTP_ADDR, check_service_name
 from meshctl.vault.leaf import (
     LeafCert,
     identity_problem,
@@ -136,7 +136,7 @@ class VaultClient:
 
     def __init__(self, settings: VaultSettings, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Raises ConfigError for an address that is not ``http(s)://host[:port]``."""
-        if not re.match(r"^https?://[^\s/]+/?\Z", settings.addr):
+        if not HTTP_ADDR.match(settings.addr):
             raise ConfigError(f"Vault address {settings.addr!r}: expected http(s)://host:port")
         if timeout <= 0:
             raise ConfigError(f"Vault timeout {timeout!r}: must be positive")

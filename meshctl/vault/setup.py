@@ -12,7 +12,6 @@ never calls this; it uses :mod:`meshctl.vault.client`.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,14 @@ import hvac
 from meshctl._fs import write_atomic
 from meshctl.errors import ConfigError, DiskError, MeshctlError, VaultError
 from meshctl.model import identity_dns, spiffe_id
-from meshctl.names import DATACENTER, DNS_DOMAIN, NODE_NAME, PKI_MOUNT, check_service_name
+from meshctl.names import (
+    DATACENTER,
+    DNS_DOMAIN,
+    NODE_NAME,
+    PKI_MOUNT,
+    ROLE_PREFIX,
+    check_service_name,
+)
 from meshctl.vault.client import (
     DEFAULT_TIMEOUT,
     Caller,
@@ -41,7 +47,6 @@ T = TypeVar("T")
 
 # ---------------------------------------------------------------- setup
 
-_PREFIX = re.compile(r"^[a-z0-9-]{0,32}\Z")
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,7 @@ def _check_inputs(
     for what, value in (("mount", mount), ("AppRole mount", approle_mount)):
         if not PKI_MOUNT.match(value):
             raise ConfigError(f"{what} {value!r}: use letters, digits, '-', '_' and '/'")
-    if not _PREFIX.match(role_prefix):
+    if not ROLE_PREFIX.match(role_prefix):
         raise ConfigError(f"role prefix {role_prefix!r}: use lower-case letters, digits and '-'")
     secs = {k: parse_duration(v) for k, v in durations.items()}
     if not 0 < secs["cert_ttl"] <= secs["max_ttl"] < secs["ca_ttl"]:

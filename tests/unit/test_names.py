@@ -67,6 +67,13 @@ def test_every_reader_of_a_pki_mount_agrees(tmp_path: Path, mount: str) -> None:
     assert setup_accepts(mount=mount) is want
 
 
+@pytest.mark.parametrize("prefix", ["mesh-", "", "Mesh-", "mesh_", "a" * 33])
+def test_every_reader_of_a_role_prefix_agrees(tmp_path: Path, prefix: str) -> None:
+    want = bool(names.ROLE_PREFIX.match(prefix))
+    assert config_accepts(tmp_path, "vault.role_prefix", prefix) is want
+    assert setup_accepts(role_prefix=prefix) is want
+
+
 @pytest.mark.parametrize("domain", ["meshctl.test", "a.b-c.d", "Mesh.test", "a..b", "a.", ""])
 def test_every_reader_of_a_trust_domain_agrees(tmp_path: Path, domain: str) -> None:
     want = bool(names.DNS_DOMAIN.match(domain))
