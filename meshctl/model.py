@@ -300,6 +300,9 @@ def cluster_id(service: str, subset: str = "", variant: str = "") -> str:
     return f"c_{label}_{digest}"
 
 
+# ---------------------------------------------------------------- compile input
+
+
 @dataclass(frozen=True)
 class LocalService:
     """A local service as compile() needs it: its definition plus agent decisions."""
