@@ -14,7 +14,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from meshctl.errors import SourceError
+from meshctl.errors import DiskError
 
 log = logging.getLogger("meshctl.fs")
 
@@ -37,7 +37,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, gid: int | None 
     written, is fsynced, then renamed over ``path``, and the directory is
     fsynced. A file that already holds ``data`` is left alone but gets
     ``mode`` (and ``gid``) back if they were changed. Returns True if the
-    content changed. Raises SourceError on I/O failure (naming the path, never
+    content changed. Raises DiskError on I/O failure (naming the path, never
     the content); the old file, if any, is then untouched.
     """
     try:
@@ -69,5 +69,5 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, gid: int | None 
             raise
         fsync_dir(path.parent)
     except OSError as exc:
-        raise SourceError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        raise DiskError(f"{path}: cannot write: {exc.strerror or exc}") from None
     return True

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from meshctl import metrics
-from meshctl._certs import utcnow
 from meshctl._fs import write_atomic
 from meshctl._watch import Key, backoff_delay
 from meshctl.apply import Applier
 from meshctl.chain import TargetQuery, chain_key, chain_queries
+from meshctl.compile import compile_snapshot
 from meshctl.config import AgentConfig
 from meshctl.consul import (
     WATCHED_KINDS,
@@ -55,14 +55,7 @@ from meshctl.errors import (
     VaultError,
 )
 from meshctl.fields import HONOURED, IgnoredField, ignored_fields, ignored_sidecar_config
-from meshctl.mesh import (
-    CertPaths,
-    Instance,
-    LocalService,
-    Snapshot,
-    compile_snapshot,
-    read_snapshot,
-)
+from meshctl.model import CertPaths, Instance, LocalService, Snapshot
 from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
 from meshctl.resources import plugins_dir
 from meshctl.services import (
@@ -72,14 +65,9 @@ from meshctl.services import (
     load_definitions,
     read_definitions,
 )
-from meshctl.vault import (
-    CertStore,
-    VaultClient,
-    ensure_leaf,
-    explain_refusal,
-    refresh_ca,
-    renew_at,
-)
+from meshctl.snapshot_io import read_snapshot
+from meshctl.vault.client import VaultClient, explain_refusal
+from meshctl.vault.leaf import CertStore, ensure_leaf, refresh_ca, renew_at, utcnow
 
 log = logging.getLogger(__name__)
 

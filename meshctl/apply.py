@@ -46,8 +46,8 @@ from typing import Any
 
 from meshctl._fs import fsync_dir, write_atomic
 from meshctl._procfs import ProcessRef, same_process
-from meshctl.errors import MeshctlError, ProxyError, ReloadError, SourceError
-from meshctl.mesh import Snapshot
+from meshctl.errors import DiskError, MeshctlError, ProxyError, ReloadError
+from meshctl.model import Snapshot
 from meshctl.proxy.base import ProxyDriver, RenderedConfig, signal_processes
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class Applier:
             moved = endpoints is not None and write_atomic(
                 self.driver.endpoints_file, json.dumps(endpoints, sort_keys=True).encode(), 0o640
             )
-        except SourceError as exc:
+        except DiskError as exc:
             error = ProxyError(f"proxy {self.driver.name}: endpoint document: {exc}")
             self._done(ApplyResult("failed", generation, error=str(error)))
             raise error from None
@@ -356,7 +356,7 @@ class Applier:
                 write_atomic(staging / name, content.encode(), 0o644)
             os.replace(staging, target)
             fsync_dir(self.gen_dir)
-        except (OSError, SourceError) as exc:
+        except (OSError, DiskError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise ProxyError(f"proxy {self.driver.name}: cannot stage config {dirname}: "
                              f"{_reason(exc)}") from None
@@ -384,7 +384,7 @@ class Applier:
                 self.driver.endpoints_file.unlink(missing_ok=True)
             else:
                 write_atomic(self.driver.endpoints_file, data, 0o640)
-        except (OSError, SourceError) as exc:
+        except (OSError, DiskError) as exc:
             log.error("proxy %s: cannot restore the endpoint document: %s", self.driver.name,
                       _reason(exc))
 
@@ -427,7 +427,7 @@ def _listener_ports(snapshot: Snapshot) -> set[int]:
             | {o.bind_port for o in snapshot.outbounds})
 
 
-def _reason(exc: OSError | SourceError) -> str:
+def _reason(exc: OSError | DiskError) -> str:
     return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
 

@@ -46,8 +46,7 @@ from typing import Any
 
 from meshctl._regex import regex_field
 from meshctl.errors import CompileError
-from meshctl.mesh import (
-    SERVICE_NAME,
+from meshctl.model import (
     Cluster,
     HashPolicy,
     HeaderMatch,
@@ -60,7 +59,8 @@ from meshctl.mesh import (
     endpoints_of,
     identity_dns,
 )
-from meshctl.services import DATACENTER
+from meshctl.names import DATACENTER, SERVICE_NAME
+from meshctl.names import duration_ms as go_duration_ms
 
 # ---------------------------------------------------------------- grammars
 
@@ -77,9 +77,6 @@ QUERY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 COOKIE_NAME = QUERY_NAME
 METHOD = re.compile(r"^[A-Z]{1,20}\Z")
 SUBSET = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
-_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+\Z")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
 LB_POLICIES = ("round_robin", "least_request", "random", "ring_hash", "maglev")
 HASH_FIELDS = ("header", "cookie", "query_parameter")
@@ -171,8 +168,11 @@ def duration_ms(value: Any, where: str) -> int:
         if value < 0 or not math.isfinite(value):
             raise CompileError(f"{where}: {value!r} is not a duration")
         ms = math.ceil(value / 1e6)
-    elif isinstance(value, str) and _DURATION.match(value):
-        ms = math.ceil(sum(float(n) * _UNIT_MS[u] for n, u in _DURATION_PART.findall(value)))
+    elif isinstance(value, str):
+        try:
+            ms = math.ceil(go_duration_ms(value))
+        except ValueError:
+            raise CompileError(f"{where}: {value!r} is not a duration") from None
     else:
         raise CompileError(f"{where}: {value!r} is not a duration")
     if ms > MAX_TIMEOUT_MS:

@@ -5,26 +5,53 @@ host whose Consul and Vault agents listen on their usual local addresses.
 The environment variables Consul and Vault users already set are honoured
 (``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_TOKEN``, ``VAULT_ADDR`` …).
 
+Durations are Consul's Go-style strings (``wait_min = "100ms"``,
+``sync_interval = "5s"``); the fields hold seconds. The old form, a bare
+number of seconds, is still read, with one deprecation warning per setting.
+
+The settings objects validate themselves when built (ConfigError naming the
+setting), whoever builds them; :func:`load_config` merges every layer as
+plain data, builds them once and adds where the values came from.
+
 Secrets (tokens, secret ids) are kept out of ``repr`` and of every message.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from meshctl.errors import ConfigError
+from meshctl.names import (
+    DATACENTER,
+    DNS_DOMAIN,
+    HTTP_ADDR,
+    LISTEN_ADDR,
+    NODE_NAME,
+    PKI_MOUNT,
+    ROLE_PREFIX,
+    duration_seconds,
+)
 
-_NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\Z")
-_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
-_MOUNT = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_/-]{0,127}\Z")
+log = logging.getLogger("meshctl.config")
+
+#: field metadata of a duration setting: a Go-style string in the file, seconds here
+DURATION: Mapping[str, Any] = {"duration": True}
+
+
+def _bad(name: str, msg: str) -> ConfigError:
+    return ConfigError(f"{name}: {msg}")
+
+
+def _check_addr(name: str, addr: str) -> None:
+    if not isinstance(addr, str) or not HTTP_ADDR.match(addr):
+        raise _bad(name, f"{addr!r} is not an http(s)://host:port address")
 
 
 @dataclass(frozen=True)
@@ -37,6 +64,9 @@ class ConsulSettings:
     client_cert: str = ""
     client_key: str = ""
     tls_server_name: str = ""
+
+    def __post_init__(self) -> None:
+        _check_addr("consul.addr", self.addr)
 
     @property
     def scheme(self) -> str:
@@ -69,6 +99,17 @@ class VaultSettings:
     role_prefix: str = "mesh-"
     cert_ttl: str = "72h"
 
+    def __post_init__(self) -> None:
+        _check_addr("vault.addr", self.addr)
+        if self.auth not in ("token", "approle"):
+            raise _bad("vault.auth", "must be 'token' or 'approle'")
+        if self.auth == "approle" and not (self.role_id_file and self.secret_id_file):
+            raise _bad("vault.auth", "approle needs vault.role_id_file and vault.secret_id_file")
+        if not PKI_MOUNT.match(self.pki_mount):
+            raise _bad("vault.pki_mount", f"{self.pki_mount!r} is not a mount path")
+        if not ROLE_PREFIX.match(self.role_prefix):
+            raise _bad("vault.role_prefix", "use lower-case letters, digits and '-' only")
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -83,22 +124,49 @@ class AgentConfig:
     run_dir: Path = Path("/run/meshctl")
     proxy_binary: str = ""
     # Seconds old proxy workers may keep finishing connections after a reload.
-    proxy_shutdown_timeout: int = 10
+    proxy_shutdown_timeout: int = field(default=10, metadata=DURATION)
     sidecar_port_min: int = 21000
     sidecar_port_max: int = 21255
     # A stop is usually a restart: registrations stay unless asked (see README).
     deregister_on_exit: bool = False
     default_intention_action: str = "deny"
-    wait_min: float = 0.1
-    wait_max: float = 1.0
-    reload_min_interval: float = 0.0
+    wait_min: float = field(default=0.1, metadata=DURATION)
+    wait_max: float = field(default=1.0, metadata=DURATION)
+    reload_min_interval: float = field(default=0.0, metadata=DURATION)
     advertise_address: str = ""
-    sync_interval: float = 5.0
-    ca_refresh_interval: float = 300.0
+    sync_interval: float = field(default=5.0, metadata=DURATION)
+    ca_refresh_interval: float = field(default=300.0, metadata=DURATION)
     sidecar_check_interval: str = "5s"
     metrics_address: str = "127.0.0.1:9466"
     consul: ConsulSettings = field(default_factory=ConsulSettings)
     vault: VaultSettings = field(default_factory=VaultSettings)
+
+    def __post_init__(self) -> None:
+        """Refuse a value the agent cannot run with, however the object was built
+        (``load_config`` adds where the value came from). Raises ConfigError."""
+        if not NODE_NAME.match(self.node_name):
+            raise _bad("node_name", f"{self.node_name!r} is not a valid node name")
+        if not DATACENTER.match(self.datacenter):
+            raise _bad("datacenter", f"{self.datacenter!r} is not a valid datacenter name")
+        if not DNS_DOMAIN.match(self.trust_domain):
+            raise _bad("trust_domain", f"{self.trust_domain!r} is not a lower-case DNS name")
+        if not NODE_NAME.match(self.proxy):
+            raise _bad("proxy", f"{self.proxy!r} is not a driver name")
+        if not (1024 <= self.sidecar_port_min <= self.sidecar_port_max <= 65535):
+            raise _bad("sidecar_port_min",
+                       "sidecar port range must lie within 1024-65535, min <= max")
+        if self.default_intention_action not in ("allow", "deny"):
+            raise _bad("default_intention_action", "must be 'allow' or 'deny'")
+        if not (0 <= self.wait_min <= self.wait_max):
+            raise _bad("wait_min", "quiescence needs 0 <= wait_min <= wait_max")
+        if self.metrics_address and not LISTEN_ADDR.match(self.metrics_address):
+            raise _bad("metrics_address", "expected ip:port, or empty to disable")
+        if not _check_interval(self.sidecar_check_interval):
+            raise _bad("sidecar_check_interval", "expected a duration such as 5s")
+        if self.sync_interval <= 0:
+            raise _bad("sync_interval", "must be positive")
+        if not 1 <= self.proxy_shutdown_timeout <= 86400:
+            raise _bad("proxy_shutdown_timeout", "must be 1-86400 seconds")
 
     @property
     def certs_dir(self) -> Path:
@@ -117,6 +185,9 @@ class AgentConfig:
         return self.run_dir / "state.json"
 
 
+#: the settings tables of the file ([consul], [vault]) and their classes
+_TABLES: dict[str, type[Any]] = {"consul": ConsulSettings, "vault": VaultSettings}
+
 # (section, key) -> environment variable, for settings Consul and Vault users set.
 _ENV: dict[tuple[str, str], str] = {
     ("consul", "addr"): "CONSUL_HTTP_ADDR",
@@ -133,6 +204,59 @@ _ENV: dict[tuple[str, str], str] = {
     ("", "node_name"): "MESHCTL_NODE_NAME",
     ("", "proxy"): "MESHCTL_PROXY",
 }
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` as the Go-style string a config file holds (``0.1`` → ``"100ms"``)."""
+    ms = round(seconds * 1000, 3)
+    if ms % 1000:
+        return f"{ms:g}ms"
+    s = int(ms // 1000)
+    if s and s % 3600 == 0:
+        return f"{s // 3600}h"
+    if s and s % 60 == 0:
+        return f"{s // 60}m"
+    return f"{s}s"
+
+
+_deprecated: set[str] = set()
+
+
+def _duration(where: str, name: str, value: Any, default: Any) -> float | int:
+    """A duration setting's value in seconds (an int for an integer setting).
+
+    Go-style strings are the form; a bare number (or numeric text from the
+    environment or a flag) is the old form: read, and warned about once per
+    setting and process. Raises ConfigError naming the setting.
+    """
+    whole = isinstance(default, int)
+    example = format_duration(default if default else 5)
+    if isinstance(value, str) and not _looks_numeric(value):
+        try:
+            seconds = duration_seconds(value.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: {name}: expected a duration like {example!r} "
+                              f"(Go style: ms, s, m, h), got {value!r}") from None
+        if whole and seconds != int(seconds):
+            raise ConfigError(f"{where}: {name}: {value!r}: must be whole seconds")
+        return int(seconds) if whole else seconds
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{where}: {name}: expected a duration like {example!r}, "
+                          f"got {type(value).__name__} {value!r}")
+    number = _coerce(where, name, value, default)
+    if name not in _deprecated:
+        _deprecated.add(name)
+        log.warning("%s: %s = %s: a bare number of seconds is deprecated; write %s = %r",
+                    where, name, value, name, format_duration(number))
+    return number  # type: ignore[no-any-return]
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _typed(where: str, name: str, value: Any, default: Any) -> None:
@@ -191,63 +315,55 @@ def _coerce(where: str, name: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _merge(obj: Any, values: Mapping[str, Any], where: str, prefix: str = "",
-           typed: bool = False) -> Any:
-    """``obj`` with ``values`` applied; ``typed``: values carry their own types (TOML)."""
-    known = {f.name: f for f in fields(obj)}
-    changes: dict[str, Any] = {}
+def _defaults(cls: type[Any]) -> dict[str, Any]:
+    """The default of every field of ``cls``; the settings tables as dicts of theirs."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in _TABLES:
+            out[f.name] = _defaults(_TABLES[f.name])
+        elif f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _merge(cls: type[Any], current: Mapping[str, Any], values: Mapping[str, Any], where: str,
+           prefix: str = "", typed: bool = False) -> dict[str, Any]:
+    """``current`` (values of ``cls``'s fields) with ``values`` applied; ``typed``: values
+    carry their own types (TOML). Plain data: the objects are built (and validated)
+    once, from the result of every layer."""
+    known = {f.name: f for f in fields(cls)}
+    out = dict(current)
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{where}: {prefix}{key}: unknown setting")
-        current = getattr(obj, key)
-        if isinstance(current, ConsulSettings | VaultSettings):
+        default = current[key]
+        if known[key].metadata.get("duration"):
+            if typed and isinstance(value, str) and _looks_numeric(value):
+                raise ConfigError(f"{where}: {prefix}{key}: expected a duration like "
+                                  f"{format_duration(float(value))!r}, got the string {value!r}")
+            if typed and not isinstance(value, str):
+                _typed(where, prefix + key, value, default)
+            out[key] = _duration(where, prefix + key, value, default)
+        elif key in _TABLES:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: {prefix}{key}: expected a table")
-            changes[key] = _merge(current, value, where, f"{prefix}{key}.", typed)
+            out[key] = _merge(_TABLES[key], default, value, where, f"{prefix}{key}.", typed)
         else:
             if typed:
-                _typed(where, prefix + key, value, current)
-            changes[key] = _coerce(where, prefix + key, value, current)
-    return replace(obj, **changes)
+                _typed(where, prefix + key, value, default)
+            out[key] = _coerce(where, prefix + key, value, default)
+    return out
 
 
-def _validate(cfg: AgentConfig, where: str) -> None:
-    def bad(name: str, msg: str) -> ConfigError:
-        return ConfigError(f"{where}: {name}: {msg}")
-
-    if not _NAME.match(cfg.node_name):
-        raise bad("node_name", f"{cfg.node_name!r} is not a valid node name")
-    if not _NAME.match(cfg.datacenter):
-        raise bad("datacenter", f"{cfg.datacenter!r} is not a valid datacenter name")
-    if not _DOMAIN.match(cfg.trust_domain):
-        raise bad("trust_domain", f"{cfg.trust_domain!r} is not a lower-case DNS name")
-    if not _NAME.match(cfg.proxy):
-        raise bad("proxy", f"{cfg.proxy!r} is not a driver name")
-    if not (1024 <= cfg.sidecar_port_min <= cfg.sidecar_port_max <= 65535):
-        raise bad("sidecar_port_min", "sidecar port range must lie within 1024-65535, min <= max")
-    if cfg.default_intention_action not in ("allow", "deny"):
-        raise bad("default_intention_action", "must be 'allow' or 'deny'")
-    if not (0 <= cfg.wait_min <= cfg.wait_max):
-        raise bad("wait_min", "quiescence needs 0 <= wait_min <= wait_max")
-    if cfg.metrics_address and not re.match(r"^[0-9a-fA-F.:\[\]]+:\d{1,5}\Z", cfg.metrics_address):
-        raise bad("metrics_address", "expected ip:port, or empty to disable")
-    if not re.match(r"^[1-9][0-9]{0,4}(ms|s|m)\Z", cfg.sidecar_check_interval):
-        raise bad("sidecar_check_interval", "expected a duration such as 5s")
-    if cfg.sync_interval <= 0:
-        raise bad("sync_interval", "must be positive")
-    if not 1 <= cfg.proxy_shutdown_timeout <= 86400:
-        raise bad("proxy_shutdown_timeout", "must be 1-86400 seconds")
-    if cfg.vault.auth not in ("token", "approle"):
-        raise bad("vault.auth", "must be 'token' or 'approle'")
-    if cfg.vault.auth == "approle" and not (cfg.vault.role_id_file and cfg.vault.secret_id_file):
-        raise bad("vault.auth", "approle needs vault.role_id_file and vault.secret_id_file")
-    if not _MOUNT.match(cfg.vault.pki_mount):
-        raise bad("vault.pki_mount", f"{cfg.vault.pki_mount!r} is not a mount path")
-    if not re.match(r"^[a-z0-9-]{0,32}\Z", cfg.vault.role_prefix):
-        raise bad("vault.role_prefix", "use lower-case letters, digits and '-' only")
-    for name, addr in (("consul.addr", cfg.consul.addr), ("vault.addr", cfg.vault.addr)):
-        if not re.match(r"^https?://[^\s/]+/?\Z", addr):
-            raise bad(name, f"{addr!r} is not an http(s)://host:port address")
+def _check_interval(text: str) -> bool:
+    """A Consul check interval: a Go-style duration from 1 ms to 99999 m."""
+    try:
+        seconds = duration_seconds(text)
+    except ValueError:
+        return False
+    return 0.001 <= seconds <= 99999 * 60
 
 
 def load_config(
@@ -261,7 +377,7 @@ def load_config(
     Raises ConfigError naming the file (or source) and the setting.
     """
     env = os.environ if env is None else env
-    cfg = AgentConfig()
+    values = _defaults(AgentConfig)
     where = "defaults"
     if path is not None:
         where = str(path)
@@ -273,19 +389,21 @@ def load_config(
             data = tomllib.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-        cfg = _merge(cfg, data, where, typed=True)
+        values = _merge(AgentConfig, values, data, where, typed=True)
     from_env: dict[str, Any] = {}
     for (section, key), var in _ENV.items():
         if env.get(var):
             (from_env.setdefault(section, {}) if section else from_env)[key] = env[var]
     if from_env:
-        cfg = _merge(cfg, from_env, "environment")
+        values = _merge(AgentConfig, values, from_env, "environment")
         where = f"{where} + environment"
     if overrides:
-        cfg = _merge(cfg, overrides, "flags")
+        values = _merge(AgentConfig, values, overrides, "flags")
         where = f"{where} + flags"
-    _validate(cfg, where)
-    return cfg
+    try:
+        return AgentConfig(**{**values, **{k: cls(**values[k]) for k, cls in _TABLES.items()}})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 # (setting, what the file holds) of every file the agent reads at run time.

@@ -6,7 +6,7 @@ the UI and intentions work as Consul users expect, and it provides the keys the
 agent watches with blocking queries:
 
 - ``HealthConnect(service, passing, datacenter, filter)`` → tuple of
-  ``meshctl.mesh.Instance`` (the sidecars of a destination, only passing ones
+  ``meshctl.model.Instance`` (the sidecars of a destination, only passing ones
   with ``passing``; ``filter`` is evaluated by Consul);
 - ``ConfigEntries(kind)`` → every config entry of a kind, by name;
 - ``ConfigEntry(kind, name)`` → one config entry dict, or None when absent;
@@ -49,8 +49,9 @@ from meshctl._transport import describe
 from meshctl._watch import Key, Watcher
 from meshctl.config import ConsulSettings
 from meshctl.errors import ConsulError
-from meshctl.mesh import Instance
-from meshctl.services import RESERVED_META, SERVICE_ID, SERVICE_NAME, Check, ServiceDefinition
+from meshctl.model import Instance
+from meshctl.names import SERVICE_ID, SERVICE_NAME
+from meshctl.services import RESERVED_META, Check, ServiceDefinition
 
 # Key and Watcher are re-exported: the keys below run in a Watcher.
 __all__ = [

@@ -14,6 +14,7 @@ Messages carry context (file, field, the proxy's own output) and never a secret.
     │   ├── ValidationError    the proxy refused the rendered config (its output inside)
     │   ├── ReloadError        reload or post-reload check failed (rolled back)
     │   └── DriverNotFound     no driver of that name in the entry-point group
+    ├── DiskError              a local file could not be written (path and reason)
     └── LabError               the network-namespace test bed
 """
 
@@ -57,6 +58,14 @@ class CompileError(MeshctlError):
 
 class SourceError(MeshctlError):
     """A source of state (Consul, Vault, disk) could not be read."""
+
+
+class DiskError(MeshctlError):
+    """A local file (state, certificate, rendered config) could not be written.
+
+    Not a SourceError: nothing was being read from a source; the message names
+    the path and the reason, never the content.
+    """
 
 
 class ConsulError(SourceError):

@@ -38,7 +38,7 @@ from typing import Any
 
 from meshctl._regex import regex_field
 from meshctl.errors import CompileError
-from meshctl.services import SERVICE_NAME
+from meshctl.names import SERVICE_NAME
 
 ACTIONS = ("allow", "deny")
 

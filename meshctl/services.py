@@ -23,6 +23,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from meshctl.errors import DefinitionError, Problem
+from meshctl.names import (
+    DATACENTER,
+    HOSTNAME,
+    LOCAL_SERVICE_ID,
+    SERVICE_NAME,
+    SIMPLE_DURATION,
+    duration_ms,
+    ip_literal,
+    is_port,
+)
 
 
 @dataclass(frozen=True)
@@ -83,22 +93,8 @@ class ServiceDefinition:
 # certificates, file names and proxy configurations, so anything outside these
 # grammars is refused with a message rather than escaped somewhere later.
 
-# Consul service names are DNS-label-like; we accept that and nothing more, so a
-# name can appear in a proxy config, a file name and a certificate unescaped.
-# Patterns end in \Z, not $: "$" also matches before a trailing newline.
-SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
-SERVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}\Z")
-#: A local service's id also names its proxy sections (``local_<id>``), so it
-#: cannot start with '.' or '-' (remote instance ids never name a section).
-LOCAL_SERVICE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 CHECK_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")  # Consul's own defaults look like service:web
 META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
-DATACENTER = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?\Z")
-DURATION = re.compile(r"^[0-9]{1,9}(ms|s|m|h)\Z")
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
-)
 
 MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 32
@@ -428,7 +424,7 @@ class _Reader:
         if not isinstance(value, int) or isinstance(value, bool):
             self.bad(path, f"expected a port number (1-65535), got {_typename(value)}")
             return None
-        if not 1 <= value <= 65535:
+        if not is_port(value):
             self.bad(path, f"{value} is not a port number (1-65535)")
             return None
         return value
@@ -440,15 +436,16 @@ class _Reader:
         try:
             if "%" in value:  # a scoped address's zone may hold any text
                 raise ValueError(value)
-            return str(ipaddress.ip_address(value))
+            return ip_literal(value)
         except ValueError:
             self.bad(path, f"{_show(value)} is not a literal IPv4 or IPv6 address "
                      "(scoped addresses are not supported)")
             return None
 
     def duration(self, value: object, path: str) -> str | None:
-        text = self.match(value, path, DURATION, "expected a duration like 500ms, 10s, 5m or 1h")
-        if text is not None and int(text.rstrip("mhs")) == 0:
+        text = self.match(value, path, SIMPLE_DURATION,
+                          "expected a duration like 500ms, 10s, 5m or 1h")
+        if text is not None and duration_ms(text) == 0:
             self.bad(path, "must be greater than zero")
             return None
         return text
@@ -590,8 +587,8 @@ class _Reader:
                 valid_host = False
         else:
             # IPv4 literals are valid host names too; bare IPv6 is ambiguous here.
-            valid_host = bool(_HOSTNAME.match(host))
-        if not sep or not valid_host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            valid_host = bool(HOSTNAME.match(host))
+        if not sep or not valid_host or not port.isdigit() or not is_port(int(port)):
             self.bad(path, f"{_show(value)}: expected host:port ([v6]:port for IPv6)")
             return None
         return value

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from meshctl.mesh import CertPaths, Instance, LocalService, Snapshot, compile_snapshot
+from meshctl.compile import compile_snapshot
+from meshctl.model import CertPaths, Instance, LocalService, Snapshot
 from meshctl.services import ServiceDefinition, Upstream
 
 CERTS = CertPaths(
@@ -43,6 +44,7 @@ def snapshot(
         services=[LocalService(defn or web(), "198.18.0.11", 21000, certs)],
         instances={"api": api_instances()} if instances is None else instances,
         protocols={"web": "http", "api": "http"} if protocols is None else protocols,
+        default_intention_action="allow",  # render tests: no intentions, traffic flows
     )
 
 
@@ -75,4 +77,5 @@ def callers_snapshot(callers: tuple[str, ...] = CALLERS,
                        for i in range(2)] for d in dests},
         protocols={**{c: "http" for c in callers},
                    **{d: p for d, p in dests.items() if p == "http"}},
+        default_intention_action="allow",
     )

@@ -6,28 +6,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
-from meshctl.cli._output import emit, table
-from meshctl.config import AgentConfig, load_config
+from meshctl.cli._config import config_option, load_agent_config
+from meshctl.cli._output import emit
 from meshctl.errors import ConfigError
-from meshctl.mesh import read_state
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Agent config (TOML). Default: /etc/meshctl/agent.toml if it exists.",
-)
-
-
-def _load(config_path: Path | None, **overrides: Any) -> AgentConfig:
-    if config_path is None and Path("/etc/meshctl/agent.toml").exists():
-        config_path = Path("/etc/meshctl/agent.toml")
-    return load_config(config_path, overrides={k: v for k, v in overrides.items() if v is not None})
+from meshctl.snapshot_io import read_state
+from meshctl.tables import table
 
 
 @click.command()
@@ -64,8 +50,8 @@ def agent(
     )
     for noisy in ("urllib3", "watchdog", "hvac"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cfg = _load(config_path, node_name=node_name, proxy=proxy, services_dir=services_dir,
-                deregister_on_exit=deregister_on_exit)
+    cfg = load_agent_config(config_path, node_name=node_name, proxy=proxy,
+                            services_dir=services_dir, deregister_on_exit=deregister_on_exit)
     from meshctl.agent import run_agent
 
     run_agent(cfg)
@@ -80,7 +66,7 @@ def deregister(config_path: Path | None) -> None:
     first. The proxy is not touched; stop it with the unit
     (`systemctl kill --kill-whom=all meshctl-agent`) once traffic has moved.
     """
-    cfg = _load(config_path)
+    cfg = load_agent_config(config_path)
     from meshctl.agent import deregister_host
 
     ids = deregister_host(cfg)
@@ -109,7 +95,7 @@ def _ago(ts: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_path: Path | None, as_json: bool) -> None:
     """Local services, sidecars, upstreams and their endpoints, certificates, last apply."""
-    cfg = _load(config_path)
+    cfg = load_agent_config(config_path)
     state = read_state(cfg.state_path)
     if state is None:
         raise ConfigError(f"{cfg.state_path}: no agent state (is `meshctl agent` running?)")
@@ -188,7 +174,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the compiled snapshot as JSON.")
 def render(config_path: Path | None, dry_run: bool, as_json: bool) -> None:
     """Print the proxy config that would be applied now (asks Consul once, issues nothing)."""
-    cfg = _load(config_path)
+    cfg = load_agent_config(config_path)
     from meshctl.agent import plan_once
 
     snapshot, files = plan_once(cfg)

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
+from meshctl.cli._config import config_option, load_agent_config
 from meshctl.cli._output import emit
-from meshctl.cli.agent import _load, config_option
 from meshctl.config import AgentConfig
 from meshctl.errors import ConfigError
 from meshctl.intentions import (
@@ -27,8 +27,8 @@ from meshctl.intentions import (
     join_headers,
     normalize_path,
 )
-from meshctl.mesh import read_snapshot
-from meshctl.services import SERVICE_NAME
+from meshctl.names import SERVICE_NAME
+from meshctl.snapshot_io import read_snapshot
 
 #: ``rules_from`` (the JSON value) as a sentence says it
 _ORIGIN = {"consul": "Consul", "local sidecar": "the local sidecar"}
@@ -100,7 +100,7 @@ def check(source: str, destination: str, path: str, method: str, headers: tuple[
     for what, name in (("SOURCE", source), ("DESTINATION", destination)):
         if not SERVICE_NAME.match(name):
             raise click.BadParameter(f"{name!r} is not a service name", param_hint=what)
-    cfg = _load(config_path)
+    cfg = load_agent_config(config_path)
     warnings: list[str] = []
     authz = _local(cfg, destination) if origin in ("auto", "local") else None
     rules_from = "local sidecar"

@@ -6,10 +6,12 @@ import time
 
 import click
 
-from meshctl.cli._output import emit, table
+from meshctl.cli._output import emit
 from meshctl.lab import list_labs, remove_lab
 from meshctl.lab._lab import Lab
-from meshctl.lab.demo import run, show_lab
+from meshctl.lab.demo import run
+from meshctl.lab.show import show_lab
+from meshctl.tables import table
 
 
 def _echo_err(msg: str) -> None:

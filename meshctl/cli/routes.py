@@ -15,10 +15,12 @@ from typing import Any
 
 import click
 
-from meshctl.cli._output import emit, table
-from meshctl.cli.agent import _load, config_option
+from meshctl.cli._config import config_option, load_agent_config
+from meshctl.cli._output import emit
 from meshctl.errors import ConfigError
-from meshctl.mesh import Cluster, HeaderOps, Route, Snapshot, read_snapshot, read_state
+from meshctl.model import Cluster, HeaderOps, Route, Snapshot
+from meshctl.snapshot_io import read_snapshot, read_state
+from meshctl.tables import table
 
 
 def _seconds(ms: int) -> str:
@@ -170,7 +172,7 @@ def _route_dict(r: Route) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def routes(config_path: Path | None, service: str, caller: str | None, as_json: bool) -> None:
     """How this host's sidecar routes requests to SERVICE (the compiled discovery chain)."""
-    cfg = _load(config_path)
+    cfg = load_agent_config(config_path)
     snapshot = read_snapshot(cfg.snapshot_path)
     if snapshot is None:
         raise ConfigError(f"{cfg.snapshot_path}: no applied snapshot "

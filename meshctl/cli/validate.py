@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
-from meshctl.cli._output import emit, table
+from meshctl.cli._output import emit
 from meshctl.config import AgentConfig, load_config, missing_files
 from meshctl.errors import ConfigError, DriverNotFound, Problem
 from meshctl.proxy.base import load_driver
 from meshctl.services import ServiceDefinition, load_definitions
+from meshctl.tables import table
 
 
 def _against_config(defs: list[ServiceDefinition], cfg: AgentConfig) -> list[Problem]:

@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from meshctl.cli._output import table
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError
+from meshctl.tables import table
 
 
 @click.group()
@@ -135,7 +135,8 @@ def setup(
     """Prepare Vault for a mesh (idempotent): PKI mount and CA, one role per
     service, and per host a policy + AppRole whose credentials are written to
     OUT/<host>/role-id and OUT/<host>/secret-id (0600)."""
-    from meshctl.vault import VaultClient, setup_mesh
+    from meshctl.vault.client import VaultClient
+    from meshctl.vault.setup import setup_mesh
 
     hosts = _load_hosts_file(hosts_file) if hosts_file else {}
     for host, services in _parse_host_flags(host_flags).items():

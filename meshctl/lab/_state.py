@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from meshctl._fs import write_atomic
-from meshctl.errors import LabError, SourceError
+from meshctl.errors import DiskError, LabError
 from meshctl.lab import _sys
 
 STATE_VERSION = 1
@@ -123,7 +123,7 @@ class LabState:
         data = json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
         try:
             write_atomic(self.path, data, 0o644)
-        except SourceError as exc:
+        except DiskError as exc:
             raise LabError(f"lab state file: {exc}") from None
 
     @classmethod

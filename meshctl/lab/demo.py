@@ -6,7 +6,8 @@ The demo is a *scenario* (a function that gets a running :class:`Lab`) run by
 :func:`run`, which owns the lab's lifetime, signals and teardown. A richer demo
 (the mesh itself) passes its own scenario::
 
-    from meshctl.lab.demo import main, show_lab
+    from meshctl.lab.demo import main
+    from meshctl.lab.show import show_lab
 
     def mesh_demo(lab: Lab) -> None:
         show_lab(lab)
@@ -25,55 +26,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
-from meshctl.cli._output import table
 from meshctl.errors import LabError
 from meshctl.lab._lab import Lab
+from meshctl.lab.show import show_lab
 
 Scenario = Callable[[Lab], None]
-
-_SERF_STATUS = {0: "none", 1: "alive", 2: "leaving", 3: "left", 4: "failed"}
-
-
-def describe(lab: Lab) -> str:
-    """Hosts, addresses, services and ``consul members`` of a running lab, for people."""
-    rows = []
-    for n in lab.nodes:
-        what = {"server": "consul server", "vault": f"openbao {lab.vault_addr}"}.get(
-            n.role, "consul client, http 127.0.0.1:8500"
-        )
-        rows.append((n.name, n.ip, n.ns, what))
-    members = sorted(
-        lab.members(), key=lambda m: (m.get("Tags", {}).get("role") != "consul", m["Name"])
-    )
-    mrows = [
-        (
-            m["Name"],
-            f"{m['Addr']}:{m['Port']}",
-            _SERF_STATUS.get(m["Status"], m["Status"]),
-            "server" if m.get("Tags", {}).get("role") == "consul" else "client",
-            m.get("Tags", {}).get("dc", ""),
-        )
-        for m in members
-    ]
-    token_file = lab.root / "vault" / "root-token" if lab.root else None
-    lines = [
-        f"lab {lab.prefix}: bridge {lab.bridge}, directory {lab.root}",
-        "",
-        table(("HOST", "ADDRESS", "NAMESPACE", "RUNS"), rows),
-        "",
-        "consul members:",
-        table(("NODE", "ADDRESS", "STATUS", "TYPE", "DC"), mrows),
-        "",
-        f"VAULT_ADDR={lab.vault_addr}  (root token in {token_file})",
-        f"a shell on h1:  ip netns exec {lab.hosts[0].ns} bash",
-    ]
-    return "\n".join(lines)
-
-
-def show_lab(lab: Lab) -> None:
-    """The default scenario: print :func:`describe`."""
-    print(describe(lab), flush=True)
-
 
 @contextlib.contextmanager
 def termination_raises() -> Iterator[None]:
@@ -139,6 +96,9 @@ def main(argv: Sequence[str] | None = None, scenario: Scenario | None = None) ->
         if args.lab_only:
             scenario = show_lab
         else:
+            # Imported here so that `meshctl lab` (which imports this module for
+            # run()) does not load the mesh walkthrough and Vault setup it never
+            # uses; meshdemo does not import this module, so this hides no cycle.
             from meshctl.lab.meshdemo import mesh_demo
 
             def scenario(lab: Lab) -> None:

@@ -26,7 +26,7 @@ from meshctl.errors import LabError
 from meshctl.lab._host import Host
 from meshctl.lab._lab import DATACENTER, Lab
 from meshctl.lab._proc import Proc
-from meshctl.vault import SetupResult, setup_mesh
+from meshctl.vault.setup import SetupResult, setup_mesh
 
 TRUST_DOMAIN = "meshctl.test"
 T = TypeVar("T")

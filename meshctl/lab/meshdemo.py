@@ -22,11 +22,11 @@ import ssl
 import time
 from typing import Any
 
-from meshctl.cli._output import table
 from meshctl.errors import LabError
 from meshctl.lab._lab import Lab
-from meshctl.lab.demo import describe
 from meshctl.lab.mesh import Mesh, wait_until
+from meshctl.lab.show import describe
+from meshctl.tables import table
 
 API_PORT = 9001
 ALLOW_WEB = {"Sources": [{"Name": "web", "Action": "allow"}]}

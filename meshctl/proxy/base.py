@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from meshctl import _procfs
 from meshctl._procfs import ProcessRef
 from meshctl.errors import DriverNotFound, ProxyError, ReloadError, ValidationError
-from meshctl.mesh import Snapshot
+from meshctl.model import Snapshot
 
 ENTRY_POINT_GROUP = "meshctl.proxies"
 #: the generation rendered into the structure files whose digest is the real one

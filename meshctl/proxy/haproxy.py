@@ -33,7 +33,7 @@ from typing import Any
 
 from meshctl.errors import CompileError, ProxyError, ReloadError
 from meshctl.intentions import authz_document
-from meshctl.mesh import CertPaths, Cluster, Endpoint, Snapshot
+from meshctl.model import CertPaths, Cluster, Endpoint, Snapshot
 from meshctl.proxy import l7
 from meshctl.proxy.base import GENERATION_PLACEHOLDER, ProxyDriver
 from meshctl.proxy.templating import environment

@@ -39,8 +39,8 @@ from typing import Any
 
 from meshctl._regex import anchored
 from meshctl.errors import CompileError
-from meshctl.mesh import CertPaths, Cluster, HeaderOps, Outbound, Route, Snapshot
-from meshctl.services import SERVICE_NAME
+from meshctl.model import CertPaths, Cluster, HeaderOps, Outbound, Route, Snapshot
+from meshctl.names import SERVICE_NAME
 
 # ---------------------------------------------------------------- retry mapping
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from meshctl.errors import ProxyError, ReloadError
 from meshctl.intentions import authz_document
-from meshctl.mesh import Snapshot
+from meshctl.model import Snapshot
 from meshctl.proxy import l7
 from meshctl.proxy.base import ProxyDriver
 from meshctl.proxy.templating import environment

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from meshctl.lab.mesh import Mesh, MeshHost, wait_until
-from meshctl.mesh import cluster_id
+from meshctl.model import cluster_id
 from tests.conftest import own_lab
 
 pytestmark = pytest.mark.root

@@ -29,7 +29,7 @@ from cryptography import x509
 
 from meshctl.lab import Host, Lab
 from meshctl.lab.mesh import Mesh, MeshHost, wait_until
-from meshctl.vault import new_key_and_csr
+from meshctl.vault.leaf import new_key_and_csr
 from tests.e2e.conftest import INTENTIONS, WEB_API_PORT, WEB_KV_PORT, api_definition, web_definition
 
 pytestmark = pytest.mark.root

@@ -39,7 +39,7 @@ from meshctl.config import load_config
 from meshctl.errors import VaultError
 from meshctl.lab import find_program
 from meshctl.services import load_definitions
-from meshctl.vault import VaultClient
+from meshctl.vault.client import VaultClient
 from tests.conftest import need_programs
 from tests.integration.openbao import OpenBao, openbao_dev
 

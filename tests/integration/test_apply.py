@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from meshctl.apply import Applier
+from meshctl.compile import compile_snapshot
 from meshctl.errors import ProxyError, ReloadError, ValidationError
-from meshctl.mesh import CertPaths, Instance, LocalService, Snapshot, compile_snapshot
+from meshctl.model import CertPaths, Instance, LocalService, Snapshot
 from meshctl.proxy.base import ProxyPaths
 from meshctl.proxy.haproxy import HAProxyDriver
 from meshctl.proxy.nginx import NginxDriver
@@ -56,6 +57,7 @@ class Loop:
                                    api_cert or self.certs["api"])],
             instances={"api": [Instance("t", "api", "127.0.0.1", api_port or self.api_in)]},
             protocols={"web": "http", "api": "http"},
+            default_intention_action="allow",  # no intentions here: this tests apply
         )
 
     def get(self) -> str:

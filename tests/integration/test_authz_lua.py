@@ -134,7 +134,7 @@ def expected(c: dict[str, Any]) -> dict[str, Any]:
     cn = c["cn"]
     suffix = ".svc.meshctl.test"
     name = cn[: -len(suffix)] if cn.endswith(suffix) else ""
-    from meshctl.services import SERVICE_NAME
+    from meshctl.names import SERVICE_NAME
 
     caller = name if SERVICE_NAME.match(name) else ""
     if c["authz"] is None:

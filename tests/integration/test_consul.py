@@ -31,7 +31,7 @@ from meshctl.consul import (
     Watcher,
 )
 from meshctl.errors import ConsulError
-from meshctl.mesh import Instance
+from meshctl.model import Instance
 from meshctl.services import Check, ServiceDefinition, Upstream
 from tests.integration.consul_dev import ConsulDev, consul_dev, free_port
 

@@ -31,16 +31,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from meshctl.config import VaultSettings, load_config
 from meshctl.errors import VaultError
-from meshctl.mesh import identity_dns, spiffe_id
-from meshctl.vault import (
-    CertStore,
-    SetupResult,
-    VaultClient,
-    ensure_leaf,
-    explain_refusal,
-    new_key_and_csr,
-    setup_mesh,
-)
+from meshctl.model import identity_dns, spiffe_id
+from meshctl.vault.client import VaultClient, explain_refusal
+from meshctl.vault.leaf import CertStore, ensure_leaf, new_key_and_csr
+from meshctl.vault.setup import SetupResult, setup_mesh
 from tests.conftest import need_programs
 from tests.integration.consul_dev import free_port
 from tests.integration.openbao import MTLSListener, OpenBao, openbao_dev

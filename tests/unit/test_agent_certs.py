@@ -15,9 +15,9 @@ import pytest
 
 from meshctl.agent import Agent
 from meshctl.config import AgentConfig, ConsulSettings, VaultSettings
-from meshctl.mesh import CertPaths, identity_dns, spiffe_id
+from meshctl.model import CertPaths, identity_dns, spiffe_id
 from meshctl.services import ServiceDefinition
-from meshctl.vault import CertStore, LeafCert
+from meshctl.vault.leaf import CertStore, LeafCert
 from tests.pki import TestCA
 
 

@@ -19,7 +19,7 @@ from meshctl import metrics
 from meshctl.agent import Agent
 from meshctl.config import AgentConfig, ConsulSettings, VaultSettings
 from meshctl.errors import CompileError, ProxyError
-from meshctl.mesh import Snapshot
+from meshctl.model import Snapshot
 from meshctl.proxy.base import ProxyDriver, ProxyPaths
 from tests.pki import TestCA
 

@@ -23,15 +23,17 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshctl._certs import format_serial, identity_problem, leaf_chain_pem
 from meshctl.config import VaultSettings
-from meshctl.errors import ConfigError, SourceError, VaultError
-from meshctl.mesh import identity_dns, spiffe_id
-from meshctl.vault import (
+from meshctl.errors import ConfigError, DiskError, SourceError, VaultError
+from meshctl.model import identity_dns, spiffe_id
+from meshctl.vault.client import VaultClient
+from meshctl.vault.leaf import (
     CertStore,
     LeafCert,
-    VaultClient,
     ensure_leaf,
+    format_serial,
+    identity_problem,
+    leaf_chain_pem,
     parse_duration,
     refresh_ca,
     renew_at,
@@ -437,7 +439,7 @@ def test_store_write_failure_names_the_path(tmp_path: Path, ca: CA) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     store = CertStore(blocker / "certs")
-    with pytest.raises(SourceError, match=str(blocker)) as info:
+    with pytest.raises(DiskError, match=str(blocker)) as info:
         store.write_leaf("web", ca.leaf("web"))
     assert "PRIVATE KEY" not in str(info.value)
 

@@ -40,21 +40,17 @@ from meshctl.chain import (
     duration_ms,
 )
 from meshctl.cli.routes import render_routes
+from meshctl.compile import compile_snapshot
 from meshctl.consul import DiscoveryChain, HealthConnect
 from meshctl.errors import CompileError
-from meshctl.mesh import (
-    Instance,
-    LocalService,
-    Snapshot,
-    compile_snapshot,
-    snapshot_from_dict,
-)
+from meshctl.model import Instance, LocalService, Snapshot
 from meshctl.proxy import l7
 from meshctl.proxy.base import ProxyPaths
 from meshctl.proxy.haproxy import HAProxyDriver
 from meshctl.proxy.nginx import NginxDriver
 from meshctl.proxy.templating import hap_log_format, hap_path_format, hap_quote, ident
 from meshctl.services import ServiceDefinition, Upstream
+from meshctl.snapshot_io import snapshot_from_dict
 from tests.integration.record_chains import RECORDED
 from tests.meshdata import CERTS, web
 
@@ -191,7 +187,7 @@ def test_tcp_failover_to_other_services_and_datacenters() -> None:
 
 
 def test_the_plain_chain_keeps_the_historical_cluster_id() -> None:
-    from meshctl.mesh import cluster_id
+    from meshctl.model import cluster_id
 
     c = compiled("plain", {"plain": [H2]})
     assert [cl.id for cl in c.clusters] == [cluster_id("plain")]

@@ -25,9 +25,9 @@ from meshctl.consul import (
     sidecar_registration,
 )
 from meshctl.errors import ConsulError
-from meshctl.mesh import Instance
+from meshctl.model import Instance
 from meshctl.services import Check, ServiceDefinition, Upstream
-from meshctl.vault import _translate
+from meshctl.vault.client import translate as _translate
 
 
 def entry(

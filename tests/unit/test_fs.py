@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshctl._fs import write_atomic
-from meshctl.errors import SourceError
+from meshctl.errors import DiskError, SourceError
 
 
 def test_writes_creates_the_parent_and_skips_unchanged_bytes(tmp_path: Path) -> None:
@@ -42,8 +42,9 @@ def test_failure_is_a_source_error_naming_the_path_and_keeps_the_old_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(SourceError) as info:
+    with pytest.raises(DiskError) as info:
         write_atomic(path, b"new secret bytes")
+    assert not isinstance(info.value, SourceError)  # a write, not a source read
     assert str(info.value) == f"{path}: cannot write: No space left on device"
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["snapshot.json"]

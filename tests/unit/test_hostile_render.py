@@ -34,8 +34,9 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from meshctl.chain import chain_key, chain_queries
+from meshctl.compile import compile_snapshot
 from meshctl.errors import CompileError
-from meshctl.mesh import CertPaths, Instance, LocalService, compile_snapshot
+from meshctl.model import CertPaths, Instance, LocalService
 from meshctl.proxy.base import ProxyDriver, ProxyPaths
 from meshctl.proxy.haproxy import HAProxyDriver
 from meshctl.proxy.nginx import NginxDriver

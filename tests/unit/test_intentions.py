@@ -19,7 +19,7 @@ from meshctl.intentions import (
     merge_slashes,
     normalize_path,
 )
-from meshctl.mesh import snapshot_from_dict
+from meshctl.snapshot_io import snapshot_from_dict
 from tests.meshdata import snapshot, web
 
 
@@ -333,7 +333,8 @@ def test_authorization_round_trips_through_json() -> None:
 
 
 def _snap(**kw: Any) -> Any:
-    from meshctl.mesh import LocalService, compile_snapshot
+    from meshctl.compile import compile_snapshot
+    from meshctl.model import LocalService
     from tests.meshdata import CERTS
 
     return compile_snapshot(
@@ -347,7 +348,9 @@ def test_compile_snapshot_attaches_authorization_to_inbounds() -> None:
     (inbound,) = snap.inbounds
     assert inbound.authz.l7 and [r.source for r in inbound.authz.rules] == ["ops"]
     assert snapshot_from_dict(json.loads(snap.to_json())).inbounds == snap.inbounds
-    # Without intention data (tests, older callers) only the default action applies.
+    # Without intention data only the default action applies: the product's, deny,
+    # unless the caller passes another (as tests.meshdata does).
+    assert _snap().inbounds[0].authz == Authorization(default_action="deny", l7=True)
     assert snapshot().inbounds[0].authz == Authorization(default_action="allow", l7=True)
 
 

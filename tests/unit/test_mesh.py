@@ -6,17 +6,9 @@ import pytest
 
 from meshctl.errors import CompileError, ConfigError
 from meshctl.intentions import Authorization, HeaderMatch, Permission, SourceRule
-from meshctl.mesh import (
-    CertPaths,
-    Instance,
-    Route,
-    identity_dns,
-    read_snapshot,
-    read_state,
-    snapshot_from_dict,
-    spiffe_id,
-)
+from meshctl.model import CertPaths, Instance, Route, identity_dns, spiffe_id
 from meshctl.services import Upstream
+from meshctl.snapshot_io import read_snapshot, read_state, snapshot_from_dict
 from tests.meshdata import snapshot, web
 
 

@@ -23,10 +23,10 @@ from meshctl.consul import (
 from meshctl.errors import DefinitionError, VaultError
 from meshctl.fields import MAX_LISTED, ignored_fields, ignored_sidecar_config
 from meshctl.intentions import Authorization, Request, SourceRule, decide
-from meshctl.mesh import Cluster
+from meshctl.model import Cluster
 from meshctl.proxy import l7
 from meshctl.services import parse_definition_file
-from meshctl.vault import explain_refusal, setup_trust_domains
+from meshctl.vault.client import explain_refusal, setup_trust_domains
 from tests.pki import TestCA
 from tests.unit.test_chain import chain, snap
 from tests.unit.test_consul_payloads import entry

@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from meshctl.config import _ENV, AgentConfig, ConsulSettings, VaultSettings
+from meshctl.config import _ENV, AgentConfig, ConsulSettings, VaultSettings, format_duration
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ROW = re.compile(r"^\| `([a-z_.]+)` \|\s*(.*?)\s*\|\s*(.*?)\s*\|\s*(.+?)\s*\|$")
@@ -46,6 +46,8 @@ def _settings() -> dict[str, tuple[str, str]]:
                 continue
             # node_name has no fixed default: socket.gethostname() at load time.
             default = _toml(f.default) if f.default is not MISSING else "the host name"
+            if f.metadata.get("duration"):  # written the way the file takes it
+                default = _toml(format_duration(f.default))  # type: ignore[arg-type]
             env = _ENV.get((prefix.rstrip("."), f.name))
             out[prefix + f.name] = (default, f"`{env}`" if env else "")
     return out

@@ -7,12 +7,12 @@ from hypothesis import strategies as st
 
 from meshctl.chain import SUBSET
 from meshctl.errors import CompileError
-from meshctl.mesh import CertPaths, cluster_id
+from meshctl.model import CertPaths, cluster_id
+from meshctl.names import SERVICE_NAME
 from meshctl.proxy.base import ProxyPaths, generation_of
 from meshctl.proxy.l7 import caller_section
 from meshctl.proxy.nginx import NginxDriver
 from meshctl.proxy.templating import ident
-from meshctl.services import SERVICE_NAME
 from tests.meshdata import CALLERS, caller_certs, callers_snapshot, snapshot
 
 PATHS = ProxyPaths(

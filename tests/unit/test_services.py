@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshctl.errors import DefinitionError, Problem
+from meshctl.names import SERVICE_NAME
 from meshctl.services import (
     FILE_FIELD,
     MAX_FILE_BYTES,
-    SERVICE_NAME,
     Check,
     DefinitionSet,
     ServiceDefinition,

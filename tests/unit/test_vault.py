@@ -16,13 +16,13 @@ import requests
 from meshctl.cli.vault import _load_hosts_file, _parse_host_flags
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError, VaultError
-from meshctl.vault import (
+from meshctl.vault.client import VaultClient
+from meshctl.vault.client import translate as _translate
+from meshctl.vault.setup import (
     HostSetup,
-    VaultClient,
     _check_inputs,
     _differs,
     _Setup,
-    _translate,
     host_policy,
     pki_role_params,
 )

@@ -1,9 +1,11 @@
-"""Leaf certificates on disk: parsing, the reuse and renewal decisions, the store.
+"""The agent side of a leaf certificate's life: parsing, reuse and renewal, the store.
 
-Private to :mod:`meshctl.vault`, which re-exports the public names. Everything
-here but :class:`CertStore` is pure: no network, no clock (``now`` is always
-passed in), no global randomness (``rng`` is passed in) — except the OS's
-CSPRNG behind :func:`new_key_and_csr`, as a private key must be.
+Vault-agnostic: :func:`ensure_leaf` and :func:`refresh_ca` take any
+:class:`LeafIssuer` (``meshctl.vault.client.VaultClient`` in the agent, a
+local CA in tests). Everything here but :class:`CertStore` and those two is
+pure: no network, no clock (``now`` is always passed in), no global
+randomness (``rng`` is passed in) — except the OS's CSPRNG behind
+:func:`new_key_and_csr`, as a private key must be.
 """
 
 from __future__ import annotations
@@ -14,18 +16,22 @@ import logging
 import os
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshctl._fs import write_atomic
-from meshctl.errors import ConfigError, SourceError
-from meshctl.mesh import CertPaths, check_service_name
+from meshctl.errors import ConfigError, DiskError, SourceError, VaultError
+from meshctl.model import CertPaths, identity_dns, spiffe_id
+from meshctl.names import check_service_name, duration_ms
 
 log = logging.getLogger("meshctl.vault")
 
@@ -34,13 +40,14 @@ RENEW_FRACTION = 2 / 3
 #: … plus or minus this fraction of the lifetime, so a fleet does not renew at once.
 RENEW_JITTER = 0.05
 
-_DURATION = re.compile(r"(\d+)(d|h|m|s)")
-_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_VAULT_DURATION = re.compile(r"^(\d+[dhms])+\Z")
 
 
 def parse_duration(value: str | int) -> int:
     """Seconds in a Vault-style duration: ``3600``, ``"3600"``, ``"72h"``, ``"1h30m"``, ``"7d"``.
 
+    Whole numbers of ``d``, ``h``, ``m``, ``s`` only (what Vault's TTL fields
+    take), parsed by the one duration parser (``meshctl.names.duration_ms``).
     Raises ConfigError when ``value`` is not such a duration.
     """
     if isinstance(value, int) and not isinstance(value, bool):
@@ -51,9 +58,8 @@ def parse_duration(value: str | int) -> int:
         text = value.strip()
         if text.isdigit():
             return int(text)
-        parts = _DURATION.findall(text)
-        if parts and "".join(n + u for n, u in parts) == text:
-            return sum(int(n) * _UNIT[u] for n, u in parts)
+        if _VAULT_DURATION.match(text):
+            return int(duration_ms(text, days=True) // 1000)
     raise ConfigError(f"duration {value!r}: expected seconds or a duration like '72h' or '1h30m'")
 
 
@@ -351,12 +357,12 @@ class CertStore:
         try:
             self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as exc:
-            raise SourceError(f"{self.dir}: cannot create: {exc.strerror or exc}") from None
+            raise DiskError(f"{self.dir}: cannot create: {exc.strerror or exc}") from None
 
     def write_leaf(self, service: str, leaf: LeafCert) -> bool:
         """Store ``leaf`` for ``service`` (key first, so a crash leaves a pair that
         :meth:`load` rejects rather than a new certificate with an old key).
-        Returns True if a file changed. Raises SourceError."""
+        Returns True if a file changed. Raises DiskError."""
         paths = self._files(service)
         self._ensure_dir()
         changed = write_atomic(
@@ -366,7 +372,7 @@ class CertStore:
         return changed
 
     def write_ca(self, ca_pem: str) -> bool:
-        """Store the mesh CA bundle. Returns True if it changed. Raises SourceError."""
+        """Store the mesh CA bundle. Returns True if it changed. Raises DiskError."""
         self._ensure_dir()
         return write_atomic(self.ca_path, ca_pem.encode("ascii"), mode=0o644)
 
@@ -398,7 +404,7 @@ class CertStore:
 
     def remove(self, service: str) -> bool:
         """Delete ``service``'s certificate and key (a service left the host); the
-        CA bundle stays. Returns True if a file was removed. Raises SourceError."""
+        CA bundle stays. Returns True if a file was removed. Raises DiskError."""
         paths = self._files(service)
         removed = False
         for p in (paths.cert, paths.key):
@@ -408,9 +414,127 @@ class CertStore:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise SourceError(f"{p}: cannot remove: {exc.strerror or exc}") from None
+                raise DiskError(f"{p}: cannot remove: {exc.strerror or exc}") from None
         return removed
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+class LeafIssuer(Protocol):
+    """What :func:`ensure_leaf` and :func:`refresh_ca` need from a Vault client."""
+
+    def issue_leaf(
+        self, service: str, trust_domain: str, datacenter: str, ttl: str | int
+    ) -> LeafCert: ...
+
+    def ca_bundle(self) -> str: ...
+
+
+def pem_certs(pems: Iterable[str], where: str) -> list[str]:
+    """Distinct certificates of several PEM texts, in order, re-encoded canonically.
+
+    Raises VaultError naming ``where`` when a text is not PEM."""
+    seen: set[bytes] = set()
+    out: list[str] = []
+    for pem in pems:
+        if not pem or not pem.strip():
+            continue
+        try:
+            certs = split_pem_certs(pem)
+        except ValueError:
+            raise VaultError(f"{where}: answer is not PEM") from None
+        for cert in certs:
+            der = cert.public_bytes(Encoding.DER)
+            if der not in seen:
+                seen.add(der)
+                out.append(cert.public_bytes(Encoding.PEM).decode("ascii").strip())
+    return out
+
+
+
+
+def ensure_leaf(
+    client: LeafIssuer,
+    store: CertStore,
+    service: str,
+    trust_domain: str,
+    datacenter: str,
+    ttl: str | int,
+    *,
+    now: datetime | None = None,
+    force: bool = False,
+) -> tuple[LeafCert, bool]:
+    """Make sure ``store`` holds a usable leaf for ``service``; return it and whether
+    any file (certificate, key, CA bundle) changed.
+
+    A stored leaf is reused while :func:`reuse_problem` finds nothing wrong with
+    it (so an agent restart does not re-issue); otherwise, or with ``force``
+    (the renewal timer fired), a new one is issued and written, and the CAs
+    of its issuing chain are added to the stored bundle. That takes no request:
+    fetching the mount's whole bundle is :func:`refresh_ca`'s job, which the
+    agent runs at start and periodically. The bundle is fetched here only if
+    there is none yet and the stored leaf is reused. The returned leaf's
+    ``ca_pem`` is the stored bundle. On failure the files on disk are left as
+    they were (fail static) and VaultError (DiskError for the disk) is raised.
+    """
+    now = now or utcnow()
+    dns = identity_dns(service, trust_domain)
+    uri = spiffe_id(service, trust_domain, datacenter)
+    if not force:
+        current = store.load(service)
+        if current is not None:
+            problem = reuse_problem(
+                current,
+                dns_name=dns,
+                uri_san=uri,
+                now=now,
+                max_lifetime=timedelta(seconds=parse_duration(ttl)),
+                ca_pem=current.ca_pem,
+            )
+            if problem is None:
+                changed = False
+                if not current.ca_pem.strip():
+                    changed = refresh_ca(client, store)
+                    current = store.load(service) or current
+                log.debug("reusing stored certificate of %s (serial %s)", service, current.serial)
+                return current, changed
+            log.info("issuing a new certificate for %s: the stored one: %s", service, problem)
+    leaf = client.issue_leaf(service, trust_domain, datacenter, ttl)
+    changed = _add_to_bundle(store, leaf.ca_pem)
+    changed |= store.write_leaf(service, leaf)
+    stored = store.load(service)
+    if stored is None or stored.serial != leaf.serial:
+        raise SourceError(f"{store.paths(service).cert}: stored certificate does not read back")
+    return stored, changed
+
+
+def refresh_ca(client: LeafIssuer, store: CertStore) -> bool:
+    """Write the PKI mount's CA bundle (``client.ca_bundle()``) to ``store``.
+    Returns True if ``ca.pem`` changed. Raises VaultError / DiskError."""
+    return _write_bundle(store, pem_certs([client.ca_bundle()], "CA bundle"))
+
+
+def _add_to_bundle(store: CertStore, chain_pem: str) -> bool:
+    """Add the CAs of ``chain_pem`` (a just-issued leaf's chain) that the stored
+    bundle lacks; an unreadable stored bundle is replaced. No network. Returns True
+    if ``ca.pem`` changed. Raises DiskError."""
+    new = pem_certs([chain_pem], "issuing chain")
+    try:
+        certs = pem_certs([store.read_ca(), *new], str(store.ca_path))
+    except VaultError:
+        certs = new
+    return _write_bundle(store, certs) if certs else False
+
+
+def _write_bundle(store: CertStore, certs: list[str]) -> bool:
+    changed = store.write_ca("\n".join(certs) + "\n")
+    if changed:
+        log.info("mesh CA bundle %s updated (%d certificates)", store.ca_path, len(certs))
+    return changed
+
+
