@@ -185,4 +185,7 @@ class Deployment:
         import tomllib
 
         data = tomllib.loads(self.h1.config_path.read_text())
-        return {k: float(data[k]) for k in ("wait_min", "wait_max", "sync_interval")}
+        from meshctl.names import duration_seconds
+
+        return {k: duration_seconds(str(data[k])) for k in ("wait_min", "wait_max",
+                                                            "sync_interval")}

@@ -94,9 +94,9 @@ class MeshHost:
             "services_dir": str(self.services_dir),
             "data_dir": str(self.data_dir),
             "run_dir": str(self.run_dir),
-            "wait_min": 0.05,
-            "wait_max": 0.5,
-            "sync_interval": 2.0,
+            "wait_min": "50ms",
+            "wait_max": "500ms",
+            "sync_interval": "2s",
             "sidecar_check_interval": "1s",
             "metrics_address": "127.0.0.1:9466",
         }
