@@ -334,11 +334,12 @@ class ConfigEntries:
                 headers=session.consul.prepare_headers(),
             )
         except _FAILURES as exc:
-            raise ConsulError(f"{self}: {_describe(exc)}") from None
+            raise ConsulError(f"{consul_at(session.addr)}{self}: {_describe(exc)}") from None
         if not isinstance(data, list) or not all(
             isinstance(e, dict) and isinstance(e.get("Name"), str) for e in data
         ):
-            raise ConsulError(f"{self}: unexpected answer (not a list of entries)")
+            raise ConsulError(f"{consul_at(session.addr)}{self}: "
+                              "unexpected answer (not a list of entries)")
         return new_index, {e["Name"]: e for e in data}
 
     def affected(
@@ -441,7 +442,7 @@ class HealthChecks:
                 for c in data
             }
         except _FAILURES as exc:
-            raise ConsulError(f"{self}: {_describe(exc)}") from None
+            raise ConsulError(f"{consul_at(session.addr)}{self}: {_describe(exc)}") from None
         return new_index, value
 
     def affected(

@@ -504,3 +504,24 @@ def test_consul_down_keeps_last_value_then_recovers(
     messages = [r.getMessage() for r in caplog.records if r.name == "meshctl.watch"]
     assert len([m for m in messages if "cannot connect: " in m]) == 1, messages
     assert len([m for m in messages if "recovered" in m]) == 1, messages
+
+
+def test_every_watch_key_names_the_consul_address_when_it_fails() -> None:
+    """Issue 10.9: a watch's error names the Consul it could not reach, whatever the key."""
+    from meshctl.consul import HealthChecks, IntentionMatch
+
+    port = free_port()  # nobody listens there
+    c = ConsulClient(ConsulSettings(addr=f"http://127.0.0.1:{port}", token="s3cr3t-token"))
+    keys: list[Key] = [ConfigEntries("service-defaults"), ConfigEntry("proxy-defaults", "global"),
+                       HealthConnect("api"), DiscoveryChain("api"), IntentionMatch("api"),
+                       HealthChecks(services=("api",))]
+    session = c.session()
+    try:
+        for key in keys:
+            with pytest.raises(ConsulError) as info:
+                key.fetch(session, 0, "1s")
+            assert str(info.value).startswith(f"Consul at http://127.0.0.1:{port}: {key}: "), \
+                str(info.value)
+            assert "s3cr3t" not in str(info.value)
+    finally:
+        session.close()
