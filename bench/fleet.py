@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from meshctl.agent import MAX_BLOCKING_HEALTH, WATCH_WORKERS
-from meshctl.consul import WATCHED_KINDS
+from meshctl.consul.keys import WATCHED_KINDS
 
 WAIT_S = 300.0  # the wait of the queries held at servers (ConfigEntries, HealthChecks)
 OLD_WAIT_S = 60.0  # the previous watcher's wait for every key

@@ -40,7 +40,7 @@ A key whose ``notify`` is false (a feed) does not reach the watcher's ``on_chang
 The network stays behind one seam: a ``Source`` opens a ``Session`` per loop or
 worker (its own connection, which ``abort()`` can cut short from another thread
 so that ``stop()`` is prompt even while a query blocks). The logic here is
-tested with a plain in-memory source; the Consul source lives in ``meshctl.consul``.
+tested with a plain in-memory source; the Consul source lives in ``meshctl.consul.client``.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Session(Protocol):
 
 
 class Source(Protocol):
-    """Opens sessions; ``meshctl.consul.ConsulClient`` is the real one."""
+    """Opens sessions; ``meshctl.consul.client.ConsulClient`` is the real one."""
 
     def session(self) -> Session: ...
 

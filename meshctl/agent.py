@@ -29,22 +29,21 @@ from typing import Any
 
 from meshctl import metrics
 from meshctl._fs import write_atomic
-from meshctl._watch import Key, backoff_delay
+from meshctl._watch import Key, Watcher, backoff_delay
 from meshctl.apply import Applier
 from meshctl.chain import TargetQuery, chain_key, chain_queries
 from meshctl.compile import compile_snapshot
 from meshctl.config import AgentConfig
-from meshctl.consul import (
+from meshctl.consul.client import ConsulClient
+from meshctl.consul.keys import (
     WATCHED_KINDS,
     ConfigEntries,
-    ConsulClient,
     DiscoveryChain,
     HealthConnect,
     IntentionMatch,
-    Watcher,
     health_feeds,
-    refused_instances,
 )
+from meshctl.consul.payloads import refused_instances
 from meshctl.errors import (
     CompileError,
     ConfigError,

@@ -49,7 +49,8 @@ def _from_consul(cfg: AgentConfig, destination: str) -> tuple[Authorization, lis
     """DST's intentions as Consul answers them now, compiled as the sidecar would."""
     from meshctl._watch import Key
     from meshctl.agent import protocols_from
-    from meshctl.consul import ConsulClient, IntentionMatch
+    from meshctl.consul.client import ConsulClient
+    from meshctl.consul.keys import IntentionMatch
 
     session = ConsulClient(cfg.consul).session()
     try:

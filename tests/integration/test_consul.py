@@ -19,16 +19,15 @@ from typing import Any
 import consul
 import pytest
 
+from meshctl._watch import Key, Watcher
 from meshctl.config import ConsulSettings
-from meshctl.consul import (
+from meshctl.consul.client import ConsulClient
+from meshctl.consul.keys import (
     WATCHED_KINDS,
     ConfigEntries,
     ConfigEntry,
-    ConsulClient,
     DiscoveryChain,
     HealthConnect,
-    Key,
-    Watcher,
 )
 from meshctl.errors import ConsulError
 from meshctl.model import Instance
@@ -508,7 +507,7 @@ def test_consul_down_keeps_last_value_then_recovers(
 
 def test_every_watch_key_names_the_consul_address_when_it_fails() -> None:
     """Issue 10.9: a watch's error names the Consul it could not reach, whatever the key."""
-    from meshctl.consul import HealthChecks, IntentionMatch
+    from meshctl.consul.keys import HealthChecks, IntentionMatch
 
     port = free_port()  # nobody listens there
     c = ConsulClient(ConsulSettings(addr=f"http://127.0.0.1:{port}", token="s3cr3t-token"))

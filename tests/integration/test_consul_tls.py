@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from meshctl.config import ConsulSettings
-from meshctl.consul import ConsulClient, IntentionMatch
+from meshctl.consul.client import ConsulClient
+from meshctl.consul.keys import IntentionMatch
 from meshctl.errors import ConsulError
 from tests.integration.consul_dev import ConsulDev, free_port
 from tests.pki import TestCA

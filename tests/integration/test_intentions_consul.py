@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from meshctl.cli import _register, cli
 from meshctl.config import ConsulSettings
-from meshctl.consul import ConsulClient, IntentionMatch
+from meshctl.consul.client import ConsulClient
+from meshctl.consul.keys import IntentionMatch
 from meshctl.intentions import Request, compile_intentions, decide, normalize_path
 from tests.integration.consul_dev import ConsulDev, consul_dev
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from meshctl import metrics
 from meshctl.agent import Quiescence, _PortBook, _update_endpoint_gauges, protocols_from
-from meshctl.consul import ConfigEntries
+from meshctl.consul.keys import ConfigEntries
 from meshctl.services import ServiceDefinition, Upstream
 from tests.meshdata import api_instances, snapshot
 

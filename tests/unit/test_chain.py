@@ -41,7 +41,7 @@ from meshctl.chain import (
 )
 from meshctl.cli.routes import render_routes
 from meshctl.compile import compile_snapshot
-from meshctl.consul import DiscoveryChain, HealthConnect
+from meshctl.consul.keys import DiscoveryChain, HealthConnect
 from meshctl.errors import CompileError
 from meshctl.model import Instance, LocalService, Snapshot
 from meshctl.proxy import l7

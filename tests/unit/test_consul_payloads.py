@@ -13,17 +13,16 @@ import pytest
 import requests
 
 from meshctl.config import ConsulSettings
-from meshctl.consul import (
+from meshctl.consul.client import ConsulClient
+from meshctl.consul.keys import (
     ConfigEntries,
     ConfigEntry,
-    ConsulClient,
     DiscoveryChain,
     HealthChecks,
     HealthConnect,
     IntentionMatch,
-    instances_from_health,
-    sidecar_registration,
 )
+from meshctl.consul.payloads import instances_from_health, sidecar_registration
 from meshctl.errors import ConsulError
 from meshctl.model import Instance
 from meshctl.services import Check, ServiceDefinition, Upstream

@@ -15,11 +15,7 @@ from typing import Any
 import pytest
 
 from meshctl.chain import compile_chain
-from meshctl.consul import (
-    instances_from_health,
-    refused_instances,
-    sidecar_registration,
-)
+from meshctl.consul.payloads import instances_from_health, refused_instances, sidecar_registration
 from meshctl.errors import DefinitionError, VaultError
 from meshctl.fields import MAX_LISTED, ignored_fields, ignored_sidecar_config
 from meshctl.intentions import Authorization, Request, SourceRule, decide
@@ -98,7 +94,7 @@ def test_hostile_keys_are_shown_escaped_and_bounded() -> None:
 
 def test_the_agent_reports_the_entries_of_its_services_only(tmp_path: Path) -> None:
     from meshctl.agent import ignored_by_entry
-    from meshctl.consul import ConfigEntries
+    from meshctl.consul.keys import ConfigEntries
     from meshctl.services import parse_definition_file
 
     (tmp_path / "web.json").write_text(json.dumps({"service": {

@@ -1,0 +1,177 @@
+"""``ConsulClient``: the host agent's Consul client (registration, reads, watch sessions)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, TypeVar
+
+import consul
+from consul.callback import CB
+
+from meshctl.config import ConsulSettings
+from meshctl.consul.payloads import service_registration, sidecar_registration
+from meshctl.consul.session import FAILURES, ConsulSession, consul_at, describe_failure
+from meshctl.errors import ConsulError
+from meshctl.services import RESERVED_META, ServiceDefinition
+
+log = logging.getLogger("meshctl.consul")
+
+T = TypeVar("T")
+
+
+class ConsulClient:
+    """Talks to the host's Consul agent, as configured by ``ConsulSettings``.
+
+    ``timeout`` bounds every non-blocking call; ``sidecar_check_interval`` is
+    the interval of the TCP check registered on each sidecar listener.
+    Also the ``Source`` of a ``Watcher``: each watch loop gets its own
+    session from ``session()``. Registration calls are meant for one thread.
+    """
+
+    def __init__(
+        self,
+        settings: ConsulSettings | None = None,
+        *,
+        timeout: float = 10.0,
+        sidecar_check_interval: str = "10s",
+    ) -> None:
+        self.settings = settings or ConsulSettings()
+        self.timeout = timeout
+        self.sidecar_check_interval = sidecar_check_interval
+        self._client: consul.Consul | None = None
+        self._lock = threading.Lock()
+        if self.settings.tls_server_name:
+            log.warning(
+                "consul.tls_server_name is not supported by the HTTP client; "
+                "the certificate must match the host of consul.addr"
+            )
+        if bool(self.settings.client_cert) != bool(self.settings.client_key):
+            log.warning("consul.client_cert and consul.client_key must be set together; ignoring")
+
+    def __repr__(self) -> str:
+        return f"ConsulClient({self.settings.addr!r})"
+
+    def _new(self) -> consul.Consul:
+        s = self.settings
+        try:
+            host, port = s.host_port
+        except ValueError:
+            raise ConsulError(f"consul.addr {s.addr!r} is not scheme://host:port") from None
+        cert = (s.client_cert, s.client_key) if s.client_cert and s.client_key else None
+        client = consul.Consul(
+            host=host,
+            port=port,
+            scheme=s.scheme,
+            token=s.token or None,
+            verify=s.cacert or True,
+            cert=cert,
+            connections_timeout=self.timeout,
+        )
+        # py-consul lets CONSUL_HTTP_TOKEN override the token it is given; our
+        # settings already folded the environment in with the right precedence.
+        client.token = s.token or None
+        return client
+
+    @property
+    def api(self) -> consul.Consul:
+        """The py-consul client for one-shot calls (registration, reads)."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._new()
+            return self._client
+
+    def session(self) -> ConsulSession:
+        """A new abortable session for one watch loop."""
+        return ConsulSession(self._new(), self.settings.addr)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``; any py-consul / requests failure becomes
+        ConsulError("Consul at <addr>: <what>: …")."""
+        try:
+            return fn()
+        except FAILURES as exc:
+            raise ConsulError(f"{consul_at(self.settings.addr)}{what}: "
+                              f"{describe_failure(exc, self.timeout)}") from None
+
+    # -- registration
+
+    def register(self, defn: ServiceDefinition, sidecar_address: str, sidecar_port: int) -> None:
+        """Register ``defn`` and its ``connect-proxy`` sidecar with the local agent.
+
+        Idempotent: the same ids replace the previous registration and its
+        checks (``replace-existing-checks``). Raises ConsulError.
+        """
+        c = self.api
+        svc = service_registration(defn)
+        side = sidecar_registration(
+            defn, sidecar_address, sidecar_port, self.sidecar_check_interval
+        )
+        for payload in (svc, side):
+            checks = payload.pop("checks")
+            sid = payload["service_id"]
+            register = partial(
+                c.agent.service.register,
+                **payload,
+                check=checks[0] if checks else None,
+                extra_checks=checks[1:],
+                replace_existing_checks=True,
+            )
+            ok = self._call(f"register {sid}", register)
+            if not ok:
+                raise ConsulError(f"{consul_at(self.settings.addr)}register {sid}: "
+                                  "the Consul agent refused the registration")
+
+    def deregister(self, service_id: str) -> None:
+        """Deregister a service and its sidecar; absent ones are fine. Raises ConsulError."""
+        c = self.api
+        for sid in (f"{service_id}-sidecar-proxy", service_id):
+            # False means 404 (not registered): already gone is what we want.
+            self._call(f"deregister {sid}", partial(c.agent.service.deregister, sid))
+
+    def registered_ids(self) -> set[str]:
+        """Ids of the services meshctl registered with the local agent (meta ``meshctl=1``).
+
+        A sidecar whose service is gone counts under its service's id, so
+        ``deregister(id)`` removes the orphan. Raises ConsulError.
+        """
+        services = self._call("list services", lambda: self.api.agent.services())
+        if not isinstance(services, Mapping):
+            raise ConsulError(f"{consul_at(self.settings.addr)}list services: unexpected answer")
+        ids: set[str] = set()
+        for sid, svc in services.items():
+            if (svc.get("Meta") or {}).get(RESERVED_META) != "1":
+                continue
+            if svc.get("Kind") == "connect-proxy":
+                dest = (svc.get("Proxy") or {}).get("DestinationServiceID") or ""
+                ids.add(str(dest or sid.removesuffix("-sidecar-proxy")))
+            else:
+                ids.add(str(sid))
+        return ids
+
+    def advertise_address(self) -> str:
+        """The local agent's LAN address, where sidecars are reachable. Raises ConsulError."""
+        def read() -> Any:
+            # py-consul's agent.self() sends no ACL token: under default deny it
+            # would be refused whatever the token's policy.
+            c = self.api
+            return c.http.get(CB.json(), "/v1/agent/self", headers=c.prepare_headers())
+
+        info = self._call("read agent info", read)
+        try:
+            addr = (info.get("Member") or {}).get("Addr") or info["Config"]["AdvertiseAddr"]
+            if "%" in str(addr):  # scoped IPv6: the zone text would reach proxy configs
+                raise ValueError(addr)
+            return str(ipaddress.ip_address(addr))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ConsulError(f"{consul_at(self.settings.addr)}read agent info: "
+                              "no usable advertise address") from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.http.session.close()
+                self._client = None
