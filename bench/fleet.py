@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from meshctl.agent import MAX_BLOCKING_HEALTH, WATCH_WORKERS
+from meshctl.agent.parts import MAX_BLOCKING_HEALTH, WATCH_WORKERS
 from meshctl.consul.keys import WATCHED_KINDS
 
 WAIT_S = 300.0  # the wait of the queries held at servers (ConfigEntries, HealthChecks)

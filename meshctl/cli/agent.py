@@ -52,7 +52,7 @@ def agent(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = load_agent_config(config_path, node_name=node_name, proxy=proxy,
                             services_dir=services_dir, deregister_on_exit=deregister_on_exit)
-    from meshctl.agent import run_agent
+    from meshctl.agent.host import run_agent
 
     run_agent(cfg)
 
@@ -67,7 +67,7 @@ def deregister(config_path: Path | None) -> None:
     (`systemctl kill --kill-whom=all meshctl-agent`) once traffic has moved.
     """
     cfg = load_agent_config(config_path)
-    from meshctl.agent import deregister_host
+    from meshctl.agent.host import deregister_host
 
     ids = deregister_host(cfg)
     if ids:
@@ -175,7 +175,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
 def render(config_path: Path | None, dry_run: bool, as_json: bool) -> None:
     """Print the proxy config that would be applied now (asks Consul once, issues nothing)."""
     cfg = load_agent_config(config_path)
-    from meshctl.agent import plan_once
+    from meshctl.agent.host import plan_once
 
     snapshot, files = plan_once(cfg)
     if as_json:

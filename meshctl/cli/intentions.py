@@ -48,7 +48,7 @@ def _local(cfg: AgentConfig, destination: str) -> Authorization | None:
 def _from_consul(cfg: AgentConfig, destination: str) -> tuple[Authorization, list[str]]:
     """DST's intentions as Consul answers them now, compiled as the sidecar would."""
     from meshctl._watch import Key
-    from meshctl.agent import protocols_from
+    from meshctl.agent.planning import protocols_from
     from meshctl.consul.client import ConsulClient
     from meshctl.consul.keys import IntentionMatch
 

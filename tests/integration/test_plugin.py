@@ -24,7 +24,7 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "meshctl-proxy-exam
 
 PROBE = """
 import json, sys
-from meshctl.agent import make_driver
+from meshctl.agent.parts import make_driver
 from meshctl.config import load_config
 from meshctl.proxy import available_drivers, load_driver
 from tests.meshdata import snapshot

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshctl.agent import Agent
+from meshctl.agent.loop import Agent
 from meshctl.config import AgentConfig, ConsulSettings, VaultSettings
 from meshctl.model import CertPaths, identity_dns, spiffe_id
 from meshctl.services import ServiceDefinition

@@ -6,7 +6,10 @@ import time
 from pathlib import Path
 
 from meshctl import metrics
-from meshctl.agent import Quiescence, _PortBook, _update_endpoint_gauges, protocols_from
+from meshctl.agent.loop import _update_endpoint_gauges
+from meshctl.agent.planning import protocols_from
+from meshctl.agent.ports import PortBook
+from meshctl.agent.quiescence import Quiescence
 from meshctl.consul.keys import ConfigEntries
 from meshctl.services import ServiceDefinition, Upstream
 from tests.meshdata import api_instances, snapshot
@@ -24,12 +27,12 @@ def defn(sid: str, sidecar: int | None = None, binds: tuple[int, ...] = ()) -> S
 
 
 def test_ports_are_stable_and_skip_fixed_ones(tmp_path: Path) -> None:
-    book = _PortBook(tmp_path / "ports.json", 21000, 21010)
+    book = PortBook(tmp_path / "ports.json", 21000, 21010)
     services = [defn("a", sidecar=21000), defn("b", binds=(21001,)), defn("c")]
     book.reserve(services)
     assert book.port_for(services[2]) == 21002
     # After a restart a new service asks first: c keeps its port, z takes the next.
-    again = _PortBook(tmp_path / "ports.json", 21000, 21010)
+    again = PortBook(tmp_path / "ports.json", 21000, 21010)
     z = defn("z")
     again.reserve([z, *services])
     assert again.port_for(z) == 21003
@@ -37,7 +40,7 @@ def test_ports_are_stable_and_skip_fixed_ones(tmp_path: Path) -> None:
 
 
 def test_a_definition_taking_an_allocated_port_moves_the_allocation(tmp_path: Path) -> None:
-    book = _PortBook(tmp_path / "ports.json", 21000, 21010)
+    book = PortBook(tmp_path / "ports.json", 21000, 21010)
     c, d = defn("c"), defn("d")
     book.reserve([c, d])
     assert (book.port_for(c), book.port_for(d)) == (21000, 21001)
@@ -46,7 +49,7 @@ def test_a_definition_taking_an_allocated_port_moves_the_allocation(tmp_path: Pa
     book.reserve(services)
     assert book.port_for(services[2]) == 21000
     assert (book.port_for(c), book.port_for(d)) == (21002, 21003)
-    again = _PortBook(tmp_path / "ports.json", 21000, 21010)  # the move was persisted
+    again = PortBook(tmp_path / "ports.json", 21000, 21010)  # the move was persisted
     again.reserve(services)
     assert (again.port_for(d), again.port_for(c)) == (21003, 21002)
 

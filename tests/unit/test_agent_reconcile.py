@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 
 from meshctl import metrics
-from meshctl.agent import Agent
+from meshctl.agent.loop import Agent
 from meshctl.config import AgentConfig, ConsulSettings, VaultSettings
 from meshctl.errors import CompileError, ProxyError
 from meshctl.model import Snapshot
@@ -135,7 +135,7 @@ def test_a_retry_time_that_came_is_used_up_even_when_nothing_is_applied(
     def refuse(*_args: object) -> None:
         raise CompileError("service-router api: refused")
 
-    monkeypatch.setattr("meshctl.agent.build_snapshot", refuse)
+    monkeypatch.setattr("meshctl.agent.loop.build_snapshot", refuse)
     agent._compile_and_apply([], "198.18.0.11")
     assert agent._retry_at > time.time() + 1.0
     assert agent._next_deadline() > time.time() + 1.0
@@ -146,7 +146,7 @@ def test_a_refused_config_is_retried_when_its_time_comes(
 ) -> None:
     agent = make_agent()
     snap = Snapshot(node="h1", trust_domain="meshctl.test", datacenter="dc1")
-    monkeypatch.setattr("meshctl.agent.build_snapshot", lambda *_: snap)
+    monkeypatch.setattr("meshctl.agent.loop.build_snapshot", lambda *_: snap)
     applied: list[Snapshot] = []
 
     def refuse(snapshot: Snapshot) -> None:

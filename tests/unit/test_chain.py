@@ -30,7 +30,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshctl._regex import RegexError, check_regex, regex_field
-from meshctl.agent import instances_from, source_keys
+from meshctl.agent.planning import instances_from, source_keys
 from meshctl.chain import (
     COOKIE_NAME,
     QUERY_NAME,

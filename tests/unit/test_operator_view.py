@@ -93,7 +93,7 @@ def test_hostile_keys_are_shown_escaped_and_bounded() -> None:
 
 
 def test_the_agent_reports_the_entries_of_its_services_only(tmp_path: Path) -> None:
-    from meshctl.agent import ignored_by_entry
+    from meshctl.agent.planning import ignored_by_entry
     from meshctl.consul.keys import ConfigEntries
     from meshctl.services import parse_definition_file
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from meshctl import _procfs
-from meshctl.agent import ProxyWatch, Quiescence
+from meshctl.agent.proxy_watch import ProxyWatch
+from meshctl.agent.quiescence import Quiescence
 
 UNIX = """\
 Num       RefCount Protocol Flags    Type St Inode Path

@@ -1,4 +1,4 @@
-"""The host agent: sources → compile() → apply, with quiescence and fail-static.
+"""The reconcile loop: sources → compile() → apply, with quiescence and fail-static.
 
 Threads: the watchdog observer of ``services.d``, the Watcher's loops and
 workers (a bounded number, however many upstreams: see ``meshctl._watch``),
@@ -8,175 +8,94 @@ loop; the loop reads the sources' latest good values, so a source in error
 keeps contributing its last good answer. A pass that a timer wakes (the
 registration sync, a certificate renewal) compiles only if it changed
 something: an idle host does no work but those timers.
+
+The loop is given its parts (``Agent(cfg, driver=, consul=, watcher=, issuer=,
+clock=)``); those not given are built from the config by ``meshctl.agent.parts``,
+so a test runs the loop over an in-memory source and a fake proxy.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import random
-import select
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from meshctl import metrics
 from meshctl._fs import write_atomic
-from meshctl._watch import Key, Watcher, backoff_delay
+from meshctl._watch import Key, WatchStatus, backoff_delay
+from meshctl.agent.parts import make_consul, make_driver, make_vault, make_watcher
+from meshctl.agent.planning import build_snapshot, ignored_by_entry, source_keys
+from meshctl.agent.ports import PortBook, port_unavailable
+from meshctl.agent.proxy_watch import ProxyWatch
+from meshctl.agent.quiescence import Quiescence
+from meshctl.agent.status import AgentState, pid_path, write_status
 from meshctl.apply import Applier
-from meshctl.chain import TargetQuery, chain_key, chain_queries
-from meshctl.compile import compile_snapshot
 from meshctl.config import AgentConfig
-from meshctl.consul.client import ConsulClient
-from meshctl.consul.keys import (
-    WATCHED_KINDS,
-    ConfigEntries,
-    DiscoveryChain,
-    HealthConnect,
-    IntentionMatch,
-    health_feeds,
-)
+from meshctl.consul.keys import DiscoveryChain, HealthConnect
 from meshctl.consul.payloads import refused_instances
 from meshctl.errors import (
     CompileError,
     ConfigError,
     ConsulError,
-    DefinitionError,
     MeshctlError,
     Problem,
     VaultError,
 )
-from meshctl.fields import HONOURED, IgnoredField, ignored_fields, ignored_sidecar_config
-from meshctl.model import CertPaths, Instance, LocalService, Snapshot
-from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
-from meshctl.resources import plugins_dir
+from meshctl.fields import IgnoredField, ignored_sidecar_config
+from meshctl.model import CertPaths, LocalService, Snapshot
+from meshctl.proxy.base import ProxyDriver
 from meshctl.services import (
     DefinitionSet,
     PortProbe,
     ServiceDefinition,
-    load_definitions,
     read_definitions,
 )
 from meshctl.snapshot_io import read_snapshot
-from meshctl.vault.client import VaultClient, explain_refusal
-from meshctl.vault.leaf import CertStore, ensure_leaf, refresh_ca, renew_at, utcnow
+from meshctl.vault.client import explain_refusal
+from meshctl.vault.leaf import CertStore, LeafIssuer, ensure_leaf, refresh_ca, renew_at, utcnow
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meshctl.agent")
 
 #: the key of a failed CA bundle refresh among the agent's Vault errors (no service name)
 _CA_BUNDLE = "(CA bundle)"
 
 #: seconds a compile waits for the first answer of a health watch a chain change added
 FIRST_ANSWER_WAIT = 3.0
-#: health keys that may hold a blocking query (one connection each) to the Consul agent;
-#: the rest are followed through one aggregate feed. With the 6 config-entry kinds,
-#: the feed and the watcher's 4 workers the agent holds at most ~28 of the 200
-#: connections a stock agent allows one client address (http_max_conns_per_client).
-MAX_BLOCKING_HEALTH = 16
-WATCH_WORKERS = 4
 #: a reconcile pass slower than this (s) is logged with its duration
 SLOW_PASS = 1.0
 
 
-class Quiescence:
-    """Debounce: fire once the trigger has been quiet for ``wait_min``, or after ``wait_max``."""
+class Registry(Protocol):
+    """What the loop needs from Consul's agent API (``ConsulClient`` is the real one)."""
 
-    def __init__(self, wait_min: float, wait_max: float) -> None:
-        self.wait_min = wait_min
-        self.wait_max = wait_max
-        self._event = threading.Event()
-        self._first: float | None = None
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def trigger(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if self._first is None:
-                self._first = now
-            self._last = now
-        self._event.set()
-
-    def trigger_now(self) -> None:
-        """Fire at once, without waiting for quiet (the proxy died: every moment counts)."""
-        with self._lock:
-            self._first = time.monotonic() - self.wait_max
-            self._last = self._first
-        self._event.set()
-
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for a settled trigger; True if one fired."""
-        if not self._event.wait(timeout):
-            return False
-        while True:
-            with self._lock:
-                first, last = self._first or 0.0, self._last
-                now = time.monotonic()
-                due = min(last + self.wait_min, first + self.wait_max)
-                if now >= due:
-                    self._first = None
-                    self._event.clear()
-                    return True
-            # A trigger meanwhile only moves ``due`` later: sleeping until it never oversleeps.
-            time.sleep(due - now)
+    def advertise_address(self) -> str: ...
+    def registered_ids(self) -> set[str]: ...
+    def register(self, defn: ServiceDefinition, sidecar_address: str,
+                 sidecar_port: int) -> None: ...
+    def deregister(self, service_id: str) -> None: ...
 
 
-class ProxyWatch:
-    """Wakes the reconcile loop the moment the proxy's master exits.
+class WatchedValues(Protocol):
+    """The watched Consul values the loop reads (``meshctl._watch.Watcher`` is the real one).
 
-    A pidfd (``pidfd_open(2)``) becomes readable when its process exits, child
-    of ours or not, so a killed master is noticed at once instead of at the
-    next periodic pass. The pid file is read again every ``interval`` seconds
-    (a small file read), so a restarted proxy is watched under its new pid
-    within that time. Each exited pid fires ``on_exit`` once.
+    The source tells the loop of a change through ``Agent.on_source_change`` and
+    of settled refetches through ``Agent.on_settled``.
     """
 
-    def __init__(self, pid: Callable[[], int | None], on_exit: Callable[[], None],
-                 interval: float = 0.25) -> None:
-        self._pid = pid
-        self._on_exit = on_exit
-        self._interval = interval
-        self._stop = threading.Event()
-        self._fired: int | None = None
-        self._thread = threading.Thread(target=self._run, name="proxy-watch", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            pid = self._pid()
-            if pid is None or pid == self._fired:
-                self._stop.wait(self._interval)
-                continue
-            try:
-                fd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                self._exited(pid)
-                continue
-            except OSError:  # not ours to watch: the periodic pass still checks it
-                self._stop.wait(self._interval)
-                continue
-            try:
-                if select.select([fd], [], [], self._interval)[0]:
-                    self._exited(pid)
-            finally:
-                os.close(fd)
-
-    def _exited(self, pid: int) -> None:
-        self._fired = pid
-        log.debug("proxy master %d exited", pid)
-        self._on_exit()
+    def get(self, key: Key) -> Any: ...
+    def watch_only(self, keys: set[Key]) -> None: ...
+    def status(self, key: Key) -> WatchStatus | None: ...
+    def statuses(self) -> dict[Key, dict[str, Any]]: ...
+    def settling(self) -> bool: ...
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -186,43 +105,33 @@ class _CertState:
     renew_at: float
 
 
-@dataclass
-class AgentState:
-    """What ``meshctl status`` shows; written to ``run_dir/state.json``."""
-
-    node: str
-    proxy: str
-    services: list[dict[str, Any]] = field(default_factory=list)
-    upstreams: list[dict[str, Any]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    #: config entry fields meshctl does not honour: {"entry", "field", "message"}
-    ignored_fields: list[dict[str, str]] = field(default_factory=list)
-    #: instances Consul reports that no proxy config can carry: {"query", "node", "id", "reason"}
-    refused_instances: list[dict[str, str]] = field(default_factory=list)
-    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
-    last_apply: dict[str, Any] = field(default_factory=dict)
-    #: the last time the proxy was found dead and started again (see apply.Recovery)
-    proxy_recovery: dict[str, Any] = field(default_factory=dict)
-    updated: float = 0.0
-
-
 class Agent:
-    """One host's meshctl agent."""
+    """One host's meshctl agent.
 
-    def __init__(self, cfg: AgentConfig, driver: ProxyDriver | None = None) -> None:
+    ``driver``, ``consul`` (the registry), ``watcher`` (the watched values),
+    ``issuer`` (leaf certificates and the CA bundle) and ``clock`` (wall-clock
+    seconds) are the loop's parts; each one not given is built from ``cfg``.
+    A given ``watcher`` is wired to the loop by its caller (``on_source_change``).
+    """
+
+    def __init__(self, cfg: AgentConfig, driver: ProxyDriver | None = None, *,
+                 consul: Registry | None = None, watcher: WatchedValues | None = None,
+                 issuer: LeafIssuer | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         for d in (cfg.data_dir, cfg.certs_dir, cfg.proxy_dir, cfg.run_dir):
             d.mkdir(parents=True, exist_ok=True)
         cfg.data_dir.chmod(0o750)
+        self.clock = clock
         self.driver = driver or make_driver(cfg)
         self.applier = Applier(self.driver, cfg.proxy_dir, cfg.reload_min_interval)
-        self.consul = ConsulClient(cfg.consul,
-                                   sidecar_check_interval=cfg.sidecar_check_interval)
-        self.watcher = Watcher(self.consul, on_change=self._on_source_change,
-                               max_blocking=MAX_BLOCKING_HEALTH, workers=WATCH_WORKERS,
-                               feeds=health_feeds, on_settled=self._on_settled)
-        self.vault = VaultClient(cfg.vault)
+        if consul is None or watcher is None:
+            client = make_consul(cfg)
+            consul = consul or client
+            watcher = watcher or make_watcher(client, self.on_source_change, self.on_settled)
+        self.consul: Registry = consul
+        self.watcher: WatchedValues = watcher
+        self.vault: LeafIssuer = issuer or make_vault(cfg)
         self.store = CertStore(cfg.certs_dir)
         self.trigger = Quiescence(cfg.wait_min, cfg.wait_max)
         self._stop = threading.Event()
@@ -235,7 +144,7 @@ class Agent:
         self._registered: dict[str, str] = {}  # service id -> registration digest
         self._certs: dict[str, _CertState] = {}
         self._vault_errors: dict[str, str] = {}  # service (or _CA_BUNDLE) -> its Vault error
-        self._ports = _PortBook(cfg.data_dir / "sidecar-ports.json", cfg.sidecar_port_min,
+        self._ports = PortBook(cfg.data_dir / "sidecar-ports.json", cfg.sidecar_port_min,
                                 cfg.sidecar_port_max)
         self._address = cfg.advertise_address
         self._last_snapshot: Snapshot | None = self._load_last_good()
@@ -266,7 +175,7 @@ class Agent:
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
                  self.driver.name, self._safe_version())
         # Lets `meshctl deregister` see that an agent would register everything again.
-        write_atomic(_pid_path(self.cfg), f"{os.getpid()}\n".encode(), 0o644)
+        write_atomic(pid_path(self.cfg), f"{os.getpid()}\n".encode(), 0o644)
         if self._last_snapshot is not None:
             self._serve_last_good(self._last_snapshot)
         self._start_dir_watch()
@@ -274,11 +183,11 @@ class Agent:
         self.trigger.trigger()
         try:
             while not self._stop.is_set():
-                timeout = max(0.05, min(self._next_deadline() - time.time(), 5.0))
+                timeout = max(0.05, min(self._next_deadline() - self.clock(), 5.0))
                 fired = self.trigger.wait(timeout)
                 if self._stop.is_set():
                     break
-                if fired or time.time() >= self._next_deadline():
+                if fired or self.clock() >= self._next_deadline():
                     reread, self._defs_dirty = self._defs_dirty, False
                     self.reconcile(changed=fired, reread=reread)
         finally:
@@ -290,7 +199,7 @@ class Agent:
 
     def _shutdown(self) -> None:
         log.info("meshctl agent stopping")
-        _pid_path(self.cfg).unlink(missing_ok=True)
+        pid_path(self.cfg).unlink(missing_ok=True)
         if self._observer is not None:
             self._observer.stop()
         self._proxy_watch.stop()
@@ -314,7 +223,8 @@ class Agent:
         except MeshctlError:
             return "(version unknown)"
 
-    def _on_source_change(self, key: object, value: object) -> None:
+    def on_source_change(self, key: object, value: object) -> None:
+        """A watched value changed: wake the loop (it reads the latest values)."""
         log.debug("source changed: %s", key)
         self.trigger.trigger()
 
@@ -323,7 +233,8 @@ class Agent:
         self._defs_dirty = True
         self.trigger.trigger()
 
-    def _on_settled(self) -> None:
+    def on_settled(self) -> None:
+        """The refetches a change asked for have answered."""
         # The refetches a change asked for have answered (changed or not): compile now.
         self.trigger.trigger()
 
@@ -353,7 +264,7 @@ class Agent:
             # its deadline stays in the past and would wake the loop at once.
             times.append(self._next_ca)
         times += [c.renew_at for c in self._certs.values()]
-        return min(times) if times else time.time() + 1.0
+        return min(times) if times else self.clock() + 1.0
 
     # ------------------------------------------------------------ reconcile
 
@@ -381,7 +292,7 @@ class Agent:
         if changed:
             self._watch_upstreams(services)
             self._report_ignored_fields(services)
-        if changed or self._pass_inputs(address) != before or self._retry_at <= time.time():
+        if changed or self._pass_inputs(address) != before or self._retry_at <= self.clock():
             self._compile_and_apply(services, address)
         elif self._states() != self._written_states:
             # A source went bad or recovered: the status file says so even when
@@ -481,7 +392,7 @@ class Agent:
         return self._address
 
     def _sync_registrations(self, services: list[ServiceDefinition], address: str) -> None:
-        now = time.time()
+        now = self.clock()
         force = now >= self._next_sync
         if not address:
             # Consul has not told us our address yet: retry like a failed sync,
@@ -523,7 +434,7 @@ class Agent:
 
     def _refresh_certificates(self, services: list[ServiceDefinition]) -> None:
         names = sorted({d.name for d in services})
-        now = time.time()
+        now = self.clock()
         due = [n for n in names if n not in self._certs or self._certs[n].renew_at <= now]
         for name in due:
             # A leaf already tracked is due for renewal: force a new one. At start
@@ -590,7 +501,7 @@ class Agent:
         # The set follows the discovery chains already known: a chain that now
         # reaches another target (split, redirect, failover) adds its health watch.
         keys = source_keys(services, self.watcher.get, self.cfg.datacenter)
-        now = time.time()
+        now = self.clock()
         self._wanted_since = {k: self._wanted_since.get(k, now) for k in keys}
         self.watcher.watch_only(keys)
 
@@ -622,7 +533,7 @@ class Agent:
         wait for them, but never longer than FIRST_ANSWER_WAIT, and not for a
         key in error (a failing watch must not stall every other change).
         """
-        now = time.time()
+        now = self.clock()
         pending = []
         for k, since in self._wanted_since.items():
             if now - since >= FIRST_ANSWER_WAIT or not isinstance(k, HealthConnect
@@ -639,7 +550,7 @@ class Agent:
         # A retry time that has come is used up by this pass; whatever still
         # needs a later pass sets a new one below. (Left in the past, it would
         # wake the run loop at once, again and again.)
-        retry_due = self._retry_at <= time.time()
+        retry_due = self._retry_at <= self.clock()
         if retry_due:
             self._retry_at = float("inf")
         if self._awaiting_first_answers():
@@ -649,7 +560,7 @@ class Agent:
             # A config entry or check change asked for refetches (chains, health):
             # their answers trigger the compile, so it runs once with all of them.
             log.debug("waiting for the refetches a change asked for")
-            self._retry_at = min(self._retry_at, time.time() + 0.5)
+            self._retry_at = min(self._retry_at, self.clock() + 0.5)
             return
         locals_: list[LocalService] = []
         for d in services:
@@ -696,7 +607,7 @@ class Agent:
             self._failed_snapshot = snapshot
             # A refused config rarely fixes itself (a port taken, a file missing):
             # retry slowly so a persistent failure does not churn the proxy.
-            self._retry_at = time.time() + backoff_delay(self._apply_failures, base=2.0, cap=60.0)
+            self._retry_at = self.clock() + backoff_delay(self._apply_failures, base=2.0, cap=60.0)
         else:
             self._apply_failures = 0
             self._failed_snapshot = None
@@ -730,7 +641,7 @@ class Agent:
             return
         if prev is not None:
             log.info("%s: recovered", name)
-        self._source_state[name] = {"ok": True, "error": "", "since": time.time()}
+        self._source_state[name] = {"ok": True, "error": "", "since": self.clock()}
         metrics.SOURCE_UP.labels(source=name).set(1)
 
     def _source_error(self, name: str, exc: Exception) -> None:
@@ -739,7 +650,7 @@ class Agent:
         msg = str(exc)
         if prev is None or prev["ok"] or prev["error"] != msg:
             log.error("%s: %s (keeping the last good state; retrying)", name, msg)
-            self._source_state[name] = {"ok": False, "error": msg, "since": time.time()}
+            self._source_state[name] = {"ok": False, "error": msg, "since": self.clock()}
         metrics.SOURCE_UP.labels(source=name).set(0)
 
     def _warn_once(self, message: str) -> None:
@@ -786,10 +697,9 @@ class Agent:
             state.last_apply = self.applier.last.to_dict()
         if self.applier.last_recovery is not None:
             state.proxy_recovery = self.applier.last_recovery.to_dict()
-        state.updated = time.time()
-        text = json.dumps(state.__dict__, indent=2, default=str)
+        state.updated = self.clock()
         try:
-            write_atomic(self.cfg.state_path, text.encode(), 0o644)
+            write_status(self.cfg.state_path, state)
         except MeshctlError as exc:
             # Only `meshctl status` reads it: a full disk must not stop the agent
             # (which would deregister the host) while the proxy keeps serving.
@@ -808,183 +718,6 @@ def _update_endpoint_gauges(snapshot: Snapshot, previous: set[str]) -> set[str]:
         metrics.UPSTREAM_ENDPOINTS.remove(gone)
     return current
 
-
-Getter = Callable[[Key], Any]
-
-
-def _upstreams(services: list[ServiceDefinition]) -> set[tuple[str, str]]:
-    return {(u.destination_name, u.datacenter or "") for d in services for u in d.upstreams}
-
-
-def chain_of(dest: str, dc: str) -> DiscoveryChain:
-    """The discovery-chain key of one upstream (``dc``: the upstream's datacenter, if any)."""
-    return DiscoveryChain(dest, compile_dc=dc)
-
-
-def health_of(query: TargetQuery) -> HealthConnect:
-    """The health key of one chain target: Consul evaluates the subset filter."""
-    return HealthConnect(query.service, passing=query.only_passing,
-                         datacenter=query.datacenter, filter=query.filter)
-
-
-def _queries(get: Getter, upstreams: set[tuple[str, str]], datacenter: str) -> set[TargetQuery]:
-    out: set[TargetQuery] = set()
-    for dest, dc in sorted(upstreams):
-        chain = get(chain_of(dest, dc))
-        if isinstance(chain, dict):
-            try:
-                out |= chain_queries(chain, datacenter)
-            except CompileError:
-                continue  # compile() reports it; nothing to watch for a refused chain
-    return out
-
-
-def source_keys(services: list[ServiceDefinition], get: Getter, datacenter: str) -> set[Key]:
-    """Every Consul key the snapshot of these local services depends on.
-
-    Each upstream's discovery chain and, once ``get`` knows a chain, one
-    health watch per target it reaches, with the target subset's filter; who
-    may call each local service (its intention match). Chains and matches
-    depend only on config entries, so the entries are watched one list per
-    kind (WATCHED_KINDS), whose changes refetch only the chains and matches
-    they mention; local services' service-defaults give their inbound protocol.
-    """
-    upstreams = _upstreams(services)
-    keys: set[Key] = {chain_of(dest, dc) for dest, dc in upstreams}
-    keys |= {health_of(q) for q in _queries(get, upstreams, datacenter)}
-    keys |= {ConfigEntries(kind) for kind in WATCHED_KINDS}
-    # Who may call each local service: enforced at its inbound listener.
-    keys |= {IntentionMatch(d.name) for d in services}
-    return keys
-
-
-def ignored_by_entry(get: Getter, services: list[ServiceDefinition]
-                     ) -> dict[str, list[IgnoredField]]:
-    """The fields meshctl does not honour in the ``service-defaults`` of the local
-    services and upstream destinations and in ``proxy-defaults/global``, for
-    each entry that has some (``"service-defaults/api"`` → fields)."""
-    names = {dest for dest, _ in _upstreams(services)} | {d.name for d in services}
-    wanted = {"service-defaults": names, "proxy-defaults": {"global"}}
-    out: dict[str, list[IgnoredField]] = {}
-    for kind in sorted(HONOURED):
-        entries = get(ConfigEntries(kind)) or {}
-        for name in sorted(wanted.get(kind, set()) & set(entries)):
-            fields = ignored_fields(kind, name, entries[name])
-            if fields:
-                out[f"{kind}/{name}"] = fields
-    return out
-
-
-def protocols_from(get: Getter, names: set[str]) -> dict[str, str]:
-    """Each service's protocol: service-defaults, else proxy-defaults, else tcp."""
-    default = "tcp"
-    proxy_defaults = get(ConfigEntries("proxy-defaults")) or {}
-    service_defaults = get(ConfigEntries("service-defaults")) or {}
-    pd = proxy_defaults.get("global")
-    if isinstance(pd, dict):
-        default = str((pd.get("Config") or {}).get("protocol", default))
-    out: dict[str, str] = {}
-    for name in names:
-        sd = service_defaults.get(name)
-        proto = sd.get("Protocol") if isinstance(sd, dict) else None
-        out[name] = str(proto or default)
-    return out
-
-
-def instances_from(get: Getter, queries: set[TargetQuery], last: Snapshot | None,
-                   ) -> dict[Any, list[Instance]]:
-    """Instances per chain target; the persisted ones where Consul never answered."""
-    out: dict[Any, list[Instance]] = {}
-    for q in queries:
-        value = get(health_of(q))
-        if value is not None:
-            out[q] = list(value)
-        elif last is not None:
-            out[q] = [
-                Instance(node=e.node, service_id=e.instance, address=e.address, port=e.port)
-                for c in last.clusters
-                if (c.service, c.subset, c.datacenter) == (q.service, q.subset, q.datacenter)
-                for e in c.endpoints
-            ]
-    return out
-
-
-def build_snapshot(cfg: AgentConfig, locals_: list[LocalService], get: Getter,
-                   last: Snapshot | None) -> Snapshot:
-    """compile() fed from a value getter (the watcher's, or a one-shot query)."""
-    upstreams = _upstreams([ls.definition for ls in locals_])
-    destinations = {dest for dest, _ in upstreams}
-    local_names = {ls.definition.name for ls in locals_}
-    names = destinations | local_names
-    chains = {chain_key(dest, dc): get(chain_of(dest, dc)) for dest, dc in upstreams}
-    return compile_snapshot(
-        node=cfg.node_name,
-        trust_domain=cfg.trust_domain,
-        datacenter=cfg.datacenter,
-        services=locals_,
-        instances=instances_from(get, _queries(get, upstreams, cfg.datacenter), last),
-        protocols=protocols_from(get, names),
-        chains=chains,
-        previous=last,
-        intentions={name: get(IntentionMatch(name)) for name in local_names},
-        default_intention_action=cfg.default_intention_action,
-        previous_authz={i.service: i.authz for i in last.inbounds} if last else None,
-    )
-
-
-def plan_once(cfg: AgentConfig) -> tuple[Snapshot, dict[str, str]]:
-    """What the agent would apply now: asks Consul once, issues no certificate.
-
-    Raises DefinitionError for broken definitions, ConsulError if Consul is down.
-    """
-    defs, problems = load_definitions(cfg.services_dir)
-    if problems:
-        raise DefinitionError(problems)
-    consul = ConsulClient(cfg.consul)
-    session = consul.session()
-    try:
-        address = cfg.advertise_address or consul.advertise_address()
-        ports = _PortBook(cfg.data_dir / "sidecar-ports.json", cfg.sidecar_port_min,
-                          cfg.sidecar_port_max, persist=False)
-        ports.reserve(defs)
-        store = CertStore(cfg.certs_dir)
-        locals_ = [LocalService(d, address, ports.port_for(d), store.paths(d.name)) for d in defs]
-
-        answers: dict[Key, Any] = {}
-
-        def get(key: Key) -> Any:
-            if key not in answers:
-                answers[key] = key.fetch(session, 0, "1s")[1]
-            return answers[key]
-
-        snapshot = build_snapshot(cfg, locals_, get, None)
-    finally:
-        session.close()
-    return snapshot, make_driver(cfg).render_config(snapshot).files
-
-
-def port_unavailable(address: str, port: int) -> str | None:
-    """Why a proxy could not bind TCP ``address:port`` now (another process holds it), or None.
-
-    ``address`` "" is every address. Bound with SO_REUSEADDR as nginx and
-    HAProxy bind, so connections in TIME_WAIT do not count; nothing listens.
-    """
-    where = f"[{address}]:{port}" if ":" in address else f"{address or '*'}:{port}"
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((address, port))
-        except OSError as exc:
-            # Only a port another process holds is this check's business; any
-            # other bind error (an address not on the host ...) is the proxy's
-            # to report, with its own words.
-            if exc.errno == errno.EADDRINUSE:
-                return (f"{where} is in use by another process (not this host's meshctl "
-                        "proxy); stop that process or choose another port")
-    return None
-
-
 def _read_last_good(path: Path) -> DefinitionSet:
     """The definitions the agent persisted (owners and file texts); empty if unusable."""
     try:
@@ -1000,114 +733,3 @@ def _read_last_good(path: Path) -> DefinitionSet:
         return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
     return DefinitionSet.restore(strings(data.get("files")), strings(data.get("owners")))
-
-
-class _PortBook:
-    """Stable sidecar ports: explicit ones from definitions, else allocated and remembered."""
-
-    def __init__(self, path: Path, low: int, high: int, persist: bool = True) -> None:
-        self.path, self.low, self.high, self.persist = path, low, high, persist
-        self.fixed: set[int] = set()
-        self.busy: Callable[[int], bool] = lambda port: False
-        try:
-            self.ports: dict[str, int] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self.ports = {}
-
-    def reserve(self, services: list[ServiceDefinition],
-                busy: Callable[[int], bool] | None = None) -> None:
-        """Ports fixed in definitions (sidecar, upstream or the apps' own) are never allocated.
-
-        ``busy``: whether another process holds a port (the proxy's own never
-        count); an allocation it holds moves, and allocating skips such ports.
-        """
-        self.busy = busy or (lambda port: False)
-        self.fixed = {d.sidecar_port for d in services if d.sidecar_port} | {
-            u.local_bind_port for d in services for u in d.upstreams} | {
-            d.port for d in services}
-        for sid, port in list(self.ports.items()):
-            if port in self.fixed and not any(d.id == sid and d.sidecar_port == port
-                                              for d in services):
-                del self.ports[sid]  # a definition now fixes this port: move the allocation
-            elif any(d.id == sid and not d.sidecar_port for d in services) and self.busy(port):
-                log.warning("sidecar port %d of %s is taken by another process: moving it",
-                            port, sid)
-                del self.ports[sid]
-
-    def port_for(self, d: ServiceDefinition) -> int:
-        if d.sidecar_port:
-            return d.sidecar_port
-        if d.id in self.ports:
-            return self.ports[d.id]
-        used = set(self.ports.values()) | self.fixed
-        for port in range(self.low, self.high + 1):
-            if port not in used and not self.busy(port):
-                self.ports[d.id] = port
-                if self.persist:
-                    write_atomic(self.path, json.dumps(self.ports, sort_keys=True).encode(),
-                                 0o644)
-                return port
-        raise CompileError(f"{d.source}: no free sidecar port left in {self.low}-{self.high}")
-
-
-def _pid_path(cfg: AgentConfig) -> Path:
-    return cfg.run_dir / "agent.pid"
-
-
-def running_agent(cfg: AgentConfig) -> int | None:
-    """The pid of the meshctl agent running with this config's run_dir, or None."""
-    try:
-        pid = int(_pid_path(cfg).read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError, IndexError):
-        return None
-    # A stale pid file whose pid now belongs to another program does not count.
-    return pid if b"meshctl" in cmdline else None
-
-
-def deregister_host(cfg: AgentConfig) -> list[str]:
-    """Remove every service (and sidecar) meshctl registered on this host's Consul agent.
-
-    For decommissioning or draining a host: a plain agent stop keeps them (see
-    ``deregister_on_exit``). Returns the service ids removed. Raises ConfigError
-    while the agent runs (it would register them again at its next sync), and
-    ConsulError.
-    """
-    pid = running_agent(cfg)
-    if pid is not None:
-        raise ConfigError(
-            f"the meshctl agent is running (pid {pid}): it would register the services again; "
-            "stop it first (systemctl stop meshctl-agent), or run it with --deregister-on-exit"
-        )
-    consul = ConsulClient(cfg.consul)
-    try:
-        ids = sorted(consul.registered_ids())
-        for sid in ids:
-            consul.deregister(sid)
-            log.info("deregistered %s", sid)
-    finally:
-        consul.close()
-    return ids
-
-
-def make_driver(cfg: AgentConfig) -> ProxyDriver:
-    """The configured proxy driver, with the agent's directories."""
-    cls = load_driver(cfg.proxy)
-    paths = ProxyPaths(
-        config_dir=cfg.proxy_dir / "current",
-        state_dir=cfg.data_dir / cfg.proxy,
-        run_dir=cfg.run_dir,
-        plugins_dir=plugins_dir(),
-    )
-    driver = cls(paths, binary=cfg.proxy_binary)
-    driver.shutdown_timeout = cfg.proxy_shutdown_timeout
-    return driver
-
-
-def run_agent(cfg: AgentConfig, ready: Callable[[], None] | None = None) -> None:
-    """Entry point used by ``meshctl agent``."""
-    agent = Agent(cfg)
-    if ready:
-        ready()
-    agent.run()
-

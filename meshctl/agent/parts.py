@@ -1,0 +1,52 @@
+"""The agent's default parts, built from its config: what ``Agent`` is given unless a
+caller (a test, a bench) gives it others."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from meshctl._watch import OnChange, Watcher
+from meshctl.config import AgentConfig
+from meshctl.consul.client import ConsulClient
+from meshctl.consul.keys import health_feeds
+from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
+from meshctl.resources import plugins_dir
+from meshctl.vault.client import VaultClient
+
+#: health keys that may hold a blocking query (one connection each) to the Consul agent;
+#: the rest are followed through one aggregate feed. With the 6 config-entry kinds,
+#: the feed and the watcher's 4 workers the agent holds at most ~28 of the 200
+#: connections a stock agent allows one client address (http_max_conns_per_client).
+MAX_BLOCKING_HEALTH = 16
+WATCH_WORKERS = 4
+
+
+def make_consul(cfg: AgentConfig) -> ConsulClient:
+    """The host's Consul client, with the configured sidecar check interval."""
+    return ConsulClient(cfg.consul, sidecar_check_interval=cfg.sidecar_check_interval)
+
+
+def make_watcher(consul: ConsulClient, on_change: OnChange, on_settled: Callable[[], None]
+                 ) -> Watcher:
+    """The watcher of the agent's Consul keys, on a bounded number of connections."""
+    return Watcher(consul, on_change=on_change, max_blocking=MAX_BLOCKING_HEALTH,
+                   workers=WATCH_WORKERS, feeds=health_feeds, on_settled=on_settled)
+
+
+def make_vault(cfg: AgentConfig) -> VaultClient:
+    """The certificate issuer: the configured Vault's PKI."""
+    return VaultClient(cfg.vault)
+
+
+def make_driver(cfg: AgentConfig) -> ProxyDriver:
+    """The configured proxy driver, with the agent's directories."""
+    cls = load_driver(cfg.proxy)
+    paths = ProxyPaths(
+        config_dir=cfg.proxy_dir / "current",
+        state_dir=cfg.data_dir / cfg.proxy,
+        run_dir=cfg.run_dir,
+        plugins_dir=plugins_dir(),
+    )
+    driver = cls(paths, binary=cfg.proxy_binary)
+    driver.shutdown_timeout = cfg.proxy_shutdown_timeout
+    return driver

@@ -1,0 +1,49 @@
+"""Quiescence: one pass per burst of changes, not one per change (consul-template's wait)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class Quiescence:
+    """Debounce: fire once the trigger has been quiet for ``wait_min``, or after ``wait_max``."""
+
+    def __init__(self, wait_min: float, wait_max: float) -> None:
+        self.wait_min = wait_min
+        self.wait_max = wait_max
+        self._event = threading.Event()
+        self._first: float | None = None
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def trigger(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._first is None:
+                self._first = now
+            self._last = now
+        self._event.set()
+
+    def trigger_now(self) -> None:
+        """Fire at once, without waiting for quiet (the proxy died: every moment counts)."""
+        with self._lock:
+            self._first = time.monotonic() - self.wait_max
+            self._last = self._first
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a settled trigger; True if one fired."""
+        if not self._event.wait(timeout):
+            return False
+        while True:
+            with self._lock:
+                first, last = self._first or 0.0, self._last
+                now = time.monotonic()
+                due = min(last + self.wait_min, first + self.wait_max)
+                if now >= due:
+                    self._first = None
+                    self._event.clear()
+                    return True
+            # A trigger meanwhile only moves ``due`` later: sleeping until it never oversleeps.
+            time.sleep(due - now)

@@ -1,0 +1,202 @@
+"""The reconcile loop over an in-memory source: no Consul, no Vault, no network.
+
+The agent is given its parts (``Agent(cfg, driver=, consul=, watcher=, issuer=,
+clock=)``): the watched values come from a dict the test fills, the registry
+and the issuer are in memory, the proxy accepts every config and the clock is
+the test's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshctl._watch import Key, WatchStatus
+from meshctl.agent.loop import Agent
+from meshctl.config import AgentConfig, ConsulSettings, VaultSettings
+from meshctl.consul.keys import (
+    WATCHED_KINDS,
+    ConfigEntries,
+    DiscoveryChain,
+    HealthConnect,
+    IntentionMatch,
+)
+from meshctl.model import Instance, Snapshot
+from meshctl.proxy.base import ProxyPaths
+from meshctl.services import ServiceDefinition
+from meshctl.snapshot_io import snapshot_from_dict
+from tests.unit.test_agent_certs import Issuer
+from tests.unit.test_agent_reconcile import FakeProxy
+
+CHAINS = Path(__file__).parent / "chains"
+
+
+class MemorySource:
+    """The watched values in a dict: what the watcher would hold, set by the test.
+
+    ``set`` tells the loop as the watcher does (``on_change``); a key never
+    set has no answer yet (``get`` → None, status pending).
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[Key, Any] = {}
+        self.watched: set[Key] = set()
+        self.on_change: Callable[[Any, Any], None] = lambda key, value: None
+        self.stopped = False
+
+    def set(self, key: Key, value: Any) -> None:
+        self.values[key] = value
+        self.on_change(key, value)
+
+    def get(self, key: Key) -> Any:
+        return self.values.get(key)
+
+    def watch_only(self, keys: set[Key]) -> None:
+        self.watched = set(keys)
+
+    def status(self, key: Key) -> WatchStatus | None:
+        if key not in self.watched:
+            return None
+        return WatchStatus(state="ok" if key in self.values else "pending")
+
+    def statuses(self) -> dict[Key, dict[str, Any]]:
+        return {}
+
+    def settling(self) -> bool:
+        return False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class MemoryRegistry:
+    """Consul's agent API in memory: what is registered, with which sidecar."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, tuple[str, int]] = {}
+
+    def advertise_address(self) -> str:
+        return "198.18.0.11"
+
+    def registered_ids(self) -> set[str]:
+        return set(self.registered)
+
+    def register(self, defn: ServiceDefinition, sidecar_address: str, sidecar_port: int) -> None:
+        self.registered[defn.id] = (sidecar_address, sidecar_port)
+
+    def deregister(self, service_id: str) -> None:
+        self.registered.pop(service_id, None)
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Parts:
+    def __init__(self, agent: Agent, source: MemorySource, registry: MemoryRegistry,
+                 issuer: Issuer, clock: Clock, proxy: FakeProxy) -> None:
+        self.agent, self.source, self.registry = agent, source, registry
+        self.issuer, self.clock, self.proxy = issuer, clock, proxy
+
+    def served(self) -> Snapshot:
+        text = (self.agent.cfg.proxy_dir / "current" / "fake.conf").read_text()
+        return snapshot_from_dict(json.loads(text.split("\n", 1)[1]))
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[Parts]:
+    (tmp_path / "services.d").mkdir()
+    (tmp_path / "services.d" / "web.json").write_text(json.dumps({"service": {
+        "name": "web", "port": 8080, "connect": {"sidecar_service": {"proxy": {
+            "upstreams": [{"destination_name": "plain", "local_bind_port": 9191}]}}}}}))
+    cfg = AgentConfig(
+        node_name="h1",
+        services_dir=tmp_path / "services.d",
+        data_dir=tmp_path / "data",
+        run_dir=tmp_path / "run",
+        metrics_address="",
+        # never dialled: every part the loop talks through is given below
+        consul=ConsulSettings(addr="http://127.0.0.1:1"),
+        vault=VaultSettings(addr="http://127.0.0.1:1", token="t"),
+    )
+    paths = ProxyPaths(config_dir=cfg.proxy_dir / "current", state_dir=cfg.data_dir / "fake",
+                       run_dir=cfg.run_dir, plugins_dir=tmp_path / "plugins")
+    source, registry, issuer = MemorySource(), MemoryRegistry(), Issuer()
+    clock, proxy = Clock(time.time()), FakeProxy(paths)
+    agent = Agent(cfg, driver=proxy, consul=registry, watcher=source, issuer=issuer, clock=clock)
+    source.on_change = agent.on_source_change
+    yield Parts(agent, source, registry, issuer, clock, proxy)
+    agent.watcher.stop()
+
+
+#: the health key of the plain chain's target: any instance, as the resolver sets no OnlyPassing
+PLAIN = HealthConnect("plain", passing=False)
+DB1 = Instance("h2", "plain-h2", "198.18.0.12", 21000)
+DB2 = Instance("h3", "plain-h3", "198.18.0.13", 21000)
+
+
+def answer_consul(source: MemorySource, instances: tuple[Instance, ...]) -> None:
+    chain = json.loads((CHAINS / "plain.json").read_text())
+    for kind in WATCHED_KINDS:
+        source.set(ConfigEntries(kind), {})
+    source.set(IntentionMatch("web"), ())
+    source.set(DiscoveryChain("plain"), chain)
+    source.set(PLAIN, instances)
+
+
+def endpoints(snapshot: Snapshot) -> list[tuple[str, int]]:
+    return sorted((e.address, e.port) for c in snapshot.clusters for e in c.endpoints)
+
+
+def test_the_loop_watches_what_its_services_need_and_serves_the_sources_values(
+    parts: Parts,
+) -> None:
+    agent, source = parts.agent, parts.source
+    agent.reconcile()
+    # It registered the service with its sidecar at the registry's address, and asked
+    # for the upstream's chain, every config kind and who may call web.
+    assert set(parts.registry.registered) == {"web"}
+    assert parts.registry.registered["web"][0] == "198.18.0.11"
+    assert {DiscoveryChain("plain"), IntentionMatch("web")} <= source.watched
+    assert {ConfigEntries(k) for k in WATCHED_KINDS} <= source.watched
+    answer_consul(source, (DB1,))
+    agent.reconcile()
+    # The chain known, its target's health is watched, and its instances are served.
+    assert PLAIN in source.watched
+    assert endpoints(parts.served()) == [("198.18.0.12", 21000)]
+    # A change of the source wakes the loop (quiescence fires) and is served.
+    source.set(PLAIN, (DB1, DB2))
+    assert agent.trigger.wait(timeout=5.0)
+    agent.reconcile()
+    assert endpoints(parts.served()) == [("198.18.0.12", 21000), ("198.18.0.13", 21000)]
+
+
+def test_a_certificate_is_renewed_when_the_loops_clock_reaches_its_renewal_time(
+    parts: Parts,
+) -> None:
+    agent = parts.agent
+    answer_consul(parts.source, (DB1,))
+    agent.reconcile()
+    agent.reconcile()
+    first = agent._certs["web"]
+    assert agent._next_deadline() <= first.renew_at
+    digest = first.paths.digest
+    # Nothing is due before the renewal time: a timer pass changes nothing.
+    parts.clock.now = first.renew_at - 1
+    agent.reconcile(changed=False, reread=False)
+    assert agent._certs["web"].paths.digest == digest
+    # At the renewal time a new leaf is issued and the proxy serves it.
+    parts.clock.now = first.renew_at
+    agent.reconcile(changed=False, reread=False)
+    renewed = agent._certs["web"].paths.digest
+    assert renewed != digest
+    assert [i.tls.digest for i in parts.served().inbounds] == [renewed]
