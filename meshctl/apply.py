@@ -48,7 +48,7 @@ from meshctl._fs import fsync_dir, write_atomic
 from meshctl._procfs import ProcessRef, same_process
 from meshctl.errors import DiskError, MeshctlError, ProxyError, ReloadError
 from meshctl.model import Snapshot
-from meshctl.proxy.base import ProxyDriver, RenderedConfig, signal_processes
+from meshctl.proxy.base import ProxyDriver, RenderedConfig, generation_of, signal_processes
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,17 @@ class Applier:
         """The generation ``current`` points to, or None."""
         name = self._current_dir()
         return _generation(name) if name else None
+
+    def needs_reload(self, snapshot: Snapshot) -> bool:
+        """Whether serving ``snapshot`` takes a (re)load, not only a run-time endpoint push.
+
+        True when its structure (the generation) differs from the one served, or
+        the proxy is not running. Renders the structure: the loop asks only when
+        a shared config entry changed and a reload splay is set.
+        """
+        served = self.current_generation()
+        return (not self.driver.running()
+                or generation_of(self.driver.structure(snapshot)) != served)
 
     def _current_dir(self) -> str | None:
         try:

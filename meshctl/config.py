@@ -133,6 +133,9 @@ class AgentConfig:
     wait_min: float = field(default=0.1, metadata=DURATION)
     wait_max: float = field(default=1.0, metadata=DURATION)
     reload_min_interval: float = field(default=0.0, metadata=DURATION)
+    # A reload a shared config entry caused waits a random part of this, so one
+    # `consul config write` does not reload the whole fleet at once (see README).
+    reload_splay: float = field(default=5.0, metadata=DURATION)
     advertise_address: str = ""
     sync_interval: float = field(default=5.0, metadata=DURATION)
     ca_refresh_interval: float = field(default=300.0, metadata=DURATION)
@@ -159,6 +162,8 @@ class AgentConfig:
             raise _bad("default_intention_action", "must be 'allow' or 'deny'")
         if not (0 <= self.wait_min <= self.wait_max):
             raise _bad("wait_min", "quiescence needs 0 <= wait_min <= wait_max")
+        if not 0 <= self.reload_splay <= 3600:
+            raise _bad("reload_splay", "must be 0s-1h (0s: reload at once)")
         if self.metrics_address and not LISTEN_ADDR.match(self.metrics_address):
             raise _bad("metrics_address", "expected ip:port, or empty to disable")
         if not _check_interval(self.sidecar_check_interval):

@@ -35,11 +35,17 @@ from meshctl.agent.parts import make_consul, make_driver, make_vault, make_watch
 from meshctl.agent.planning import build_snapshot, ignored_by_entry, source_keys
 from meshctl.agent.ports import PortBook, port_unavailable
 from meshctl.agent.proxy_watch import ProxyWatch
-from meshctl.agent.quiescence import Quiescence
+from meshctl.agent.quiescence import Quiescence, splay_delay
 from meshctl.agent.status import AgentState, pid_path, write_status
 from meshctl.apply import Applier
 from meshctl.config import AgentConfig
-from meshctl.consul.keys import DiscoveryChain, HealthConnect
+from meshctl.consul.keys import (
+    ConfigEntries,
+    ConfigEntry,
+    DiscoveryChain,
+    HealthConnect,
+    IntentionMatch,
+)
 from meshctl.consul.payloads import refused_instances
 from meshctl.errors import (
     CompileError,
@@ -71,6 +77,9 @@ _CA_BUNDLE = "(CA bundle)"
 FIRST_ANSWER_WAIT = 3.0
 #: a reconcile pass slower than this (s) is logged with its duration
 SLOW_PASS = 1.0
+#: the keys every agent of the fleet watches alike: a change of one reaches every
+#: host at once, so the reload it causes is splayed (``reload_splay``)
+SHARED_KEYS = (ConfigEntries, ConfigEntry, DiscoveryChain, IntentionMatch)
 
 
 class Registry(Protocol):
@@ -109,20 +118,23 @@ class Agent:
     """One host's meshctl agent.
 
     ``driver``, ``consul`` (the registry), ``watcher`` (the watched values),
-    ``issuer`` (leaf certificates and the CA bundle) and ``clock`` (wall-clock
-    seconds) are the loop's parts; each one not given is built from ``cfg``.
+    ``issuer`` (leaf certificates and the CA bundle), ``clock`` (wall-clock
+    seconds) and ``rand`` (draws in [0, 1), for the reload splay) are the
+    loop's parts; each one not given is built from ``cfg``.
     A given ``watcher`` is wired to the loop by its caller (``on_source_change``).
     """
 
     def __init__(self, cfg: AgentConfig, driver: ProxyDriver | None = None, *,
                  consul: Registry | None = None, watcher: WatchedValues | None = None,
                  issuer: LeafIssuer | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 rand: Callable[[], float] = random.random) -> None:
         self.cfg = cfg
         for d in (cfg.data_dir, cfg.certs_dir, cfg.proxy_dir, cfg.run_dir):
             d.mkdir(parents=True, exist_ok=True)
         cfg.data_dir.chmod(0o750)
         self.clock = clock
+        self.rand = rand
         self.driver = driver or make_driver(cfg)
         self.applier = Applier(self.driver, cfg.proxy_dir, cfg.reload_min_interval)
         if consul is None or watcher is None:
@@ -163,6 +175,8 @@ class Agent:
         self._source_state: dict[str, dict[str, Any]] = {}
         self._wanted_since: dict[Key, float] = {}
         self._endpoint_gauges: set[str] = set()  # clusters with an UPSTREAM_ENDPOINTS series
+        self._shared_change = False  # a shared key changed since the last apply
+        self._splay_until: float | None = None  # a splayed reload waits until then
 
     # ------------------------------------------------------------ lifecycle
 
@@ -225,6 +239,8 @@ class Agent:
 
     def on_source_change(self, key: object, value: object) -> None:
         """A watched value changed: wake the loop (it reads the latest values)."""
+        if isinstance(key, SHARED_KEYS):
+            self._shared_change = True
         log.debug("source changed: %s", key)
         self.trigger.trigger()
 
@@ -281,6 +297,7 @@ class Agent:
         started = time.monotonic()
         # A refused definition is looked at again on every pass: what refused it
         # (a port another process holds) may change without services.d changing.
+        previous = self._services
         if (changed and reread) or self._services is None or self._problems:
             services = self._services = self._read_definitions()
         else:
@@ -292,8 +309,12 @@ class Agent:
         if changed:
             self._watch_upstreams(services)
             self._report_ignored_fields(services)
-        if changed or self._pass_inputs(address) != before or self._retry_at <= self.clock():
-            self._compile_and_apply(services, address)
+        # What this host caused (its definitions, registrations, certificates) is
+        # never splayed: only what every host sees alike.
+        inputs_moved = self._pass_inputs(address) != before
+        local = inputs_moved or services != previous
+        if changed or inputs_moved or self._retry_at <= self.clock():
+            self._compile_and_apply(services, address, local=local)
         elif self._states() != self._written_states:
             # A source went bad or recovered: the status file says so even when
             # no value changed (a recovered watch answers what it answered before).
@@ -546,7 +567,8 @@ class Agent:
             self._retry_at = min(self._retry_at, min(pending) + FIRST_ANSWER_WAIT)
         return bool(pending)
 
-    def _compile_and_apply(self, services: list[ServiceDefinition], address: str) -> None:
+    def _compile_and_apply(self, services: list[ServiceDefinition], address: str,
+                           local: bool = True) -> None:
         # A retry time that has come is used up by this pass; whatever still
         # needs a later pass sets a new one below. (Left in the past, it would
         # wake the run loop at once, again and again.)
@@ -591,6 +613,9 @@ class Agent:
             # retry time (or a change) instead of churning it on every event.
             self._write_state(services)
             return
+        if self._splaying(snapshot, local):
+            self._write_state(services)
+            return
         try:
             result = self.applier.apply(snapshot)
             metrics.APPLY_TOTAL.labels(result=result.action).inc()
@@ -612,6 +637,35 @@ class Agent:
             self._apply_failures = 0
             self._failed_snapshot = None
         self._write_state(services)
+
+    def _splaying(self, snapshot: Snapshot, local: bool) -> bool:
+        """True while the reload a shared config entry caused waits for its splay.
+
+        The delay is drawn once per change, in [0, reload_splay), when the change
+        would reload the proxy; an endpoint-only push, a change this host caused
+        (``local``: it applies at once, carrying the shared change with it) and
+        ``reload_splay = "0s"`` never wait. A later pass at the drawn time applies.
+        """
+        now = self.clock()
+        if local or not self._shared_change or self.cfg.reload_splay <= 0:
+            self._splay_until = None
+            self._shared_change = False
+            return False
+        if self._splay_until is None:
+            if not self.applier.needs_reload(snapshot):
+                self._shared_change = False
+                return False
+            delay = splay_delay(self.cfg.reload_splay, self.rand)
+            self._splay_until = now + delay
+            log.info("a shared config entry changed: reloading the proxy in %.2fs "
+                     "(reload_splay %gs, so the fleet does not reload at once)",
+                     delay, self.cfg.reload_splay)
+        if now < self._splay_until:
+            self._retry_at = min(self._retry_at, self._splay_until)
+            return True
+        self._splay_until = None
+        self._shared_change = False
+        return False
 
     # ------------------------------------------------------------ fail static
 

@@ -1,9 +1,28 @@
-"""Quiescence: one pass per burst of changes, not one per change (consul-template's wait)."""
+"""Quiescence: one pass per burst of changes, not one per change (consul-template's wait),
+and the reload splay that keeps a fleet from reloading at once (consul-template's splay)."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from collections.abc import Callable
+
+
+def splay_delay(window: float, rand: Callable[[], float] = random.random) -> float:
+    """A delay drawn uniformly in [0, ``window``) seconds (0 when ``window`` is 0).
+
+    Every agent watches the same config entries, so without it one ``consul
+    config write`` reloads every proxy of the fleet within ``wait_min``.
+    ``rand`` draws in [0, 1); raises ValueError for a negative window or a draw
+    outside [0, 1).
+    """
+    if window < 0:
+        raise ValueError(f"splay window must be >= 0, got {window!r}")
+    r = float(rand())
+    if not 0.0 <= r < 1.0:
+        raise ValueError(f"random draw must lie in [0, 1), got {r!r}")
+    return r * window
 
 
 class Quiescence:

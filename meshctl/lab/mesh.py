@@ -96,6 +96,8 @@ class MeshHost:
             "run_dir": str(self.run_dir),
             "wait_min": "50ms",
             "wait_max": "500ms",
+            # Lab tests time a config write's effect on one host: no splay unless asked.
+            "reload_splay": "0s",
             "sync_interval": "2s",
             "sidecar_check_interval": "1s",
             "metrics_address": "127.0.0.1:9466",

@@ -9,8 +9,10 @@ the test's.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 
 from meshctl._watch import Key, WatchStatus
 from meshctl.agent.loop import Agent
+from meshctl.agent.quiescence import splay_delay
 from meshctl.config import AgentConfig, ConsulSettings, VaultSettings
 from meshctl.consul.keys import (
     WATCHED_KINDS,
@@ -127,6 +130,7 @@ def parts(tmp_path: Path) -> Iterator[Parts]:
         # never dialled: every part the loop talks through is given below
         consul=ConsulSettings(addr="http://127.0.0.1:1"),
         vault=VaultSettings(addr="http://127.0.0.1:1", token="t"),
+        reload_splay=0.0,  # the splay tests below set their own
     )
     paths = ProxyPaths(config_dir=cfg.proxy_dir / "current", state_dir=cfg.data_dir / "fake",
                        run_dir=cfg.run_dir, plugins_dir=tmp_path / "plugins")
@@ -200,3 +204,97 @@ def test_a_certificate_is_renewed_when_the_loops_clock_reaches_its_renewal_time(
     renewed = agent._certs["web"].paths.digest
     assert renewed != digest
     assert [i.tls.digest for i in parts.served().inbounds] == [renewed]
+
+
+# ---------------------------------------------------------------- reload splay
+
+
+def chain_with_timeout(timeout: str) -> dict[str, Any]:
+    """The plain chain with another connect timeout: a structural change (a reload)."""
+    chain: dict[str, Any] = json.loads((CHAINS / "plain.json").read_text())
+    for node in chain["Chain"]["Nodes"].values():
+        node["Resolver"]["ConnectTimeout"] = timeout
+    for target in chain["Chain"]["Targets"].values():
+        target["ConnectTimeout"] = timeout
+    return chain
+
+
+def connect_timeouts(snapshot: Snapshot) -> list[int]:
+    return sorted(c.connect_timeout_ms for c in snapshot.clusters)
+
+
+def serving(parts: Parts, splay: float, draw: float) -> float:
+    """Serve the plain chain, then set the splay window and the draw; returns the time."""
+    answer_consul(parts.source, (DB1,))
+    parts.agent.reconcile()
+    parts.agent.reconcile()
+    assert connect_timeouts(parts.served()) == [5000]
+    parts.agent.cfg = replace(parts.agent.cfg, reload_splay=splay)
+    parts.agent.rand = lambda: draw
+    return parts.clock.now
+
+
+def test_the_splay_delay_is_drawn_in_zero_to_the_window() -> None:
+    assert splay_delay(4.0, lambda: 0.0) == 0.0
+    assert splay_delay(4.0, lambda: 0.5) == 2.0
+    assert 3.99 < splay_delay(4.0, lambda: 0.999999) < 4.0
+    rng = random.Random(12)
+    draws = [splay_delay(4.0, rng.random) for _ in range(2000)]
+    assert all(0.0 <= d < 4.0 for d in draws)
+    # spread over the window, not bunched: every second of it gets some
+    assert {int(d) for d in draws} == {0, 1, 2, 3}
+    assert splay_delay(0.0, rng.random) == 0.0
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        splay_delay(4.0, lambda: 1.0)
+    with pytest.raises(ValueError, match="window"):
+        splay_delay(-1.0)
+
+
+def test_a_reload_a_shared_config_entry_causes_waits_its_drawn_splay(parts: Parts) -> None:
+    agent, clock = parts.agent, parts.clock
+    t0 = serving(parts, splay=4.0, draw=0.75)
+    parts.source.set(DiscoveryChain("plain"), chain_with_timeout("7s"))
+    agent.reconcile()
+    # Drawn 0.75 of the 4 s window: the reload waits 3 s, and the loop wakes then.
+    assert connect_timeouts(parts.served()) == [5000]
+    assert agent._next_deadline() == pytest.approx(t0 + 3.0)
+    clock.now = t0 + 2.9
+    agent.reconcile(changed=False, reread=False)
+    assert connect_timeouts(parts.served()) == [5000]
+    clock.now = t0 + 3.0
+    agent.reconcile(changed=False, reread=False)
+    assert connect_timeouts(parts.served()) == [7000]
+
+
+def test_a_change_this_host_caused_is_not_splayed_and_takes_a_waiting_one_along(
+    parts: Parts,
+) -> None:
+    agent = parts.agent
+    serving(parts, splay=4.0, draw=0.75)
+    parts.source.set(DiscoveryChain("plain"), chain_with_timeout("7s"))
+    agent.reconcile()
+    assert connect_timeouts(parts.served()) == [5000]  # splayed
+    # services.d changes (the app's port): this host's own change applies at once,
+    # with the shared change that was waiting.
+    path = agent.cfg.services_dir / "web.json"
+    doc = json.loads(path.read_text())
+    doc["service"]["port"] = 8081
+    path.write_text(json.dumps(doc))
+    agent.reconcile()
+    served = parts.served()
+    assert [i.app_port for i in served.inbounds] == [8081]
+    assert connect_timeouts(served) == [7000]
+
+
+def test_endpoint_changes_are_never_splayed(parts: Parts) -> None:
+    serving(parts, splay=4.0, draw=0.75)
+    parts.source.set(PLAIN, (DB1, DB2))
+    parts.agent.reconcile()
+    assert endpoints(parts.served()) == [("198.18.0.12", 21000), ("198.18.0.13", 21000)]
+
+
+def test_without_a_splay_a_shared_change_reloads_at_once(parts: Parts) -> None:
+    serving(parts, splay=0.0, draw=0.75)
+    parts.source.set(DiscoveryChain("plain"), chain_with_timeout("7s"))
+    parts.agent.reconcile()
+    assert connect_timeouts(parts.served()) == [7000]
