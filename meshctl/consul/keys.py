@@ -53,6 +53,20 @@ CONFIG_ENTRY_KINDS = frozenset(
 )
 
 
+
+def _get(key: object, session: ConsulSession, path: str, params: list[tuple[str, Any]],
+         allow_404: bool = False) -> tuple[int, Any]:
+    """GET ``path`` for watch ``key``: ``(index, data)``, or ConsulError naming the
+    Consul address, the key and what went wrong (never the token)."""
+    try:
+        index, data = session.consul.http.get(
+            indexed(allow_404=allow_404), path, params=params,
+            headers=session.consul.prepare_headers(),
+        )
+    except FAILURES as exc:
+        raise ConsulError(f"{consul_at(session.addr)}{key}: {describe_failure(exc)}") from None
+    return int(index), data
+
 @dataclass(frozen=True)
 class HealthConnect:
     """The connect-capable instances (sidecars) of ``service``.
@@ -103,13 +117,8 @@ class HealthConnect:
             params.append(("dc", self.datacenter))
         if self.filter:
             params.append(("filter", self.filter))
+        new_index, entries = _get(self, session, f"/v1/health/connect/{self.service}", params)
         try:
-            new_index, entries = session.consul.http.get(
-                indexed(allow_404=False),
-                f"/v1/health/connect/{self.service}",
-                params=params,
-                headers=session.consul.prepare_headers(),
-            )
             value = instances_from_health(entries or [], str(self))
         except FAILURES as exc:
             raise ConsulError(f"{consul_at(session.addr)}{self}: {describe_failure(exc)}") from None
@@ -154,15 +163,8 @@ class ConfigEntries:
     def fetch(
         self, session: ConsulSession, index: int, wait: str
     ) -> tuple[int, dict[str, dict[str, Any]]]:
-        try:
-            new_index, data = session.consul.http.get(
-                indexed(allow_404=False),
-                f"/v1/config/{self.kind}",
-                params=blocking_params(index, wait),
-                headers=session.consul.prepare_headers(),
-            )
-        except FAILURES as exc:
-            raise ConsulError(f"{consul_at(session.addr)}{self}: {describe_failure(exc)}") from None
+        new_index, data = _get(self, session, f"/v1/config/{self.kind}",
+                               blocking_params(index, wait))
         if not isinstance(data, list) or not all(
             isinstance(e, dict) and isinstance(e.get("Name"), str) for e in data
         ):
@@ -256,13 +258,8 @@ class HealthChecks:
             params.append(("filter", self.filter_expr()))
         if self.datacenter:
             params.append(("dc", self.datacenter))
+        new_index, data = _get(self, session, "/v1/health/state/any", params)
         try:
-            new_index, data = session.consul.http.get(
-                indexed(allow_404=False),
-                "/v1/health/state/any",
-                params=params,
-                headers=session.consul.prepare_headers(),
-            )
             value = {
                 (str(c["Node"]), str(c["CheckID"])): (
                     str(c.get("ServiceName") or ""), str(c.get("Status") or ""),
@@ -331,15 +328,8 @@ class ConfigEntry:
     def fetch(
         self, session: ConsulSession, index: int, wait: str
     ) -> tuple[int, dict[str, Any] | None]:
-        try:
-            new_index, data = session.consul.http.get(
-                indexed(allow_404=True),
-                f"/v1/config/{self.kind}/{self.name}",
-                params=blocking_params(index, wait),
-                headers=session.consul.prepare_headers(),
-            )
-        except FAILURES as exc:
-            raise ConsulError(f"{consul_at(session.addr)}{self}: {describe_failure(exc)}") from None
+        new_index, data = _get(self, session, f"/v1/config/{self.kind}/{self.name}",
+                               blocking_params(index, wait), allow_404=True)
         if data is not None and not isinstance(data, dict):
             raise ConsulError(f"{consul_at(session.addr)}{self}: "
                               f"unexpected answer ({type(data).__name__})")
@@ -373,15 +363,7 @@ class DiscoveryChain:
         params: list[tuple[str, Any]] = [*blocking_params(index, wait)]
         if self.compile_dc:
             params.append(("compile-dc", self.compile_dc))
-        try:
-            new_index, data = session.consul.http.get(
-                indexed(allow_404=False),
-                f"/v1/discovery-chain/{self.service}",
-                params=params,
-                headers=session.consul.prepare_headers(),
-            )
-        except FAILURES as exc:
-            raise ConsulError(f"{consul_at(session.addr)}{self}: {describe_failure(exc)}") from None
+        new_index, data = _get(self, session, f"/v1/discovery-chain/{self.service}", params)
         if not isinstance(data, dict) or not isinstance(data.get("Chain"), dict):
             raise ConsulError(f"{consul_at(session.addr)}{self}: unexpected answer (no Chain)")
         return new_index, data
@@ -415,15 +397,7 @@ class IntentionMatch:
     ) -> tuple[int, tuple[dict[str, Any], ...]]:
         params: list[tuple[str, Any]] = [("by", "destination"), ("name", self.service),
                                          *blocking_params(index, wait)]
-        try:
-            new_index, data = session.consul.http.get(
-                indexed(allow_404=False),
-                "/v1/connect/intentions/match",
-                params=params,
-                headers=session.consul.prepare_headers(),
-            )
-        except FAILURES as exc:
-            raise ConsulError(f"{consul_at(session.addr)}{self}: {describe_failure(exc)}") from None
+        new_index, data = _get(self, session, "/v1/connect/intentions/match", params)
         if not isinstance(data, dict):
             raise ConsulError(f"{consul_at(session.addr)}{self}: "
                               f"unexpected answer ({type(data).__name__})")
