@@ -357,12 +357,17 @@ def markdown(result: Mapping[str, Any]) -> str:
     over = [(d, lat["overload"]) for d, lat in result["latency"].items() if "overload" in lat]
     if over:
         lines += ["", "## Overload (vegeta, open model)", "",
-                  "Capacity is the meshctl pair's closed-loop req/s above. At 80 % of it the "
+                  "Capacity is the meshctl pair's closed-loop req/s with vegeta as the client "
+                  f"({s['wrk_connections']} workers, `-rate=0`; wrk's figure above costs the "
+                  "client far less CPU per request on the same cores, and 80 % of it overloads "
+                  "the machine itself, plain pair included). At 80 % of it the "
                   "plain pair runs in the same rounds; at 150 % the pair must shed (fast 503s "
                   "with `X-Mesh-Reason`) instead of stalling; the recovery run follows at once "
                   f"at {s['rates'][0]} req/s.", ""]
         rows = []
         for driver, ov in over:
+            rows.append([f"capacity: closed loop ({ov['capacity_rps']:.0f}/s; wrk "
+                         f"{ov.get('wrk_rps', 0):.0f}/s)", *_row(driver, "pair", ov["capacity"])])
             for label, rec, path in (
                     (f"80 % ({ov['rate_80']}/s)", ov["at_80"]["plain"], "plain"),
                     (f"80 % ({ov['rate_80']}/s)", ov["at_80"]["pair"], "pair"),

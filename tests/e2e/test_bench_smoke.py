@@ -76,7 +76,8 @@ def test_quick_bench_writes_results_for_both_drivers(tmp_path: Path) -> None:
             for cmp in block["versus"].values():
                 assert {"p99_ratio", "p99_added_ms", "rps_ratio"} <= set(cmp)
         ov = lat["overload"]
-        assert ov["rate_80"] == int(0.8 * lat["full_speed"]["pair"]["rps"])
+        assert ov["rate_80"] == int(0.8 * ov["capacity_rps"]) and ov["capacity_rps"] > 0
+        assert ov["wrk_rps"] == lat["full_speed"]["pair"]["rps"]
         assert ov["at_80"]["plain"]["requests"] > 0 and ov["beyond"]["requests"] > 0
         _check_load(ov["recovery"], "vegeta")
         conv = result["convergence"][driver]
@@ -114,5 +115,6 @@ def test_quick_bench_writes_results_for_both_drivers(tmp_path: Path) -> None:
                     "## The meshctl pair against each peer", "## Overload", "## Convergence",
                     "## Targets"):
         assert heading in md
-    assert md.count("| meshctl nginx → nginx |") == 2 + 3  # fixed, full, overload rows
+    # fixed, full speed, and the overload table's capacity, 80 %, 150 % and recovery rows
+    assert md.count("| meshctl nginx → nginx |") == 2 + 4
     assert md.count("| plain nginx pair |") == 2 * 2 + 2 and "| consul-template |" in md

@@ -135,7 +135,8 @@ def _result(pair_p99: float, conv: list[float], timeouts: int = 0, pair_rps: flo
             "paths": ["direct", "plain", "consul", "pair"],
             "fixed_rate": {"1000": fixed},
             "full_speed": full,
-            "overload": {"capacity_rps": 10000, "rate_80": 8000, "rate_beyond": 15000,
+            "overload": {"capacity_rps": 10000, "capacity": _load(0.9, 5.0, 10000),
+                         "wrk_rps": 12000, "rate_80": 8000, "rate_beyond": 15000,
                          "at_80": at80, "beyond": beyond,
                          "recovery": _load(0.6, 1.5, 1000)},
         }},
@@ -206,6 +207,7 @@ def test_markdown_shows_ratios_against_each_peer_and_target_status() -> None:
     assert "| nginx | consul-template | check critical → last request | 1 |" in md
     assert "wait_min 0.05 s / wait_max 0.5 s" in md
     assert "## Overload" in md and "150 % (15000/s)" in md and "(503: 6000)" in md
+    assert "| capacity: closed loop (10000/s; wrk 12000/s) | nginx |" in md
 
 
 def test_markdown_shows_no_latencies_when_nothing_answered() -> None:
