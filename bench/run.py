@@ -190,8 +190,26 @@ def path_meters(dep: Deployment, peers: Peers) -> dict[str, ProxyMeter]:
     }
 
 
-def _attack(dep: Deployment, meter: ProxyMeter, url: str, rate: int, duration: float,
-            out: Path) -> tuple[Path, dict[str, Any]]:
+def _settle(meters: dict[str, ProxyMeter], limit: float = 10.0) -> None:
+    """Wait (at most ``limit`` s) until every path's proxies are quiet again.
+
+    A path that fell behind (the Consul pair at 3,000 req/s) goes on working off
+    its backlog after vegeta has stopped, on the cores the next path's run needs.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        for m in meters.values():
+            m.start()
+        time.sleep(0.5)
+        busy = sum(float(m.stop(1)["cpu_s"]) for m in meters.values())
+        if busy < 0.05:  # under a tenth of a core
+            return
+
+
+def _attack(dep: Deployment, meters: dict[str, ProxyMeter], path: str, url: str, rate: int,
+            duration: float, out: Path) -> tuple[Path, dict[str, Any]]:
+    _settle(meters)
+    meter = meters[path]
     meter.start()
     raw = load.vegeta_attack(dep.h1.host, url, rate, duration, out)
     # The requests of this attack are counted from its report by the caller.
@@ -228,7 +246,7 @@ def fixed_rate(dep: Deployment, meters: dict[str, ProxyMeter], urls: dict[str, s
         # machine weighs on all alike; each path's rounds are merged.
         order = list(paths[i % len(paths):]) + list(paths[:i % len(paths)])
         for path in order:
-            out, use = _attack(dep, meters[path], urls[path], rate, chunk,
+            out, use = _attack(dep, meters, path, urls[path], rate, chunk,
                                work / f"{tag}-{path}-{i}.bin")
             raw[path].append(out)
             usage[path].append(use)
@@ -263,6 +281,7 @@ def bench_latency(dep: Deployment, peers: Peers, args: argparse.Namespace,
         out["fixed_rate"][str(rate)] = block
     full: dict[str, Any] = {}
     for path in PATHS:
+        _settle(meters)
         meters[path].start()
         w = load.wrk(h1, urls[path], 1, args.connections, args.wrk_duration, work)
         full[path] = _with_proxy(w, [meters[path].stop(1)])
