@@ -20,7 +20,7 @@ import http.client
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bench.deploy import UPSTREAM_PORT, Deployment
@@ -118,89 +118,143 @@ def _outcome(seconds: float | None, ack: float, probe: Probe, start: int,
             "retried": _errors(probe.samples, start, end, RETRIED)}
 
 
-def measure_remove(dep: Deployment, probe: Probe, victim: MeshHost, other: MeshHost,
-                   quiet: float, timeout: float) -> dict[str, Any]:
-    """Fail ``victim``'s check at t0; seconds until its last answer (None on timeout).
+class _Remove:
+    """One probe's view of a remove event: done once ``victim`` stays silent."""
 
-    Done once no answer from ``victim`` came for ``quiet`` seconds while ``other``
-    answered at least 20 times (so a stalled probe never passes for "converged").
+    def __init__(self, probe: Probe, victim: str, other: str, quiet: float,
+                 t0: float) -> None:
+        self.probe, self.victim, self.other, self.quiet, self.t0 = probe, victim, other, quiet, t0
+        self.start = self.i = len(probe.samples)
+        self.last: float | None = None
+        self.others_since = 0
+
+    def done(self, now: float) -> bool:
+        end = len(self.probe.samples)
+        for t, who in self.probe.samples[self.i:end]:
+            if who == self.victim and t >= self.t0:
+                self.last = t
+                self.others_since = 0
+            elif who == self.other:
+                self.others_since += 1
+        self.i = end
+        return now - (self.last or self.t0) >= self.quiet and self.others_since >= 20
+
+    def seconds(self) -> float:
+        return (self.last - self.t0) if self.last is not None else 0.0
+
+
+def measure_remove(dep: Deployment, probes: Mapping[str, Probe], victim: MeshHost,
+                   other: MeshHost, quiet: float, timeout: float) -> dict[str, dict[str, Any]]:
+    """Fail ``victim``'s check at t0; per probe, seconds until its last answer (None on timeout).
+
+    A probe is done once no answer from ``victim`` came for ``quiet`` seconds while
+    ``other`` answered at least 20 times (so a stalled probe never passes for
+    "converged"). All probes watch the same event.
     """
-    start = len(probe.samples)
+    starts = {name: len(p.samples) for name, p in probes.items()}
     t0 = time.monotonic()
     dep.set_passing(victim, False)
     ack = time.monotonic() - t0
-    last: float | None = None
-    others_since = 0
-    i = start
-    while True:
+    views = {name: _Remove(p, victim.name, other.name, quiet, t0) for name, p in probes.items()}
+    out: dict[str, dict[str, Any]] = {}
+    while len(out) < len(probes):
         time.sleep(0.02)
-        end = len(probe.samples)
-        for t, who in probe.samples[i:end]:
-            if who == victim.name and t >= t0:
-                last = t
-                others_since = 0
-            elif who == other.name:
-                others_since += 1
-        i = end
         now = time.monotonic()
-        if now - (last or t0) >= quiet and others_since >= 20:
-            return _outcome((last - t0) if last is not None else 0.0, ack, probe, start, end)
-        if now - t0 > timeout or probe.failure is not None:
-            return _outcome(None, ack, probe, start, end)
+        late = now - t0 > timeout
+        for name, view in views.items():
+            if name in out:
+                continue
+            p = probes[name]
+            if view.done(now):
+                out[name] = _outcome(view.seconds(), ack, p, starts[name], view.i)
+            elif late or p.failure is not None:
+                out[name] = _outcome(None, ack, p, starts[name], view.i)
+    return out
 
 
-def measure_add(dep: Deployment, probe: Probe, victim: MeshHost,
-                timeout: float) -> dict[str, Any]:
-    """Pass ``victim``'s check at t0; seconds until its first answer (None on timeout)."""
-    start = len(probe.samples)
+def measure_add(dep: Deployment, probes: Mapping[str, Probe], victim: MeshHost,
+                timeout: float) -> dict[str, dict[str, Any]]:
+    """Pass ``victim``'s check at t0; per probe, seconds until its first answer (or None)."""
+    starts = {name: len(p.samples) for name, p in probes.items()}
     t0 = time.monotonic()
     dep.set_passing(victim, True)
     ack = time.monotonic() - t0
-    i = start
-    while True:
+    seen = dict(starts)
+    out: dict[str, dict[str, Any]] = {}
+    while len(out) < len(probes):
         time.sleep(0.01)
-        end = len(probe.samples)
-        for t, who in probe.samples[i:end]:
-            if who == victim.name and t >= t0:
-                return _outcome(t - t0, ack, probe, start, end)
-        i = end
-        if time.monotonic() - t0 > timeout or probe.failure is not None:
-            return _outcome(None, ack, probe, start, end)
+        late = time.monotonic() - t0 > timeout
+        for name, p in probes.items():
+            if name in out:
+                continue
+            end = len(p.samples)
+            hit = next((t for t, who in p.samples[seen[name]:end]
+                        if who == victim.name and t >= t0), None)
+            seen[name] = end
+            if hit is not None:
+                out[name] = _outcome(hit - t0, ack, p, starts[name], end)
+            elif late or p.failure is not None:
+                out[name] = _outcome(None, ack, p, starts[name], end)
+    return out
 
 
 def run_convergence(dep: Deployment, reps: int, quiet: float, timeout: float,
-                    say: Callable[[str], None]) -> dict[str, Any]:
-    """``reps`` remove/add cycles, alternating the failed instance between h2 and h3."""
+                    say: Callable[[str], None], peers: Mapping[str, int] | None = None,
+                    reloads: Mapping[str, Callable[[], int]] | None = None,
+                    ) -> dict[str, Any]:
+    """``reps`` remove/add cycles, alternating the failed instance between h2 and h3.
+
+    ``peers`` are more proxies in h1 that route to the same instances (name → port,
+    e.g. consul-template's nginx): each gets its own probe, and every TTL flip is
+    measured by all probes at once. ``reloads`` count each one's proxy reloads
+    (name → counter; "pair" is meshctl's), read before and after the repetitions.
+    Returns the pair's figures, with the peers' under "peers".
+    """
     dep.add_second_instance()
-    probe = Probe(UPSTREAM_PORT)
-    remove: list[dict[str, Any]] = []
-    add: list[dict[str, Any]] = []
-    probe.start(dep.h1)
+    probes = {"pair": Probe(UPSTREAM_PORT)}
+    probes.update({name: Probe(port) for name, port in (peers or {}).items()})
+    counters = dict(reloads or {})
+    before = {name: count() for name, count in counters.items()}
+    remove: dict[str, list[dict[str, Any]]] = {name: [] for name in probes}
+    add: dict[str, list[dict[str, Any]]] = {name: [] for name in probes}
+    for p in probes.values():
+        p.start(dep.h1)
     try:
         time.sleep(0.5)
         for rep in range(reps):
             victim, other = (dep.h2, dep.h3) if rep % 2 == 0 else (dep.h3, dep.h2)
-            r = measure_remove(dep, probe, victim, other, quiet, timeout)
-            remove.append({"instance": victim.name, **r})
-            a = measure_add(dep, probe, victim, timeout)
-            add.append({"instance": victim.name, **a})
-            say(f"{dep.driver}: convergence {rep + 1}/{reps} ({victim.name}): "
-                f"remove {_fmt(r['seconds'])}, add {_fmt(a['seconds'])}")
-            if probe.failure is not None:
-                raise RuntimeError(f"the probe failed: {probe.failure}")
-            if r["seconds"] is None or a["seconds"] is None:
+            rs = measure_remove(dep, probes, victim, other, quiet, timeout)
+            adds = measure_add(dep, probes, victim, timeout)
+            for name in probes:
+                remove[name].append({"instance": victim.name, **rs[name]})
+                add[name].append({"instance": victim.name, **adds[name]})
+            say(f"{dep.driver}: convergence {rep + 1}/{reps} ({victim.name}): " + "; ".join(
+                f"{name} remove {_fmt(rs[name]['seconds'])}, add {_fmt(adds[name]['seconds'])}"
+                for name in probes))
+            failed = [f"{n}: {p.failure}" for n, p in probes.items() if p.failure is not None]
+            if failed:
+                raise RuntimeError(f"a probe failed: {'; '.join(failed)}")
+            if any(r["seconds"] is None for r in (*rs.values(), *adds.values())):
                 # Put the instance back before the next repetition, whatever happened.
                 dep.set_passing(victim, True)
                 dep.wait_serving({"h2", "h3"})
             # Random spacing, so repetitions do not lock onto the agents' timers.
             time.sleep(random.uniform(0.2, 0.6))
     finally:
-        probe.stop()
-    return {
-        "probe_rps": probe.rate,
-        "remove": _event(remove),
-        "add": _event(add),
-    }
+        for p in probes.values():
+            p.stop()
+    counted = {name: count() - before[name] for name, count in counters.items()}
+
+    def block(name: str) -> dict[str, Any]:
+        out = {"probe_rps": probes[name].rate, "remove": _event(remove[name]),
+               "add": _event(add[name])}
+        if name in counted:
+            out["reloads"] = counted[name]
+        return out
+
+    result = block("pair")
+    result["peers"] = {name: block(name) for name in probes if name != "pair"}
+    return result
 
 
 def _event(samples: list[dict[str, Any]]) -> dict[str, Any]:

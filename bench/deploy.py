@@ -180,6 +180,10 @@ class Deployment:
     def pair_url(self) -> str:
         return f"http://127.0.0.1:{UPSTREAM_PORT}/"
 
+    def reloads(self) -> int:
+        """How many times h1's agent has reloaded its proxy (from its status file)."""
+        return int(((self.h1.status() or {}).get("last_apply") or {}).get("reloads", 0))
+
     def agent_settings(self) -> dict[str, float]:
         """Quiescence and sync settings from h1's agent.toml (what the agents run with)."""
         import tomllib

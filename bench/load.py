@@ -26,6 +26,22 @@ def vegeta_attack(host: Host, url: str, rate: int, duration: float, out: Path) -
     return out
 
 
+def vegeta_closed_loop(host: Host, url: str, workers: int, duration: float,
+                       out: Path) -> Path:
+    """Attack ``url`` as fast as ``workers`` connections allow (vegeta's closed loop).
+
+    ``-rate=0`` sends each worker's next request when its last one came back:
+    the most this client can drive through a path, with the same per-request
+    cost as its open-model runs. Raises LabError.
+    """
+    exe = require_program("vegeta")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    host.run([exe, "attack", "-rate=0", f"-duration={duration:g}s", "-keepalive=true",
+              "-timeout=5s", f"-workers={workers}", f"-max-workers={workers}",
+              f"-output={out}"], input=f"GET {url}\n", timeout=duration + 60)
+    return out
+
+
 def vegeta_report(host: Host, results: Sequence[Path]) -> dict[str, Any]:
     """One record over the raw results of one or more attacks (the files are deleted).
 

@@ -7,6 +7,8 @@
 #   Consul: a pinned release built from source (scripts/build-consul.sh), cached
 #   vegeta: the benchmark's load generator, built from source (scripts/build-vegeta.sh),
 #     cached, so the benchmark's smoke test runs wherever the suite does
+#   consul-template: the benchmark's convergence peer, built from source
+#     (scripts/build-consul-template.sh), cached
 #
 # A second run changes nothing and takes seconds.
 set -euo pipefail
@@ -66,4 +68,7 @@ bash scripts/select-consul.sh
 
 # ---- vegeta ------------------------------------------------------------------
 bash scripts/build-vegeta.sh
+
+# ---- consul-template ---------------------------------------------------------
+bash scripts/build-consul-template.sh
 say "dependencies ready"

@@ -26,10 +26,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from meshctl.errors import CompileError, ProxyError, ReloadError
 from meshctl.intentions import authz_document
@@ -132,6 +132,10 @@ class HAProxyDriver(ProxyDriver):
     threads = 1
     stop_signal = signal.SIGUSR1  # soft stop: finish connections, then exit
     shutdown_timeout = 10
+    #: Requests in flight per server of an http backend, requests queued behind
+    #: them, and how long one may wait there before a fast 503 (X-Mesh-Reason).
+    limits: ClassVar[Mapping[str, int]] = {
+        "server_inflight": 512, "queue": 128, "queue_timeout_ms": 1000}
 
     def default_binary(self) -> str:
         return "haproxy"
@@ -169,6 +173,7 @@ class HAProxyDriver(ProxyDriver):
             status_socket=str(self.paths.status_socket),
             shutdown_timeout=self.shutdown_timeout,
             threads=self.threads,
+            limits=self.limits,
             inbounds=snapshot.inbounds,
             plugins_root=str(self.paths.plugins_dir),
             state_file=str(self.endpoints_file),

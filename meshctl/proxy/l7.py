@@ -146,6 +146,9 @@ class NginxAction:
     next_upstream: tuple[str, ...]
     tries: int  # -1: the balancer's default (up to 2 more peers)
     upstream: str  # the caller's upstream block for the cluster (caller_section)
+    #: least_request counts this worker's requests in flight per peer, so the
+    #: request's end (log phase) must be seen; other policies skip that phase.
+    counts_inflight: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,10 @@ class NginxOutbound:
     outbound: Outbound
     key: str
     actions: tuple[NginxAction, ...]
+    #: some route or split of this outbound changes response headers: only then
+    #: does a response pass through the router's header filter (each Lua phase
+    #: costs CPU on every request).
+    response_ops: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,7 +253,7 @@ def nginx_plan(snapshot: Snapshot) -> NginxPlan:
                     name = "a_" + hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
                     upstream = caller_section(o.caller, c.id)
                     actions[name] = NginxAction(name, c, spec[1], retry.conditions, retry.tries,
-                                                upstream)
+                                                upstream, c.lb_policy == "least_request")
                     upstreams[upstream] = NginxUpstream(upstream, o.caller, c)
                     by_cluster[c.id] = name
                 splits.append(_present({
@@ -258,7 +265,10 @@ def nginx_plan(snapshot: Snapshot) -> NginxPlan:
                                     "rewrite": _rewrite(r), "req": _ops(r.request_headers),
                                     "resp": _ops(r.response_headers)}))
         table["outbounds"][key] = {"routes": routes}
-        outs.append(NginxOutbound(o, key, tuple(sorted(actions.values(), key=lambda a: a.name))))
+        response_ops = any(r.response_headers or any(wc.response_headers for wc in r.clusters)
+                           for r in o.routes)
+        outs.append(NginxOutbound(o, key, tuple(sorted(actions.values(), key=lambda a: a.name)),
+                                  bool(response_ops)))
         for a in actions.values():
             table["clusters"][a.cluster.id] = _nginx_lb(a.cluster)
     raw = base64.b64encode(json.dumps(table, sort_keys=True, separators=(",", ":"))

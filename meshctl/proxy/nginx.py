@@ -6,8 +6,9 @@ import json
 import os
 import re
 import signal
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from meshctl.errors import ProxyError, ReloadError
 from meshctl.intentions import authz_document
@@ -34,6 +35,12 @@ class NginxDriver(ProxyDriver):
     #: same user can join such a port (the kernel's rule), and it could as
     #: well rewrite the config.
     reuseport = True
+    #: Requests in flight per outbound / inbound listener before a fast 503
+    #: (X-Mesh-Reason), and the idle mTLS connections kept per upstream block:
+    #: as many as the outbound may have in flight, so that a burst below the
+    #: bound never closes and reopens (re-handshakes) sidecar connections.
+    limits: ClassVar[Mapping[str, int]] = {
+        "outbound_inflight": 512, "inbound_inflight": 1024, "pool": 512}
 
     def default_binary(self) -> str:
         return "nginx"
@@ -47,6 +54,7 @@ class NginxDriver(ProxyDriver):
             worker_processes=self.worker_processes,
             reuseport=self.reuseport,
             shutdown_timeout=self.shutdown_timeout,
+            limits=self.limits,
             run_dir=str(self.paths.run_dir),
             log_dir=str(self.paths.state_dir / "logs"),
             state_dir=str(self.paths.state_dir),

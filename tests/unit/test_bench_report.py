@@ -86,9 +86,14 @@ def test_parse_wrk_reads_the_done_line() -> None:
         parse_wrk("Running 2s test\n")
 
 
-def _load(p50: float, p99: float, rps: float, errors: int = 0) -> dict[str, Any]:
-    return {"rps": rps, "errors": errors, "requests": int(rps * 10),
-            "latency_ms": {"p50": p50, "p90": p99, "p99": p99, "max": p99 * 2, "mean": p50}}
+def _load(p50: float, p99: float, rps: float, errors: int = 0, cpu: float = 0.0,
+          codes: dict[str, int] | None = None) -> dict[str, Any]:
+    requests = int(rps * 10)
+    return {"rps": rps, "errors": errors, "requests": requests,
+            "status_codes": codes if codes is not None else {"200": requests - errors},
+            "latency_ms": {"p50": p50, "p90": p99, "p99": p99, "max": p99 * 2, "mean": p50},
+            "proxy": {"cpu_s": cpu * requests / 1e6, "cpu_us_per_request": cpu,
+                      "rss_mb": 20.0, "processes": 4}}
 
 
 def _event(values: list[float], timeouts: int = 0) -> dict[str, Any]:
@@ -96,25 +101,50 @@ def _event(values: list[float], timeouts: int = 0) -> dict[str, Any]:
             "probe_retries": 1, "samples": []}
 
 
-def _result(pair_p99: float, conv: list[float], timeouts: int = 0) -> dict[str, Any]:
-    direct, pair = _load(0.2, 0.5, 1000), _load(0.6, pair_p99, 1000)
-    fdirect, fpair = _load(0.2, 1.0, 40000), _load(0.8, 4.0, 10000)
+def _block(paths: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    block = dict(paths)
+    block["versus"] = {peer: versus(block[peer], block["pair"]) for peer in paths
+                       if peer != "pair"}
+    return block
+
+
+def _result(pair_p99: float, conv: list[float], timeouts: int = 0, pair_rps: float = 10000,
+            pair_cpu: float = 100.0, beyond_codes: dict[str, int] | None = None,
+            ) -> dict[str, Any]:
+    fixed = _block({"direct": _load(0.2, 0.5, 1000), "plain": _load(0.3, 0.7, 1000, cpu=50),
+                    "consul": _load(0.4, 1.2, 1000, cpu=90),
+                    "pair": _load(0.6, pair_p99, 1000, cpu=pair_cpu)})
+    full = _block({"direct": _load(0.2, 1.0, 40000), "plain": _load(0.5, 2.0, 12000, cpu=50),
+                   "consul": _load(0.6, 3.0, 11000, cpu=90),
+                   "pair": _load(0.8, 4.0, pair_rps, cpu=pair_cpu)})
+    at80 = _block({"plain": _load(0.4, 2.0, 8000), "pair": _load(0.9, 5.0, 8000)})
+    beyond = _load(50.0, 200.0, 9000, errors=6000,
+                   codes=beyond_codes if beyond_codes is not None else {"200": 84000,
+                                                                          "503": 6000})
     return {
         "started": "2026-01-01T00:00:00+00:00", "elapsed_s": 100.0,
-        "settings": {"rate": 1000, "duration_s": 15, "wrk_threads": 1, "wrk_connections": 16,
-                     "wrk_duration_s": 10, "reps": len(conv), "quick": False},
+        "settings": {"rates": [1000, 3000], "duration_s": 15, "wrk_threads": 1,
+                     "wrk_connections": 16, "wrk_duration_s": 10, "reps": len(conv),
+                     "quick": False, "rounds": 3},
         "machine": {"cores": 2, "cpu_model": "cpu", "kernel": "6.1", "loadavg_start": [0.1],
                     "loadavg_end": [0.2], "versions": {k: "1" for k in
                                                        ("nginx", "haproxy", "consul",
-                                                        "vegeta", "wrk")}},
+                                                        "consul-template", "vegeta", "wrk")}},
         "agent": {"wait_min": 0.05, "wait_max": 0.5, "sync_interval": 2.0},
         "latency": {"nginx": {
-            "fixed_rate": {"direct": direct, "pair": pair, "versus": versus(direct, pair)},
-            "full_speed": {"direct": fdirect, "pair": fpair,
-                           "versus": versus(fdirect, fpair)},
+            "paths": ["direct", "plain", "consul", "pair"],
+            "fixed_rate": {"1000": fixed},
+            "full_speed": full,
+            "overload": {"capacity_rps": 10000, "capacity": _load(0.9, 5.0, 10000),
+                         "wrk_rps": 12000, "rate_80": 8000, "rate_beyond": 15000,
+                         "at_80": at80, "beyond": beyond,
+                         "recovery": _load(0.6, 1.5, 1000)},
         }},
-        "convergence": {"nginx": {"probe_rps": 2000.0, "remove": _event(conv, timeouts),
-                                  "add": _event(conv)}},
+        "convergence": {"nginx": {
+            "probe_rps": 2000.0, "remove": _event(conv, timeouts), "add": _event(conv),
+            "reloads": 0,
+            "peers": {"consul-template": {"probe_rps": 1500.0, "remove": _event([0.3]),
+                                          "add": _event([0.4]), "reloads": 30}}}},
     }
 
 
@@ -123,40 +153,61 @@ def test_targets_met_and_not_met() -> None:
     got = {t["key"]: (t["value"], t["met"]) for t in targets(good)}
     assert got["added_p99_ms"] == (pytest.approx(1.0), True)
     assert got["convergence_remove_p99_s"] == (0.3, True)
-    bad = _result(pair_p99=3.0, conv=[0.1, 2.5], timeouts=0)
+    assert got["rps_vs_plain"] == (pytest.approx(10000 / 12000), True)
+    assert got["cpu_vs_plain"] == (pytest.approx(2.0), False)  # 100 against 50 us/request
+    assert got["p99_at_80_vs_plain"] == (pytest.approx(2.5), True)
+    assert got["sheds_and_recovers"] == (0.0, True)
+    bad = _result(pair_p99=3.0, conv=[0.1, 2.5], timeouts=0, pair_rps=6000, pair_cpu=55,
+                  beyond_codes={"200": 84000, "503": 5000, "0": 1000})
     got = {t["key"]: t["met"] for t in targets(bad)}
     assert got == {"added_p99_ms": False, "convergence_remove_p99_s": False,
-                   "convergence_add_p99_s": False}
+                   "convergence_add_p99_s": False, "rps_vs_plain": False,
+                   "cpu_vs_plain": True, "p99_at_80_vs_plain": True,
+                   "sheds_and_recovers": False}
     # A repetition that never converged fails the target whatever the others did.
     stuck = _result(pair_p99=1.0, conv=[0.1], timeouts=1)
     got = {t["key"]: t["met"] for t in targets(stuck)}
     assert got["convergence_remove_p99_s"] is False and got["convergence_add_p99_s"] is True
 
 
+def test_errors_at_80_percent_fail_that_target() -> None:
+    result = _result(pair_p99=1.5, conv=[0.1])
+    result["latency"]["nginx"]["overload"]["at_80"]["pair"]["errors"] = 3
+    got = {t["key"]: t["met"] for t in targets(result)}
+    assert got["p99_at_80_vs_plain"] is False
+
+
 def test_the_latency_target_is_not_met_at_another_rate() -> None:
-    # A --rate 100 or --quick run measures nothing about 1000 req/s, however small its p99.
+    # A --rates 100 or --quick run measures nothing about 1000 req/s, however small its p99.
     result = _result(pair_p99=0.6, conv=[0.1])
-    result["settings"]["rate"] = 100
+    lat = result["latency"]["nginx"]
+    lat["fixed_rate"] = {"100": lat["fixed_rate"]["1000"]}
+    result["settings"]["rates"] = [100]
     result["targets"] = targets(result)
     added = next(t for t in result["targets"] if t["key"] == "added_p99_ms")
-    assert added["measured_at_rps"] == 100 and added["met"] is False
-    # Convergence does not depend on the load rate.
-    assert all(t["met"] for t in result["targets"] if t["key"] != "added_p99_ms")
+    assert added["measured_at_rps"] is None and added["met"] is False
     md = markdown(result)
-    assert ("| added p99 at 1000 req/s <= 2 ms | nginx | +0.10 ms (at 100 req/s) | "
+    assert ("| added p99 at 1000 req/s <= 2 ms | nginx | \u2013 | "
             "not measured at 1000 req/s |") in md
 
 
-def test_markdown_shows_ratios_and_target_status() -> None:
+def test_markdown_shows_ratios_against_each_peer_and_target_status() -> None:
     result = _result(pair_p99=1.5, conv=[0.1, 0.2, 2.5])
     result["targets"] = targets(result)
     md = markdown(result)
-    assert "| nginx | nginx → nginx | 0.600 ms |" in md
-    assert "p99 \u00d73.0, +1.00 ms" in md  # fixed rate: 1.5 ms against 0.5 ms
-    assert "req/s \u00d70.25" in md  # full speed: 10000 against 40000
+    assert "| nginx | meshctl nginx → nginx | 0.600 ms |" in md
+    assert "| nginx | plain nginx pair | 0.300 ms |" in md
+    assert "| nginx | Consul Connect pair | 0.400 ms |" in md
+    # fixed rate: 1.5 ms against 0.5 (direct), 0.7 (plain) and 1.2 ms (Consul)
+    assert ("| nginx | 1000 req/s | p99 \u00d73.0 (+1.00 ms) | p99 \u00d72.1 (+0.80 ms) | "
+            "p99 \u00d71.2 (+0.30 ms) |") in md
+    assert "req/s \u00d70.83; p99 \u00d72.0 (+2.00 ms); CPU/req \u00d72.00" in md
     assert "| added p99 at 1000 req/s <= 2 ms | nginx | +1.00 ms | met |" in md
     assert "| convergence p99 <= 2 s | nginx | 2.50 s (remove) | **not met** |" in md
+    assert "| nginx | consul-template | check critical → last request | 1 |" in md
     assert "wait_min 0.05 s / wait_max 0.5 s" in md
+    assert "## Overload" in md and "150 % (15000/s)" in md and "(503: 6000)" in md
+    assert "| capacity: closed loop (10000/s; wrk 12000/s) | nginx |" in md
 
 
 def test_markdown_shows_no_latencies_when_nothing_answered() -> None:
@@ -165,6 +216,6 @@ def test_markdown_shows_no_latencies_when_nothing_answered() -> None:
     stalled.update(requests=0, rps=0.0, errors=16)
     stalled["latency_ms"] = dict.fromkeys(stalled["latency_ms"], 0.0)
     result["targets"] = targets(result)
-    assert "| nginx | nginx → nginx | \u2013 | \u2013 | \u2013 | \u2013 | 0 | 16 (no answers) |" \
-        in markdown(result)
+    assert ("| nginx | meshctl nginx → nginx | \u2013 | \u2013 | \u2013 | \u2013 | 0 | "
+            "16 (no answers) |") in markdown(result)
     json.dumps(result)  # the same structure goes to the JSON file

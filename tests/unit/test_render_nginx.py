@@ -32,7 +32,7 @@ def test_http_outbound_verifies_destination_identity_and_presents_own_cert() -> 
     assert "proxy_ssl_verify on;" in text
     assert "proxy_ssl_name api.svc.meshctl.test;" in text
     assert "proxy_ssl_certificate /var/lib/meshctl/certs/web.crt;" in text
-    assert "keepalive 64;" in text
+    assert "keepalive 512;" in text
     # http endpoints are not in the file: the Lua balancer gets them at run time
     assert "198.18.0.12" not in text
     assert 'balance("c_api_' in text
