@@ -28,13 +28,14 @@ CHECK_ID = "fast-ttl"
 PLAN = {"h1": [CLIENT], "h2": [SERVICE], "h3": [SERVICE]}
 
 
-def backend_config(name: str, port: int, prefix: str) -> str:
-    """nginx.conf of a static backend that answers ``name`` to every request."""
+def nginx_head(prefix: str, error_level: str = "warn") -> str:
+    """The start of a benchmark nginx.conf, up to inside ``http {``: one worker,
+    4096 worker connections, no access log, every path under ``prefix``."""
     return f"""\
 daemon off;
 worker_processes 1;
 pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
+error_log {prefix}/error.log {error_level};
 events {{
     worker_connections 4096;
 }}
@@ -46,6 +47,12 @@ http {{
     fastcgi_temp_path {prefix}/tmp/fastcgi;
     uwsgi_temp_path {prefix}/tmp/uwsgi;
     scgi_temp_path {prefix}/tmp/scgi;
+"""
+
+
+def backend_config(name: str, port: int, prefix: str) -> str:
+    """nginx.conf of a static backend that answers ``name`` to every request."""
+    return nginx_head(prefix) + f"""\
     # Keep-alive connections live for the whole run (nginx closes them after 1000
     # requests by default), on the direct path as behind the sidecars.
     keepalive_requests 10000000;

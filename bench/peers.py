@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.deploy import nginx_head
 from meshctl.lab import Host, require_program
 from meshctl.lab.mesh import MeshHost, wait_until
 
@@ -47,22 +48,7 @@ def plain_proxy_config(listen: str, upstream_block: str, prefix: str, pool: int,
     are never retired (as the meshctl sidecars' upstream blocks).
     ``upstream_block`` is the body of the upstream block (its server lines).
     """
-    return f"""\
-daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log {error_level};
-events {{
-    worker_connections 4096;
-}}
-http {{
-    access_log off;
-    server_tokens off;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
+    return nginx_head(prefix, error_level) + f"""\
     upstream next {{
 {upstream_block}
         keepalive {pool};

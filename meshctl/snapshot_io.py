@@ -42,18 +42,31 @@ def snapshot_from_dict(data: Mapping[str, Any]) -> Snapshot:
     )
 
 
+def _read_json(path: Path, what: str) -> tuple[bool, Any]:
+    """``(True, the JSON document at path)``, or ``(False, None)`` if there is no
+    file (a file holding ``null`` is not "no file"); ConfigError naming ``what``
+    when it cannot be read or parsed."""
+    try:
+        return True, json.loads(path.read_text())
+    except FileNotFoundError:
+        return False, None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: unreadable {what}: {exc}") from None
+
+
 def read_snapshot(path: Path) -> Snapshot | None:
     """The snapshot persisted at ``path`` (the agent's last good), None if there is none.
 
     Raises ConfigError when the file cannot be read (permissions, not a file)
     or does not hold a snapshot.
     """
-    try:
-        return snapshot_from_dict(json.loads(path.read_text()))
-    except FileNotFoundError:
+    found, data = _read_json(path, "snapshot")
+    if not found:
         return None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the snapshot: {exc.strerror or exc}") from None
+    try:
+        return snapshot_from_dict(data)
     except ValueError as exc:
         raise ConfigError(f"{path}: unreadable snapshot: {exc}") from None
     except (KeyError, TypeError, AttributeError) as exc:
@@ -65,14 +78,9 @@ def read_state(path: Path) -> dict[str, Any] | None:
 
     Raises ConfigError when the file cannot be read or is not a JSON object.
     """
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    found, data = _read_json(path, "agent state")
+    if not found:
         return None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the agent state: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise ConfigError(f"{path}: unreadable agent state: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: unreadable agent state: not a JSON object")
     return data

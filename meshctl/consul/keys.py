@@ -39,19 +39,17 @@ from meshctl.errors import ConsulError
 from meshctl.model import Instance
 from meshctl.names import DATACENTER, SERVICE_NAME
 
-CONFIG_ENTRY_KINDS = frozenset(
-    {
-        "proxy-defaults",
-        "service-defaults",
-        "service-resolver",
-        "service-splitter",
-        "service-router",
-        "service-intentions",
-        "mesh",
-        "exported-services",
-    }
+#: the kinds the agent's snapshot depends on, each watched as one list
+WATCHED_KINDS = (
+    "proxy-defaults",
+    "service-defaults",
+    "service-resolver",
+    "service-splitter",
+    "service-router",
+    "service-intentions",
 )
-
+#: every kind a key may name: the watched ones and those meshctl only reads
+CONFIG_ENTRY_KINDS = frozenset(WATCHED_KINDS) | {"mesh", "exported-services"}
 
 
 def _get(key: object, session: ConsulSession, path: str, params: list[tuple[str, Any]],
@@ -125,15 +123,6 @@ class HealthConnect:
         return int(new_index), value
 
 
-#: the kinds the agent's snapshot depends on, each watched as one list
-WATCHED_KINDS = (
-    "proxy-defaults",
-    "service-defaults",
-    "service-resolver",
-    "service-splitter",
-    "service-router",
-    "service-intentions",
-)
 _CHAIN_KINDS = frozenset(WATCHED_KINDS) - {"service-intentions"}
 
 
