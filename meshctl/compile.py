@@ -32,6 +32,7 @@ from meshctl.model import (
     Snapshot,
 )
 from meshctl.names import check_ip, check_port, check_service_name
+from meshctl.resilience import inbound_policy, upstream_policy
 
 
 def compile_snapshot(
@@ -47,6 +48,7 @@ def compile_snapshot(
     previous_authz: Mapping[str, Authorization] | None = None,
     chains: Mapping[str, Mapping[str, Any] | None] | None = None,
     previous: Snapshot | None = None,
+    service_defaults: Mapping[str, Any] | None = None,
 ) -> Snapshot:
     """Compile local services and what Consul answered into a Snapshot.
 
@@ -72,10 +74,16 @@ def compile_snapshot(
     every caller; malformed intentions are reported in the snapshot's warnings
     and never widen access.
 
+    ``service_defaults`` maps a service name to its ``service-defaults`` entry
+    (Consul's answer): a local service's ``UpstreamConfig`` shapes its
+    upstreams, its ``MaxInboundConnections``/``Local*TimeoutMs`` its inbound
+    (``meshctl.resilience``, with the definitions' own ``config`` keys).
+
     Raises CompileError on any value that is not safe to place into a proxy
     configuration.
     """
     protocols = protocols or {}
+    service_defaults = service_defaults or {}
     warnings: list[str] = []
 
     def authorization(service: str, protocol: str) -> Authorization:
@@ -129,6 +137,9 @@ def compile_snapshot(
                 app_port=check_port(d.port, f"{where}: port"),
                 tls=local.certs,
                 authz=authorization(d.name, inbound_protocol),
+                policy=inbound_policy(service_defaults.get(d.name), d.proxy_config,
+                                      service=d.name, where=f"{where}: connect.sidecar_service"
+                                      ".proxy", warnings=warnings),
             )
         )
         for up in d.upstreams:
@@ -149,6 +160,10 @@ def compile_snapshot(
             if outbound is None:
                 continue
             protocol, routes = outbound
+            policy = upstream_policy(
+                service_defaults.get(d.name), dest, up.config, caller=d.name,
+                where=f"{where}: connect.sidecar_service.proxy.upstreams[{dest}]",
+                warnings=warnings)
             outbounds.append(
                 Outbound(
                     caller=d.name,
@@ -158,6 +173,7 @@ def compile_snapshot(
                     protocol=protocol_of(dest, protocol),
                     tls=local.certs,
                     routes=routes,
+                    policy=policy,
                 )
             )
 

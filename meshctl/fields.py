@@ -3,10 +3,11 @@
 The L7 entries (router, splitter, resolver) reach meshctl compiled by Consul
 (``meshctl.chain`` reports what it cannot carry); ``service-defaults`` and
 ``proxy-defaults`` are read raw from ``/v1/config/<kind>/<name>``, and of those
-meshctl honours only the protocol so far. Everything else an operator sets
-there (``UpstreamConfig``, ``MaxInboundConnections``, ``LocalRequestTimeoutMs``,
-``MeshGateway``, ``Expose``, ``EnvoyExtensions``, ``AccessLogs``, ``Config``
-keys …) has no effect, and must be said, never dropped silently; so must the
+meshctl honours the protocol and the resilience fields (``UpstreamConfig``
+limits, passive health checks and connect timeouts, ``MaxInboundConnections``,
+``Local*TimeoutMs``: ``meshctl.resilience``). Everything else an operator sets
+there (``MeshGateway``, ``Expose``, ``EnvoyExtensions``, ``AccessLogs``,
+``Config`` keys …) has no effect, and must be said, never dropped silently; so must the
 keys of a local sidecar's opaque ``proxy.config`` and ``upstreams[].config``.
 
 This is an *allow-list*: a field is honoured only if it is named here, so a
@@ -25,16 +26,33 @@ from typing import Any
 
 from meshctl.services import ServiceDefinition
 
-#: Fields of each kind that meshctl carries into the proxies (dotted paths).
+_UPSTREAM = ("ConnectTimeoutMs", "Limits.MaxConnections", "Limits.MaxPendingRequests",
+             "Limits.MaxConcurrentRequests", "PassiveHealthCheck.Interval",
+             "PassiveHealthCheck.MaxFailures", "PassiveHealthCheck.EnforcingConsecutive5xx",
+             "PassiveHealthCheck.MaxEjectionPercent", "PassiveHealthCheck.BaseEjectionTime")
+
+#: Fields of each kind that meshctl carries into the proxies (dotted paths; the
+#: items of a list in EXPANDED are walked as ``<list>[].<field>``). How they
+#: reach the proxies: ``meshctl.resilience``.
 HONOURED: Mapping[str, frozenset[str]] = {
-    "service-defaults": frozenset({"Protocol"}),
+    "service-defaults": frozenset(
+        {"Protocol", "MaxInboundConnections", "LocalConnectTimeoutMs", "LocalRequestTimeoutMs",
+         "UpstreamConfig.Overrides[].Name"}
+        | {f"UpstreamConfig.Defaults.{f}" for f in _UPSTREAM}
+        | {f"UpstreamConfig.Overrides[].{f}" for f in _UPSTREAM}),
     "proxy-defaults": frozenset({"Config.protocol"}),
 }
 
+#: Lists whose items are walked field by field (each item an object).
+EXPANDED = frozenset({"UpstreamConfig.Overrides"})
+
 #: Keys of a local sidecar's opaque ``proxy.config`` and of an upstream's ``config``
-#: (Consul hands them to the proxy as they are) that meshctl uses: none yet.
-HONOURED_PROXY_CONFIG: frozenset[str] = frozenset()
-HONOURED_UPSTREAM_CONFIG: frozenset[str] = frozenset()
+#: (Consul hands them to the proxy as they are) that meshctl uses.
+HONOURED_PROXY_CONFIG: frozenset[str] = frozenset(
+    {"max_inbound_connections", "local_connect_timeout_ms", "local_request_timeout_ms",
+     "meshctl_rate_limit"})
+HONOURED_UPSTREAM_CONFIG: frozenset[str] = frozenset(
+    {"connect_timeout_ms", "limits", "passive_health_check", "meshctl_balancer"})
 
 #: Top-level fields that describe an entry rather than configure a proxy.
 BOOKKEEPING = frozenset({"Kind", "Name", "Namespace", "Partition", "Meta", "CreateIndex",
@@ -87,8 +105,18 @@ def _leaves(value: Mapping[Any, Any], path: str) -> Iterator[str]:
         sub = f"{path}.{_label(key)}" if path else _label(key)
         if isinstance(item, Mapping):
             yield from _leaves(item, sub)
+        elif sub in EXPANDED and isinstance(item, list) and all(
+                isinstance(i, Mapping) for i in item):
+            for i, element in enumerate(item):
+                yield from (p.replace(f"{sub}[]", f"{sub}[{i}]", 1)
+                            for p in _leaves(element, f"{sub}[]"))
         else:
             yield sub
+
+
+def _generic(path: str) -> str:
+    """``UpstreamConfig.Overrides[2].Limits`` → ``UpstreamConfig.Overrides[].Limits``."""
+    return re.sub(r"\[\d+\]", "[]", path)
 
 
 def ignored_fields(kind: str, name: str, entry: Any) -> list[IgnoredField]:
@@ -103,7 +131,7 @@ def ignored_fields(kind: str, name: str, entry: Any) -> list[IgnoredField]:
     honoured = HONOURED.get(kind, frozenset())
     body = {k: v for k, v in entry.items() if k not in BOOKKEEPING}
     source = f"{kind}/{name}"
-    paths = [p for p in _leaves(body, "") if p not in honoured]
+    paths = [p for p in _leaves(body, "") if _generic(p) not in honoured]
     out = [IgnoredField(source, p) for p in paths[:MAX_LISTED]]
     if len(paths) > MAX_LISTED:
         out.append(IgnoredField(source, f"({len(paths) - MAX_LISTED} more fields)"))

@@ -210,6 +210,94 @@ class Route:
 
 
 @dataclass(frozen=True)
+class PassiveHealthCheck:
+    """Outlier detection at the caller's sidecar (Consul's ``PassiveHealthCheck``).
+
+    ``max_failures`` 0: off. Otherwise Envoy's semantics, with Envoy's defaults
+    for what Consul leaves unset: an instance whose responses fail (5xx,
+    connect failure, reset, timeout) ``max_failures`` times in a row is ejected
+    (with ``enforcing_percent`` probability) for ``base_ejection_ms`` times the
+    number of times it was ejected (at most ``MAX_EJECTION_MS``; the count
+    decays by one per ``interval_ms`` spent in rotation), never more than
+    ``max_ejection_percent`` of the instances at once, but at least one.
+    """
+
+    max_failures: int = 0
+    interval_ms: int = 10000
+    enforcing_percent: int = 100
+    max_ejection_percent: int = 10
+    base_ejection_ms: int = 30000
+
+
+#: Envoy's cap on one ejection (max_ejection_time, which Consul does not set)
+MAX_EJECTION_MS = 300000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Circuit breaking at the caller's sidecar (Consul's ``Limits``); 0: unset.
+
+    Past a limit a request fails at once with 503 and ``X-Mesh-Reason``.
+    """
+
+    max_connections: int = 0
+    max_pending_requests: int = 0
+    max_concurrent_requests: int = 0
+
+    @property
+    def inflight(self) -> int:
+        """The requests one caller may have in flight to a cluster (0: unbounded):
+        upstream connections carry one HTTP/1.1 request each, so MaxConnections
+        bounds them as MaxConcurrentRequests does."""
+        bounds = [b for b in (self.max_connections, self.max_concurrent_requests) if b]
+        return min(bounds) if bounds else 0
+
+
+#: latency-aware choices an upstream may select (``meshctl_balancer``)
+BALANCERS = ("peak_ewma",)
+
+
+@dataclass(frozen=True)
+class UpstreamPolicy:
+    """How one caller treats one upstream: Consul's resolved upstream config
+    (service-defaults ``UpstreamConfig`` merged with ``proxy.upstreams[].config``)
+    plus meshctl's own keys. Zero values: unset."""
+
+    passive_health_check: PassiveHealthCheck = field(default_factory=PassiveHealthCheck)
+    limits: Limits = field(default_factory=Limits)
+    connect_timeout_ms: int = 0  # overrides the resolver's ConnectTimeout, as in Consul
+    balancer: str = ""  # "" (the resolver's policy) or one of BALANCERS
+
+    def __bool__(self) -> bool:
+        return self != UpstreamPolicy()
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Requests per second and burst of one path prefix (``"/"``: every path)."""
+
+    path_prefix: str
+    requests_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class InboundPolicy:
+    """How one local service's inbound protects it: service-defaults
+    ``MaxInboundConnections``, ``LocalConnectTimeoutMs``, ``LocalRequestTimeoutMs``
+    (the sidecar's ``proxy.config`` keys of the same names win, as in Consul),
+    and the ``meshctl_rate_limit`` key (longest path prefix first). 0: unset."""
+
+    max_inbound_connections: int = 0
+    local_connect_timeout_ms: int = 0
+    local_request_timeout_ms: int = 0
+    rate_limits: tuple[RateLimit, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self != InboundPolicy()
+
+
+@dataclass(frozen=True)
 class Inbound:
     """The mTLS listener in front of one local service.
 
@@ -226,6 +314,7 @@ class Inbound:
     app_port: int
     tls: CertPaths
     authz: Authorization = field(default_factory=Authorization)
+    policy: InboundPolicy = field(default_factory=InboundPolicy)
 
 
 @dataclass(frozen=True)
@@ -239,6 +328,7 @@ class Outbound:
     protocol: str
     tls: CertPaths  # the caller's own certificate, presented upstream
     routes: tuple[Route, ...] = ()
+    policy: UpstreamPolicy = field(default_factory=UpstreamPolicy)
 
     @property
     def default_cluster(self) -> str:
