@@ -52,7 +52,8 @@ HONOURED_PROXY_CONFIG: frozenset[str] = frozenset(
     {"max_inbound_connections", "local_connect_timeout_ms", "local_request_timeout_ms",
      "meshctl_rate_limit"})
 HONOURED_UPSTREAM_CONFIG: frozenset[str] = frozenset(
-    {"connect_timeout_ms", "limits", "passive_health_check", "meshctl_balancer"})
+    {"connect_timeout_ms", "limits", "passive_health_check", "meshctl_balancer",
+     "meshctl_retry_budget"})
 
 #: Top-level fields that describe an entry rather than configure a proxy.
 BOOKKEEPING = frozenset({"Kind", "Name", "Namespace", "Partition", "Meta", "CreateIndex",

@@ -267,6 +267,10 @@ class UpstreamPolicy:
     limits: Limits = field(default_factory=Limits)
     connect_timeout_ms: int = 0  # overrides the resolver's ConnectTimeout, as in Consul
     balancer: str = ""  # "" (the resolver's policy) or one of BALANCERS
+    #: retries within 10 s: at most this share of the requests, plus the floor
+    #: (``meshctl_retry_budget``; Finagle's and Linkerd's retry budget)
+    retry_budget_percent: int = 20
+    retry_budget_min_per_second: int = 1
 
     def __bool__(self) -> bool:
         return self != UpstreamPolicy()

@@ -48,6 +48,7 @@ from meshctl.model import (
 #: meshctl's own keys in the opaque config maps (as Envoy reads ``envoy_*``)
 BALANCER_KEY = "meshctl_balancer"
 RATE_LIMIT_KEY = "meshctl_rate_limit"
+RETRY_BUDGET_KEY = "meshctl_retry_budget"
 
 #: the upstream-config keys this module reads, in Consul's opaque-map spelling
 UPSTREAM_KEYS = ("connect_timeout_ms", "limits", "passive_health_check")
@@ -156,7 +157,7 @@ def _entry_upstream(block: Any, where: str, warnings: list[str]) -> dict[str, An
 def _local_upstream(config: Iterable[tuple[str, str]], where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, raw in config:
-        if key in UPSTREAM_KEYS or key == BALANCER_KEY:
+        if key in UPSTREAM_KEYS or key in (BALANCER_KEY, RETRY_BUDGET_KEY):
             out[key] = (f"{where}.config.{key}", json.loads(raw))
     return out
 
@@ -212,6 +213,20 @@ def upstream_policy(
         else:
             warnings.append(f"{w}: {value!r} is not a meshctl balancer (one of "
                             f"{', '.join(BALANCERS)}); the resolver's policy applies")
+    if RETRY_BUDGET_KEY in resolved:
+        w, value = resolved[RETRY_BUDGET_KEY]
+        try:
+            if not isinstance(value, Mapping) or set(value) - {"percent",
+                                                               "min_retries_per_second"}:
+                raise CompileError(f"{w}: expected an object like "
+                                   '{"percent": 20, "min_retries_per_second": 1}')
+            if "percent" in value:
+                kw["retry_budget_percent"] = _int(value["percent"], f"{w}.percent", 0, 1000)
+            if "min_retries_per_second" in value:
+                kw["retry_budget_min_per_second"] = _int(
+                    value["min_retries_per_second"], f"{w}.min_retries_per_second", 0, MAX_BOUND)
+        except CompileError as exc:
+            warnings.append(f"{exc}; the default retry budget (20 % + 1/s) applies")
     return UpstreamPolicy(**kw)
 
 
@@ -294,3 +309,42 @@ def inbound_policy(
         except CompileError as exc:
             warnings.append(f"{exc}; no rate limit is applied to {service}")
     return InboundPolicy(**kw)
+
+
+def describe_upstream(policy: UpstreamPolicy) -> dict[str, Any]:
+    """The settings of an upstream policy as ``meshctl routes``/``status`` show
+    them (only what is set; {} for none)."""
+    out: dict[str, Any] = {}
+    phc = policy.passive_health_check
+    if phc.max_failures:
+        out["passive_health_check"] = {
+            "max_failures": phc.max_failures, "interval_ms": phc.interval_ms,
+            "base_ejection_ms": phc.base_ejection_ms,
+            "max_ejection_percent": phc.max_ejection_percent,
+            "enforcing_consecutive_5xx": phc.enforcing_percent}
+    lim = policy.limits
+    limits = {k: v for k, v in (("max_connections", lim.max_connections),
+                                ("max_pending_requests", lim.max_pending_requests),
+                                ("max_concurrent_requests", lim.max_concurrent_requests)) if v}
+    if limits:
+        out["limits"] = limits
+    if policy.connect_timeout_ms:
+        out["connect_timeout_ms"] = policy.connect_timeout_ms
+    if policy.balancer:
+        out["balancer"] = policy.balancer
+    out["retry_budget"] = {"percent": policy.retry_budget_percent,
+                           "min_retries_per_second": policy.retry_budget_min_per_second}
+    return out
+
+
+def describe_inbound(policy: InboundPolicy) -> dict[str, Any]:
+    """The settings of an inbound policy as ``meshctl status`` shows them."""
+    out: dict[str, Any] = {k: v for k, v in (
+        ("max_inbound_connections", policy.max_inbound_connections),
+        ("local_connect_timeout_ms", policy.local_connect_timeout_ms),
+        ("local_request_timeout_ms", policy.local_request_timeout_ms)) if v}
+    if policy.rate_limits:
+        out["rate_limits"] = [{"path_prefix": r.path_prefix,
+                               "requests_per_second": r.requests_per_second,
+                               "burst": r.burst} for r in policy.rate_limits]
+    return out

@@ -58,6 +58,7 @@ from meshctl.errors import (
 from meshctl.fields import IgnoredField, ignored_sidecar_config
 from meshctl.model import CertPaths, LocalService, Snapshot
 from meshctl.proxy.base import ProxyDriver
+from meshctl.resilience import describe_inbound, describe_upstream
 from meshctl.services import (
     DefinitionSet,
     PortProbe,
@@ -715,6 +716,7 @@ class Agent:
     def _write_state(self, services: list[ServiceDefinition]) -> None:
         snap = self._last_snapshot
         state = AgentState(node=self.cfg.node_name, proxy=self.driver.name)
+        inbound = {i.service_id: i.policy for i in (snap.inbounds if snap else ())}
         for d in services:
             cert = self._certs.get(d.name)
             state.services.append({
@@ -726,6 +728,7 @@ class Agent:
                 "checks": [c.kind for c in d.checks],
                 "cert_expires": cert.not_after if cert else None,
                 "cert_renews": cert.renew_at if cert else None,
+                "resilience": describe_inbound(inbound[d.id]) if d.id in inbound else {},
             })
         if snap is not None:
             for o in snap.outbounds:
@@ -734,6 +737,7 @@ class Agent:
                 state.upstreams.append({
                     "caller": o.caller, "destination": o.destination, "protocol": o.protocol,
                     "bind": f"{o.bind_address}:{o.bind_port}", "endpoints": endpoints,
+                    "resilience": describe_upstream(o.policy),
                 })
             state.warnings = [*snap.warnings, *self.driver.unsupported(snap)]
         state.problems = [str(p) for probs in self._problems.values() for p in probs]

@@ -6,12 +6,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from meshctl.cli._config import config_option, load_agent_config
 from meshctl.cli._output import emit
-from meshctl.errors import ConfigError
+from meshctl.config import AgentConfig
+from meshctl.errors import ConfigError, MeshctlError
 from meshctl.snapshot_io import read_state
 from meshctl.tables import table
 
@@ -137,6 +139,20 @@ def status(config_path: Path | None, as_json: bool) -> None:
             ],
         ),
     ]
+    live = _live_resilience(cfg)
+    if live:
+        state["live_resilience"] = live
+        rows = []
+        for section, entry in sorted(live.items()):
+            for e in entry.get("ejected") or []:
+                rows.append([section, "ejected", e.get("peer", ""),
+                             f"{e['seconds_left']}s left, ejection {e.get('ejections', 1)}"
+                             if "seconds_left" in e else e.get("status", "")])
+            if entry.get("limit") and entry.get("in_flight", 0) >= entry["limit"]:
+                rows.append([section, "circuit open", f"{entry['in_flight']} in flight",
+                             f"limit {entry['limit']}, refused {entry.get('overflowed', 0)}"])
+        if rows:
+            parts += ["", table(["section", "state", "what", "detail"], rows)]
     la = state.get("last_apply") or {}
     if la:
         parts += [
@@ -166,6 +182,17 @@ def status(config_path: Path | None, as_json: bool) -> None:
         if items:
             parts += ["", f"{title}:"] + [f"  {i}" for i in items]
     emit(state, as_json, "\n".join(parts))
+
+
+def _live_resilience(cfg: AgentConfig) -> dict[str, Any]:
+    """Ejections and circuits of the running sidecar, as it sees them now; {}
+    when it cannot be asked (not running): status still shows the rest."""
+    from meshctl.agent.parts import make_driver
+
+    try:
+        return make_driver(cfg).live_resilience()
+    except (OSError, MeshctlError, ValueError):
+        return {}
 
 
 @click.command()

@@ -146,6 +146,13 @@ class ProxyDriver(abc.ABC):
         """Human-readable list of snapshot features this driver cannot express."""
         return []
 
+    def live_resilience(self) -> dict[str, Any]:
+        """What the running proxy's resilience mechanisms hold now, per section
+        (``<caller>.<cluster>``): ``{"ejected": [{"peer": ...}], "in_flight": n,
+        "limit": n, ...}``. {} when the driver has no such view. Raises OSError
+        or ProxyError when the proxy cannot be asked."""
+        return {}
+
     # ------------------------------------------------------------ side effects
 
     @abc.abstractmethod

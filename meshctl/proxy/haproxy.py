@@ -18,7 +18,9 @@ while others come and go, and render() stays pure.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import ipaddress
 import json
 import re
@@ -34,7 +36,7 @@ from typing import Any, ClassVar
 from meshctl.errors import CompileError, ProxyError, ReloadError
 from meshctl.intentions import authz_document
 from meshctl.model import CertPaths, Cluster, Endpoint, Snapshot
-from meshctl.proxy import l7
+from meshctl.proxy import l7, resilience
 from meshctl.proxy.base import GENERATION_PLACEHOLDER, ProxyDriver
 from meshctl.proxy.templating import environment
 
@@ -183,7 +185,7 @@ class HAProxyDriver(ProxyDriver):
         return {self.main_file: text}
 
     def unsupported(self, snapshot: Snapshot) -> list[str]:
-        return l7.unsupported(snapshot, self.name)
+        return sorted(l7.unsupported(snapshot, self.name) + resilience.haproxy_gaps(snapshot))
 
     def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
         # "authz": the inbound listeners' intentions, read by the Lua plugin at
@@ -227,6 +229,12 @@ class HAProxyDriver(ProxyDriver):
                 if line and not line.startswith(_OK_ANSWERS):
                     raise ProxyError(f"haproxy refused a run-time endpoint update: {line} "
                                      f"(in: {'; '.join(batch)[:300]})")
+
+    def live_resilience(self) -> dict[str, Any]:
+        # The current worker's counters: a server DOWN (not in maintenance,
+        # which is an empty slot) was marked down by observe/on-error or a check.
+        text = self.master_command("@1 show stat")
+        return servers_down(text)
 
     def validate(self, config_dir: Path) -> None:
         self._check([self.binary, "-c", "-f", str(config_dir / self.main_file)],
@@ -326,6 +334,26 @@ class HAProxyDriver(ProxyDriver):
         if not m:
             raise ProxyError(f"cannot tell the HAProxy version from {proc.stdout.strip()!r}")
         return m.group(1)
+
+
+def servers_down(show_stat: str) -> dict[str, Any]:
+    """``show stat`` CSV → {backend: {"ejected": [{"peer", "status"}], "in_flight"}}
+    for the backends of callers (``<caller>.<cluster>``) with a server down."""
+    lines = show_stat.lstrip("# ").splitlines()
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+    out: dict[str, Any] = {}
+    inflight = {r.get("pxname", ""): r.get("scur", "0") for r in rows
+                if r.get("svname") == "BACKEND"}
+    for r in rows:
+        name, status = r.get("pxname", ""), r.get("status", "")
+        if "." not in name or r.get("svname") in ("BACKEND", "FRONTEND"):
+            continue
+        if status.startswith("DOWN"):
+            entry = out.setdefault(name, {"ejected": [], "in_flight": int(
+                inflight.get(name) or 0)})
+            entry["ejected"].append({"peer": r.get("addr", ""), "status": status,
+                                     "check": r.get("check_status", "")})
+    return out
 
 
 def _slot_commands(state: dict[str, Any]) -> list[str]:

@@ -39,7 +39,15 @@ from typing import Any
 
 from meshctl._regex import anchored
 from meshctl.errors import CompileError
-from meshctl.model import CertPaths, Cluster, HeaderOps, Outbound, Route, Snapshot
+from meshctl.model import (
+    CertPaths,
+    Cluster,
+    HeaderOps,
+    Outbound,
+    Route,
+    Snapshot,
+    UpstreamPolicy,
+)
 from meshctl.names import SERVICE_NAME
 
 # ---------------------------------------------------------------- retry mapping
@@ -425,6 +433,8 @@ class HapBackend:
     retries: int  # -1: defaults section
     retry_on: tuple[str, ...]
     timeout_server_ms: int  # 0: defaults section
+    #: the caller's resilience policy for this upstream (meshctl.proxy.resilience)
+    policy: UpstreamPolicy = field(default_factory=UpstreamPolicy)
 
 
 @dataclass(frozen=True)
@@ -470,7 +480,8 @@ def haproxy_balance(c: Cluster, http: bool) -> tuple[str, bool]:
     return "roundrobin", False
 
 
-def backend_name(caller: str, c: Cluster, retry: RetryPolicy, timeout_ms: int) -> str:
+def backend_name(caller: str, c: Cluster, retry: RetryPolicy, timeout_ms: int,
+                 policy: UpstreamPolicy | None = None) -> str:
     """``<caller>.<cluster>``, with a policy suffix when a route sets retries/timeouts.
 
     A service name has no ``.`` and no ``_``, so the name splits back into its
@@ -480,9 +491,12 @@ def backend_name(caller: str, c: Cluster, retry: RetryPolicy, timeout_ms: int) -
     whole config).
     """
     section = caller_section(caller, c.id)
-    if not retry.explicit and timeout_ms == c.request_timeout_ms:
+    if not retry.explicit and timeout_ms == c.request_timeout_ms and not policy:
         return section
     spec = repr((retry.tries, retry.conditions, timeout_ms))
+    if policy:
+        # Two upstreams of one caller may reach one cluster with different policies.
+        spec += repr(policy)
     return f"{section}.p{hashlib.sha256(spec.encode()).hexdigest()[:6]}"
 
 
@@ -516,12 +530,13 @@ def haproxy_plan(snapshot: Snapshot) -> HapPlan:
                 for k, c in enumerate(chain):
                     retry = haproxy_retry(r)
                     timeout = read_timeout_ms(r, c)
-                    name = backend_name(o.caller, c, retry, timeout)
+                    name = backend_name(o.caller, c, retry, timeout, o.policy)
                     balance, consistent = haproxy_balance(c, http)
                     backends.setdefault(name, HapBackend(
                         name=name, caller=o.caller, tls=o.tls, cluster=c, http=http,
                         balance=balance, consistent=consistent, retries=retry.tries,
-                        retry_on=retry.conditions, timeout_server_ms=timeout))
+                        retry_on=retry.conditions, timeout_server_ms=timeout,
+                        policy=o.policy))
                     # Every cluster but the last of the failover chain needs endpoints.
                     uses.append((name, pick, k < len(chain) - 1))
             draw = draw or len(picks) > 1

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from meshctl.errors import ProxyError, ReloadError
 from meshctl.intentions import authz_document
 from meshctl.model import Snapshot
-from meshctl.proxy import l7
+from meshctl.proxy import l7, resilience
 from meshctl.proxy.base import ProxyDriver
 from meshctl.proxy.templating import environment
 
@@ -65,6 +65,9 @@ class NginxDriver(ProxyDriver):
             status_socket=str(self.paths.status_socket),
             endpoints_file=str(self.endpoints_file),
             l7=l7.nginx_plan(snapshot),
+            resil=resilience.nginx_resilience(snapshot),
+            inbound_bound=resilience.inbound_bound,
+            connect_timeout_ms=resilience.connect_timeout_ms,
             stream=l7.nginx_stream_plan(snapshot),
             http_inbounds=[i for i in snapshot.inbounds if i.protocol == "http"],
             stream_inbounds=[i for i in snapshot.inbounds if i.protocol != "http"],
@@ -77,7 +80,7 @@ class NginxDriver(ProxyDriver):
         return self.paths.run_dir / "mesh-deny.sock"
 
     def unsupported(self, snapshot: Snapshot) -> list[str]:
-        return l7.unsupported(snapshot, self.name)
+        return sorted(l7.unsupported(snapshot, self.name) + resilience.nginx_gaps(snapshot))
 
     def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
         http_out = [o for o in snapshot.outbounds if o.protocol == "http"]
@@ -98,6 +101,18 @@ class NginxDriver(ProxyDriver):
             if status != 200:
                 raise ProxyError(f"nginx refused the authorization rules ({status}): "
                                  f"{body.strip()}")
+
+    def live_resilience(self) -> dict[str, Any]:
+        status, body = self.control_request("GET", "/meshctl/resilience")
+        if status != 200:
+            raise ProxyError(f"nginx refused the resilience view ({status}): {body.strip()}")
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise ProxyError("nginx answered a resilience view that is not an object")
+        for entry in data.values():
+            if isinstance(entry, dict) and isinstance(entry.get("ejected"), dict):
+                entry["ejected"] = []  # Lua's empty table is encoded as an object
+        return data
 
     def _prepare_dirs(self) -> None:
         for sub in ("logs", "tmp"):

@@ -20,6 +20,7 @@
 -- the peers, keyed by $meshctl_hash, which the router computed from the
 -- cluster's hash policies; without a key a random peer, as in Envoy).
 local cjson = require("cjson.safe")
+local resilience = require("meshctl_resilience")
 
 local _M = {}
 local DICT = "meshctl_endpoints"
@@ -116,6 +117,25 @@ end
 -- How many endpoints a cluster has now (the router's failover decision).
 function _M.count(id)
     return #peers_of(id).peers
+end
+
+-- The endpoints of a cluster now ({{address, port}, ...}; meshctl_resilience).
+function _M.peers(id)
+    return peers_of(id).peers
+end
+
+-- Outlier detection: the picked peer, or the next one not ejected (all
+-- ejected: the picked one, as Envoy's panic mode routes to all).
+local function avoid_ejected(section, peers, i)
+    local n = #peers
+    for k = 0, n - 1 do
+        local j = (i - 1 + k) % n + 1
+        local p = peers[j]
+        if resilience.usable(section, resilience.peer_key(p[1], p[2])) then
+            return j
+        end
+    end
+    return i
 end
 
 local function ring_of(c, size)
@@ -236,8 +256,21 @@ function _M.balance(id)
         attempt = attempt + 1
     end
     ngx.ctx.meshctl_attempt = attempt
+    local section = ngx.var.meshctl_section
+    if section == "" then
+        section = nil
+    end
+    if section and attempt > 0 and not resilience.retry_allowed(section) then
+        -- The retry budget is spent: end here (the location answers 503).
+        ngx.var.meshctl_budget_spent = "1"
+        return ngx.exit(ngx.ERROR)
+    end
     local settings = conf[id]
-    local p = c.peers[pick(id, c, settings, attempt)]
+    local i = pick(id, c, settings, attempt)
+    if section then
+        i = avoid_ejected(section, c.peers, i)
+    end
+    local p = c.peers[i]
     if settings and settings.lb == "least_request" then
         local key = p[1] .. ":" .. p[2]
         inflight[key] = (inflight[key] or 0) + 1

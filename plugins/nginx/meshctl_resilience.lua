@@ -1,0 +1,288 @@
+-- meshctl resilience for nginx http outbounds: outlier detection (Consul's
+-- PassiveHealthCheck), circuit breaking (Limits) and a retry budget, per
+-- section (one caller's upstream block of one cluster, "<caller>.<cluster id>").
+--
+-- All state lives in the shared dict `meshctl_resilience`, so every worker
+-- (and, for a moment after a reload, the previous generation's workers) sees
+-- the same ejections, in-flight counts and budgets: a worker-local table would
+-- let each of N workers send its own MaxFailures failures and its own
+-- MaxConcurrentRequests requests.
+--
+-- Hooks (small on purpose; the router and balancer own the request path):
+--   configure(sections)       router init: {section: {cluster, outlier, limit, budget}}
+--   admit(section)            router, before ngx.exec: false -> answer 503 now
+--   usable(section, key)      balancer: false while the peer is ejected
+--   retry_allowed(section)    balancer, on a retry: false when the budget is spent
+--   done()                    log phase of the action: release, record results
+--
+-- Outlier detection follows Envoy's consecutive_5xx detector (Consul configures
+-- Envoy's outlier_detection from PassiveHealthCheck): a 5xx, a connect failure
+-- or a timeout of an attempt counts as a failure of the peer it went to; a
+-- success resets the count. At MaxFailures in a row the peer is ejected (with
+-- EnforcingConsecutive5xx % probability) for BaseEjectionTime x the number of
+-- its ejections (at most 300 s, Envoy's max_ejection_time; the number goes
+-- down by one per Interval spent in rotation), unless that would eject more
+-- than MaxEjectionPercent of the cluster's peers (one may always be ejected).
+-- Unlike Envoy, a peer returns when its time is up, not at the next Interval
+-- sweep, so an ejection never lasts up to one Interval longer than asked.
+local _M = {}
+local DICT = "meshctl_resilience"
+local MAX_EJECTION = 300
+-- seconds of history the retry budget looks at (Finagle's and Linkerd's ttl)
+local BUDGET_WINDOW = 10
+local sections = {}
+
+function _M.configure(conf)
+    sections = conf or {}
+end
+
+-- init_by_lua: this generation's sections, base64 JSON (rendered by meshctl).
+function _M.init(chunks)
+    local raw = ngx.decode_base64(table.concat(chunks))
+    local doc = raw and require("cjson.safe").decode(raw)
+    if type(doc) ~= "table" then
+        error("meshctl resilience: the section document is not base64 JSON")
+    end
+    for name, s in pairs(doc) do
+        if type(name) ~= "string" or type(s) ~= "table" or type(s.cluster) ~= "string" then
+            error("meshctl resilience: bad section " .. tostring(name))
+        end
+        -- Outlier state belongs to one PassiveHealthCheck: a changed one starts
+        -- afresh, as Envoy's outlier detector does when its cluster is rebuilt.
+        if s.outlier then
+            s.okey = name .. "#" .. tostring(s.outlier.epoch)
+        end
+    end
+    sections = doc
+end
+
+local function dict()
+    return ngx.shared[DICT]
+end
+
+-- The peer key nginx writes in $upstream_addr ("198.18.0.1:21000", "[::1]:21000").
+function _M.peer_key(address, port)
+    if address:find(":", 1, true) then
+        return "[" .. address .. "]:" .. port
+    end
+    return address .. ":" .. port
+end
+
+-- ---------------------------------------------------------------- circuit breaking
+
+-- Access phase (router), once per request: take one of the section's in-flight
+-- slots, or tell the caller to answer 503 at once. The slot is given back in
+-- the log phase of the request (done), which nginx runs for every request,
+-- also when the client goes away.
+function _M.admit(section)
+    local s = sections[section]
+    if not s then
+        return true
+    end
+    local d = dict()
+    if s.budget then
+        -- one request of the retry budget's window
+        d:incr("rq:" .. section .. ":" .. math.floor(ngx.now()), 1, 0, BUDGET_WINDOW + 1)
+    end
+    if not s.limit then
+        return true
+    end
+    local n = d:incr("bi:" .. section, 1, 0)
+    if n and n > s.limit then
+        d:incr("bi:" .. section, -1, 0)
+        d:incr("bo:" .. section, 1, 0)
+        return false, s.limit
+    end
+    ngx.var.meshctl_admitted = section
+    return true
+end
+
+-- Access phase of an action: admit, or answer 503 naming the limit.
+function _M.admit_or_refuse()
+    local ok, limit = _M.admit(ngx.var.meshctl_section)
+    if ok then
+        return
+    end
+    ngx.status = 503
+    ngx.header["X-Mesh-Reason"] = "upstream circuit open: " .. limit
+        .. " requests in flight (Limits.MaxConcurrentRequests/MaxConnections)"
+    ngx.header["x-envoy-overloaded"] = "true"
+    ngx.header["Content-Type"] = "text/plain"
+    ngx.say("meshctl: circuit open, too many requests in flight")
+    return ngx.exit(503)
+end
+
+-- ---------------------------------------------------------------- outlier detection
+
+function _M.usable(section, key)
+    local s = sections[section]
+    if not s or not s.outlier then
+        return true
+    end
+    local until_ = dict():get("oe:" .. s.okey .. "|" .. key)
+    return until_ == nil or until_ <= ngx.now()
+end
+
+local function ejected_count(okey, peers, now)
+    local d = dict()
+    local n = 0
+    for _, p in ipairs(peers) do
+        local until_ = d:get("oe:" .. okey .. "|" .. _M.peer_key(p[1], p[2]))
+        if until_ and until_ > now then
+            n = n + 1
+        end
+    end
+    return n
+end
+
+local function eject(section, s, key)
+    local d = dict()
+    local o = s.outlier
+    local now = ngx.now()
+    local id = s.okey .. "|" .. key
+    d:set("of:" .. id, 0)
+    if math.random(100) > (o.enforcing or 100) then
+        return
+    end
+    local peers = require("meshctl_balancer").peers(s.cluster)
+    local active = ejected_count(s.okey, peers, now)
+    local total = #peers
+    if total == 0 or (active > 0 and 100 * (active + 1) / total > (o.max_percent or 10)) then
+        d:incr("oc:" .. section, 1, 0) -- ejections the cap prevented
+        return
+    end
+    -- Envoy: the multiplier drops by one for each Interval spent in rotation.
+    local times = d:get("on:" .. id) or 0
+    local back = d:get("ou:" .. id)
+    if back and times > 0 then
+        times = math.max(0, times - math.floor((now - back) / (o.interval or 10)))
+    end
+    times = times + 1
+    local base = o.base or 30
+    local length = math.min(base * times, math.max(base, MAX_EJECTION))
+    local until_ = now + length
+    -- A worker that saw the same run of failures may get here too: eject once.
+    if not d:add("ol:" .. id, true, 0.05) then
+        return
+    end
+    d:set("oe:" .. id, until_, length + 1)
+    d:set("on:" .. id, times)
+    d:set("ou:" .. id, until_)
+    d:incr("ox:" .. section, 1, 0)
+    ngx.log(ngx.WARN, "meshctl: ejected ", key, " from ", section, " for ", length,
+        " s (ejection ", times, ")")
+end
+
+local function record(section, s, key, failed)
+    local d = dict()
+    local id = "of:" .. s.okey .. "|" .. key
+    if not failed then
+        -- Only a write when there was a run to end: the healthy path reads.
+        if (d:get(id) or 0) ~= 0 then
+            d:set(id, 0)
+        end
+        return
+    end
+    local n = d:incr(id, 1, 0)
+    if n and n >= s.outlier.failures then
+        eject(section, s, key)
+    end
+end
+
+-- ---------------------------------------------------------------- retry budget
+
+-- Balancer, before a retry: retries within the window may be at most
+-- percent % of the requests in it, plus min_per_second x window (the floor, so
+-- that a quiet caller can still retry).
+function _M.retry_allowed(section)
+    local s = sections[section]
+    if not s or not s.budget then
+        return true
+    end
+    local d = dict()
+    local now = math.floor(ngx.now())
+    local requests, retries = 0, 0
+    for t = now - BUDGET_WINDOW + 1, now do
+        requests = requests + (d:get("rq:" .. section .. ":" .. t) or 0)
+        retries = retries + (d:get("rr:" .. section .. ":" .. t) or 0)
+    end
+    local b = s.budget
+    if retries >= requests * b.percent / 100 + b.min_per_second * BUDGET_WINDOW then
+        d:incr("rx:" .. section, 1, 0)
+        return false
+    end
+    d:incr("rr:" .. section .. ":" .. now, 1, 0, BUDGET_WINDOW + 1)
+    return true
+end
+
+-- ---------------------------------------------------------------- log phase
+
+function _M.done()
+    local admitted = ngx.var.meshctl_admitted
+    if admitted and admitted ~= "" then
+        dict():incr("bi:" .. admitted, -1, 0)
+    end
+    local section = ngx.var.meshctl_section
+    local s = section and sections[section]
+    if not s or not s.outlier then
+        return
+    end
+    local addrs = ngx.var.upstream_addr
+    if not addrs then
+        return
+    end
+    local statuses = ngx.var.upstream_status or ""
+    if not addrs:find(",", 1, true) then
+        local code = tonumber(statuses) or 502
+        return record(section, s, addrs, code >= 500)
+    end
+    local a, st = {}, {}
+    for item in addrs:gmatch("[^,%s]+") do
+        a[#a + 1] = item
+    end
+    for item in statuses:gmatch("[^,%s]+") do
+        st[#st + 1] = item
+    end
+    for i, key in ipairs(a) do
+        local code = tonumber(st[i] or "") or 502
+        record(section, s, key, code >= 500)
+    end
+end
+
+-- ---------------------------------------------------------------- status
+
+-- GET on the control socket: what `meshctl status` shows, as it happens.
+function _M.status()
+    local d = dict()
+    local now = ngx.now()
+    local out = {}
+    for section, s in pairs(sections) do
+        local entry = { cluster = s.cluster, ejected = {} }
+        if s.limit then
+            entry.limit = s.limit
+            entry.in_flight = d:get("bi:" .. section) or 0
+            entry.overflowed = d:get("bo:" .. section) or 0
+        end
+        if s.outlier then
+            entry.ejections = d:get("ox:" .. section) or 0
+            entry.ejections_capped = d:get("oc:" .. section) or 0
+            for _, p in ipairs(require("meshctl_balancer").peers(s.cluster)) do
+                local key = _M.peer_key(p[1], p[2])
+                local until_ = d:get("oe:" .. s.okey .. "|" .. key)
+                if until_ and until_ > now then
+                    entry.ejected[#entry.ejected + 1] = {
+                        peer = key, seconds_left = math.ceil(until_ - now),
+                        ejections = d:get("on:" .. s.okey .. "|" .. key) or 1 }
+                end
+            end
+        end
+        if s.budget then
+            entry.retries_refused = d:get("rx:" .. section) or 0
+        end
+        out[section] = entry
+    end
+    ngx.header["Content-Type"] = "application/json"
+    ngx.say(require("cjson.safe").encode(out))
+end
+
+return _M
