@@ -316,9 +316,7 @@ def _nginx_match(r: Route) -> dict[str, Any]:
     if r.headers:
         m["headers"] = [
             {"name": h.name.lower(), "invert": h.invert,
-             **({"present": True} if h.present else {"exact": h.exact} if h.exact else
-                {"prefix": h.prefix} if h.prefix else {"suffix": h.suffix} if h.suffix else
-                {"regex": h.regex})}
+             **({"present": True} if h.kind == "present" else {h.kind: h.value})}
             for h in r.headers
         ]
     if r.query_params:
@@ -536,6 +534,10 @@ def haproxy_plan(snapshot: Snapshot) -> HapPlan:
     return HapPlan(tuple(frontends), ordered, {b.name: b for b in ordered})
 
 
+#: a route's header-match kind as HAProxy's ``-m`` (regex is anchored separately)
+_HAP_MATCH = {"exact": "str", "prefix": "beg", "suffix": "end"}
+
+
 def _hap_conditions(r: Route, i: int, acls: list[HapAcl]) -> list[str]:
     conds: list[str] = []
 
@@ -554,11 +556,11 @@ def _hap_conditions(r: Route, i: int, acls: list[HapAcl]) -> list[str]:
         conds.append(acl("path", fetch="path", match="beg", ci=ci, values=(r.path_prefix,)))
     for k, h in enumerate(r.headers):
         has = acl(f"h{k}_has", fetch="req.hdr_cnt", arg=h.name)
-        if h.present:
+        if h.kind == "present":
             conds.append(("!" if h.invert else "") + has)
             continue
-        kind, value = (("str", h.exact) if h.exact else ("beg", h.prefix) if h.prefix else
-                       ("end", h.suffix) if h.suffix else ("reg", anchored(h.regex)))
+        kind, value = ((_HAP_MATCH[h.kind], h.value) if h.kind != "regex"
+                       else ("reg", anchored(h.value)))
         ok = acl(f"h{k}", fetch="req.fhdr", arg=h.name, match=kind, values=(value,))
         # As in Envoy: a missing header never matches, inverted or not.
         conds += [has, "!" + ok] if h.invert else [ok]

@@ -115,7 +115,7 @@ def test_router_routes_in_order_with_consuls_default_route_last() -> None:
     c = compiled()
     assert c.protocol == "http"
     canary, admin, default = c.routes
-    assert [(h.name, h.exact) for h in canary.headers] == [("x-canary", "1")]
+    assert [(h.name, h.kind, h.value) for h in canary.headers] == [("x-canary", "exact", "1")]
     assert canary.path_prefix == "/" and not canary.matches_all
     assert admin.path_prefix == "/admin" and admin.methods == ("GET", "POST")
     assert [(q.name, q.exact, q.present) for q in admin.query_params] == [
