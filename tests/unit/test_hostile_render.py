@@ -38,8 +38,8 @@ from meshctl.compile import compile_snapshot
 from meshctl.errors import CompileError
 from meshctl.model import CertPaths, Instance, LocalService
 from meshctl.proxy.base import ProxyDriver, ProxyPaths
-from meshctl.proxy.haproxy import HAProxyDriver
-from meshctl.proxy.nginx import NginxDriver
+from meshctl.proxy.haproxy.driver import HAProxyDriver
+from meshctl.proxy.nginx.driver import NginxDriver
 from meshctl.resources import plugins_dir
 from meshctl.services import ServiceDefinition, Upstream
 from tests.pki import TestCA
