@@ -18,11 +18,8 @@ while others come and go, and render() stays pure.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import ipaddress
-import json
 import re
 import signal
 import socket
@@ -34,10 +31,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from meshctl.errors import CompileError, ProxyError, ReloadError
-from meshctl.intentions import authz_document
 from meshctl.model import CertPaths, Cluster, Endpoint, Snapshot
-from meshctl.proxy import l7, resilience
 from meshctl.proxy.base import GENERATION_PLACEHOLDER, ProxyDriver
+from meshctl.proxy.haproxy import gaps, resilience
+from meshctl.proxy.haproxy.plan import HapPlan, plan
 from meshctl.proxy.templating import environment
 
 MIN_SLOTS = 4
@@ -118,12 +115,12 @@ def slot_table(cluster: Cluster, filled: bool = True) -> tuple[Slot, ...]:
     return tuple(slots)
 
 
-def backends(plan: l7.HapPlan, filled: bool = True) -> list[Backend]:
-    """Every backend of the config (``l7.haproxy_plan``): one per calling service, cluster
+def backends(hap: HapPlan, filled: bool = True) -> list[Backend]:
+    """Every backend of the config (``haproxy.plan.plan``): one per calling service, cluster
     a route may use (failover clusters included) and route retry/timeout policy."""
     return [Backend(b.name, b.caller, "http" if b.http else "tcp", b.tls, b.cluster,
                     slot_table(b.cluster, filled))
-            for b in plan.backends]
+            for b in hap.backends]
 
 
 class HAProxyDriver(ProxyDriver):
@@ -167,7 +164,7 @@ class HAProxyDriver(ProxyDriver):
         return self._render(snapshot, GENERATION_PLACEHOLDER, filled=False)
 
     def _render(self, snapshot: Snapshot, generation: str, filled: bool) -> dict[str, str]:
-        plan = l7.haproxy_plan(snapshot)
+        hap = plan(snapshot)
         text = environment("haproxy").get_template("haproxy.cfg.j2").render(
             node=snapshot.node,
             generation=generation,
@@ -179,13 +176,14 @@ class HAProxyDriver(ProxyDriver):
             inbounds=snapshot.inbounds,
             plugins_root=str(self.paths.plugins_dir),
             state_file=str(self.endpoints_file),
-            backends=backends(plan, filled),
-            l7=plan,
+            backends=backends(hap, filled),
+            l7=hap,
+            admin_socket=str(self.admin_socket),
         )
         return {self.main_file: text}
 
     def unsupported(self, snapshot: Snapshot) -> list[str]:
-        return sorted(l7.unsupported(snapshot, self.name) + resilience.haproxy_gaps(snapshot))
+        return sorted(gaps.unsupported(snapshot) + resilience.gaps(snapshot))
 
     def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
         # "authz": the inbound listeners' intentions, read by the Lua plugin at
@@ -193,13 +191,12 @@ class HAProxyDriver(ProxyDriver):
         # "backends": {backend: {slot: [address, port, weight] | None}}, the
         # slot table also rendered into the file.
         return {
-            "authz": authz_document(snapshot.trust_domain,
-                                    [(i.service, i.authz) for i in snapshot.inbounds]),
+            "authz": self.authz_state(snapshot),
             "backends": {
                 b.name: {s.name: (None if s.endpoint is None else
                                   [s.endpoint.address, s.endpoint.port, s.endpoint.weight])
                          for s in b.slots}
-                for b in backends(l7.haproxy_plan(snapshot))
+                for b in backends(plan(snapshot))
             },
         }
 
@@ -207,11 +204,7 @@ class HAProxyDriver(ProxyDriver):
         if "backends" in state:
             self._push_slots(state)
         if "authz" in state:
-            status, body = self.control_request("POST", "/meshctl/authz",
-                                                json.dumps(state["authz"]))
-            if status != 200:
-                raise ProxyError(f"haproxy refused the authorization rules ({status}): "
-                                 f"{body.strip()}")
+            self.push_authz(state["authz"])
 
     def _push_slots(self, state: dict[str, Any]) -> None:
         """Set every slot of every backend on the current worker (idempotent).
@@ -234,7 +227,7 @@ class HAProxyDriver(ProxyDriver):
         # The current worker's counters: a server DOWN (not in maintenance,
         # which is an empty slot) was marked down by observe/on-error or a check.
         text = self.master_command("@1 show stat")
-        return servers_down(text)
+        return resilience.servers_down(text)
 
     def validate(self, config_dir: Path) -> None:
         self._check([self.binary, "-c", "-f", str(config_dir / self.main_file)],
@@ -334,26 +327,6 @@ class HAProxyDriver(ProxyDriver):
         if not m:
             raise ProxyError(f"cannot tell the HAProxy version from {proc.stdout.strip()!r}")
         return m.group(1)
-
-
-def servers_down(show_stat: str) -> dict[str, Any]:
-    """``show stat`` CSV → {backend: {"ejected": [{"peer", "status"}], "in_flight"}}
-    for the backends of callers (``<caller>.<cluster>``) with a server down."""
-    lines = show_stat.lstrip("# ").splitlines()
-    rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
-    out: dict[str, Any] = {}
-    inflight = {r.get("pxname", ""): r.get("scur", "0") for r in rows
-                if r.get("svname") == "BACKEND"}
-    for r in rows:
-        name, status = r.get("pxname", ""), r.get("status", "")
-        if "." not in name or r.get("svname") in ("BACKEND", "FRONTEND"):
-            continue
-        if status.startswith("DOWN"):
-            entry = out.setdefault(name, {"ejected": [], "in_flight": int(
-                inflight.get(name) or 0)})
-            entry["ejected"].append({"peer": r.get("addr", ""), "status": status,
-                                     "check": r.get("check_status", "")})
-    return out
 
 
 def _slot_commands(state: dict[str, Any]) -> list[str]:

@@ -1,0 +1,58 @@
+"""HAProxy's resilience: what it says with its own mechanisms, and its gaps (pure).
+
+A backend is already one caller's view of a cluster. Outlier detection is
+HAProxy's passive health observation (``observe layer7`` + ``error-limit`` +
+``on-error mark-down``; back after a check at ``fastinter``), the in-flight
+limit a ``be_conn`` test in front of the servers (the template says both);
+``live`` reads what the running worker holds from ``show stat``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from meshctl.model import Snapshot
+from meshctl.proxy.resilience import common_gaps, has_retries, where
+
+
+def gaps(snapshot: Snapshot) -> list[str]:
+    """What HAProxy cannot say exactly of the snapshot's resilience policies."""
+    out = common_gaps(snapshot, "haproxy")
+    for o in snapshot.outbounds:
+        if o.policy.passive_health_check.max_failures:
+            out.append(f"{where(o)}: PassiveHealthCheck: HAProxy ejects for "
+                       "BaseEjectionTime each time (not longer on repeated ejections), "
+                       "may eject every instance (MaxEjectionPercent is not enforced), "
+                       "ignores EnforcingConsecutive5xx, does not count 501/505, and takes "
+                       "an instance back after one TLS check succeeds")
+        if has_retries(o):
+            out.append(f"{where(o)}: HAProxy has no retry budget: NumRetries apply to "
+                       "every request")
+    for i in snapshot.inbounds:
+        if i.policy.max_inbound_connections:
+            out.append(f"{i.service}: MaxInboundConnections: connections past it wait "
+                       "in the listen queue (HAProxy's maxconn) instead of being closed")
+    return out
+
+
+def servers_down(show_stat: str) -> dict[str, Any]:
+    """``show stat`` CSV → {backend: {"ejected": [{"peer", "status", "check"}],
+    "in_flight"}} for the backends of callers (``<caller>.<cluster>``) with a
+    server down (marked down by observe/on-error or a check; an empty slot is
+    in maintenance, not down)."""
+    rows = list(csv.DictReader(io.StringIO(show_stat.lstrip("# "))))
+    inflight = {r.get("pxname", ""): r.get("scur", "0") for r in rows
+                if r.get("svname") == "BACKEND"}
+    out: dict[str, Any] = {}
+    for r in rows:
+        name, status = r.get("pxname", ""), r.get("status", "")
+        if "." not in name or r.get("svname") in ("BACKEND", "FRONTEND"):
+            continue
+        if status.startswith("DOWN"):
+            entry = out.setdefault(name, {"ejected": [],
+                                          "in_flight": int(inflight.get(name) or 0)})
+            entry["ejected"].append({"peer": r.get("addr", ""), "status": status,
+                                     "check": r.get("check_status", "")})
+    return out
