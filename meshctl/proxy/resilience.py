@@ -55,6 +55,6 @@ def common_gaps(snapshot: Snapshot, proxy: str) -> list[str]:
             out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r} is not "
                        f"carried by {proxy} yet; the resolver's policy applies")
     for i in snapshot.inbounds:
-        if i.policy.rate_limits:
-            out.append(f"{i.service}: meshctl_rate_limit is not enforced by {proxy} yet")
+        if i.policy.rate_limits and i.protocol != "http":
+            out.append(f"{i.service}: meshctl_rate_limit applies to http inbounds only")
     return out

@@ -31,6 +31,8 @@ local MAX_EJECTION = 300
 -- seconds of history the retry budget looks at (Finagle's and Linkerd's ttl)
 local BUDGET_WINDOW = 10
 local sections = {}
+-- inbound index -> its rate-limit path prefixes, longest first
+local rates = {}
 
 function _M.configure(conf)
     sections = conf or {}
@@ -39,10 +41,12 @@ end
 -- init_by_lua: this generation's sections, base64 JSON (rendered by meshctl).
 function _M.init(chunks)
     local raw = ngx.decode_base64(table.concat(chunks))
-    local doc = raw and require("cjson.safe").decode(raw)
-    if type(doc) ~= "table" then
+    local whole = raw and require("cjson.safe").decode(raw)
+    if type(whole) ~= "table" or type(whole.sections) ~= "table" then
         error("meshctl resilience: the section document is not base64 JSON")
     end
+    local doc = whole.sections
+    rates = type(whole.rate) == "table" and whole.rate or {}
     for name, s in pairs(doc) do
         if type(name) ~= "string" or type(s) ~= "table" or type(s.cluster) ~= "string" then
             error("meshctl resilience: bad section " .. tostring(name))
@@ -110,6 +114,27 @@ function _M.admit_or_refuse()
     ngx.header["Content-Type"] = "text/plain"
     ngx.say("meshctl: circuit open, too many requests in flight")
     return ngx.exit(503)
+end
+
+-- ---------------------------------------------------------------- rate limits
+
+-- Rewrite phase of an inbound's `location /`: the key of the limit_req zone of
+-- the longest rate-limit prefix the path matches ("1"); the other zones' keys
+-- stay empty, and nginx does not count a request under an empty key. The
+-- zones (limit_req: a leaky bucket with burst, in shared memory, so every
+-- worker counts against one bucket) are in the config.
+function _M.rate_key(index)
+    local prefixes = rates[tostring(index)]
+    if not prefixes then
+        return
+    end
+    local uri = ngx.var.uri
+    for j, prefix in ipairs(prefixes) do
+        if uri:sub(1, #prefix) == prefix then
+            ngx.var["meshctl_rl_" .. index .. "_" .. (j - 1)] = "1"
+            return
+        end
+    end
 end
 
 -- ---------------------------------------------------------------- outlier detection

@@ -53,9 +53,7 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
         h1.start_app("web", 8080)
         for name in APIS:
             h = m[name]
-            h.add_service({"name": "api", "id": f"api-{name}", "port": 8080,
-                           "check": {"http": "http://127.0.0.1:8080/health",
-                                     "interval": "1s", "timeout": "1s"}})
+            h.add_service(api_definition(name))
             h.host.spawn([sys.executable, str(APP), "--port", "8080", "--name", name],
                          "resil-app")
             h.host.wait_tcp(8080)
@@ -69,6 +67,15 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def api_definition(host: str, proxy_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": "api", "id": f"api-{host}", "port": 8080, "meta": {"host": host},
+        "check": {"http": "http://127.0.0.1:8080/health", "interval": "1s", "timeout": "1s"}}
+    if proxy_config:
+        out["connect"] = {"sidecar_service": {"proxy": {"config": proxy_config}}}
+    return out
 
 
 def _app(h: MeshHost, method: str, path: str, body: Any = None) -> dict[str, Any]:
@@ -331,3 +338,69 @@ def test_a_retry_budget_bounds_retries_against_failing_instances(mesh: Mesh) -> 
     finally:
         set_mode(mesh)
         consul.config.delete("service-router", "api")
+
+
+# ---------------------------------------------------------------- rate limits
+
+
+def _load(threads: int, seconds: float) -> tuple[Counter[int], int, float]:
+    """Closed-loop load from ``threads`` keep-alive clients for ``seconds``:
+    (statuses, 429s carrying Retry-After, the elapsed time)."""
+    statuses: Counter[int] = Counter()
+    retry_after = [0]
+    lock = threading.Lock()
+    start = time.monotonic()
+
+    def one() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=10)
+        while time.monotonic() - start < seconds:
+            try:
+                conn.request("GET", "/")
+                resp = conn.getresponse()
+                resp.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=10)
+                continue
+            with lock:
+                statuses[resp.status] += 1
+                if resp.status == 429 and resp.getheader("Retry-After"):
+                    retry_after[0] += 1
+        conn.close()
+
+    workers = [threading.Thread(target=one) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return statuses, retry_after[0], time.monotonic() - start
+
+
+def test_an_inbound_rate_limit_accepts_its_rate_and_answers_429(mesh: Mesh) -> None:
+    consul = mesh.lab.host("h1").consul()
+    # All of web's requests go to h2, whose sidecar limits api to 100 req/s, burst 20.
+    consul.config.set("service-resolver", "api", {
+        "DefaultSubset": "h2", "Subsets": {"h2": {"Filter": "Service.Meta.host == h2"}}})
+    h2 = mesh["h2"]
+    h2.add_service(api_definition("h2", {"meshctl_rate_limit": {
+        "requests_per_second": 100, "burst": 20}}))
+    try:
+        wait_until("h2's sidecar to apply the rate limit", lambda: any(
+            s.get("resilience", {}).get("rate_limits")
+            for s in (h2.status() or {}).get("services", [])), timeout=30)
+        wait_until("web to send to h2 only", lambda: mesh["h1"].endpoints("api") == [
+            f"{h2.ip}:21000"], timeout=30)
+        time.sleep(1.0)
+        set_mode(mesh)
+        statuses, retry_after, elapsed = mesh["h1"].host.call(_load, 6, 10.0)
+        accepted = counts(mesh)["h2"]
+        assert statuses[200] == accepted
+        # The limit, not the offered load, decides: far more were offered.
+        assert statuses[429] > accepted and retry_after == statuses[429]
+        expected = 100 * elapsed + 20
+        assert abs(accepted - expected) <= 0.1 * expected, (accepted, expected, statuses)
+    finally:
+        h2.add_service(api_definition("h2"))
+        consul.config.delete("service-resolver", "api")
+        wait_until("web to see the three api instances",
+                   lambda: len(mesh["h1"].endpoints("api")) == 3, timeout=30)

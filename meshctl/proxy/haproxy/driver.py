@@ -178,6 +178,7 @@ class HAProxyDriver(ProxyDriver):
             state_file=str(self.endpoints_file),
             backends=backends(hap, filled),
             l7=hap,
+            hap_rate=resilience.rate_threshold,
             admin_socket=str(self.admin_socket),
         )
         return {self.main_file: text}

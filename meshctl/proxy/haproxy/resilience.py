@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import Any
 
 from meshctl.model import Snapshot
@@ -31,10 +32,18 @@ def gaps(snapshot: Snapshot) -> list[str]:
             out.append(f"{where(o)}: HAProxy has no retry budget: NumRetries apply to "
                        "every request")
     for i in snapshot.inbounds:
+        if any(r.burst for r in i.policy.rate_limits):
+            out.append(f"{i.service}: meshctl_rate_limit: HAProxy counts accepted requests "
+                       "over a sliding second (its frequency counter); burst has no effect")
         if i.policy.max_inbound_connections:
             out.append(f"{i.service}: MaxInboundConnections: connections past it wait "
                        "in the listen queue (HAProxy's maxconn) instead of being closed")
     return out
+
+
+def rate_threshold(requests_per_second: float) -> int:
+    """The accepted requests over the last second at which HAProxy refuses the next."""
+    return max(1, math.ceil(requests_per_second))
 
 
 def servers_down(show_stat: str) -> dict[str, Any]:

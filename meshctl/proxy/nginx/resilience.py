@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshctl.model import Outbound, Snapshot
@@ -43,21 +43,51 @@ def section_doc(o: Outbound, cluster_id: str) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
+class RateZone:
+    """One ``limit_req_zone``: requests of an inbound whose longest matching
+    rate-limit prefix is this one (the Lua rewrite step sets the key)."""
+
+    name: str  # meshctl_rl_<inbound>_<j>: also the name of its key variable
+    rate: int  # requests per ``unit``
+    unit: str  # "s", or "m" for a rate below or between whole requests per second
+    burst: int
+    prefix: str  # for comments and X-Mesh-Reason: validated path grammar
+    requests_per_second: float
+
+
+@dataclass(frozen=True)
 class NginxResilience:
-    """What the nginx template needs: the sections with a policy, and their document."""
+    """What the nginx template needs: the sections with a policy, their document,
+    and each http inbound's rate-limit zones (by service id)."""
 
     #: section (upstream block name) → the outbound whose policy it carries
     sections: dict[str, Outbound]
     chunks: tuple[str, ...]
+    zones: dict[str, tuple[RateZone, ...]] = field(default_factory=dict)
+    #: service id → the index naming its zones (``rate_key(<index>)`` in Lua)
+    inbound_index: dict[str, int] = field(default_factory=dict)
 
     def __contains__(self, section: object) -> bool:
         return section in self.sections
 
 
 def resilience_plan(snapshot: Snapshot) -> NginxResilience:
-    """The resilience document of every http outbound's sections (sorted, stable)."""
+    """The resilience document of every http outbound's sections and of the http
+    inbounds' rate limits (sorted, stable)."""
     doc: dict[str, Any] = {}
     sections: dict[str, Outbound] = {}
+    zones: dict[str, tuple[RateZone, ...]] = {}
+    index: dict[str, int] = {}
+    rate: dict[str, list[str]] = {}
+    for n, i in enumerate(x for x in snapshot.inbounds if x.protocol == "http"):
+        if not i.policy.rate_limits:
+            continue
+        index[i.service_id] = n
+        rate[str(n)] = [r.path_prefix for r in i.policy.rate_limits]
+        zones[i.service_id] = tuple(
+            RateZone(f"meshctl_rl_{n}_{j}", *_rate(r.requests_per_second), r.burst,
+                     r.path_prefix, r.requests_per_second)
+            for j, r in enumerate(i.policy.rate_limits))
     for o in snapshot.outbounds:
         if o.protocol != "http":
             continue
@@ -67,9 +97,19 @@ def resilience_plan(snapshot: Snapshot) -> NginxResilience:
                 name = l7.caller_section(o.caller, c.id)
                 doc[name] = entry
                 sections[name] = o
-    raw = base64.b64encode(json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    whole = {"sections": doc, "rate": rate}
+    raw = base64.b64encode(json.dumps(whole, sort_keys=True, separators=(",", ":"))
                            .encode()).decode()
-    return NginxResilience(sections, tuple(raw[i:i + 76] for i in range(0, len(raw), 76)))
+    return NginxResilience(sections, tuple(raw[i:i + 76] for i in range(0, len(raw), 76)),
+                           zones, index)
+
+
+def _rate(rps: float) -> tuple[int, str]:
+    """nginx's rate syntax: whole requests per second, else per minute (rounded,
+    at least 1r/m)."""
+    if rps == int(rps):
+        return int(rps), "s"
+    return max(1, round(rps * 60)), "m"
 
 
 def gaps(snapshot: Snapshot) -> list[str]:
