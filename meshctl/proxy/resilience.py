@@ -51,9 +51,6 @@ def common_gaps(snapshot: Snapshot, proxy: str) -> list[str]:
                        f"(one per upstream connection in HTTP/1.1): {lim.inflight}")
         if lim.inflight and o.protocol != "http":
             out.append(f"{where(o)}: Limits are enforced on http upstreams only")
-        if o.policy.balancer:
-            out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r} is not "
-                       f"carried by {proxy} yet; the resolver's policy applies")
     for i in snapshot.inbounds:
         if i.policy.rate_limits and i.protocol != "http":
             out.append(f"{i.service}: meshctl_rate_limit applies to http inbounds only")

@@ -28,7 +28,6 @@ local DICT = "meshctl_endpoints"
 local RETIRED_TTL = 30
 local cache = {}
 local conf = {}
-local inflight = {}
 
 local function valid_peer(p)
     if type(p) ~= "table" or type(p[1]) ~= "string" or type(p[2]) ~= "number" then
@@ -186,7 +185,8 @@ local function pick(id, c, settings, attempt)
         for _ = 1, math.min(settings.choices or 2, n) do
             local i = math.random(n)
             local p = c.peers[i]
-            local load = inflight[p[1] .. ":" .. p[2]] or 0
+            -- in flight from every worker (shared memory), not this one's only
+            local load = resilience.inflight(p[1] .. ":" .. p[2])
             if best == nil or load < best_load then
                 best, best_load = i, load
             end
@@ -224,9 +224,10 @@ function _M.done()
     if not picked then
         return
     end
+    -- Once per request (meshctl_resilience.done may call this too).
+    ngx.ctx.meshctl_picked = nil
     for _, key in ipairs(picked) do
-        local v = (inflight[key] or 1) - 1
-        inflight[key] = v > 0 and v or nil
+        resilience.inflight_add(key, -1)
     end
 end
 
@@ -266,14 +267,21 @@ function _M.balance(id)
         return ngx.exit(ngx.ERROR)
     end
     local settings = conf[id]
-    local i = pick(id, c, settings, attempt)
+    local ewma = section and resilience.latency_aware(section)
+    local i
+    if ewma then
+        -- meshctl_balancer "peak_ewma": the cheaper of two by latency x load
+        i = resilience.pick_ewma(c.peers)
+    else
+        i = pick(id, c, settings, attempt)
+    end
     if section then
         i = avoid_ejected(section, c.peers, i)
     end
     local p = c.peers[i]
-    if settings and settings.lb == "least_request" then
+    if ewma or (settings and settings.lb == "least_request") then
         local key = p[1] .. ":" .. p[2]
-        inflight[key] = (inflight[key] or 0) + 1
+        resilience.inflight_add(key, 1)
         local picked = ngx.ctx.meshctl_picked or {}
         picked[#picked + 1] = key
         ngx.ctx.meshctl_picked = picked

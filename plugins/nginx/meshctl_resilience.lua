@@ -240,6 +240,87 @@ function _M.retry_allowed(section)
     return true
 end
 
+-- ---------------------------------------------------------------- balancing
+
+-- Requests in flight to a peer ("address:port") from this sidecar, all workers.
+function _M.inflight(key)
+    return dict():get("lr:" .. key) or 0
+end
+
+function _M.inflight_add(key, delta)
+    local v = dict():incr("lr:" .. key, delta, 0)
+    if v and v < 0 then
+        dict():set("lr:" .. key, 0)
+    end
+end
+
+function _M.latency_aware(section)
+    local s = sections[section]
+    return s ~= nil and s.balancer == "peak_ewma"
+end
+
+-- Finagle's and Linkerd's peak EWMA: the response time, pulled up at once by
+-- a slower answer and decaying towards faster ones with DECAY seconds.
+local DECAY = 10
+local function ewma_of(key, now)
+    local d = dict()
+    local v = d:get("ew:" .. key)
+    if not v then
+        return nil
+    end
+    local t = d:get("et:" .. key) or now
+    return v * math.exp(-math.max(0, now - t) / DECAY), v, t
+end
+
+local function cost(key, now)
+    local load = _M.inflight(key)
+    local e = ewma_of(key, now)
+    if e == nil then
+        -- never measured: try it, unless it already has requests in flight
+        return load
+    end
+    return e * (load + 1)
+end
+
+-- Power of two choices by cost (ties: the first drawn).
+function _M.pick_ewma(peers)
+    local n = #peers
+    if n == 1 then
+        return 1
+    end
+    local now = ngx.now()
+    local a = math.random(n)
+    local b = math.random(n - 1)
+    if b >= a then
+        b = b + 1
+    end
+    local pa, pb = peers[a], peers[b]
+    if cost(pb[1] .. ":" .. pb[2], now) < cost(pa[1] .. ":" .. pa[2], now) then
+        return b
+    end
+    return a
+end
+
+local function observe(key, rtt, now)
+    local d = dict()
+    local _, v, t = ewma_of(key, now)
+    local new
+    if v == nil or rtt > v then
+        new = rtt
+    else
+        local w = math.exp(-math.max(0, now - t) / DECAY)
+        new = v * w + rtt * (1 - w)
+    end
+    d:set("ew:" .. key, new)
+    d:set("et:" .. key, now)
+end
+
+local function peer_from_addr(addr)
+    -- $upstream_addr: "198.18.0.1:21000" or "[::1]:21000"; the balancer's keys
+    -- are address .. ":" .. port without brackets.
+    return (addr:gsub("^%[(.*)%]:(%d+)$", "%1:%2"))
+end
+
 -- ---------------------------------------------------------------- log phase
 
 function _M.done()
@@ -249,7 +330,28 @@ function _M.done()
     end
     local section = ngx.var.meshctl_section
     local s = section and sections[section]
-    if not s or not s.outlier then
+    if not s then
+        return
+    end
+    if s.balancer == "peak_ewma" then
+        require("meshctl_balancer").done()
+        local addrs, times = ngx.var.upstream_addr, ngx.var.upstream_response_time
+        if addrs and times then
+            local now = ngx.now()
+            local t = {}
+            for item in times:gmatch("[^,%s]+") do
+                t[#t + 1] = tonumber(item)
+            end
+            local k = 0
+            for item in addrs:gmatch("[^,%s]+") do
+                k = k + 1
+                if t[k] then
+                    observe(peer_from_addr(item), t[k], now)
+                end
+            end
+        end
+    end
+    if not s.outlier then
         return
     end
     local addrs = ngx.var.upstream_addr

@@ -47,9 +47,7 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
         consul.config.set("service-intentions", "api",
                           {"Sources": [{"Name": "web", "Action": "allow"}]})
         h1 = m["h1"]
-        h1.add_service({"name": "web", "port": 8080, "connect": {"sidecar_service": {
-            "proxy": {"upstreams": [{"destination_name": "api",
-                                     "local_bind_port": API_PORT}]}}}})
+        h1.add_service(web_definition())
         h1.start_app("web", 8080)
         for name in APIS:
             h = m[name]
@@ -67,6 +65,14 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def web_definition(upstream_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    up: dict[str, Any] = {"destination_name": "api", "local_bind_port": API_PORT}
+    if upstream_config:
+        up["config"] = upstream_config
+    return {"name": "web", "port": 8080,
+            "connect": {"sidecar_service": {"proxy": {"upstreams": [up]}}}}
 
 
 def api_definition(host: str, proxy_config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -404,3 +410,62 @@ def test_an_inbound_rate_limit_accepts_its_rate_and_answers_429(mesh: Mesh) -> N
         consul.config.delete("service-resolver", "api")
         wait_until("web to see the three api instances",
                    lambda: len(mesh["h1"].endpoints("api")) == 3, timeout=30)
+
+
+# ---------------------------------------------------------------- latency-aware choice
+
+
+def _fixed_load(threads: int, each: int) -> Counter[int]:
+    """``threads`` keep-alive clients sending ``each`` requests apiece."""
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def one() -> None:
+        got = _requests(each, 10.0)
+        with lock:
+            statuses.update(s for s, _ in got)
+
+    workers = [threading.Thread(target=one) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return statuses
+
+
+def _balancer_shown(m: Mesh, want: str) -> bool:
+    for u in (m["h1"].status() or {}).get("upstreams", []):
+        if u["destination"] == "api":
+            return bool(u.get("resilience", {}).get("balancer", "") == want)
+    return False
+
+
+def test_the_latency_aware_choice_sends_little_to_a_slow_instance(mesh: Mesh) -> None:
+    h1 = mesh["h1"]
+    set_mode(mesh, h4={"delay": 0.05})
+    # Round robin (the resolver's default) first, in the same run: a third each.
+    statuses = h1.host.call(_fixed_load, 4, 60)
+    assert statuses == {200: 240}
+    rr = counts(mesh)
+    assert abs(rr["h4"] - 80) <= 4, rr
+    h1.add_service(web_definition({"meshctl_balancer": "peak_ewma"}))
+    try:
+        wait_until("web to use peak_ewma", lambda: _balancer_shown(mesh, "peak_ewma"),
+                   timeout=30)
+        time.sleep(1.0)
+        set_mode(mesh, h4={"delay": 0.05})
+        statuses = h1.host.call(_fixed_load, 4, 60)
+        assert statuses == {200: 240}
+        share = counts(mesh)["h4"] / 240
+        if h1.proxy == "haproxy":
+            # carried as leastconn: the slow instance holds its connections longer
+            assert any("no latency-aware choice" in w for w in gaps(mesh))
+            assert share < 0.8 * rr["h4"] / 240, share
+        else:
+            # peak EWMA: once measured, the slow one loses every comparison
+            # until its cost decays (10 s): a few requests at most.
+            assert share < 0.1, share
+    finally:
+        set_mode(mesh)
+        h1.add_service(web_definition())
+        wait_until("web back on round robin", lambda: _balancer_shown(mesh, ""), timeout=30)

@@ -192,6 +192,9 @@ def plan(snapshot: Snapshot) -> HapPlan:
                     timeout = l7.read_timeout_ms(r, c)
                     name = backend_name(o.caller, c, retry, timeout, o.policy)
                     how, consistent = balance(c, http)
+                    if o.policy.balancer:
+                        # peak_ewma: a slower server holds its connections longer
+                        how, consistent = "leastconn", False
                     backends.setdefault(name, HapBackend(
                         name=name, caller=o.caller, tls=o.tls, cluster=c, http=http,
                         balance=how, consistent=consistent, retries=retry.tries,

@@ -28,6 +28,9 @@ def gaps(snapshot: Snapshot) -> list[str]:
                        "may eject every instance (MaxEjectionPercent is not enforced), "
                        "ignores EnforcingConsecutive5xx, does not count 501/505, and takes "
                        "an instance back after one TLS check succeeds")
+        if o.policy.balancer:
+            out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r}: HAProxy has no "
+                       "latency-aware choice; carried as leastconn (fewest connections)")
         if has_retries(o):
             out.append(f"{where(o)}: HAProxy has no retry budget: NumRetries apply to "
                        "every request")

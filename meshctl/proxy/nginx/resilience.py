@@ -36,6 +36,8 @@ def section_doc(o: Outbound, cluster_id: str) -> dict[str, Any] | None:
         entry["outlier"] = outlier
     if pol.limits.inflight:
         entry["limit"] = pol.limits.inflight
+    if pol.balancer:
+        entry["balancer"] = pol.balancer
     if has_retries(o):
         entry["budget"] = {"percent": pol.retry_budget_percent,
                            "min_per_second": pol.retry_budget_min_per_second}
