@@ -18,7 +18,8 @@ import click
 from meshctl.cli._config import config_option, load_agent_config
 from meshctl.cli._output import emit
 from meshctl.errors import ConfigError
-from meshctl.model import Cluster, HeaderOps, Route, Snapshot
+from meshctl.model import Cluster, HeaderOps, Route, Snapshot, UpstreamPolicy
+from meshctl.resilience import describe_upstream
 from meshctl.snapshot_io import read_snapshot, read_state
 from meshctl.tables import table
 
@@ -87,6 +88,24 @@ def describe_lb(c: Cluster) -> str:
     return f"{c.lb_policy}({', '.join(keys)})"
 
 
+def describe_resilience(policy: UpstreamPolicy) -> str:
+    """An upstream's resilience settings in a line (outlier detection, limits,
+    connect timeout, retry budget, balancer), "" when none is set."""
+    parts = []
+    phc = policy.passive_health_check
+    if phc.max_failures:
+        parts.append(f"outlier: eject after {phc.max_failures} failures in a row for "
+                     f"{_seconds(phc.base_ejection_ms)} x ejections (at most "
+                     f"{phc.max_ejection_percent}% of instances)")
+    if policy.limits.inflight:
+        parts.append(f"limit: {policy.limits.inflight} requests in flight, then 503")
+    if policy.connect_timeout_ms:
+        parts.append(f"connect {_seconds(policy.connect_timeout_ms)}")
+    if policy.balancer:
+        parts.append(f"balancer {policy.balancer}")
+    return "; ".join(parts)
+
+
 def render_routes(snapshot: Snapshot, service: str, caller: str | None,
                   warnings: list[str]) -> tuple[dict[str, Any], str]:
     """(JSON data, text) for the outbounds of ``snapshot`` to ``service``."""
@@ -105,9 +124,16 @@ def render_routes(snapshot: Snapshot, service: str, caller: str | None,
             "caller": o.caller, "bind": f"{o.bind_address}:{o.bind_port}",
             "protocol": o.protocol,
             "routes": [_route_dict(r) for r in o.routes],
+            "resilience": describe_upstream(o.policy),
         })
         text.append(f"{o.caller} -> {o.destination}  listen {o.bind_address}:{o.bind_port}  "
                     f"{o.protocol}")
+        resil = describe_resilience(o.policy)
+        if resil:
+            text.append(f"  {resil}")
+        if any(r.num_retries for r in o.routes):
+            text.append(f"  retry budget: {o.policy.retry_budget_percent}% of requests + "
+                        f"{o.policy.retry_budget_min_per_second}/s")
         rows = []
         for i, r in enumerate(o.routes, 1):
             for j, wc in enumerate(r.clusters):

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
+from pathlib import Path
 
-from meshctl.model import InboundPolicy, Limits, PassiveHealthCheck, RateLimit, UpstreamPolicy
+from meshctl.cli.routes import render_routes
+from meshctl.compile import compile_snapshot
+from meshctl.model import (
+    InboundPolicy,
+    Instance,
+    Limits,
+    LocalService,
+    PassiveHealthCheck,
+    RateLimit,
+    Snapshot,
+    UpstreamPolicy,
+)
+from meshctl.proxy.base import ProxyPaths
+from meshctl.proxy.haproxy.driver import HAProxyDriver
+from meshctl.proxy.haproxy.resilience import servers_down
+from meshctl.proxy.nginx.driver import NginxDriver
+from meshctl.proxy.nginx.resilience import resilience_plan
 from meshctl.resilience import inbound_policy, parse_rate_limit, upstream_policy
+from meshctl.services import ServiceDefinition, Upstream
+from meshctl.snapshot_io import snapshot_from_dict
+from tests.meshdata import CERTS
 
 WEB_DEFAULTS = {
     "Kind": "service-defaults", "Name": "web", "Protocol": "http",
@@ -105,3 +127,106 @@ def test_a_bad_rate_limit_is_refused_precisely() -> None:
                         "path prefix (starts with '/', URL path characters only); no rate "
                         "limit is applied to api"]
     assert parse_rate_limit({"requests_per_second": 1}, "w") == (RateLimit("/", 1.0, 0),)
+
+
+# ---------------------------------------------------------------- plans, views, persistence
+
+PATHS = ProxyPaths(Path("/var/lib/meshctl/proxy/current"), Path("/var/lib/meshctl/px"),
+                   Path("/run/meshctl"), Path("/usr/share/meshctl/plugins"))
+
+
+def resilient_snapshot(upstream_config: tuple[tuple[str, str], ...] = (),
+                       api_config: tuple[tuple[str, str], ...] = ()) -> Snapshot:
+    web = ServiceDefinition(name="web", id="web", port=8080, source="web.json",
+                            upstreams=(Upstream("api", 9001, config=upstream_config),))
+    api = ServiceDefinition(name="api", id="api-1", port=8081, source="api.json",
+                            proxy_config=api_config)
+    return compile_snapshot(
+        node="h1", trust_domain="meshctl.test", datacenter="dc1",
+        services=[LocalService(web, "198.18.0.11", 21000, CERTS),
+                  LocalService(api, "198.18.0.11", 21001, CERTS)],
+        instances={"api": [Instance(f"h{i}", f"api-{i}", f"198.18.0.{12 + i}", 21000)
+                           for i in range(3)]},
+        protocols={"web": "http", "api": "http"}, default_intention_action="allow",
+        service_defaults={"web": WEB_DEFAULTS, "api": {"LocalRequestTimeoutMs": 1500,
+                                                       "MaxInboundConnections": 64}})
+
+
+def test_the_nginx_document_carries_each_sections_policy_as_data() -> None:
+    plan = resilience_plan(resilient_snapshot(cfg(meshctl_balancer="peak_ewma")))
+    doc = json.loads(base64.b64decode("".join(plan.chunks)))
+    [(name, section)] = doc["sections"].items()
+    assert name.startswith("web.c_api_")
+    assert section["limit"] == 10 and section["balancer"] == "peak_ewma"
+    assert section["outlier"]["failures"] == 3 and section["outlier"]["base"] == 2.0
+    assert len(section["outlier"]["epoch"]) == 8
+
+
+def test_a_changed_check_gets_a_new_epoch_so_old_ejections_do_not_carry_over() -> None:
+    one = json.loads(base64.b64decode("".join(resilience_plan(resilient_snapshot()).chunks)))
+    other = resilient_snapshot(cfg(passive_health_check={"max_failures": 4}))
+    two = json.loads(base64.b64decode("".join(resilience_plan(other).chunks)))
+    [a] = one["sections"].values()
+    [b] = two["sections"].values()
+    assert a["outlier"]["epoch"] != b["outlier"]["epoch"]
+
+
+def test_both_drivers_render_the_policies_and_say_their_gaps() -> None:
+    snap = resilient_snapshot(
+        cfg(meshctl_balancer="peak_ewma"),
+        cfg(meshctl_rate_limit={"requests_per_second": 100, "burst": 20,
+                                "paths": [{"prefix": "/slow", "requests_per_second": 5}]}))
+    nginx = NginxDriver(PATHS).render(snap, "g1")["nginx.conf"]
+    assert "lua_shared_dict meshctl_resilience" in nginx
+    assert "limit_req_zone $meshctl_rl_0_0 zone=meshctl_rl_0_0:1m rate=5r/s;" in nginx
+    assert "limit_req zone=meshctl_rl_0_1 burst=20 nodelay;" in nginx
+    assert "proxy_read_timeout 1500ms;" in nginx  # LocalRequestTimeoutMs at api's inbound
+    assert "proxy_connect_timeout 1000ms;" in nginx  # the upstream's ConnectTimeoutMs
+    assert "limit_conn meshctl_inflight 64;" in nginx  # MaxInboundConnections
+    hap = HAProxyDriver(PATHS).render(snap, "g1")["haproxy.cfg"]
+    assert "if { be_conn gt 10 }" in hap
+    assert "check observe layer7 error-limit 3 on-error mark-down" in hap
+    assert "fastinter 2000ms downinter 2000ms rise 1" in hap
+    assert "balance leastconn" in hap and "maxconn 64" in hap
+    assert "{ sc0_gpc0_rate ge 5 }" in hap and "hdr Retry-After 1" in hap
+    hap_gaps = "\n".join(HAProxyDriver(PATHS).unsupported(snap))
+    assert "MaxEjectionPercent is not enforced" in hap_gaps
+    assert "no latency-aware choice" in hap_gaps and "burst has no effect" in hap_gaps
+    nginx_gaps = "\n".join(NginxDriver(PATHS).unsupported(snap))
+    assert "MaxEjectionPercent" not in nginx_gaps and "latency" not in nginx_gaps
+
+
+def test_without_a_policy_nothing_changes_in_the_rendered_sections() -> None:
+    web = ServiceDefinition(name="web", id="web", port=8080, source="web.json",
+                            upstreams=(Upstream("api", 9001),))
+    snap = compile_snapshot(
+        node="h1", trust_domain="meshctl.test", datacenter="dc1",
+        services=[LocalService(web, "198.18.0.11", 21000, CERTS)],
+        instances={"api": [Instance("h2", "api-2", "198.18.0.12", 21000)]},
+        protocols={"web": "http", "api": "http"}, default_intention_action="allow")
+    nginx = NginxDriver(PATHS).render(snap, "g1")["nginx.conf"]
+    assert "meshctl_resilience\").admit" not in nginx and "limit_req" not in nginx
+    hap = HAProxyDriver(PATHS).render(snap, "g1")["haproxy.cfg"]
+    assert "be_conn" not in hap and "observe" not in hap and "stick-table" not in hap
+
+
+def test_policies_survive_the_persisted_snapshot_and_show_in_routes() -> None:
+    snap = resilient_snapshot(api_config=cfg(meshctl_rate_limit={"requests_per_second": 7}))
+    back = snapshot_from_dict(json.loads(snap.to_json()))
+    assert back == snap
+    assert back.inbounds[0].policy == snap.inbounds[0].policy
+    assert dataclasses.asdict(back.outbounds[0].policy)["limits"]["max_connections"] == 10
+    data, text = render_routes(back, "api", None, [])
+    assert data["outbounds"][0]["resilience"]["limits"] == {"max_connections": 10}
+    assert "outlier: eject after 3 failures in a row for 2s x ejections (at most 50%" in text
+    assert "limit: 10 requests in flight, then 503" in text
+
+
+def test_haproxy_servers_marked_down_are_read_from_show_stat() -> None:
+    text = ("# pxname,svname,qcur,scur,status,check_status,addr,\n"
+            "web.c_api_1,s1,0,0,UP,L6OK,198.18.0.12:21000,\n"
+            "web.c_api_1,s2,0,0,DOWN,L6OK,198.18.0.14:21000,\n"
+            "web.c_api_1,s3,0,0,MAINT,,0.0.0.0:0,\n"
+            "web.c_api_1,BACKEND,0,4,UP,,,\n")
+    assert servers_down(text) == {"web.c_api_1": {"in_flight": 4, "ejected": [
+        {"peer": "198.18.0.14:21000", "status": "DOWN", "check": "L6OK"}]}}
