@@ -3,7 +3,8 @@
     python tests/e2e/resil_app.py --port 8080 --name h2
 
 ``PUT /__mode`` with ``{"status": 500, "delay": 0.5, "hang": false}`` sets how
-every other path answers (``hang``: read the request, never answer);
+every other path answers (``hang``: read the request, never answer; ``call``:
+a URL to GET for every request, answering with its status);
 ``GET /__stats`` answers ``{"count", "inflight", "max_inflight"}`` of the
 requests since the last ``POST /__reset`` (in flight: those to ``/burst…``).
 ``/health`` (the Consul check) always answers 200, so only the mesh's own
@@ -16,6 +17,8 @@ import argparse
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -24,6 +27,17 @@ LOCK = threading.Lock()
 RELEASE = threading.Event()
 STATE: dict[str, Any] = {"count": 0, "inflight": 0, "max_inflight": 0,
                          "mode": {"status": 200, "delay": 0.0, "hang": False}}
+
+
+def _call(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            resp.read()
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 504
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -80,6 +94,11 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if mode["delay"]:
                 time.sleep(float(mode["delay"]))
+            if mode.get("call"):
+                # A service with an upstream of its own (the cascade test):
+                # answer with what the upstream answered, 504 if it did not.
+                self._send(_call(str(mode["call"])), {"host": self.name})
+                return
             self._send(int(mode["status"]), {"host": self.name})
         finally:
             if burst:

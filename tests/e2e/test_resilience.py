@@ -32,7 +32,8 @@ pytestmark = pytest.mark.root
 
 API_PORT = 9001
 APP = Path(__file__).with_name("resil_app.py")
-PLAN = {"h1": ["web"], "h2": ["api"], "h3": ["api"], "h4": ["api"]}
+PLAN = {"h1": ["web"], "h2": ["api"], "h3": ["api"], "h4": ["api", "db"]}
+DB_PORT = 9101  # api's upstream db, on h2 (the cascade test)
 APIS = ("h2", "h3", "h4")
 
 
@@ -46,6 +47,9 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
             consul.config.set("service-defaults", name, {"Protocol": "http"})
         consul.config.set("service-intentions", "api",
                           {"Sources": [{"Name": "web", "Action": "allow"}]})
+        consul.config.set("service-defaults", "db", {"Protocol": "http"})
+        consul.config.set("service-intentions", "db",
+                          {"Sources": [{"Name": "api", "Action": "allow"}]})
         h1 = m["h1"]
         h1.add_service(web_definition())
         h1.start_app("web", 8080)
@@ -75,12 +79,18 @@ def web_definition(upstream_config: dict[str, Any] | None = None) -> dict[str, A
             "connect": {"sidecar_service": {"proxy": {"upstreams": [up]}}}}
 
 
-def api_definition(host: str, proxy_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def api_definition(host: str, proxy_config: dict[str, Any] | None = None,
+                   db: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": "api", "id": f"api-{host}", "port": 8080, "meta": {"host": host},
         "check": {"http": "http://127.0.0.1:8080/health", "interval": "1s", "timeout": "1s"}}
+    proxy: dict[str, Any] = {}
     if proxy_config:
-        out["connect"] = {"sidecar_service": {"proxy": {"config": proxy_config}}}
+        proxy["config"] = proxy_config
+    if db:
+        proxy["upstreams"] = [{"destination_name": "db", "local_bind_port": DB_PORT}]
+    if proxy:
+        out["connect"] = {"sidecar_service": {"proxy": proxy}}
     return out
 
 
@@ -469,3 +479,77 @@ def test_the_latency_aware_choice_sends_little_to_a_slow_instance(mesh: Mesh) ->
         set_mode(mesh)
         h1.add_service(web_definition())
         wait_until("web back on round robin", lambda: _balancer_shown(mesh, ""), timeout=30)
+
+
+# ---------------------------------------------------------------- a cascade
+
+
+def _db(m: Mesh, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    def run() -> dict[str, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", 8090, timeout=5)
+        try:
+            data = None if body is None else json.dumps(body)
+            conn.request(method, path, body=data)
+            out: dict[str, Any] = json.loads(conn.getresponse().read() or b"{}")
+            return out
+        finally:
+            conn.close()
+    return m["h4"].host.call(run)
+
+
+def test_limits_on_an_upstream_stop_a_slow_database_from_cascading(mesh: Mesh) -> None:
+    """web → api (h2) → db (h4); db becomes ten times slower. Without limits
+    api's sidecar piles every request up at db; with MaxConcurrentRequests on
+    api's upstream db, db never has more than the limit and web gets fast 503s
+    for the rest, and answers to every request."""
+    consul = mesh.lab.host("h1").consul()
+    h2, h4 = mesh["h2"], mesh["h4"]
+    if "db" not in h4.host.procs:
+        h4.add_service({"name": "db", "id": "db-h4", "port": 8090,
+                        "check": {"http": "http://127.0.0.1:8090/health", "interval": "1s",
+                                  "timeout": "1s"}})
+        h4.host.spawn([sys.executable, str(APP), "--port", "8090", "--name", "db"], "db")
+        h4.host.wait_tcp(8090)
+    consul.config.set("service-resolver", "api", {
+        "DefaultSubset": "h2", "Subsets": {"h2": {"Filter": "Service.Meta.host == h2"}}})
+    h2.add_service(api_definition("h2", db=True))
+    try:
+        wait_until("api on h2 to reach db", lambda: len(h2.endpoints("db")) == 1, timeout=40)
+        wait_until("web to send to h2 only", lambda: mesh["h1"].endpoints("api") == [
+            f"{h2.ip}:21000"], timeout=30)
+        set_mode(mesh, h2={"call": f"http://127.0.0.1:{DB_PORT}/burst"})
+        results = {}
+        for limited in (False, True):
+            # Every Limits field set: Consul 1.14.11 merges the entry into api's
+            # sidecar registration, and a field left unset there (a nil pointer)
+            # makes every client agent streaming api's health panic ("unknown
+            # kind", proto/pbservice/convert_pbstruct.go) and exit.
+            consul.config.set("service-defaults", "api", {"Protocol": "http", **(
+                {"UpstreamConfig": {"Overrides": [{"Name": "db", "Limits": {
+                    "MaxConnections": 4, "MaxPendingRequests": 0,
+                    "MaxConcurrentRequests": 4}}]}} if limited else {})})
+            wait_until("api's sidecar to apply db's limits", lambda want=limited: any(
+                ("limits" in u.get("resilience", {})) == want
+                for u in (h2.status() or {}).get("upstreams", [])
+                if u["destination"] == "db"), timeout=30)
+            time.sleep(1.0)
+            _db(mesh, "PUT", "/__mode", {"delay": 0.5})  # ten times its 50 ms
+            _db(mesh, "POST", "/__reset")
+            got = mesh["h1"].host.call(_concurrent, 16)
+            stats = _db(mesh, "GET", "/__stats")
+            results[limited] = (Counter(s for s, _, _ in got), stats["max_inflight"])
+        unlimited, limited_ = results[False], results[True]
+        # Without limits every request waits at db: db holds all 16 at once.
+        assert unlimited[0] == {200: 16} and unlimited[1] == 16, results
+        # With them, db never holds more than 4; the other 12 get a fast 503
+        # from api's sidecar, passed back to web: every request has an answer.
+        assert limited_[1] <= 4, results
+        assert limited_[0][200] == 4 and limited_[0][503] == 12, results
+    finally:
+        _db(mesh, "PUT", "/__mode", {})
+        set_mode(mesh)
+        consul.config.set("service-defaults", "api", {"Protocol": "http"})
+        h2.add_service(api_definition("h2"))
+        consul.config.delete("service-resolver", "api")
+        wait_until("web to see the three api instances",
+                   lambda: len(mesh["h1"].endpoints("api")) == 3, timeout=30)
