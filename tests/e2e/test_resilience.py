@@ -1,7 +1,7 @@
 """Resilience from Consul's fields, on both drivers (issue 13).
 
     h1: web ── upstream api → 127.0.0.1:9001 (http)
-    h2, h3, h4: api (tests/e2e/resil_app.py :8080, behaviour set per test)
+    h2, h3, h4: api (meshctl.lab.resilapp :8080, behaviour set per test)
 
 The caller runs inside h1 and talks to web's sidecar listener; each api app
 counts the requests it got (``/__stats``), so the tests assert on counts,
@@ -20,7 +20,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +30,7 @@ from tests.conftest import own_lab
 pytestmark = pytest.mark.root
 
 API_PORT = 9001
-APP = Path(__file__).with_name("resil_app.py")
+APP = ["-m", "meshctl.lab.resilapp"]
 PLAN = {"h1": ["web"], "h2": ["api"], "h3": ["api"], "h4": ["api", "db"]}
 DB_PORT = 9101  # api's upstream db, on h2 (the cascade test)
 APIS = ("h2", "h3", "h4")
@@ -56,7 +55,7 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
         for name in APIS:
             h = m[name]
             h.add_service(api_definition(name))
-            h.host.spawn([sys.executable, str(APP), "--port", "8080", "--name", name],
+            h.host.spawn([sys.executable, *APP, "--port", "8080", "--name", name],
                          "resil-app")
             h.host.wait_tcp(8080)
         for name in (*APIS, "h1"):
@@ -508,7 +507,7 @@ def test_limits_on_an_upstream_stop_a_slow_database_from_cascading(mesh: Mesh) -
         h4.add_service({"name": "db", "id": "db-h4", "port": 8090,
                         "check": {"http": "http://127.0.0.1:8090/health", "interval": "1s",
                                   "timeout": "1s"}})
-        h4.host.spawn([sys.executable, str(APP), "--port", "8090", "--name", "db"], "db")
+        h4.host.spawn([sys.executable, *APP, "--port", "8090", "--name", "db"], "db")
         h4.host.wait_tcp(8090)
     consul.config.set("service-resolver", "api", {
         "DefaultSubset": "h2", "Subsets": {"h2": {"Filter": "Service.Meta.host == h2"}}})

@@ -1,6 +1,6 @@
-"""A backend for the resilience tests: behaviour set at run time, requests counted.
+"""A backend for the resilience tests and benchmarks: behaviour set at run time, requests counted.
 
-    python tests/e2e/resil_app.py --port 8080 --name h2
+    python -m meshctl.lab.resilapp --port 8080 --name h2
 
 ``PUT /__mode`` with ``{"status": 500, "delay": 0.5, "hang": false}`` sets how
 every other path answers (``hang``: read the request, never answer; ``call``:
@@ -14,11 +14,11 @@ mechanisms take an instance out.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -30,14 +30,20 @@ STATE: dict[str, Any] = {"count": 0, "inflight": 0, "max_inflight": 0,
 
 
 def _call(url: str) -> int:
+    """GET an ``http://host:port/path`` URL (the local sidecar): its status, 504 if none."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        return 500
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=30)
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            resp.read()
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
+        conn.request("GET", parts.path or "/")
+        resp = conn.getresponse()
+        resp.read()
+        return int(resp.status)
+    except (OSError, http.client.HTTPException):
         return 504
+    finally:
+        conn.close()
 
 
 class Handler(BaseHTTPRequestHandler):
