@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -209,7 +210,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Resilience benchmark ({result['stamp']})", "",
              f"rate {result['args']['rate']} req/s for {result['args']['duration']} s; "
              "h3 50 ms slow, h4 answers 500; PassiveHealthCheck MaxFailures 3, "
-             "BaseEjectionTime 10s unless said", ""]
+             "BaseEjectionTime 10s unless said; load average before "
+             f"{result.get('load_average_before')}, after {result.get('load_average_after')} "
+             "(other work shares the machine)", ""]
     for driver, d in result["drivers"].items():
         lines += [f"## {driver}", "", "| policy | p50 ms | p99 ms | errors | share h2/h3/h4 |",
                   "| --- | --- | --- | --- | --- |"]
@@ -244,8 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"stamp": stamp, "args": {k: str(v) if isinstance(v, Path) else v
                                                        for k, v in vars(args).items()},
                               "drivers": {}}
+    result["load_average_before"] = list(os.getloadavg())
     for driver in args.drivers.split(","):
         result["drivers"][driver] = bench_driver(driver, args, tmp)
+    result["load_average_after"] = list(os.getloadavg())
     tmp.rmdir()
     (args.out / f"resilience-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"resilience-{stamp}.md").write_text(markdown(result))
