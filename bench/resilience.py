@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import load
+from bench.peers import ProxyMeter, pids_with
 from meshctl.lab import Lab
 from meshctl.lab.mesh import Mesh, wait_until
 
@@ -184,24 +185,34 @@ def bench_driver(driver: str, args: argparse.Namespace, tmp: Path) -> dict[str, 
                 f"errors {r.get('errors')} shares {share}")
         set_modes(m, {})
         rounds: dict[str, list[dict[str, Any]]] = {"none": [], "outlier+limits": []}
+        meter = ProxyMeter(lambda: pids_with(f"{m['h1'].root}/"))
         for _ in range(args.rounds):
             for label, kw in (("none", dict(phc=False)),
                               ("outlier+limits", dict(phc=True, limits=True))):
                 configure(m, **kw)  # type: ignore[arg-type]
                 warm_up(m, args.overhead_rate, tmp / f"{driver}-warm.bin")
+                meter.start()
                 r = _summary(attack(m, args.overhead_rate, args.duration,
                                     tmp / f"{driver}-oh.bin"))
+                # The caller's sidecar does the bookkeeping: its CPU per request.
+                r["caller_cpu_us_per_request"] = round(
+                    float(meter.stop(int(r["requests"]))["cpu_us_per_request"]), 2)
                 rounds[label].append(r)
                 say(f"{driver} overhead {label}: p50 {r.get('p50_ms')} ms "
-                    f"p99 {r.get('p99_ms')} ms")
+                    f"p99 {r.get('p99_ms')} ms, caller sidecar "
+                    f"{r['caller_cpu_us_per_request']} us CPU/request")
         for label, rs in rounds.items():
             out["overhead"][label] = {
                 "rounds": rs,
                 "p50_ms": sorted(x["p50_ms"] for x in rs)[len(rs) // 2],
-                "p99_ms": sorted(x["p99_ms"] for x in rs)[len(rs) // 2]}
+                "p99_ms": sorted(x["p99_ms"] for x in rs)[len(rs) // 2],
+                "caller_cpu_us_per_request": sorted(
+                    x["caller_cpu_us_per_request"] for x in rs)[len(rs) // 2]}
         base, with_ = out["overhead"]["none"], out["overhead"]["outlier+limits"]
         out["overhead"]["added_p50_ms"] = round(with_["p50_ms"] - base["p50_ms"], 4)
         out["overhead"]["added_p99_ms"] = round(with_["p99_ms"] - base["p99_ms"], 4)
+        out["overhead"]["added_cpu_us_per_request"] = round(
+            with_["caller_cpu_us_per_request"] - base["caller_cpu_us_per_request"], 2)
         m.stop()
     return out
 
@@ -227,7 +238,10 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{oh['none']['p50_ms']} ms p99 {oh['none']['p99_ms']} ms; outlier + "
                   f"limits p50 {oh['outlier+limits']['p50_ms']} ms p99 "
                   f"{oh['outlier+limits']['p99_ms']} ms; added p50 {oh['added_p50_ms']} ms, "
-                  f"p99 {oh['added_p99_ms']} ms.", ""]
+                  f"p99 {oh['added_p99_ms']} ms; the caller's sidecar CPU per request "
+                  f"{oh['none']['caller_cpu_us_per_request']} -> "
+                  f"{oh['outlier+limits']['caller_cpu_us_per_request']} us "
+                  f"(added {oh['added_cpu_us_per_request']} us).", ""]
     return "\n".join(lines) + "\n"
 
 
