@@ -254,7 +254,7 @@ class UpstreamPolicy:
     #: retries within 10 s: at most this share of the requests, plus the floor
     #: (``meshctl_retry_budget``; Finagle's and Linkerd's retry budget)
     retry_budget_percent: int = 20
-    retry_budget_min_per_second: int = 1
+    retry_budget_min_per_second: int = 10
 
     def __bool__(self) -> bool:
         return self != UpstreamPolicy()

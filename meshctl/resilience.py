@@ -226,7 +226,7 @@ def upstream_policy(
                 kw["retry_budget_min_per_second"] = _int(
                     value["min_retries_per_second"], f"{w}.min_retries_per_second", 0, MAX_BOUND)
         except CompileError as exc:
-            warnings.append(f"{exc}; the default retry budget (20 % + 1/s) applies")
+            warnings.append(f"{exc}; the default retry budget (20 % + 10/s) applies")
     return UpstreamPolicy(**kw)
 
 

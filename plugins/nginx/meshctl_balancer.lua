@@ -214,7 +214,15 @@ local function pick(id, c, settings, attempt)
         end
         return ring[pos][2]
     end
+    -- A retry walks on from the request's own first pick without moving the
+    -- rotation: else, with one failing peer, every request would start on it
+    -- (its retry advanced the rotation past the healthy one), and each would
+    -- need a retry (a share of the retry budget) to succeed.
+    if attempt > 0 and ngx.ctx.meshctl_first then
+        return (ngx.ctx.meshctl_first - 1 + attempt) % n + 1
+    end
     c.rr = c.rr % n + 1
+    ngx.ctx.meshctl_first = c.rr  -- other requests move c.rr meanwhile
     return c.rr
 end
 
