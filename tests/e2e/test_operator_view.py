@@ -38,12 +38,15 @@ def ignored(mh: MeshHost) -> set[tuple[str, str]]:
 
 # ---------------------------------------------------------------- fields meshctl ignores
 
+# MaxInboundConnections and the UpstreamConfig limits and timeouts are
+# honoured (issue 13), so they must not be listed; the others must.
 API_DEFAULTS: dict[str, Any] = {
     "Protocol": "http",
     "MaxInboundConnections": 50,
     "BalanceInboundConnections": "exact_balance",
     "UpstreamConfig": {"Defaults": {"ConnectTimeoutMs": 1500,
-                                    "Limits": {"MaxConnections": 10}}},
+                                    "Limits": {"MaxConnections": 10},
+                                    "BalanceOutboundConnections": "exact_balance"}},
 }
 PROXY_DEFAULTS: dict[str, Any] = {
     "Config": {"protocol": "tcp", "local_connect_timeout_ms": 1000},
@@ -52,10 +55,8 @@ PROXY_DEFAULTS: dict[str, Any] = {
     "TransparentProxy": {"OutboundListenerPort": 15001},
 }
 EXPECTED = {
-    ("service-defaults/api", "MaxInboundConnections"),
     ("service-defaults/api", "BalanceInboundConnections"),
-    ("service-defaults/api", "UpstreamConfig.Defaults.ConnectTimeoutMs"),
-    ("service-defaults/api", "UpstreamConfig.Defaults.Limits.MaxConnections"),
+    ("service-defaults/api", "UpstreamConfig.Defaults.BalanceOutboundConnections"),
     ("proxy-defaults/global", "Config.local_connect_timeout_ms"),
     ("proxy-defaults/global", "TransparentProxy.OutboundListenerPort"),
 }
@@ -73,8 +74,8 @@ def test_config_entry_fields_meshctl_ignores_are_listed_and_logged_once(mesh: Me
         res = h1.meshctl("status")
         assert res.returncode == 0, res.stderr
         assert "config entry fields not honoured (no effect):" in res.stdout
-        assert ("service-defaults/api: UpstreamConfig.Defaults.ConnectTimeoutMs is not honoured "
-                "by meshctl and has no effect") in res.stdout
+        assert ("service-defaults/api: UpstreamConfig.Defaults.BalanceOutboundConnections is not "
+                "honoured by meshctl and has no effect") in res.stdout
         assert "Protocol" not in "".join(f for _, f in ignored(h1))
         # Other changes make the agent reconcile again: the fields are not logged again.
         reconciles = agent_log(h1).count("reconcile")
@@ -83,7 +84,7 @@ def test_config_entry_fields_meshctl_ignores_are_listed_and_logged_once(mesh: Me
             c.config.delete("service-defaults", "kv")
         wait_until("h1 to reconcile after the kv changes",
                    lambda: agent_log(h1).count("reconcile") > reconciles + 2 or None)
-        line = "service-defaults/api: 4 field(s) not honoured by meshctl (no effect): "
+        line = "service-defaults/api: 2 field(s) not honoured by meshctl (no effect): "
         assert agent_log(h1).count(line) == 1, agent_log(h1)
         assert agent_log(h1).count("proxy-defaults/global: 2 field(s) not honoured") == 1
     finally:
@@ -98,12 +99,14 @@ def test_a_local_sidecars_config_keys_are_registered_and_listed(mesh: Mesh) -> N
     h1 = mesh["h1"]
     web = web_definition()
     proxy = web["connect"]["sidecar_service"]["proxy"]
-    proxy["config"] = {"local_connect_timeout_ms": 1000}
-    proxy["upstreams"][0]["config"] = {"connect_timeout_ms": 500}
+    # The resilience keys are honoured (issue 13); Envoy's own are listed.
+    proxy["config"] = {"local_connect_timeout_ms": 1000, "envoy_stats_tags": ["a=b"]}
+    proxy["upstreams"][0]["config"] = {"connect_timeout_ms": 500,
+                                       "envoy_listener_json": "{}"}
     path = h1.add_service(web)
     base = "connect.sidecar_service.proxy"
-    want = {(f"{path}: service web", f"{base}.config.local_connect_timeout_ms"),
-            (f"{path}: service web", f"{base}.upstreams[0].config.connect_timeout_ms")}
+    want = {(f"{path}: service web", f"{base}.config.envoy_stats_tags"),
+            (f"{path}: service web", f"{base}.upstreams[0].config.envoy_listener_json")}
     try:
         wait_until("h1 to list the sidecar's config keys",
                    lambda: ignored(h1) == want or None, timeout=20)
