@@ -162,6 +162,46 @@ class Applier:
             self._finish_recovery()  # a master serves: what the dead one left can go
         return result
 
+    def push_endpoints_only(self, snapshot: Snapshot) -> ApplyResult | None:
+        """Serve ``snapshot`` by a run-time endpoint push alone, rendering nothing.
+
+        For a change the caller knows leaves the driver's files as they are
+        (only endpoints of ``driver.runtime_clusters`` moved): ``current``
+        already holds what render() would produce. Needs the proxy running and
+        confirmed on the generation ``current`` holds; returns None otherwise,
+        and the caller applies in full. If the push fails this is apply()
+        (which reloads); raises what apply() raises.
+        """
+        self._reap()
+        served = self.current_generation()
+        if (served is None or self._confirmed != served or self._orphans or self._recovering
+                or not self.driver.running()):
+            return None
+        endpoints = self.driver.endpoint_state(snapshot)
+        if endpoints is None:
+            return None
+        try:
+            previous: bytes | None = self.driver.endpoints_file.read_bytes()
+        except OSError:
+            previous = None
+        try:
+            write_atomic(self.driver.endpoints_file,
+                         json.dumps(endpoints, sort_keys=True).encode(), 0o640)
+        except DiskError as exc:
+            error = ProxyError(f"proxy {self.driver.name}: endpoint document: {exc}")
+            self._done(ApplyResult("failed", served, error=str(error)))
+            raise error from None
+        try:
+            self.driver.push_endpoints(endpoints)
+        except (ProxyError, OSError) as exc:
+            log.warning("proxy %s: run-time endpoint update failed (%s); applying in full",
+                        self.driver.name, exc)
+            self._restore_endpoints(previous)  # so that apply() sees the change, and reloads
+            return self.apply(snapshot)
+        log.info("proxy %s: endpoints updated without reload (generation %s, nothing rendered)",
+                 self.driver.name, served)
+        return self._done(ApplyResult("endpoints", served))
+
     def _apply(self, snapshot: Snapshot) -> ApplyResult:
         rendered = self.driver.render_config(snapshot)
         generation, target = rendered.generation, rendered.dirname

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from meshctl.intentions import Authorization
@@ -276,12 +276,36 @@ class Snapshot:
         return primary
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """The snapshot as plain data (what ``snapshot_io.snapshot_from_dict`` reads)."""
+        data: dict[str, Any] = _plain(self)
         data.pop("_index", None)
         return data
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+    def to_json(self, indent: int | None = 2) -> str:
+        """The snapshot as JSON; ``indent=None`` is compact (and several times faster:
+        only then does the json module use its C encoder)."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=indent,
+                          separators=None if indent is not None else (",", ":"))
+
+
+def _plain(value: Any) -> Any:
+    """``dataclasses.asdict`` for frozen model data, without its deep copies of every leaf.
+
+    Tuples stay tuples (JSON writes them as lists, as asdict's output).
+    """
+    names = _FIELDS.get(type(value))
+    if names is None and hasattr(type(value), "__dataclass_fields__"):
+        names = _FIELDS[type(value)] = tuple(f.name for f in fields(value))
+    if names is not None:
+        return {n: _plain(getattr(value, n)) for n in names}
+    if isinstance(value, tuple | list):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 

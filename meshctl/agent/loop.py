@@ -32,12 +32,19 @@ from meshctl import metrics
 from meshctl._fs import write_atomic
 from meshctl._watch import Key, WatchStatus, backoff_delay
 from meshctl.agent.parts import make_consul, make_driver, make_vault, make_watcher
-from meshctl.agent.planning import build_snapshot, ignored_by_entry, source_keys
+from meshctl.agent.planning import (
+    build_snapshot,
+    ignored_by_entry,
+    refresh_endpoints,
+    source_keys,
+    targets_of,
+)
 from meshctl.agent.ports import PortBook, port_unavailable
 from meshctl.agent.proxy_watch import ProxyWatch
 from meshctl.agent.quiescence import Quiescence, splay_delay
 from meshctl.agent.status import AgentState, pid_path, write_status
-from meshctl.apply import Applier
+from meshctl.apply import Applier, ApplyResult
+from meshctl.chain import TargetQuery
 from meshctl.config import AgentConfig
 from meshctl.consul.keys import (
     ConfigEntries,
@@ -176,6 +183,14 @@ class Agent:
         self._wanted_since: dict[Key, float] = {}
         self._endpoint_gauges: set[str] = set()  # clusters with an UPSTREAM_ENDPOINTS series
         self._shared_change = False  # a shared key changed since the last apply
+        # The keys that changed since the last apply, each with the sequence number
+        # of its latest change (an apply forgets only what it has seen).
+        self._changed_keys: dict[Key, int] = {}
+        self._change_seq = 0
+        self._changes_lock = threading.Lock()
+        # The chain targets' queries of the last full compile (for the endpoint fast path).
+        self._targets: dict[str, TargetQuery | None] | None = None
+        self._gaps: tuple[Snapshot | None, list[str]] = (None, [])  # driver.unsupported, cached
         self._splay_until: float | None = None  # a splayed reload waits until then
 
     # ------------------------------------------------------------ lifecycle
@@ -241,6 +256,9 @@ class Agent:
         """A watched value changed: wake the loop (it reads the latest values)."""
         if isinstance(key, SHARED_KEYS):
             self._shared_change = True
+        with self._changes_lock:
+            self._change_seq += 1
+            self._changed_keys[key] = self._change_seq  # type: ignore[index]
         log.debug("source changed: %s", key)
         self.trigger.trigger()
 
@@ -295,6 +313,8 @@ class Agent:
         """
         log.debug("reconcile")
         started = time.monotonic()
+        with self._changes_lock:
+            seen = dict(self._changed_keys)
         # A refused definition is looked at again on every pass: what refused it
         # (a port another process holds) may change without services.d changing.
         previous = self._services
@@ -313,8 +333,10 @@ class Agent:
         # never splayed: only what every host sees alike.
         inputs_moved = self._pass_inputs(address) != before
         local = inputs_moved or services != previous
-        if changed or inputs_moved or self._retry_at <= self.clock():
-            self._compile_and_apply(services, address, local=local)
+        if changed and not local and self._push_endpoints_only(services, seen):
+            pass  # only instances changed: pushed at run time, nothing compiled or rendered
+        elif changed or inputs_moved or self._retry_at <= self.clock():
+            self._compile_and_apply(services, address, local=local, seen=seen)
         elif self._states() != self._written_states:
             # A source went bad or recovered: the status file says so even when
             # no value changed (a recovered watch answers what it answered before).
@@ -567,8 +589,61 @@ class Agent:
             self._retry_at = min(self._retry_at, min(pending) + FIRST_ANSWER_WAIT)
         return bool(pending)
 
+    def _push_endpoints_only(self, services: list[ServiceDefinition],
+                             seen: dict[Key, int]) -> bool:
+        """The endpoint fast path: True if only instances changed since the last apply
+        and the proxy took them at run time, with nothing compiled or rendered.
+
+        The served snapshot gets the changed clusters' new endpoints
+        (``refresh_endpoints``: what a full compile of the same inputs gives)
+        and, if every one of them is a cluster the driver keeps out of its
+        files, the proxy gets them by a push. Anything else (a chain, an entry,
+        a definition or certificate changed, a retry or splay pending, a
+        cluster the driver renders, the proxy not confirmed) is the full pass.
+        """
+        last = self._last_snapshot
+        if (last is None or self._targets is None or not seen or self._failed_snapshot
+                or self._splay_until is not None or self._retry_at <= self.clock()
+                or self.watcher.settling()):
+            return False
+        refreshed = refresh_endpoints(last, self.watcher.get, self._targets, set(seen))
+        if refreshed is None:
+            return False
+        snapshot, moved = refreshed
+        if moved and not moved <= self.driver.runtime_clusters(snapshot):
+            return False
+        self._shared_change = False  # health keys only: nothing to splay
+        if not moved:
+            self._forget_changes(seen)
+            return True
+        try:
+            result = self.applier.push_endpoints_only(snapshot)
+        except MeshctlError as exc:
+            # The push failed and so did the full apply it fell back to.
+            self._apply_failed(snapshot, exc)
+            self._write_state(services)
+            return True
+        if result is None:
+            return False
+        self._applied(snapshot, result, services, seen)
+        return True
+
+    def _forget_changes(self, seen: dict[Key, int]) -> None:
+        """An apply served the changes ``seen``: forget those not changed again since."""
+        with self._changes_lock:
+            for key, seq in seen.items():
+                if self._changed_keys.get(key) == seq:
+                    del self._changed_keys[key]
+
+    def _unsupported(self, snapshot: Snapshot) -> list[str]:
+        """``driver.unsupported(snapshot)``, once per snapshot (the warnings and the
+        status file both show it)."""
+        if self._gaps[0] is not snapshot:
+            self._gaps = (snapshot, self.driver.unsupported(snapshot))
+        return self._gaps[1]
+
     def _compile_and_apply(self, services: list[ServiceDefinition], address: str,
-                           local: bool = True) -> None:
+                           local: bool = True, seen: dict[Key, int] | None = None) -> None:
         # A retry time that has come is used up by this pass; whatever still
         # needs a later pass sets a new one below. (Left in the past, it would
         # wake the run loop at once, again and again.)
@@ -594,6 +669,8 @@ class Agent:
                 self._warn_once("sidecar address unknown until Consul answers")
                 continue
             locals_.append(LocalService(d, address, self._ports.port_for(d), cert.paths))
+        targets = targets_of(self.watcher.get, [ls.definition for ls in locals_],
+                             self.cfg.datacenter)
         try:
             snapshot = build_snapshot(self.cfg, locals_, self.watcher.get, self._last_snapshot)
         except CompileError as exc:
@@ -601,7 +678,7 @@ class Agent:
             self._write_state(services)
             return
         self._source_ok("compile")
-        for w in (*snapshot.warnings, *self.driver.unsupported(snapshot)):
+        for w in (*snapshot.warnings, *self._unsupported(snapshot)):
             self._warn_once(w)
         last = self._last_snapshot
         if not locals_ and services and last is not None and last.inbounds:
@@ -618,25 +695,38 @@ class Agent:
             return
         try:
             result = self.applier.apply(snapshot)
-            metrics.APPLY_TOTAL.labels(result=result.action).inc()
-            if result.action != "unchanged":
-                self._persist(snapshot)
-            self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
-            self._last_snapshot = snapshot
-            self._source_ok("proxy")
-            self._retry_at = float("inf")
         except MeshctlError as exc:
-            metrics.APPLY_TOTAL.labels(result="failed").inc()
-            self._source_error("proxy", exc)
-            self._apply_failures += 1
-            self._failed_snapshot = snapshot
-            # A refused config rarely fixes itself (a port taken, a file missing):
-            # retry slowly so a persistent failure does not churn the proxy.
-            self._retry_at = self.clock() + backoff_delay(self._apply_failures, base=2.0, cap=60.0)
-        else:
-            self._apply_failures = 0
-            self._failed_snapshot = None
+            self._apply_failed(snapshot, exc)
+            self._write_state(services)
+            return
+        self._targets = targets
+        self._applied(snapshot, result, services, seen or {})
+
+    def _applied(self, snapshot: Snapshot, result: ApplyResult,
+                 services: list[ServiceDefinition], seen: dict[Key, int]) -> None:
+        """The proxy serves ``snapshot`` (``result``): remember, report and persist it."""
+        metrics.APPLY_TOTAL.labels(result=result.action).inc()
+        self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
+        self._last_snapshot = snapshot
+        self._forget_changes(seen)
+        self._source_ok("proxy")
+        self._retry_at = float("inf")
+        self._apply_failures = 0
+        self._failed_snapshot = None
         self._write_state(services)
+        if result.action != "unchanged":
+            # After the status file: `meshctl status` shows what is served without
+            # waiting for the (larger) snapshot file.
+            self._persist(snapshot)
+
+    def _apply_failed(self, snapshot: Snapshot, exc: MeshctlError) -> None:
+        metrics.APPLY_TOTAL.labels(result="failed").inc()
+        self._source_error("proxy", exc)
+        self._apply_failures += 1
+        self._failed_snapshot = snapshot
+        # A refused config rarely fixes itself (a port taken, a file missing):
+        # retry slowly so a persistent failure does not churn the proxy.
+        self._retry_at = self.clock() + backoff_delay(self._apply_failures, base=2.0, cap=60.0)
 
     def _splaying(self, snapshot: Snapshot, local: bool) -> bool:
         """True while the reload a shared config entry caused waits for its splay.
@@ -685,7 +775,7 @@ class Agent:
             return None
 
     def _persist(self, snapshot: Snapshot) -> None:
-        write_atomic(self.cfg.snapshot_path, snapshot.to_json().encode(), 0o640)
+        write_atomic(self.cfg.snapshot_path, snapshot.to_json(indent=None).encode(), 0o640)
 
     # ------------------------------------------------------------ state
 
@@ -735,7 +825,7 @@ class Agent:
                     "caller": o.caller, "destination": o.destination, "protocol": o.protocol,
                     "bind": f"{o.bind_address}:{o.bind_port}", "endpoints": endpoints,
                 })
-            state.warnings = [*snap.warnings, *self.driver.unsupported(snap)]
+            state.warnings = [*snap.warnings, *self._unsupported(snap)]
         state.problems = [str(p) for probs in self._problems.values() for p in probs]
         state.ignored_fields = [f.to_dict() for _, fields in sorted(self._ignored.items())
                                 for f in fields]

@@ -7,11 +7,12 @@ a one-shot query (``meshctl render``); nothing here does I/O of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from meshctl._watch import Key
-from meshctl.chain import TargetQuery, chain_key, chain_queries
+from meshctl.chain import TargetQuery, chain_key, chain_queries, chain_targets, target_endpoints
 from meshctl.compile import compile_snapshot
 from meshctl.config import AgentConfig
 from meshctl.consul.keys import (
@@ -23,7 +24,7 @@ from meshctl.consul.keys import (
 )
 from meshctl.errors import CompileError
 from meshctl.fields import HONOURED, IgnoredField, ignored_fields
-from meshctl.model import Instance, LocalService, Snapshot
+from meshctl.model import Cluster, Instance, LocalService, Snapshot
 from meshctl.services import ServiceDefinition
 
 #: a value getter: the last good value of a key, None while it has none
@@ -56,6 +57,67 @@ def _queries(get: Getter, upstreams: set[tuple[str, str]], datacenter: str) -> s
             except CompileError:
                 continue  # compile() reports it; nothing to watch for a refused chain
     return out
+
+
+def targets_of(get: Getter, services: list[ServiceDefinition], datacenter: str
+               ) -> dict[str, TargetQuery | None]:
+    """The instance query of every target of the known chains of these services'
+    upstreams, by target id; None for an id two chains query differently."""
+    out: dict[str, TargetQuery | None] = {}
+    for dest, dc in sorted(upstreams_of(services)):
+        chain = get(chain_of(dest, dc))
+        if not isinstance(chain, dict):
+            continue
+        try:
+            found = chain_targets(chain, datacenter)
+        except CompileError:
+            continue  # compile() refuses the chain: it has no clusters
+        for tid, query in found.items():
+            out[tid] = query if out.get(tid, query) == query else None
+    return out
+
+
+def refresh_endpoints(last: Snapshot, get: Getter, targets: Mapping[str, TargetQuery | None],
+                      changed: set[Key]) -> tuple[Snapshot, set[str]] | None:
+    """``last`` with new endpoints where only instances ``changed``, without compiling.
+
+    ``changed``: the health keys (HealthConnect) that have a new value since
+    ``last`` was compiled, from the getter ``get``, with the chains that gave
+    ``targets`` (``targets_of``) unchanged. Returns the snapshot and the ids
+    of the clusters whose endpoints moved: what ``compile_snapshot`` would
+    return for the same inputs (each cluster's endpoints come from its
+    target's query alone). None when that cannot be told without compiling:
+    a changed key no cluster of ``last`` queries, a target two chains
+    disagree on, or an instance compile would refuse (it reports why).
+    """
+    if not changed or not all(isinstance(k, HealthConnect) for k in changed):
+        return None
+    clusters: list[Cluster] = []
+    moved: set[str] = set()
+    placed: set[Key] = set()
+    for c in last.clusters:
+        query = targets.get(c.target)
+        key = health_of(query) if query is not None else None
+        if query is None or key not in changed:
+            if c.target in targets and query is None and changed:
+                return None
+            clusters.append(c)
+            continue
+        placed.add(key)
+        value = get(key)
+        if value is None:
+            return None
+        try:
+            endpoints = target_endpoints(query, {query: list(value)}, c.target)
+        except CompileError:
+            return None
+        if endpoints != c.endpoints:
+            c = replace(c, endpoints=endpoints)
+            moved.add(c.id)
+        clusters.append(c)
+    if placed != changed:
+        return None
+    return replace(last, clusters=tuple(clusters)), moved
 
 
 def source_keys(services: list[ServiceDefinition], get: Getter, datacenter: str) -> set[Key]:

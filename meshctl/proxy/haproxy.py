@@ -136,6 +136,8 @@ class HAProxyDriver(ProxyDriver):
     #: them, and how long one may wait there before a fast 503 (X-Mesh-Reason).
     limits: ClassVar[Mapping[str, int]] = {
         "server_inflight": 512, "queue": 128, "queue_timeout_ms": 1000}
+    #: the last snapshot planned, and its plan (see _plan)
+    _planned: tuple[Snapshot, l7.HapPlan] | None = None
 
     def default_binary(self) -> str:
         return "haproxy"
@@ -164,8 +166,16 @@ class HAProxyDriver(ProxyDriver):
         # Every slot empty: what is left is what only a reload can change.
         return self._render(snapshot, GENERATION_PLACEHOLDER, filled=False)
 
+    def _plan(self, snapshot: Snapshot) -> l7.HapPlan:
+        """``snapshot``'s plan: structure(), render() and endpoint_state() of one apply
+        all need it, so it is built once per snapshot (snapshots are immutable)."""
+        planned = self._planned
+        if planned is None or planned[0] is not snapshot:
+            planned = self._planned = (snapshot, l7.haproxy_plan(snapshot))
+        return planned[1]
+
     def _render(self, snapshot: Snapshot, generation: str, filled: bool) -> dict[str, str]:
-        plan = l7.haproxy_plan(snapshot)
+        plan = self._plan(snapshot)
         text = environment("haproxy").get_template("haproxy.cfg.j2").render(
             node=snapshot.node,
             generation=generation,
@@ -197,7 +207,7 @@ class HAProxyDriver(ProxyDriver):
                 b.name: {s.name: (None if s.endpoint is None else
                                   [s.endpoint.address, s.endpoint.port, s.endpoint.weight])
                          for s in b.slots}
-                for b in backends(l7.haproxy_plan(snapshot))
+                for b in backends(self._plan(snapshot))
             },
         }
 
