@@ -63,7 +63,7 @@ from meshctl.errors import (
     VaultError,
 )
 from meshctl.fields import IgnoredField, ignored_sidecar_config
-from meshctl.model import CertPaths, LocalService, Snapshot
+from meshctl.model import CertPaths, LocalService, PlainMemo, Snapshot
 from meshctl.proxy.base import ProxyDriver
 from meshctl.services import (
     DefinitionSet,
@@ -191,6 +191,7 @@ class Agent:
         # The chain targets' queries of the last full compile (for the endpoint fast path).
         self._targets: dict[str, TargetQuery | None] | None = None
         self._gaps: tuple[Snapshot | None, list[str]] = (None, [])  # driver.unsupported, cached
+        self._persist_memo: PlainMemo = {}  # the persisted snapshot's parts (Snapshot.to_dict)
         self._splay_until: float | None = None  # a splayed reload waits until then
 
     # ------------------------------------------------------------ lifecycle
@@ -326,16 +327,19 @@ class Agent:
         before = self._pass_inputs(address)
         self._sync_registrations(services, address)
         self._refresh_certificates(services)
-        if changed:
-            self._watch_upstreams(services)
-            self._report_ignored_fields(services)
         # What this host caused (its definitions, registrations, certificates) is
         # never splayed: only what every host sees alike.
         inputs_moved = self._pass_inputs(address) != before
         local = inputs_moved or services != previous
         if changed and not local and self._push_endpoints_only(services, seen):
-            pass  # only instances changed: pushed at run time, nothing compiled or rendered
+            # Only instances changed: pushed at run time, nothing compiled or rendered
+            # (and the watched keys and ignored fields, which follow the chains and
+            # entries, are as they were).
+            pass
         elif changed or inputs_moved or self._retry_at <= self.clock():
+            if changed:
+                self._watch_upstreams(services)
+                self._report_ignored_fields(services)
             self._compile_and_apply(services, address, local=local, seen=seen)
         elif self._states() != self._written_states:
             # A source went bad or recovered: the status file says so even when
@@ -615,7 +619,11 @@ class Agent:
         self._shared_change = False  # health keys only: nothing to splay
         if not moved:
             self._forget_changes(seen)
+            if self._states() != self._written_states:
+                self._write_state(services)
             return True
+        if self._gaps[0] is last:
+            self._gaps = (snapshot, self._gaps[1])  # what a driver cannot express: not endpoints
         try:
             result = self.applier.push_endpoints_only(snapshot)
         except MeshctlError as exc:
@@ -775,7 +783,8 @@ class Agent:
             return None
 
     def _persist(self, snapshot: Snapshot) -> None:
-        write_atomic(self.cfg.snapshot_path, snapshot.to_json(indent=None).encode(), 0o640)
+        text = snapshot.to_json(indent=None, memo=self._persist_memo)
+        write_atomic(self.cfg.snapshot_path, text.encode(), 0o640)
 
     # ------------------------------------------------------------ state
 

@@ -157,7 +157,11 @@ class ProxyDriver(abc.ABC):
         return RenderedConfig(generation, self.render(snapshot, generation=generation))
 
     def unsupported(self, snapshot: Snapshot) -> list[str]:
-        """Human-readable list of snapshot features this driver cannot express."""
+        """Human-readable list of snapshot features this driver cannot express.
+
+        It depends on the snapshot's structure, never on its endpoints (the
+        agent keeps the list across an endpoint-only change).
+        """
         return []
 
     def runtime_clusters(self, snapshot: Snapshot) -> frozenset[str]:
