@@ -596,14 +596,17 @@ class Agent:
     def _push_endpoints_only(self, services: list[ServiceDefinition],
                              seen: dict[Key, int]) -> bool:
         """The endpoint fast path: True if only instances changed since the last apply
-        and the proxy took them at run time, with nothing compiled or rendered.
+        and the proxy took them at run time, with nothing compiled.
 
         The served snapshot gets the changed clusters' new endpoints
-        (``refresh_endpoints``: what a full compile of the same inputs gives)
-        and, if every one of them is a cluster the driver keeps out of its
-        files, the proxy gets them by a push. Anything else (a chain, an entry,
-        a definition or certificate changed, a retry or splay pending, a
-        cluster the driver renders, the proxy not confirmed) is the full pass.
+        (``refresh_endpoints``: what a full compile of the same inputs gives).
+        If every one of them is a cluster the driver keeps out of its files,
+        the proxy gets them by a push and nothing is rendered; if the driver
+        renders them into the structure it serves (``same_structure``), the
+        files are rendered once and the endpoints pushed, without a reload.
+        Anything else (a chain, an entry, a definition or certificate changed,
+        a retry or splay pending, the structure moved, the proxy not
+        confirmed) is the full pass.
         """
         last = self._last_snapshot
         if (last is None or self._targets is None or not seen or self._failed_snapshot
@@ -614,7 +617,8 @@ class Agent:
         if refreshed is None:
             return False
         snapshot, moved = refreshed
-        if moved and not moved <= self.driver.runtime_clusters(snapshot):
+        pushed_only = moved <= self.driver.runtime_clusters(snapshot)
+        if not pushed_only and not self.driver.same_structure(last, snapshot, moved):
             return False
         self._shared_change = False  # health keys only: nothing to splay
         if not moved:
@@ -625,7 +629,10 @@ class Agent:
         if self._gaps[0] is last:
             self._gaps = (snapshot, self._gaps[1])  # what a driver cannot express: not endpoints
         try:
-            result = self.applier.push_endpoints_only(snapshot)
+            # Files untouched: a push alone. Else (endpoints the driver renders, in
+            # the structure served): one render with the generation served, no reload.
+            result = (self.applier.push_endpoints_only(snapshot) if pushed_only
+                      else self.applier.apply_same_structure(snapshot))
         except MeshctlError as exc:
             # The push failed and so did the full apply it fell back to.
             self._apply_failed(snapshot, exc)

@@ -175,6 +175,17 @@ class ProxyDriver(abc.ABC):
         """
         return frozenset()
 
+    def same_structure(self, served: Snapshot, snapshot: Snapshot, moved: set[str]) -> bool:
+        """Whether ``snapshot``, which differs from ``served`` only in the endpoints of
+        the clusters ``moved``, has the structure (and so the generation) of ``served``.
+
+        Then the agent renders it once with the generation served, without a
+        structure render and without a reload. The default holds for the
+        clusters the files never hold (runtime_clusters); a driver that renders
+        endpoints into a fixed structure (HAProxy's slots) says when they fit.
+        """
+        return moved <= self.runtime_clusters(snapshot)
+
     # ------------------------------------------------------------ side effects
 
     @abc.abstractmethod

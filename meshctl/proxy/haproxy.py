@@ -195,6 +195,15 @@ class HAProxyDriver(ProxyDriver):
     def unsupported(self, snapshot: Snapshot) -> list[str]:
         return l7.unsupported(snapshot, self.name)
 
+    def same_structure(self, served: Snapshot, snapshot: Snapshot, moved: set[str]) -> bool:
+        # A backend's slot counts follow its cluster's endpoint counts (slot_count):
+        # while they stay, the endpoints only fill and empty slots.
+        def counts(c: Cluster) -> tuple[int, int]:
+            backups = sum(1 for e in c.endpoints if e.backup)
+            return (slot_count(len(c.endpoints) - backups), slot_count(backups) if backups else 0)
+
+        return all(counts(served.cluster(cid)) == counts(snapshot.cluster(cid)) for cid in moved)
+
     def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
         # "authz": the inbound listeners' intentions, read by the Lua plugin at
         # load (this file) and replaced at run time (push_endpoints).

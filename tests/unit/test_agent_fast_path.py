@@ -29,25 +29,41 @@ from meshctl.consul.keys import (
     IntentionMatch,
 )
 from meshctl.model import CertPaths, Instance, LocalService, Snapshot
-from meshctl.proxy.base import ProxyPaths
+from meshctl.proxy.base import ProxyDriver, ProxyPaths
+from meshctl.proxy.haproxy import HAProxyDriver
 from meshctl.proxy.nginx import NginxDriver
 from meshctl.services import ServiceDefinition, Upstream
 from tests.unit.test_agent_certs import Issuer
 from tests.unit.test_agent_loop import CHAINS, Clock, MemoryRegistry, MemorySource
 
-QuietNginx = quiet(NginxDriver)
+
+def counting(base: type[ProxyDriver]) -> type[ProxyDriver]:
+    """``base`` without its process steps (bench.reconcile.quiet), counting its renders
+    (a structure of its own, HAProxy's, is one too) and keeping what it was pushed."""
+
+    class Counting(quiet(base)):  # type: ignore[misc]
+        renders = 0
+        pushed: list[dict[str, Any]]
+
+        def render(self, snapshot: Snapshot, generation: str) -> dict[str, str]:
+            self.renders += 1
+            return super().render(snapshot, generation)  # type: ignore[no-any-return]
+
+        def push_endpoints(self, state: dict[str, Any]) -> None:
+            self.pushed.append(json.loads(json.dumps(state)))
+
+    if base.structure is ProxyDriver.structure:
+        return Counting  # (overriding it would turn the driver's render-once off)
+
+    class CountingStructure(Counting):  # type: ignore[misc,valid-type]
+        def structure(self, snapshot: Snapshot) -> dict[str, str]:
+            self.renders += 1
+            return super().structure(snapshot)  # type: ignore[no-any-return]
+
+    return CountingStructure
 
 
-class CountingNginx(QuietNginx):  # type: ignore[misc,valid-type]
-    renders = 0
-    pushed: list[dict[str, Any]]
-
-    def render(self, snapshot: Snapshot, generation: str) -> dict[str, str]:
-        self.renders += 1
-        return super().render(snapshot, generation)  # type: ignore[no-any-return]
-
-    def push_endpoints(self, state: dict[str, Any]) -> None:
-        self.pushed.append(json.loads(json.dumps(state)))
+CountingNginx = counting(NginxDriver)
 
 
 HTTP_UP = HealthConnect("api", passing=False)
@@ -59,7 +75,7 @@ D2 = Instance("h3", "db-h3", "198.18.0.13", 21001)
 
 
 class Host:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, driver: type[ProxyDriver] = CountingNginx) -> None:
         (tmp / "services.d").mkdir()
         (tmp / "services.d" / "web.json").write_text(json.dumps({"service": {
             "name": "web", "port": 8080, "connect": {"sidecar_service": {"proxy": {
@@ -72,10 +88,10 @@ class Host:
             vault=VaultSettings(addr="http://127.0.0.1:1", token="t"),
             reload_splay=0.0)
         paths = ProxyPaths(config_dir=self.cfg.proxy_dir / "current",
-                           state_dir=self.cfg.data_dir / "nginx", run_dir=self.cfg.run_dir,
+                           state_dir=self.cfg.data_dir / "proxy", run_dir=self.cfg.run_dir,
                            plugins_dir=tmp / "plugins")
         self.source = MemorySource()
-        self.driver = CountingNginx(paths)
+        self.driver: Any = driver(paths)
         self.driver.pushed = []
         self.agent = Agent(self.cfg, driver=self.driver, consul=MemoryRegistry(),
                            watcher=self.source, issuer=Issuer(), clock=Clock(time.time()))
@@ -145,6 +161,37 @@ def test_an_instance_change_is_pushed_without_compiling_or_rendering(
     host.agent.reconcile(changed=True, reread=False)
     assert pushed_peers(host.driver.pushed[-1], "api") == [["198.18.0.13", 21000]]
     assert (compiles, host.driver.renders) == ([], renders)
+    assert host.agent._last_snapshot == host.full()
+
+
+def test_haproxy_renders_an_instance_change_once_into_its_slots_without_compiling(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    host = Host(tmp_path, counting(HAProxyDriver))
+    compiles: list[object] = []
+    real_build = loop_module.build_snapshot
+    monkeypatch.setattr(loop_module, "build_snapshot",
+                        lambda *a, **kw: compiles.append(a) or real_build(*a, **kw))
+    generation = host.agent.applier.current_generation()
+    renders = host.driver.renders
+    host.source.set(HTTP_UP, (A1, A2))  # two endpoints: still in the backend's four slots
+    host.agent.reconcile(changed=True, reread=False)
+    assert host.agent.applier.last is not None
+    assert host.agent.applier.last.action == "endpoints"
+    assert host.agent.applier.current_generation() == generation
+    # One render (the files, with the generation served), no structure render, no compile.
+    assert (compiles, host.driver.renders) == ([], renders + 1)
+    full = host.full()
+    assert host.agent._last_snapshot == full
+    assert host.current_files() == host.driver.render_config(full).files
+    filled = [v for slots in host.driver.pushed[-1]["backends"].values()
+              for v in slots.values() if v]
+    assert ["198.18.0.13", 21000, 1] in filled
+    # Five instances do not fit in four slots: a new structure, compiled and reloaded.
+    more = tuple(Instance("h4", f"api-{n}", f"198.18.0.{20 + n}", 21000) for n in range(5))
+    host.source.set(HTTP_UP, more)
+    host.agent.reconcile(changed=True, reread=False)
+    assert host.agent.applier.last.action == "reloaded"
+    assert compiles
     assert host.agent._last_snapshot == host.full()
 
 
