@@ -42,9 +42,7 @@ from meshctl.consul.keys import (
     IntentionMatch,
 )
 from meshctl.model import Instance, Snapshot, identity_dns, spiffe_id
-from meshctl.proxy.base import ProxyDriver, ProxyPaths
-from meshctl.proxy.haproxy import HAProxyDriver
-from meshctl.proxy.nginx import NginxDriver
+from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
 from meshctl.services import ServiceDefinition
 from meshctl.vault.leaf import LeafCert
 
@@ -178,7 +176,7 @@ class Host:
                           reload_splay=0.0)
         paths = ProxyPaths(config_dir=cfg.proxy_dir / "current", state_dir=cfg.data_dir / driver,
                            run_dir=cfg.run_dir, plugins_dir=root / "plugins")
-        cls = quiet(NginxDriver if driver == "nginx" else HAProxyDriver)
+        cls = quiet(load_driver(driver))
         self.values = Values()
         self.agent = Agent(cfg, driver=cls(paths), consul=Registry(), watcher=self.values,
                            issuer=Issuer())

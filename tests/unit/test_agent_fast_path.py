@@ -30,8 +30,8 @@ from meshctl.consul.keys import (
 )
 from meshctl.model import CertPaths, Instance, LocalService, Snapshot
 from meshctl.proxy.base import ProxyDriver, ProxyPaths
-from meshctl.proxy.haproxy import HAProxyDriver
-from meshctl.proxy.nginx import NginxDriver
+from meshctl.proxy.haproxy.driver import HAProxyDriver
+from meshctl.proxy.nginx.driver import NginxDriver
 from meshctl.services import ServiceDefinition, Upstream
 from tests.unit.test_agent_certs import Issuer
 from tests.unit.test_agent_loop import CHAINS, Clock, MemoryRegistry, MemorySource
@@ -289,3 +289,12 @@ def test_a_change_refresh_cannot_place_asks_for_the_full_compile() -> None:
     values[HealthConnect("plain", passing=False)] = (Instance("h2", "x", "not-an-ip", 1),)
     assert refresh_endpoints(last, values.get, targets,
                              {HealthConnect("plain", passing=False)}) is None
+
+
+def test_render_config_renders_nginx_once_with_the_files_render_gives(host: Host) -> None:
+    snap = host.full()
+    before = host.driver.renders
+    config = host.driver.render_config(snap)
+    assert host.driver.renders == before + 1
+    assert config.files == NginxDriver.render(host.driver, snap, config.generation)
+    assert config.files["nginx.conf"].count(config.generation) == NginxDriver.generation_marks
