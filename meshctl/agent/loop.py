@@ -31,8 +31,10 @@ from typing import Any, Protocol
 from meshctl import metrics
 from meshctl._fs import write_atomic
 from meshctl._watch import Key, WatchStatus, backoff_delay
+from meshctl.agent.answers import AnswerStore
 from meshctl.agent.parts import make_consul, make_driver, make_vault, make_watcher
 from meshctl.agent.planning import (
+    accepted_intentions,
     build_snapshot,
     ignored_by_entry,
     refresh_endpoints,
@@ -192,6 +194,10 @@ class Agent:
         self._targets: dict[str, TargetQuery | None] | None = None
         self._gaps: tuple[Snapshot | None, list[str]] = (None, [])  # driver.unsupported, cached
         self._persist_memo: PlainMemo = {}  # the persisted snapshot's parts (Snapshot.to_dict)
+        # Consul's answers as compile reads them: the watcher's, else the last good kept
+        # on disk (a restart while Consul is unreachable compiles from them).
+        self._answers = AnswerStore(cfg.data_dir / "last-good-answers.json", self.watcher.get)
+        self._accepted: dict[IntentionMatch, Any] = {}  # intention answers that compiled
         self._splay_until: float | None = None  # a splayed reload waits until then
 
     # ------------------------------------------------------------ lifecycle
@@ -547,7 +553,7 @@ class Agent:
     def _watch_upstreams(self, services: list[ServiceDefinition]) -> None:
         # The set follows the discovery chains already known: a chain that now
         # reaches another target (split, redirect, failover) adds its health watch.
-        keys = source_keys(services, self.watcher.get, self.cfg.datacenter)
+        keys = source_keys(services, self._answers.get, self.cfg.datacenter)
         now = self.clock()
         self._wanted_since = {k: self._wanted_since.get(k, now) for k in keys}
         self.watcher.watch_only(keys)
@@ -555,7 +561,7 @@ class Agent:
     def _report_ignored_fields(self, services: list[ServiceDefinition]) -> None:
         """The fields of the watched config entries and of the local sidecars' opaque
         config that meshctl does not honour, logged once per change."""
-        current = ignored_by_entry(self.watcher.get, services)
+        current = ignored_by_entry(self._answers.get, services)
         for d in services:
             local = ignored_sidecar_config(d)
             if local:
@@ -613,7 +619,7 @@ class Agent:
                 or self._splay_until is not None or self._retry_at <= self.clock()
                 or self.watcher.settling()):
             return False
-        refreshed = refresh_endpoints(last, self.watcher.get, self._targets, set(seen))
+        refreshed = refresh_endpoints(last, self._answers.get, self._targets, set(seen))
         if refreshed is None:
             return False
         snapshot, moved = refreshed
@@ -642,6 +648,22 @@ class Agent:
             return False
         self._applied(snapshot, result, services, seen)
         return True
+
+    def _unanswered_served(self) -> list[Key]:
+        """The watched keys of what the served snapshot holds (an upstream, a cluster
+        with endpoints, an inbound's intentions) that have no answer at all, from
+        Consul or kept."""
+        last = self._last_snapshot
+        if last is None:
+            return []
+        dests = {o.destination for o in last.outbounds}
+        targets = {c.service for c in last.clusters if c.endpoints}
+        inbounds = {i.service for i in last.inbounds if not i.authz.pending}
+        return [k for k in self._wanted_since
+                if ((isinstance(k, DiscoveryChain) and k.service in dests)
+                    or (isinstance(k, HealthConnect) and k.service in targets)
+                    or (isinstance(k, IntentionMatch) and k.service in inbounds))
+                and self._answers.get(k) is None]
 
     def _forget_changes(self, seen: dict[Key, int]) -> None:
         """An apply served the changes ``seen``: forget those not changed again since."""
@@ -684,15 +706,28 @@ class Agent:
                 self._warn_once("sidecar address unknown until Consul answers")
                 continue
             locals_.append(LocalService(d, address, self._ports.port_for(d), cert.paths))
-        targets = targets_of(self.watcher.get, [ls.definition for ls in locals_],
+        targets = targets_of(self._answers.get, [ls.definition for ls in locals_],
                              self.cfg.datacenter)
+        fallback = {ls.definition.name: self._answers.kept(IntentionMatch(ls.definition.name))
+                    for ls in locals_}
         try:
-            snapshot = build_snapshot(self.cfg, locals_, self.watcher.get, self._last_snapshot)
+            snapshot = build_snapshot(self.cfg, locals_, self._answers.get, fallback)
         except CompileError as exc:
             self._source_error("compile", exc)
             self._write_state(services)
             return
         self._source_ok("compile")
+        unanswered = self._unanswered_served()
+        if unanswered:
+            # Consul has never answered these keys of what is served, and none was
+            # kept (a first start, or one after an upgrade, with Consul down):
+            # compiling without them would take it away. Keep serving.
+            self._warn_once("keeping the served config until Consul answers for "
+                            + ", ".join(sorted(str(k) for k in unanswered)[:5])
+                            + (" …" if len(unanswered) > 5 else ""))
+            self._retry_at = min(self._retry_at, self.clock() + 2.0)
+            self._write_state(services)
+            return
         for w in (*snapshot.warnings, *self._unsupported(snapshot)):
             self._warn_once(w)
         last = self._last_snapshot
@@ -715,6 +750,8 @@ class Agent:
             self._write_state(services)
             return
         self._targets = targets
+        self._accepted = accepted_intentions(self.watcher.get, snapshot,
+                                             self.cfg.default_intention_action)
         self._applied(snapshot, result, services, seen or {})
 
     def _applied(self, snapshot: Snapshot, result: ApplyResult,
@@ -733,6 +770,8 @@ class Agent:
             # After the status file: `meshctl status` shows what is served without
             # waiting for the (larger) snapshot file.
             self._persist(snapshot)
+        # The answers it was compiled from, for a restart while Consul is unreachable.
+        self._answers.keep(self._wanted_since, self._accepted)
 
     def _apply_failed(self, snapshot: Snapshot, exc: MeshctlError) -> None:
         metrics.APPLY_TOTAL.labels(result="failed").inc()

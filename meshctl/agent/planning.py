@@ -24,6 +24,7 @@ from meshctl.consul.keys import (
 )
 from meshctl.errors import CompileError
 from meshctl.fields import HONOURED, IgnoredField, ignored_fields
+from meshctl.intentions import compile_intentions
 from meshctl.model import Cluster, Instance, LocalService, Snapshot
 from meshctl.services import ServiceDefinition
 
@@ -172,27 +173,42 @@ def protocols_from(get: Getter, names: set[str]) -> dict[str, str]:
     return out
 
 
-def instances_from(get: Getter, queries: set[TargetQuery], last: Snapshot | None,
-                   ) -> dict[Any, list[Instance]]:
-    """Instances per chain target; the persisted ones where Consul never answered."""
+def instances_from(get: Getter, queries: set[TargetQuery]) -> dict[Any, list[Instance]]:
+    """Instances per chain target, for the targets whose health has an answer."""
     out: dict[Any, list[Instance]] = {}
     for q in queries:
         value = get(health_of(q))
         if value is not None:
             out[q] = list(value)
-        elif last is not None:
-            out[q] = [
-                Instance(node=e.node, service_id=e.instance, address=e.address, port=e.port)
-                for c in last.clusters
-                if (c.service, c.subset, c.datacenter) == (q.service, q.subset, q.datacenter)
-                for e in c.endpoints
-            ]
+    return out
+
+
+def accepted_intentions(get: Getter, snapshot: Snapshot, default_action: str
+                        ) -> dict[IntentionMatch, Any]:
+    """The intention-match answers of ``snapshot``'s inbounds that compile as they
+    are (the ones to keep as the last good, see ``meshctl.agent.answers``)."""
+    out: dict[IntentionMatch, Any] = {}
+    for i in snapshot.inbounds:
+        key = IntentionMatch(i.service)
+        answer = get(key)
+        if answer is None:
+            continue
+        try:
+            compile_intentions(i.service, answer, http=i.protocol == "http",
+                               default_action=default_action)
+        except CompileError:
+            continue
+        out[key] = answer
     return out
 
 
 def build_snapshot(cfg: AgentConfig, locals_: list[LocalService], get: Getter,
-                   last: Snapshot | None) -> Snapshot:
-    """compile() fed from a value getter (the watcher's, or a one-shot query)."""
+                   intentions_fallback: Mapping[str, Any] | None = None) -> Snapshot:
+    """compile() fed from a value getter (the agent's answers, or a one-shot query).
+
+    ``intentions_fallback``: each local service's last intention answer that
+    compiled (see ``compile_snapshot``).
+    """
     upstreams = upstreams_of([ls.definition for ls in locals_])
     destinations = {dest for dest, _ in upstreams}
     local_names = {ls.definition.name for ls in locals_}
@@ -203,11 +219,10 @@ def build_snapshot(cfg: AgentConfig, locals_: list[LocalService], get: Getter,
         trust_domain=cfg.trust_domain,
         datacenter=cfg.datacenter,
         services=locals_,
-        instances=instances_from(get, _queries(get, upstreams, cfg.datacenter), last),
+        instances=instances_from(get, _queries(get, upstreams, cfg.datacenter)),
         protocols=protocols_from(get, names),
         chains=chains,
-        previous=last,
         intentions={name: get(IntentionMatch(name)) for name in local_names},
         default_intention_action=cfg.default_intention_action,
-        previous_authz={i.service: i.authz for i in last.inbounds} if last else None,
+        intentions_fallback=intentions_fallback,
     )
