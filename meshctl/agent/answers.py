@@ -60,6 +60,10 @@ class AnswerStore:
         value = self.live(key)
         return self._kept.get(key) if value is None else value
 
+    def any(self) -> bool:
+        """Whether any answer is kept."""
+        return bool(self._kept)
+
     def kept(self, key: Key) -> Any:
         """The answer kept for ``key`` (the last one compiled from), or None."""
         return self._kept.get(key)

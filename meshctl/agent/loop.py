@@ -198,6 +198,9 @@ class Agent:
         # on disk (a restart while Consul is unreachable compiles from them).
         self._answers = AnswerStore(cfg.data_dir / "last-good-answers.json", self.watcher.get)
         self._accepted: dict[IntentionMatch, Any] = {}  # intention answers that compiled
+        # Serving a snapshot from disk with no answer kept (a first start after an
+        # upgrade): until this agent applies, it does not drop what that serves.
+        self._unkept_start = self._last_snapshot is not None and not self._answers.any()
         self._splay_until: float | None = None  # a splayed reload waits until then
 
     # ------------------------------------------------------------ lifecycle
@@ -652,9 +655,10 @@ class Agent:
     def _unanswered_served(self) -> list[Key]:
         """The watched keys of what the served snapshot holds (an upstream, a cluster
         with endpoints, an inbound's intentions) that have no answer at all, from
-        Consul or kept."""
+        Consul or kept: only while the snapshot served is the one read from disk
+        at a start that found no kept answers (after that, compile has answers)."""
         last = self._last_snapshot
-        if last is None:
+        if last is None or not self._unkept_start:
             return []
         dests = {o.destination for o in last.outbounds}
         targets = {c.service for c in last.clusters if c.endpoints}
@@ -760,6 +764,7 @@ class Agent:
         metrics.APPLY_TOTAL.labels(result=result.action).inc()
         self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
         self._last_snapshot = snapshot
+        self._unkept_start = False
         self._forget_changes(seen)
         self._source_ok("proxy")
         self._retry_at = float("inf")
