@@ -8,6 +8,7 @@ from typing import Any
 
 from meshctl._watch import Key
 from meshctl.agent.loop import Agent
+from meshctl.agent.notify import SystemdNotifier
 from meshctl.agent.parts import make_driver
 from meshctl.agent.planning import build_snapshot
 from meshctl.agent.ports import PortBook
@@ -77,8 +78,8 @@ def deregister_host(cfg: AgentConfig) -> list[str]:
     return ids
 
 def run_agent(cfg: AgentConfig, ready: Callable[[], None] | None = None) -> None:
-    """Entry point used by ``meshctl agent``."""
-    agent = Agent(cfg)
+    """Entry point used by ``meshctl agent``: tells systemd (sd_notify) when run by it."""
+    agent = Agent(cfg, notifier=SystemdNotifier.from_environment())
     if ready:
         ready()
     agent.run()

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from meshctl import metrics
 from meshctl._fs import write_atomic
 from meshctl._watch import Key, WatchStatus, backoff_delay
+from meshctl.agent.notify import Notifier, SystemdNotifier, status_line
 from meshctl.agent.parts import make_consul, make_driver, make_vault, make_watcher
 from meshctl.agent.planning import build_snapshot, ignored_by_entry, source_keys
 from meshctl.agent.ports import PortBook, port_unavailable
@@ -128,8 +129,15 @@ class Agent:
                  consul: Registry | None = None, watcher: WatchedValues | None = None,
                  issuer: LeafIssuer | None = None,
                  clock: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
+        # The service manager hears of readiness, reloads and stops (sd_notify);
+        # nothing without one.
+        self.notifier: Notifier = notifier or SystemdNotifier(None)
+        self._served = False  # the proxy served a config (the first apply, or the last good)
+        self._reloading = False  # a SIGHUP's RELOADING=1 awaits its READY=1
+        self._ready_sent = False
         for d in (cfg.data_dir, cfg.certs_dir, cfg.proxy_dir, cfg.run_dir):
             d.mkdir(parents=True, exist_ok=True)
         cfg.data_dir.chmod(0o750)
@@ -184,7 +192,7 @@ class Agent:
         """Run until SIGTERM/SIGINT; deregister on the way out if configured."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
-        signal.signal(signal.SIGHUP, lambda *_: self._definitions_changed())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload())
         metrics.serve(self.cfg.metrics_address)
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
                  self.driver.name, self._safe_version())
@@ -192,18 +200,21 @@ class Agent:
         write_atomic(pid_path(self.cfg), f"{os.getpid()}\n".encode(), 0o644)
         if self._last_snapshot is not None:
             self._serve_last_good(self._last_snapshot)
+            self._tell_manager()  # READY=1 now: the first pass may wait on Consul
         self._start_dir_watch()
         self._proxy_watch.start()
         self.trigger.trigger()
         try:
             while not self._stop.is_set():
-                timeout = max(0.05, min(self._next_deadline() - self.clock(), 5.0))
+                timeout = max(0.05, min(self._next_deadline() - self.clock(), 5.0,
+                                        self.notifier.watchdog_interval or 5.0))
                 fired = self.trigger.wait(timeout)
                 if self._stop.is_set():
                     break
                 if fired or self.clock() >= self._next_deadline():
                     reread, self._defs_dirty = self._defs_dirty, False
                     self.reconcile(changed=fired, reread=reread)
+                self._tell_manager()
         finally:
             self._shutdown()
 
@@ -211,8 +222,31 @@ class Agent:
         self._stop.set()
         self.trigger.trigger()
 
+    def _reload(self) -> None:
+        # SIGHUP (systemctl reload): the pass it wakes reads services.d again;
+        # READY=1 follows that pass (``_tell_manager``).
+        self._reloading = True
+        self.notifier.reloading()
+        self._definitions_changed()
+
+    def _tell_manager(self) -> None:
+        """After each turn of the loop: the watchdog ping, readiness and the status line."""
+        self.notifier.watchdog()
+        snap = self._last_snapshot if self._served else None
+        failing = {k: v["error"] for k, v in self._source_state.items() if not v["ok"]}
+        line = status_line(self.applier.current_generation() if snap else None,
+                           len(snap.inbounds) if snap else 0,
+                           len(snap.outbounds) if snap else 0, failing)
+        if self._served and (self._reloading or not self._ready_sent):
+            self._reloading = False
+            self._ready_sent = True
+            self.notifier.ready(line)
+        else:
+            self.notifier.status(line)
+
     def _shutdown(self) -> None:
         log.info("meshctl agent stopping")
+        self.notifier.stopping()
         pid_path(self.cfg).unlink(missing_ok=True)
         if self._observer is not None:
             self._observer.stop()
@@ -623,6 +657,7 @@ class Agent:
                 self._persist(snapshot)
             self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
             self._last_snapshot = snapshot
+            self._served = True
             self._source_ok("proxy")
             self._retry_at = float("inf")
         except MeshctlError as exc:
@@ -673,6 +708,7 @@ class Agent:
         try:
             result = self.applier.apply(snapshot)
             log.info("serving the last good snapshot (%s) before Consul answers", result.action)
+            self._served = True
             self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
         except MeshctlError as exc:
             log.error("could not serve the last good snapshot: %s", exc)
