@@ -51,6 +51,11 @@ def _register() -> None:
 
     cli.add_command(intentions.intentions)
 
+    from meshctl.cli import ops
+
+    cli.add_command(ops.drain)
+    cli.add_command(ops.undrain)
+
 
 def main() -> None:
     """Console-script entry point."""

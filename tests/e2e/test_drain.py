@@ -1,0 +1,187 @@
+"""Draining a host under load, on both drivers: no request fails.
+
+    h1: web ── api → 127.0.0.1:9001 ──mTLS──▶ h2: api
+                                       └─────▶ h3: api   (drained, then stopped)
+
+Three clients in h1 call api through h1's sidecar (one new connection per
+request, two keep-alive) while ``meshctl drain`` runs on h3; then h3's agent
+and proxy are stopped (the proxy gracefully), as an upgrade or a reboot would.
+The load must see no failure at all, and h3 must have served a share of it
+before the drain (so the drain moved real traffic). ``meshctl undrain`` then
+brings h3 back into h1's balancing.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pytest
+
+from meshctl.agent.parts import make_driver
+from meshctl.config import load_config
+from meshctl.lab.mesh import Mesh, MeshHost, wait_until
+from tests.conftest import own_lab
+from tests.e2e.test_reload_under_load import _Broken, _dropped, _exchange, _NoResponse
+
+pytestmark = pytest.mark.root
+
+API_PORT = 9001
+LOAD_DEADLINE = 120.0
+PLAN = {"h1": ["web"], "h2": ["api"], "h3": ["api"]}
+
+
+@pytest.fixture(scope="module", params=["nginx", "haproxy"])
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    with own_lab(hosts=3) as lab:
+        mesh = Mesh(lab, str(request.param))
+        mesh.setup_vault(PLAN)
+        consul = lab.host("h1").consul()
+        for name in ("web", "api"):
+            consul.config.set("service-defaults", name, {"Protocol": "http"})
+        consul.config.set("service-intentions", "api",
+                          {"Sources": [{"Name": "web", "Action": "allow"}]})
+        h1 = mesh["h1"]
+        h1.add_service({"name": "web", "port": 8080, "connect": {"sidecar_service": {"proxy": {
+            "upstreams": [{"destination_name": "api", "local_bind_port": API_PORT}]}}}})
+        h1.start_app("web", 8080)
+        for name in ("h2", "h3"):
+            mesh[name].add_service({"name": "api", "port": 8080})
+            mesh[name].start_app("api", 8080)
+        for name in ("h2", "h3", "h1"):
+            mesh[name].write_config(proxy_shutdown_timeout=5)
+            mesh[name].start_agent()
+        wait_until("web to see both api hosts", lambda: len(h1.endpoints("api")) == 2,
+                   timeout=30)
+        yield mesh
+        mesh.stop()
+
+
+@dataclass
+class Load:
+    """What one client saw: answers by api host, and every failure."""
+
+    keepalive: bool
+    hosts: Counter[str] = field(default_factory=Counter)
+    stale_retried: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def load(port: int, keepalive: bool, stop: threading.Event) -> Load:
+    """GET /hello until ``stop`` (in h1). The policy of test_reload_under_load's client:
+    only a request that got zero bytes on a *reused* connection is retried (RFC 9112
+    §9.3.1); everything else that is not a 200 from api is a failure."""
+    out = Load(keepalive)
+    request = (b"GET /hello HTTP/1.1\r\nHost: api\r\n"
+               + (b"" if keepalive else b"Connection: close\r\n") + b"\r\n")
+    sock: socket.socket | None = None
+    deadline = time.monotonic() + LOAD_DEADLINE
+    while not stop.is_set() and time.monotonic() < deadline:
+        reused = sock is not None
+        if sock is not None and _dropped(sock):
+            sock.close()
+            sock, reused = None, False
+        try:
+            if sock is None:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            try:
+                status, body, keep = _exchange(sock, request)
+            except _NoResponse as exc:
+                sock.close()
+                sock = None
+                if not reused:
+                    raise _Broken(f"new connection: {exc}") from None
+                out.stale_retried += 1
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                status, body, keep = _exchange(sock, request)
+            if status != 200:
+                raise _Broken(f"answer {status}: {body[:200]!r}")
+            answer = json.loads(body)
+            if answer.get("service") != "api":
+                raise _Broken(f"answer from {answer.get('service')!r}: {body[:200]!r}")
+            out.hosts[str(answer.get("host"))] += 1
+        except (OSError, _Broken, _NoResponse, ValueError) as exc:
+            out.failures.append(f"{type(exc).__name__}: {exc}")
+            keep = False
+        if not (keepalive and keep) and sock is not None:
+            sock.close()
+            sock = None
+    if sock is not None:
+        sock.close()
+    return out
+
+
+def _maintenance_checks(h: MeshHost) -> list[str]:
+    checks = h.host.consul().agent.checks()
+    return sorted(c for c in checks if c.startswith("_service_maintenance:"))
+
+
+def _served(results: list[Load]) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for r in results:
+        total.update(r.hosts)
+    return total
+
+
+def test_a_drained_host_is_stopped_under_load_without_a_failed_request(mesh: Mesh) -> None:
+    h1, h2, h3 = mesh["h1"], mesh["h2"], mesh["h3"]
+    wait_until("h1 to balance to h3", lambda: _h3_answers(h1), timeout=30)
+    stop = threading.Event()
+    modes = [False, True, True]
+    with ThreadPoolExecutor(len(modes)) as pool:
+        futures = [pool.submit(h1.host.call, load, API_PORT, keepalive, stop)
+                   for keepalive in modes]
+        try:
+            time.sleep(1.0)  # the load runs over both api hosts first
+            drained = h3.meshctl("drain", "--timeout", "30s", "--json", timeout=60)
+            assert drained.returncode == 0, drained.stdout + drained.stderr
+            report = json.loads(drained.stdout)
+            assert report["drained"] and report["sidecars"] == ["api-sidecar-proxy"], report
+            # h1's sidecar no longer balances to h3: only h2 is left.
+            assert h1.endpoints("api") == [f"{h2.ip}:{_sidecar_port(h2)}"]
+            # Now stop h3 as an upgrade or a reboot would: the agent, then the proxy
+            # (gracefully: whatever it still carried finishes).
+            port = _sidecar_port(h3)
+            h3.stop_agent()
+            make_driver(load_config(h3.config_path)).stop(timeout=10)
+            with pytest.raises(OSError):
+                h1.host.tcp_connect(h3.ip, port, timeout=1.0)
+            time.sleep(1.0)  # and h2 carries the load alone for a while
+        finally:
+            stop.set()
+        results = [f.result(timeout=LOAD_DEADLINE + 30) for f in futures]
+    served = _served(results)
+    summary = {"served": dict(served), "failures": [r.failures[:5] for r in results],
+               "stale_retried": [r.stale_retried for r in results], "drain": report}
+    print(json.dumps(summary))
+    assert [r.failures for r in results] == [[], [], []], summary
+    assert served["h3"] > 0 and served["h2"] > 0, summary
+
+    # The restarted agent registers h3's services again: the mark survives it, so a
+    # drained host stays drained through its upgrade until undrained.
+    h3.start_agent()
+    assert _maintenance_checks(h3) == ["_service_maintenance:api-sidecar-proxy"]
+    assert len(h1.endpoints("api")) == 1
+    undone = h3.meshctl("undrain", timeout=30)
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    assert _maintenance_checks(h3) == []
+    wait_until("h1 to balance to h3 again", lambda: _h3_answers(h1), timeout=30)
+
+
+def _h3_answers(h1: MeshHost) -> bool:
+    """Some answer of api through h1 comes from h3 (both hosts are balanced to)."""
+    return any((h1.get(API_PORT, "/hello")[1] or {}).get("host") == "h3"  # type: ignore[union-attr]
+               for _ in range(10))
+
+
+def _sidecar_port(h: MeshHost) -> int:
+    for svc in (h.status() or {}).get("services", []):
+        if svc.get("name") == "api":
+            return int(svc["sidecar_port"])
+    raise AssertionError(f"no api sidecar on {h.name}")
