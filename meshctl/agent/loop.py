@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from meshctl import metrics
 from meshctl._fs import write_atomic
 from meshctl._watch import Key, WatchStatus, backoff_delay
+from meshctl.agent.certs import EVERY, take_renewal_request
 from meshctl.agent.notify import Notifier, SystemdNotifier, status_line
 from meshctl.agent.parts import make_consul, make_driver, make_vault, make_watcher
 from meshctl.agent.planning import build_snapshot, ignored_by_entry, source_keys
@@ -227,6 +228,12 @@ class Agent:
         # READY=1 follows that pass (``_tell_manager``).
         self._reloading = True
         self.notifier.reloading()
+        # `meshctl certs renew` left a request: those leaves are due now.
+        wanted = take_renewal_request(self.cfg.run_dir)
+        for name, st in self._certs.items():
+            if EVERY in wanted or name in wanted:
+                log.info("certificate for %s: renewal asked (meshctl certs renew)", name)
+                st.renew_at = 0.0
         self._definitions_changed()
 
     def _tell_manager(self) -> None:

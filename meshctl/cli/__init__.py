@@ -55,6 +55,7 @@ def _register() -> None:
 
     cli.add_command(ops.drain)
     cli.add_command(ops.undrain)
+    cli.add_command(ops.certs)
 
 
 def main() -> None:

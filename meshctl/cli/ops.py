@@ -1,15 +1,19 @@
-"""``meshctl drain`` and ``meshctl undrain``: a host's sidecars out of and back into the mesh."""
+"""Operations on one host: ``drain``/``undrain`` (out of and back into the mesh), ``certs``."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
 
 from meshctl.cli._config import config_option, load_agent_config
 from meshctl.cli._output import emit
-from meshctl.errors import DrainError
+from meshctl.cli.agent import _ago
+from meshctl.errors import ConfigError, DrainError, VaultError
 from meshctl.names import duration_seconds
+from meshctl.snapshot_io import read_state
+from meshctl.tables import table
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
@@ -61,3 +65,69 @@ def undrain(config_path: Path | None) -> None:
 
     ids = undrain_host(cfg)
     click.echo("out of maintenance: " + (", ".join(ids) or "(no sidecars registered)"))
+
+
+@click.group(invoke_without_command=True)
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def certs(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
+    """This host's leaf certificates (identity, serial, expiry, renewal, issuer) and CA bundle."""
+    if ctx.invoked_subcommand is not None:
+        return
+    cfg = load_agent_config(config_path)
+    from meshctl.agent.certs import ca_bundle, local_leaves
+
+    leaves, bundle = local_leaves(cfg), ca_bundle(cfg)
+    data = {"leaves": [v.to_dict() for v in leaves], "ca_bundle": bundle}
+    human = table(
+        ["service", "identity", "serial", "not after", "renews", "issuer", "chain"],
+        [[v.service, v.identity, v.serial, v.not_after.strftime("%Y-%m-%d %H:%M:%SZ"),
+          _ago(v.renew_at), v.issuer, "ok" if v.chains else "NOT in the CA bundle"]
+         for v in leaves]) if leaves else "no leaf certificates in " + str(cfg.certs_dir)
+    human += "\n\nCA bundle:\n" + (table(
+        ["subject", "serial", "not after"],
+        [[c["subject"], c["serial"], c["not_after"]] for c in bundle]) if bundle else
+        "  (none: the agent fetches it from Vault with the first leaf)")
+    emit(data, as_json, human)
+
+
+@certs.command("renew")
+@config_option
+@click.argument("services", nargs=-1)
+@click.option("--timeout", default="60s", callback=_duration, show_default=True,
+              help="How long to wait for the renewed leaves to be served.")
+def renew(config_path: Path | None, services: tuple[str, ...], timeout: float) -> None:
+    """Renew SERVICES' leaves now (all of this host's without one), through the running agent.
+
+    Returns once the agent has issued each and the proxy serves it (a graceful
+    reload: requests in flight finish). Exit 1 after --timeout.
+    """
+    cfg = load_agent_config(config_path)
+    from meshctl.agent.certs import local_leaves, request_renewal
+
+    before = {v.service: v.serial for v in local_leaves(cfg)}
+    unknown = sorted(set(services) - set(before))
+    if unknown:
+        raise ConfigError(f"not a service with a leaf on this host: {', '.join(unknown)} "
+                          f"(this host's: {', '.join(sorted(before)) or 'none'})")
+    wanted = sorted(services) or sorted(before)
+    asked = time.time()
+    request_renewal(cfg, list(services))
+    deadline = time.monotonic() + timeout
+    while True:
+        now = {v.service: v.serial for v in local_leaves(cfg)}
+        state = read_state(cfg.state_path) or {}
+        applied = state.get("last_apply") or {}
+        renewed = [s for s in wanted if now.get(s) not in (None, before[s])]
+        if (len(renewed) == len(wanted) and applied.get("at", 0) >= asked
+                and applied.get("action") != "failed"):
+            for s in wanted:
+                click.echo(f"{s}: renewed, serial {before[s]} -> {now[s]}; served "
+                           f"(generation {applied.get('generation')})")
+            return
+        if time.monotonic() >= deadline:
+            missing = sorted(set(wanted) - set(renewed)) or ["(issued, not yet served)"]
+            raise VaultError(f"renewal not served after {timeout:g}s: {', '.join(missing)} "
+                             "(see `meshctl status` for the Vault or proxy error)")
+        time.sleep(0.2)

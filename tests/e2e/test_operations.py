@@ -1,9 +1,14 @@
-"""Draining a host under load, on both drivers: no request fails.
+"""Operations on a host under load, on both drivers: no request fails.
 
+Certificates: ``meshctl certs`` lists what the proxies serve, and
+``meshctl certs renew`` renews leaves through the running agents while the
+load runs; the sidecar then presents the new leaf.
+
+Drain:
     h1: web ── api → 127.0.0.1:9001 ──mTLS──▶ h2: api
                                        └─────▶ h3: api   (drained, then stopped)
 
-Three clients in h1 call api through h1's sidecar (one new connection per
+three clients in h1 call api through h1's sidecar (one new connection per
 request, two keep-alive) while ``meshctl drain`` runs on h3; then h3's agent
 and proxy are stopped (the proxy gracefully), as an upgrade or a reboot would.
 The load must see no failure at all, and h3 must have served a share of it
@@ -15,18 +20,23 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import pytest
+from cryptography import x509
 
 from meshctl.agent.parts import make_driver
 from meshctl.config import load_config
-from meshctl.lab.mesh import Mesh, MeshHost, wait_until
+from meshctl.lab.mesh import DATACENTER, TRUST_DOMAIN, Mesh, MeshHost, wait_until
+from meshctl.vault.leaf import format_serial
 from tests.conftest import own_lab
 from tests.e2e.test_reload_under_load import _Broken, _dropped, _exchange, _NoResponse
 
@@ -117,6 +127,94 @@ def load(port: int, keepalive: bool, stop: threading.Event) -> Load:
     return out
 
 
+def run_clients(h1: MeshHost, during: Callable[[], None]) -> list[Load]:
+    """Three clients in h1 (one new connection per request, two keep-alive) around ``during``."""
+    stop = threading.Event()
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(h1.host.call, load, API_PORT, keepalive, stop)
+                   for keepalive in (False, True, True)]
+        try:
+            time.sleep(1.0)  # the load runs over both api hosts first
+            during()
+            time.sleep(1.0)  # and a while after
+        finally:
+            stop.set()
+        return [f.result(timeout=LOAD_DEADLINE + 30) for f in futures]
+
+
+def presented_serial(h1: MeshHost, h: MeshHost) -> str:
+    """The serial of the leaf h's api sidecar presents to a mesh client (h1's web leaf)."""
+    certs = h1.data_dir / "certs"
+    port = _sidecar_port(h)
+
+    def handshake() -> str:
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(str(certs / "web.crt"), str(certs / "web.key"))
+        with socket.create_connection((h.ip, port), timeout=5) as raw, \
+                ctx.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return format_serial(x509.load_der_x509_certificate(der).serial_number)
+
+    return h1.host.call(handshake)
+
+
+def _leaves(h: MeshHost) -> dict[str, dict[str, Any]]:
+    proc = h.meshctl("certs", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["ca_bundle"], doc
+    return {v["service"]: v for v in doc["leaves"]}
+
+
+def test_certs_shows_the_leaves_the_sidecars_present(mesh: Mesh) -> None:
+    h1, h2 = mesh["h1"], mesh["h2"]
+    leaves = _leaves(h2)
+    assert list(leaves) == ["api"]
+    api = leaves["api"]
+    assert api["identity"] == "spiffe://" + TRUST_DOMAIN + "/ns/default/dc/" + DATACENTER + \
+        "/svc/api"
+    assert api["chains_to_bundle"] is True
+    assert api["serial"] == presented_serial(h1, h2)
+    state = {s["name"]: s for s in (h2.status() or {})["services"]}
+    assert api["renew_at"] == state["api"]["cert_renews"]
+    assert datetime.fromisoformat(api["not_after"]).timestamp() > api["renew_at"]
+    assert api["issuer"]
+
+
+def test_a_renewal_is_served_under_load_without_a_failed_request(mesh: Mesh) -> None:
+    h1, h2, h3 = mesh["h1"], mesh["h2"], mesh["h3"]
+    before = {h.name: _leaves(h) for h in (h1, h2, h3)}
+    outputs: list[str] = []
+
+    def renew() -> None:
+        # The callee's inbound leaf on h2, and every leaf of the caller h1 (its
+        # outbound identity): both ends reload while the load runs.
+        for h, args in ((h2, ("api",)), (h1, ())):
+            proc = h.meshctl("certs", "renew", *args, timeout=90)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            outputs.append(proc.stdout)
+
+    results = run_clients(h1, renew)
+    after = {h.name: _leaves(h) for h in (h1, h2, h3)}
+    summary = {"served": dict(_served(results)), "failures": [r.failures[:5] for r in results],
+               "stale_retried": [r.stale_retried for r in results], "renew": outputs}
+    print(json.dumps(summary))
+    assert [r.failures for r in results] == [[], [], []], summary
+    assert after["h2"]["api"]["serial"] != before["h2"]["api"]["serial"]
+    assert after["h1"]["web"]["serial"] != before["h1"]["web"]["serial"]
+    assert after["h3"]["api"]["serial"] == before["h3"]["api"]["serial"]  # not asked
+    assert presented_serial(h1, h2) == after["h2"]["api"]["serial"]
+
+
+def test_a_renewal_of_an_unknown_service_is_refused_naming_the_hosts_services(
+        mesh: Mesh) -> None:
+    proc = mesh["h2"].meshctl("certs", "renew", "web")
+    assert proc.returncode == 1
+    assert "not a service with a leaf on this host: web (this host's: api)" in proc.stderr
+
+
 def _maintenance_checks(h: MeshHost) -> list[str]:
     checks = h.host.consul().agent.checks()
     return sorted(c for c in checks if c.startswith("_service_maintenance:"))
@@ -132,30 +230,24 @@ def _served(results: list[Load]) -> Counter[str]:
 def test_a_drained_host_is_stopped_under_load_without_a_failed_request(mesh: Mesh) -> None:
     h1, h2, h3 = mesh["h1"], mesh["h2"], mesh["h3"]
     wait_until("h1 to balance to h3", lambda: _h3_answers(h1), timeout=30)
-    stop = threading.Event()
-    modes = [False, True, True]
-    with ThreadPoolExecutor(len(modes)) as pool:
-        futures = [pool.submit(h1.host.call, load, API_PORT, keepalive, stop)
-                   for keepalive in modes]
-        try:
-            time.sleep(1.0)  # the load runs over both api hosts first
-            drained = h3.meshctl("drain", "--timeout", "30s", "--json", timeout=60)
-            assert drained.returncode == 0, drained.stdout + drained.stderr
-            report = json.loads(drained.stdout)
-            assert report["drained"] and report["sidecars"] == ["api-sidecar-proxy"], report
-            # h1's sidecar no longer balances to h3: only h2 is left.
-            assert h1.endpoints("api") == [f"{h2.ip}:{_sidecar_port(h2)}"]
-            # Now stop h3 as an upgrade or a reboot would: the agent, then the proxy
-            # (gracefully: whatever it still carried finishes).
-            port = _sidecar_port(h3)
-            h3.stop_agent()
-            make_driver(load_config(h3.config_path)).stop(timeout=10)
-            with pytest.raises(OSError):
-                h1.host.tcp_connect(h3.ip, port, timeout=1.0)
-            time.sleep(1.0)  # and h2 carries the load alone for a while
-        finally:
-            stop.set()
-        results = [f.result(timeout=LOAD_DEADLINE + 30) for f in futures]
+    report: dict[str, Any] = {}
+
+    def drain_and_stop() -> None:
+        drained = h3.meshctl("drain", "--timeout", "30s", "--json", timeout=60)
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        report.update(json.loads(drained.stdout))
+        assert report["drained"] and report["sidecars"] == ["api-sidecar-proxy"], report
+        # h1's sidecar no longer balances to h3: only h2 is left.
+        assert h1.endpoints("api") == [f"{h2.ip}:{_sidecar_port(h2)}"]
+        # Now stop h3 as an upgrade or a reboot would: the agent, then the proxy
+        # (gracefully: whatever it still carried finishes).
+        port = _sidecar_port(h3)
+        h3.stop_agent()
+        make_driver(load_config(h3.config_path)).stop(timeout=10)
+        with pytest.raises(OSError):
+            h1.host.tcp_connect(h3.ip, port, timeout=1.0)
+
+    results = run_clients(h1, drain_and_stop)
     served = _served(results)
     summary = {"served": dict(served), "failures": [r.failures[:5] for r in results],
                "stale_retried": [r.stale_retried for r in results], "drain": report}
