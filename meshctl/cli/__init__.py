@@ -56,6 +56,7 @@ def _register() -> None:
     cli.add_command(ops.drain)
     cli.add_command(ops.undrain)
     cli.add_command(ops.certs)
+    cli.add_command(ops.doctor)
 
 
 def main() -> None:

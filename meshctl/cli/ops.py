@@ -1,7 +1,9 @@
-"""Operations on one host: ``drain``/``undrain`` (out of and back into the mesh), ``certs``."""
+"""Operations on one host: ``drain``/``undrain`` (out of and back into the mesh), ``certs``,
+``doctor``."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -131,3 +133,32 @@ def renew(config_path: Path | None, services: tuple[str, ...], timeout: float) -
             raise VaultError(f"renewal not served after {timeout:g}s: {', '.join(missing)} "
                              "(see `meshctl status` for the Vault or proxy error)")
         time.sleep(0.2)
+
+
+@click.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(config_path: Path | None, as_json: bool) -> None:
+    """Check what this host needs to serve, each with ok/fail and the fix; exit 1 on a failure.
+
+    The config and services.d; Consul reachable and the token's rights; Vault
+    login and the right to sign for each local service; the proxy binary with
+    its modules and Lua libraries; the upstream ports; the clock against
+    Consul's and Vault's; each leaf's validity, identity and chain; the proxy
+    serving the generation the agent applied. Changes nothing.
+    """
+    from meshctl.agent.doctor import Check, run_checks
+
+    try:
+        cfg = load_agent_config(config_path)
+    except ConfigError as exc:
+        checks = [Check("config", False, str(exc), "fix the setting named")]
+    else:
+        checks = run_checks(cfg, str(config_path or "(defaults)"))
+    failed = [c for c in checks if not c.ok]
+    human = table(["check", "", "detail", "fix"],
+                  [[c.name, "ok" if c.ok else "FAIL", c.detail, c.fix] for c in checks])
+    emit({"ok": not failed, "checks": [c.to_dict() for c in checks]}, as_json,
+         human + ("" if as_json else f"\n\n{len(failed)} failed" if failed else "\n\nall ok"))
+    if failed:
+        sys.exit(1)

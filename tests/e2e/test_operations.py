@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -215,6 +217,79 @@ def test_a_renewal_of_an_unknown_service_is_refused_naming_the_hosts_services(
     assert "not a service with a leaf on this host: web (this host's: api)" in proc.stderr
 
 
+def doctor(h: MeshHost, config: Path | None = None) -> tuple[int, dict[str, dict[str, Any]]]:
+    """``meshctl doctor --json`` in h (with another config file if given): exit code and
+    the checks by name."""
+    argv = [sys.executable, "-m", "meshctl.cli", "doctor", "--json", "--config",
+            str(config or h.config_path)]
+    proc = h.host.run(argv, check=False, timeout=60, env=h.agent_env or None)
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] == (proc.returncode == 0), proc.stdout + proc.stderr
+    return proc.returncode, {c["check"]: c for c in doc["checks"]}
+
+
+def failing(checks: dict[str, dict[str, Any]]) -> list[str]:
+    return sorted(name for name, c in checks.items() if not c["ok"])
+
+
+def test_doctor_finds_a_healthy_host_healthy(mesh: Mesh) -> None:
+    for name in ("h1", "h2"):
+        code, checks = doctor(mesh[name])
+        assert code == 0 and failing(checks) == [], {k: c for k, c in checks.items() if not c["ok"]}
+        assert set(checks) == {"config", "definitions", "consul", "clock (Consul)",
+                               "consul token", "vault", "clock (Vault)", "vault policy",
+                               "proxy", "proxy serving", "ports", "certificates"}
+
+
+def test_doctor_names_a_service_the_vault_policy_does_not_cover(mesh: Mesh) -> None:
+    h2 = mesh["h2"]
+    h2.add_service({"name": "extra", "port": 8085}, "extra.json")
+    try:
+        code, checks = doctor(h2)
+    finally:
+        h2.remove_service("extra.json")
+    assert code == 1 and failing(checks) == ["certificates", "vault policy"], checks
+    assert "may not sign for: extra" in checks["vault policy"]["detail"]
+    assert "meshctl vault setup --host h2=" in checks["vault policy"]["fix"]
+    assert "extra: no leaf" in checks["certificates"]["detail"]
+
+
+def test_doctor_names_the_process_that_holds_an_upstream_port(mesh: Mesh) -> None:
+    h1 = mesh["h1"]
+    web = h1.services_dir / "web.json"
+    good = web.read_text()
+    holder = h1.host.spawn([sys.executable, "-c", "import socket, time; s = socket.socket(); "
+                            "s.bind(('127.0.0.1', 9020)); s.listen(); time.sleep(600)"],
+                           "port-holder")
+    try:
+        h1.host.wait_tcp(9020)
+        doc = json.loads(good)
+        doc["service"]["connect"]["sidecar_service"]["proxy"]["upstreams"].append(
+            {"destination_name": "kv", "local_bind_port": 9020})
+        web.write_text(json.dumps(doc))
+        code, checks = doctor(h1)
+    finally:
+        web.write_text(good)
+        holder.stop(timeout=5)
+    assert code == 1 and failing(checks) == ["ports"], checks
+    assert f"port 9020: pid {holder.pid} (python" in checks["ports"]["detail"]
+
+
+def test_doctor_explains_an_unreachable_consul_and_a_missing_proxy_binary(
+        mesh: Mesh, tmp_path: Path) -> None:
+    h2 = mesh["h2"]
+    broken = tmp_path / "agent.toml"
+    text = h2.config_path.read_text().replace('addr = "http://127.0.0.1:8500"',
+                                              'addr = "http://127.0.0.1:1"')
+    broken.write_text(f'proxy_binary = "{tmp_path / "no-such-proxy"}"\n' + text)
+    code, checks = doctor(h2, broken)
+    assert code == 1
+    # (the running proxy is not this binary's: not "serving" for this config either)
+    assert failing(checks) == ["consul", "proxy", "proxy serving"], checks
+    assert "set consul.addr" in checks["consul"]["fix"]
+    assert "no-such-proxy" in checks["proxy"]["detail"]
+
+
 def _maintenance_checks(h: MeshHost) -> list[str]:
     checks = h.host.consul().agent.checks()
     return sorted(c for c in checks if c.startswith("_service_maintenance:"))
@@ -246,6 +321,9 @@ def test_a_drained_host_is_stopped_under_load_without_a_failed_request(mesh: Mes
         make_driver(load_config(h3.config_path)).stop(timeout=10)
         with pytest.raises(OSError):
             h1.host.tcp_connect(h3.ip, port, timeout=1.0)
+        code, checks = doctor(h3)
+        assert code == 1 and failing(checks) == ["proxy serving"], checks
+        assert "not running" in checks["proxy serving"]["detail"]
 
     results = run_clients(h1, drain_and_stop)
     served = _served(results)
