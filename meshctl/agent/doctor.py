@@ -113,6 +113,7 @@ def check_consul(cfg: AgentConfig, defs: list[ServiceDefinition]) -> list[Check]
         wanted += [{"Resource": "service", "Segment": u.destination_name, "Access": "read"}
                    for d in defs for u in d.upstreams]
         out.append(_consul_rights(consul, wanted))
+        out.append(_local_health(consul, defs))
         return out
     finally:
         consul.close()
@@ -141,6 +142,37 @@ def _consul_rights(consul: ConsulClient, wanted: list[dict[str, str]]) -> Check:
         return _fail("consul token", "the token lacks " + ", ".join(denied),
                      "add these rules to the host's Consul policy")
     return Check("consul token", True, f"allowed: {len(wanted)} permission(s) asked")
+
+
+def _local_health(consul: ConsulClient, defs: list[ServiceDefinition]) -> Check:
+    """Every local service and its sidecar registered and passing on the local agent
+    (what callers are shown); a sidecar in maintenance is named as drained."""
+    c = consul.api
+    bad: list[str] = []
+    for d in sorted(defs, key=lambda d: d.id):
+        for sid in (d.id, f"{d.id}-sidecar-proxy"):
+            url = f"{consul.settings.addr.rstrip('/')}/v1/agent/health/service/id/{sid}"
+            try:
+                resp = c.http.session.get(url, headers=c.prepare_headers(), timeout=5.0)
+            except FAILURES as exc:
+                bad.append(f"{sid}: {type(exc).__name__}")
+                continue
+            if resp.status_code == 200:
+                continue
+            if resp.status_code == 404:
+                bad.append(f"{sid}: not registered")
+                continue
+            checks = (resp.json() or {}).get("Checks") or [] if resp.content else []
+            why = [f"{ch.get('Name') or ch.get('CheckID')}: {ch.get('Status')}"
+                   for ch in checks if ch.get("Status") != "passing"]
+            bad.append(f"{sid}: " + ("; ".join(why) or f"status {resp.status_code}"))
+    if bad:
+        drained = any("maintenance" in b.lower() for b in bad)
+        return _fail("local health", "; ".join(bad),
+                     "`meshctl undrain` ends the maintenance" if drained else
+                     "start the service or fix its check; a sidecar's check passes once "
+                     "the agent serves it")
+    return Check("local health", True, f"{2 * len(defs)} service(s) and sidecar(s) passing")
 
 
 def check_vault(cfg: AgentConfig, defs: list[ServiceDefinition]) -> list[Check]:

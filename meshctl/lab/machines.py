@@ -16,7 +16,8 @@ systemd unit and its own sshd (the key of the lab in ``root/.ssh``).
 meshctl is installed offline, as on a fleet without internet: a wheel of the
 work tree plus the cached wheelhouse of its dependencies, into ``/opt/meshctl``;
 the packaged unit ``packaging/systemd/meshctl-agent.service`` is installed
-(disabled) for the tests to start.
+(disabled) for the tests to start. With ``install=False`` neither is: an
+Ansible rollout over SSH installs them (``tests/e2e/test_rollout.py``).
 
 Machines are stopped by the pid of their nspawn (SIGTERM: an orderly
 poweroff; SIGKILL after a bound), the overlays unmounted and removed, also
@@ -138,7 +139,8 @@ class Machine:
 class Machines:
     """Booted machines on ``lab``'s bridge (see the module docstring)."""
 
-    def __init__(self, lab: Lab, names: Sequence[str]) -> None:
+    def __init__(self, lab: Lab, names: Sequence[str], install: bool = True) -> None:
+        """``install=False``: no meshctl on the machines (a rollout installs it)."""
         if not lab.is_up:
             raise LabError("bring the lab up before its machines")
         self.lab = lab
@@ -147,6 +149,7 @@ class Machines:
         self.machines = {n: Machine(lab, n, f"{SUBNET}.{FIRST_MACHINE + i}", self.dir / n)
                          for i, n in enumerate(names)}
         self.ssh_key = self.dir / "id_ed25519"
+        self.install = install
 
     def __getitem__(self, name: str) -> Machine:
         return self.machines[name]
@@ -172,7 +175,7 @@ class Machines:
         """Build each machine's overlay, boot them all, wait until each is up."""
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.ssh_key)],
                        check=True, capture_output=True, timeout=30)
-        wheel = self._build_wheel()
+        wheel = self._build_wheel() if self.install else None
         for m in self.machines.values():
             self._prepare(m, wheel)
         for m in self.machines.values():
@@ -187,7 +190,7 @@ class Machines:
                        check=True, capture_output=True, timeout=300)
         return next(out.glob("meshctl-*.whl"))
 
-    def _prepare(self, m: Machine, wheel: Path) -> None:
+    def _prepare(self, m: Machine, wheel: Path | None) -> None:
         for d in ("upper", "work", "root"):
             (m.workdir / d).mkdir(parents=True)
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
@@ -233,6 +236,10 @@ WantedBy=multi-user.target
                        capture_output=True, timeout=60)
         m.write("/root/.ssh/authorized_keys", Path(f"{self.ssh_key}.pub").read_text(), 0o600)
         (m.root / "root/.ssh").chmod(0o700)
+        # The demo application, stdlib only: it runs without meshctl installed.
+        shutil.copy2(REPO / "meshctl" / "lab" / "demoapp.py", m.root / "usr/local/lib/demoapp.py")
+        if wheel is None:
+            return
         # meshctl, offline: the work tree's wheel and the cached wheelhouse.
         stage = m.root / "var/cache/meshctl-wheels"
         shutil.copytree(self.wheels, stage)

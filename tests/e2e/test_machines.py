@@ -102,10 +102,10 @@ def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
             "name": "api", "port": 8080,
             "check": {"http": "http://127.0.0.1:8080/health", "interval": "1s"}}}))
         m1.run(["chown", "-R", "meshctl:meshctl", "/etc/meshctl"])
-        m1.write("/etc/systemd/system/demo-api.service", f"""[Unit]
+        m1.write("/etc/systemd/system/demo-api.service", """[Unit]
 Description=the api demo application
 [Service]
-ExecStart={PY} -m meshctl.lab.demoapp --service api --host m1 --port 8080
+ExecStart=/usr/bin/python3 /usr/local/lib/demoapp.py --service api --host m1 --port 8080
 """)
         m1.write(f"/etc/systemd/system/{AGENT}.d/lab.conf",
                  f"[Service]\nWatchdogSec={WATCHDOG}s\n")
