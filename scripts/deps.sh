@@ -22,7 +22,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # ---- system packages -------------------------------------------------------
 pkgs=(nginx libnginx-mod-http-lua libnginx-mod-stream lua-cjson haproxy iproute2 wrk curl procps
-      debootstrap systemd-container)
+      debootstrap systemd-container vagrant)
 missing=()
 for p in "${pkgs[@]}"; do
     [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) == *"install ok installed"* ]] || missing+=("$p")
