@@ -16,6 +16,11 @@ health query sees), then waits, bounded, until
 The connections are read with ``ss`` (iproute2): the kernel's own per-socket
 ``lastrcv``/``lastsnd``, whatever the proxy, so no driver knowledge is needed.
 ``undrain_host`` takes the sidecars out of maintenance.
+
+Under systemd, the agent drains by itself on a stop that is not a restart
+(``systemctl stop``: the unit's pending job is a stop, ``final_stop``), with
+its own reason (``STOP_REASON``), and ends that drain when it starts again; a
+drain asked with ``meshctl drain`` stays until ``meshctl undrain``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from meshctl.config import AgentConfig
 from meshctl.consul.client import ConsulClient, Sidecar
@@ -35,6 +41,8 @@ log = logging.getLogger("meshctl.agent")
 
 #: the reason Consul shows for the maintenance mark (and how undrain knows it is ours)
 REASON = "meshctl drain"
+#: the reason of the drain the agent does itself on `systemctl stop`
+STOP_REASON = "meshctl agent stopped (systemctl stop)"
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,8 @@ class DrainReport:
 
 def drain_host(cfg: AgentConfig, timeout: float = 60.0, quiet: float = 2.0,
                connections: Callable[[], list[Connection]] = read_connections,
-               sleep: Callable[[float], None] = time.sleep) -> DrainReport:
+               sleep: Callable[[float], None] = time.sleep,
+               reason: str = REASON) -> DrainReport:
     """Put this host's sidecars in maintenance and wait (``timeout``) until callers left.
 
     Returns the report (``drained`` False when the bound was reached first: the
@@ -138,7 +147,7 @@ def drain_host(cfg: AgentConfig, timeout: float = 60.0, quiet: float = 2.0,
         sidecars = consul.local_sidecars()
         node = consul.node_name()
         for sc in sorted(sidecars.values(), key=lambda s: s.id):
-            consul.set_maintenance(sc.id, True, REASON)
+            consul.set_maintenance(sc.id, True, reason)
             log.info("%s: in maintenance (callers stop picking it)", sc.id)
         report = DrainReport(sorted(sidecars))
         ports = {sc.port for sc in sidecars.values()}
@@ -161,14 +170,57 @@ def drain_host(cfg: AgentConfig, timeout: float = 60.0, quiet: float = 2.0,
     return report
 
 
-def undrain_host(cfg: AgentConfig) -> list[str]:
-    """Take this host's sidecars out of maintenance; returns their ids. Raises ConsulError."""
+def undrain_host(cfg: AgentConfig, only_reason: str | None = None) -> list[str]:
+    """Take this host's sidecars out of maintenance (``only_reason``: only those marked
+    with it); returns their ids. Raises ConsulError."""
     consul = ConsulClient(cfg.consul)
     try:
         ids = sorted(consul.local_sidecars())
+        if only_reason is not None:
+            marks = consul.maintenance_marks()
+            ids = [sid for sid in ids if marks.get(sid) == only_reason]
         for sid in ids:
             consul.set_maintenance(sid, False)
             log.info("%s: out of maintenance", sid)
     finally:
         consul.close()
     return ids
+
+
+def own_unit(cgroup: str) -> str | None:
+    """The systemd service this process runs in, from ``/proc/self/cgroup``'s text."""
+    for line in cgroup.splitlines():
+        path = line.rsplit(":", 1)[-1]
+        for part in reversed(path.split("/")):
+            if part.endswith(".service"):
+                return part
+    return None
+
+
+def stop_job(jobs: str, unit: str) -> bool:
+    """Whether ``systemctl list-jobs --no-legend --plain`` shows a *stop* job of ``unit``
+    (a restart shows as ``restart``)."""
+    for line in jobs.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[1] == unit:
+            return fields[2] == "stop"
+    return False
+
+
+def final_stop() -> bool:
+    """Whether systemd is stopping this process's unit for good (not restarting it).
+
+    False when not under systemd or when systemd cannot be asked.
+    """
+    try:
+        unit = own_unit(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        return False
+    if unit is None:
+        return False
+    try:
+        proc = subprocess.run(["systemctl", "list-jobs", "--no-legend", "--plain", "--no-pager"],
+                              capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and stop_job(proc.stdout, unit)

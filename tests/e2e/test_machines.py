@@ -192,11 +192,30 @@ def test_the_installed_unit_passes_systemd_analyze_verify_and_security(setup: Se
     assert security.returncode == 0, security.stdout[-3000:]
 
 
-def test_a_stop_leaves_the_proxy_serving(setup: Setup) -> None:
+def _marks(m1: Machine) -> dict[str, str]:
+    checks = json.loads(m1.run(["curl", "-s", "http://127.0.0.1:8500/v1/agent/checks"]).stdout)
+    return {c["ServiceID"]: c["Notes"] for cid, c in checks.items()
+            if cid.startswith("_service_maintenance:")}
+
+
+def test_a_restart_does_not_drain_but_a_stop_does_and_the_next_start_ends_it(
+        setup: Setup) -> None:
     m1, h1 = setup.m1, setup.h1
     proxy = setup.proxy_pid()
+    m1.systemctl("restart", AGENT)  # a restart (an upgrade): callers keep calling
+    assert _marks(m1) == {}
+    assert h1.get(API_PORT, "/hello")[0] == 200
     m1.systemctl("stop", AGENT)
     assert m1.show(AGENT, "ActiveState") == "inactive"
-    assert setup.proxy_pid() == proxy  # KillMode=process: the proxy outlives the agent
+    # A stop for good: the sidecar went to maintenance and callers left before the
+    # agent exited; the proxy (KillMode=process) still runs.
+    assert _marks(m1) == {"api-sidecar-proxy": "meshctl agent stopped (systemctl stop)"}
+    assert "drained on stop" in m1.journal(AGENT, 40)
+    assert h1.endpoints("api") == []
+    assert setup.proxy_pid() == proxy
+    m1.systemctl("start", AGENT)
+    assert _marks(m1) == {}
+    wait_until("web to route to m1 again", lambda: h1.endpoints("api"), timeout=30)
     status, body = h1.get(API_PORT, "/hello")
     assert status == 200 and body["host"] == "m1"  # type: ignore[index]
+    assert setup.proxy_pid() == proxy  # the proxy was never restarted

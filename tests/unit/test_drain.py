@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshctl.agent.drain import Connection, busy, parse_ss
+from meshctl.agent.drain import Connection, busy, own_unit, parse_ss, stop_job
 
 SS = """\
 0      0      198.18.0.13:21000 198.18.0.11:43210
@@ -37,3 +37,16 @@ def test_idle_keepalive_connections_do_not_hold_a_drain_but_moving_or_queued_one
     # Only the sidecars' inbound ports count (Consul's own connection is not a caller).
     assert busy(conns, {21001}, quiet_ms=2000) == [conns[3]]
     assert busy([Connection("a:1", "b:2", 1, 0, 10**6)], {1}, 2000) == []
+
+
+def test_the_agent_finds_its_unit_and_whether_systemd_stops_it_for_good() -> None:
+    v1 = ("12:pids:/system.slice/meshctl-agent.service\n"
+          "1:name=systemd:/system.slice/meshctl-agent.service\n")
+    assert own_unit(v1) == "meshctl-agent.service"
+    assert own_unit("0::/system.slice/meshctl-agent.service\n") == "meshctl-agent.service"
+    assert own_unit("0::/user.slice/user-0.slice/session-1.scope\n") is None
+    jobs = "1234 meshctl-agent.service stop running\n1235 other.service start waiting\n"
+    assert stop_job(jobs, "meshctl-agent.service")
+    assert not stop_job("99 meshctl-agent.service restart running\n", "meshctl-agent.service")
+    assert not stop_job(jobs, "other.service")
+    assert not stop_job("", "meshctl-agent.service")
