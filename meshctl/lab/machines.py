@@ -209,7 +209,9 @@ Wants=network-online.target
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=/sbin/ip addr add {m.ip}/24 dev host0
+# host0 is nspawn's end of the veth; wait for it rather than race it.
+ExecStartPre=/usr/bin/timeout 10 /bin/sh -c 'until [ -e /sys/class/net/host0 ]; do sleep 0.1; done'
+ExecStart=/sbin/ip addr replace {m.ip}/24 dev host0
 ExecStart=/sbin/ip link set host0 up
 [Install]
 WantedBy=multi-user.target
@@ -282,7 +284,8 @@ WantedBy=multi-user.target
             time.sleep(0.2)
         failed = m.systemctl("--failed", "--no-legend", "--plain").stdout.strip()
         if failed:
-            raise LabError(f"machine {m.name}: units failed at boot: {failed}")
+            why = "\n".join(m.journal(line.split()[0], 15) for line in failed.splitlines())
+            raise LabError(f"machine {m.name}: units failed at boot: {failed}\n{why}")
 
     # ------------------------------------------------------------ down
 
