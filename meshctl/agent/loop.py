@@ -32,6 +32,8 @@ from meshctl import metrics
 from meshctl._fs import write_atomic
 from meshctl._watch import Key, WatchStatus, backoff_delay
 from meshctl.agent.answers import AnswerStore
+from meshctl.agent.certs import EVERY, take_renewal_request
+from meshctl.agent.notify import Notifier, SystemdNotifier, status_line
 from meshctl.agent.parts import make_consul, make_driver, make_vault, make_watcher
 from meshctl.agent.planning import (
     accepted_intentions,
@@ -137,8 +139,15 @@ class Agent:
                  consul: Registry | None = None, watcher: WatchedValues | None = None,
                  issuer: LeafIssuer | None = None,
                  clock: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
+        # The service manager hears of readiness, reloads and stops (sd_notify);
+        # nothing without one.
+        self.notifier: Notifier = notifier or SystemdNotifier(None)
+        self._served = False  # the proxy served a config (the first apply, or the last good)
+        self._reloading = False  # a SIGHUP's RELOADING=1 awaits its READY=1
+        self._ready_sent = False
         for d in (cfg.data_dir, cfg.certs_dir, cfg.proxy_dir, cfg.run_dir):
             d.mkdir(parents=True, exist_ok=True)
         cfg.data_dir.chmod(0o750)
@@ -209,7 +218,7 @@ class Agent:
         """Run until SIGTERM/SIGINT; deregister on the way out if configured."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
-        signal.signal(signal.SIGHUP, lambda *_: self._definitions_changed())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload())
         metrics.serve(self.cfg.metrics_address)
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
                  self.driver.name, self._safe_version())
@@ -217,18 +226,21 @@ class Agent:
         write_atomic(pid_path(self.cfg), f"{os.getpid()}\n".encode(), 0o644)
         if self._last_snapshot is not None:
             self._serve_last_good(self._last_snapshot)
+            self._tell_manager()  # READY=1 now: the first pass may wait on Consul
         self._start_dir_watch()
         self._proxy_watch.start()
         self.trigger.trigger()
         try:
             while not self._stop.is_set():
-                timeout = max(0.05, min(self._next_deadline() - self.clock(), 5.0))
+                timeout = max(0.05, min(self._next_deadline() - self.clock(), 5.0,
+                                        self.notifier.watchdog_interval or 5.0))
                 fired = self.trigger.wait(timeout)
                 if self._stop.is_set():
                     break
                 if fired or self.clock() >= self._next_deadline():
                     reread, self._defs_dirty = self._defs_dirty, False
                     self.reconcile(changed=fired, reread=reread)
+                self._tell_manager()
         finally:
             self._shutdown()
 
@@ -236,8 +248,37 @@ class Agent:
         self._stop.set()
         self.trigger.trigger()
 
+    def _reload(self) -> None:
+        # SIGHUP (systemctl reload): the pass it wakes reads services.d again;
+        # READY=1 follows that pass (``_tell_manager``).
+        self._reloading = True
+        self.notifier.reloading()
+        # `meshctl certs renew` left a request: those leaves are due now.
+        wanted = take_renewal_request(self.cfg.run_dir)
+        for name, st in self._certs.items():
+            if EVERY in wanted or name in wanted:
+                log.info("certificate for %s: renewal asked (meshctl certs renew)", name)
+                st.renew_at = 0.0
+        self._definitions_changed()
+
+    def _tell_manager(self) -> None:
+        """After each turn of the loop: the watchdog ping, readiness and the status line."""
+        self.notifier.watchdog()
+        snap = self._last_snapshot if self._served else None
+        failing = {k: v["error"] for k, v in self._source_state.items() if not v["ok"]}
+        line = status_line(self.applier.current_generation() if snap else None,
+                           len(snap.inbounds) if snap else 0,
+                           len(snap.outbounds) if snap else 0, failing)
+        if self._served and (self._reloading or not self._ready_sent):
+            self._reloading = False
+            self._ready_sent = True
+            self.notifier.ready(line)
+        else:
+            self.notifier.status(line)
+
     def _shutdown(self) -> None:
         log.info("meshctl agent stopping")
+        self.notifier.stopping()
         pid_path(self.cfg).unlink(missing_ok=True)
         if self._observer is not None:
             self._observer.stop()
@@ -764,6 +805,7 @@ class Agent:
         metrics.APPLY_TOTAL.labels(result=result.action).inc()
         self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
         self._last_snapshot = snapshot
+        self._served = True
         self._unkept_start = False
         self._forget_changes(seen)
         self._source_ok("proxy")
@@ -822,6 +864,7 @@ class Agent:
         try:
             result = self.applier.apply(snapshot)
             log.info("serving the last good snapshot (%s) before Consul answers", result.action)
+            self._served = True
             self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
         except MeshctlError as exc:
             log.error("could not serve the last good snapshot: %s", exc)

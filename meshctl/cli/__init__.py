@@ -66,6 +66,13 @@ def _register() -> None:
     for name in COMMANDS:
         cli.add_command(_load(name), name)
 
+    from meshctl.cli import ops
+
+    cli.add_command(ops.drain)
+    cli.add_command(ops.undrain)
+    cli.add_command(ops.certs)
+    cli.add_command(ops.doctor)
+
 
 def main() -> None:
     """Console-script entry point."""
