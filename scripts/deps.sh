@@ -9,6 +9,8 @@
 #     cached, so the benchmark's smoke test runs wherever the suite does
 #   consul-template: the benchmark's convergence peer, built from source
 #     (scripts/build-consul-template.sh), cached
+#   the machine lab's base image: Debian bookworm with systemd, debootstrapped
+#     (scripts/build-machine-base.sh), cached under ~/.cache/meshctl/machines
 #
 # A second run changes nothing and takes seconds.
 set -euo pipefail
@@ -19,7 +21,8 @@ say() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # ---- system packages -------------------------------------------------------
-pkgs=(nginx libnginx-mod-http-lua libnginx-mod-stream lua-cjson haproxy iproute2 wrk curl procps)
+pkgs=(nginx libnginx-mod-http-lua libnginx-mod-stream lua-cjson haproxy iproute2 wrk curl procps
+      debootstrap systemd-container vagrant)
 missing=()
 for p in "${pkgs[@]}"; do
     [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) == *"install ok installed"* ]] || missing+=("$p")
@@ -71,4 +74,11 @@ bash scripts/build-vegeta.sh
 
 # ---- consul-template ---------------------------------------------------------
 bash scripts/build-consul-template.sh
+
+# ---- the machine lab's base image ----------------------------------------------
+if [ "$(id -u)" = 0 ]; then
+    say "machine base image: $(bash scripts/build-machine-base.sh)"
+else
+    say "machine base image: skipped (debootstrap needs root; the machine tests skip)"
+fi
 say "dependencies ready"
