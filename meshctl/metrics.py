@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from meshctl.dataplane import DataplaneCollector
 
 REGISTRY = CollectorRegistry()
 
@@ -23,9 +27,17 @@ UPSTREAM_ENDPOINTS = Gauge(
 )
 
 
-def serve(address: str) -> None:
-    """Serve /metrics on ``address`` (``ip:port``); empty disables it."""
+def serve(address: str, dataplane: Callable[[], Mapping[str, float] | None] | None = None,
+          ) -> None:
+    """Serve /metrics on ``address`` (``ip:port``); empty disables it.
+
+    ``dataplane`` reads the sidecar's counters (the driver's
+    ``dataplane_counters``) at each scrape, so the host has one endpoint for the
+    agent's metrics and its proxy's (docs/metrics.md).
+    """
     if not address:
         return
+    if dataplane is not None:
+        REGISTRY.register(DataplaneCollector(dataplane))
     host, _, port = address.rpartition(":")
     start_http_server(int(port), addr=host.strip("[]"), registry=REGISTRY)

@@ -185,7 +185,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: self._definitions_changed())
-        metrics.serve(self.cfg.metrics_address)
+        metrics.serve(self.cfg.metrics_address, self.driver.dataplane_counters)
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
                  self.driver.name, self._safe_version())
         # Lets `meshctl deregister` see that an agent would register everything again.

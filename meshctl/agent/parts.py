@@ -49,4 +49,5 @@ def make_driver(cfg: AgentConfig) -> ProxyDriver:
     )
     driver = cls(paths, binary=cfg.proxy_binary)
     driver.shutdown_timeout = cfg.proxy_shutdown_timeout
+    driver.metrics = cfg.telemetry.metrics
     return driver

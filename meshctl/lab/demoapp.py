@@ -8,15 +8,24 @@ Every other path answers JSON describing who answered, who called (the
 sidecar's ``X-Mesh-Caller`` header) and the request target exactly as it
 arrived (``path``).
 
+``GET /call/<port>/<path>`` calls ``http://127.0.0.1:<port>/<path>`` (the
+app's sidecar upstream) and answers with that call's status and body, as an
+app calling another service does; it forwards the W3C ``traceparent`` and
+``tracestate`` it received, so its call joins the caller's trace.
+
     python -m meshctl.lab.demoapp --service api --host h2 --port 8080
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import re
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+_CALL = re.compile(r"^/call/(\d{1,5})(/.*)$")
 
 
 def make_handler(service: str, host: str, version: str, health_file: Path | None,
@@ -35,6 +44,10 @@ def make_handler(service: str, host: str, version: str, health_file: Path | None
                 bad = health_file is not None and health_file.exists()
                 self._send(503 if bad else 200, {"healthy": not bad})
                 return
+            call = _CALL.match(self.path)
+            if call:
+                self._forward(int(call.group(1)), call.group(2))
+                return
             failing = fail_file is not None and fail_file.exists()
             self._send(503 if failing else 200, {
                 "service": service,
@@ -46,6 +59,22 @@ def make_handler(service: str, host: str, version: str, health_file: Path | None
                 "headers": {k.lower(): v for k, v in self.headers.items()
                             if k.lower().startswith("x-") and k.lower() != "x-mesh-caller"},
             })
+
+        def _forward(self, port: int, path: str) -> None:
+            headers = {k: v for k in ("traceparent", "tracestate")
+                       if (v := self.headers.get(k)) is not None}
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read().decode("utf-8", "replace")
+                status = resp.status
+            except OSError as exc:
+                status, body = 502, f"call failed: {exc}"
+            finally:
+                conn.close()
+            self._send(status, {"service": service, "host": host, "called": port,
+                                "status": status, "body": body})
 
         def _target(self) -> str:
             # The request target as received: http.server folds a leading "//"

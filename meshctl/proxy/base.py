@@ -16,6 +16,7 @@ import abc
 import contextlib
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -102,6 +103,9 @@ class ProxyDriver(abc.ABC):
     shutdown_timeout: int = 10
     #: the size of ``log_file`` at the last mark_reload()
     _log_mark: int = 0
+    #: count requests and connections in the proxy (docs/metrics.md); the agent
+    #: sets it from ``[telemetry] metrics``. Off renders no counting at all.
+    metrics: bool = True
 
     def __init__(self, paths: ProxyPaths, binary: str = "") -> None:
         self.paths = paths
@@ -295,6 +299,21 @@ class ProxyDriver(abc.ABC):
             return resp.status, resp.read().decode("utf-8", "replace")
         finally:
             conn.close()
+
+    def dataplane_counters(self) -> dict[str, float] | None:
+        """The proxy's raw data-plane counters (meshctl.dataplane reads them), or None
+        when this driver does not count. Raises ProxyError (or OSError, unreachable)."""
+        if not self.metrics:
+            return None
+        status, body = self.control_request("GET", "/meshctl/metrics")
+        try:
+            data = json.loads(body) if status == 200 else None
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise ProxyError(f"{self.name} answered {status} to GET /meshctl/metrics: "
+                             f"{body.strip()[:200]!r}")
+        return data
 
     def serving_generation(self, timeout: float = 1.0) -> str | None:
         """The generation the proxy's workers answer on the status socket, or None."""

@@ -55,6 +55,7 @@ class NginxDriver(ProxyDriver):
             reuseport=self.reuseport,
             shutdown_timeout=self.shutdown_timeout,
             limits=self.limits,
+            metrics=self.metrics,
             run_dir=str(self.paths.run_dir),
             log_dir=str(self.paths.state_dir / "logs"),
             state_dir=str(self.paths.state_dir),

@@ -36,6 +36,11 @@ def ident(value: object) -> str:
     return value
 
 
+def label(value: object) -> str:
+    """A metric label value rendered into a proxy config: empty, or a name as ``ident``."""
+    return "" if value == "" else ident(value)
+
+
 def hostport(address: object, port: object) -> str:
     """``addr:port`` with IPv6 bracketed; both validated."""
     try:
@@ -129,8 +134,9 @@ def environment(driver: str) -> ImmutableSandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(path=safe_path, ident=ident, num=integer, regex_literal=regex_literal,
-                       b64=base64_chunk, hapq=hap_quote, haplf=hap_log_format, note=note)
+    env.filters.update(path=safe_path, ident=ident, label=label, num=integer,
+                       regex_literal=regex_literal, b64=base64_chunk, hapq=hap_quote,
+                       haplf=hap_log_format, note=note)
     env.globals.update(hap_path_format=hap_path_format)
     env.globals.update(hostport=hostport)
     return env
