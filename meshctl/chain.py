@@ -46,10 +46,10 @@ from typing import Any
 
 from meshctl._regex import regex_field
 from meshctl.errors import CompileError
+from meshctl.matches import HeaderMatch
 from meshctl.model import (
     Cluster,
     HashPolicy,
-    HeaderMatch,
     HeaderOps,
     Instance,
     QueryMatch,
@@ -526,17 +526,11 @@ class _Compiler:
         if len(kinds) != 1:
             raise CompileError(f"{where}: exactly one of Present, Exact, Prefix, Suffix, "
                                "Regex must be set")
-        values = {k: _value(h.get(k), f"{where}.{k}") for k in ("Exact", "Prefix", "Suffix")
-                  if h.get(k)}
-        return HeaderMatch(
-            name=name,
-            present=bool(h.get("Present")),
-            exact=values.get("Exact", ""),
-            prefix=values.get("Prefix", ""),
-            suffix=values.get("Suffix", ""),
-            regex=regex_field(h.get("Regex"), f"{where}.Regex"),
-            invert=bool(h.get("Invert")),
-        )
+        kind = kinds[0]
+        value = (regex_field(h.get("Regex"), f"{where}.Regex") if kind == "Regex"
+                 else "" if kind == "Present" else _value(h.get(kind), f"{where}.{kind}"))
+        return HeaderMatch(name=name, kind=kind.lower(), value=value,
+                           invert=bool(h.get("Invert")))
 
     def query_match(self, q: Any, where: str) -> QueryMatch:
         if not isinstance(q, Mapping):

@@ -38,6 +38,7 @@ from typing import Any
 
 from meshctl._regex import regex_field
 from meshctl.errors import CompileError
+from meshctl.matches import HeaderMatch
 from meshctl.names import SERVICE_NAME
 
 ACTIONS = ("allow", "deny")
@@ -55,17 +56,6 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 # ---------------------------------------------------------------- model
-
-
-@dataclass(frozen=True)
-class HeaderMatch:
-    """One ``Header`` criterion of a permission (name is lower-cased)."""
-
-    name: str
-    kind: str  # present, exact, prefix, suffix, contains or regex
-    value: str = ""
-    invert: bool = False
-    ignore_case: bool = False
 
 
 @dataclass(frozen=True)

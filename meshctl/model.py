@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from meshctl.intentions import Authorization
+from meshctl.matches import HeaderMatch
 from meshctl.names import check_ip, check_port
 from meshctl.services import ServiceDefinition
 
@@ -147,23 +148,6 @@ class WeightedCluster:
     weight: float = 100.0  # percent, two decimals, as in service-splitter
     request_headers: HeaderOps = field(default_factory=HeaderOps)
     response_headers: HeaderOps = field(default_factory=HeaderOps)
-
-
-@dataclass(frozen=True)
-class HeaderMatch:
-    """A service-router Header match: exactly one of present/exact/prefix/suffix/regex.
-
-    As in Envoy, a request without the header never matches, inverted or not,
-    except an inverted ``present`` match.
-    """
-
-    name: str
-    present: bool = False
-    exact: str = ""
-    prefix: str = ""
-    suffix: str = ""
-    regex: str = ""  # portable subset (meshctl._regex), matched against the whole value
-    invert: bool = False
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,8 @@ def describe_match(r: Route) -> str:
     elif r.path_prefix and r.path_prefix != "/":
         parts.append(f"path prefix {r.path_prefix}{ci}")
     for h in r.headers:
-        op = ("present" if h.present else f"= {h.exact!r}" if h.exact else
-              f"prefix {h.prefix!r}" if h.prefix else f"suffix {h.suffix!r}" if h.suffix else
-              f"~ {h.regex!r}")
+        op = ("present" if h.kind == "present" else f"= {h.value!r}" if h.kind == "exact" else
+              f"~ {h.value!r}" if h.kind == "regex" else f"{h.kind} {h.value!r}")
         parts.append(f"{'not ' if h.invert else ''}header {h.name} {op}")
     for q in r.query_params:
         op = "present" if q.present else f"= {q.exact!r}" if q.exact else f"~ {q.regex!r}"

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from meshctl import _procfs
 from meshctl._procfs import ProcessRef
 from meshctl.errors import DriverNotFound, ProxyError, ReloadError, ValidationError
+from meshctl.intentions import authz_document
 from meshctl.model import Snapshot
 
 ENTRY_POINT_GROUP = "meshctl.proxies"
@@ -398,6 +399,24 @@ class ProxyDriver(abc.ABC):
         no run-time updates.
         """
         return None
+
+    def authz_state(self, snapshot: Snapshot) -> dict[str, Any]:
+        """The inbound listeners' intentions as the proxies' Lua evaluates them.
+
+        Part of endpoint_state() for drivers that enforce L7 intentions in Lua:
+        read at load from ``endpoints_file`` and replaced at run time
+        (push_authz), so an intention change never reloads the proxy.
+        """
+        return authz_document(snapshot.trust_domain,
+                              [(i.service, i.authz) for i in snapshot.inbounds])
+
+    def push_authz(self, document: dict[str, Any]) -> None:
+        """Replace the running proxy's intentions (``authz_state``) through its control
+        endpoint. Raises ProxyError with the proxy's answer when it refuses them."""
+        status, body = self.control_request("POST", "/meshctl/authz", json.dumps(document))
+        if status != 200:
+            raise ProxyError(f"{self.name} refused the authorization rules ({status}): "
+                             f"{body.strip()}")
 
     def push_endpoints(self, state: dict[str, Any]) -> None:
         """Hand ``state`` (from endpoint_state) to the running proxy without a reload.

@@ -23,8 +23,8 @@ from meshctl.compile import compile_snapshot
 from meshctl.errors import ProxyError, ReloadError, ValidationError
 from meshctl.model import CertPaths, Instance, LocalService, Snapshot
 from meshctl.proxy.base import ProxyPaths
-from meshctl.proxy.haproxy import HAProxyDriver
-from meshctl.proxy.nginx import NginxDriver
+from meshctl.proxy.haproxy.driver import HAProxyDriver
+from meshctl.proxy.nginx.driver import NginxDriver
 from meshctl.resources import plugins_dir
 from meshctl.services import ServiceDefinition, Upstream
 from tests.conftest import need_programs

@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from meshctl.errors import LabError
 from meshctl.lab import Lab, LabState, ProcRecord, find_program, state_dir
 from meshctl.lab import _sys as labsys
-from meshctl.proxy.nginx import MODULES_DIR
+from meshctl.proxy.nginx.driver import MODULES_DIR
 from tests.conftest import unavailable
 
 pytestmark = pytest.mark.root

@@ -21,8 +21,8 @@ import pytest
 
 from meshctl.apply import Applier
 from meshctl.proxy.base import ProxyPaths
-from meshctl.proxy.haproxy import HAProxyDriver
-from meshctl.proxy.nginx import NginxDriver
+from meshctl.proxy.haproxy.driver import HAProxyDriver
+from meshctl.proxy.nginx.driver import NginxDriver
 from meshctl.resources import plugins_dir
 from tests.conftest import need_programs
 from tests.integration.test_apply import Loop

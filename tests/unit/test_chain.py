@@ -44,10 +44,10 @@ from meshctl.compile import compile_snapshot
 from meshctl.consul.keys import DiscoveryChain, HealthConnect
 from meshctl.errors import CompileError
 from meshctl.model import Instance, LocalService, Snapshot
-from meshctl.proxy import l7
 from meshctl.proxy.base import ProxyPaths
-from meshctl.proxy.haproxy import HAProxyDriver
-from meshctl.proxy.nginx import NginxDriver
+from meshctl.proxy.haproxy.driver import HAProxyDriver
+from meshctl.proxy.nginx import plan as nginx_plan
+from meshctl.proxy.nginx.driver import NginxDriver
 from meshctl.proxy.templating import hap_log_format, hap_path_format, hap_quote, ident
 from meshctl.services import ServiceDefinition, Upstream
 from meshctl.snapshot_io import snapshot_from_dict
@@ -115,7 +115,7 @@ def test_router_routes_in_order_with_consuls_default_route_last() -> None:
     c = compiled()
     assert c.protocol == "http"
     canary, admin, default = c.routes
-    assert [(h.name, h.exact) for h in canary.headers] == [("x-canary", "1")]
+    assert [(h.name, h.kind, h.value) for h in canary.headers] == [("x-canary", "exact", "1")]
     assert canary.path_prefix == "/" and not canary.matches_all
     assert admin.path_prefix == "/admin" and admin.methods == ("GET", "POST")
     assert [(q.name, q.exact, q.present) for q in admin.query_params] == [
@@ -406,7 +406,7 @@ def test_nginx_carries_the_route_table_as_data() -> None:
                     {"Set": {"x-note": hostile}}))
     text = NginxDriver(PATHS).render(s, "0123456789abcdef")["nginx.conf"]
     assert "6666" not in text  # the value is not nginx syntax anywhere...
-    plan = l7.nginx_plan(s)
+    plan = nginx_plan.http_plan(s)
     table = json.loads(base64.b64decode("".join(plan.table_chunks)))
     (o,) = table["outbounds"].values()
     assert o["routes"][0]["req"]["set"] == [["x-note", hostile]]  # ...it is data for Lua
@@ -504,7 +504,7 @@ def test_case_insensitive_matches_reach_both_proxies(consul_version: str) -> Non
     assert 'acl r1_path path -i -m beg -- "/admin"' in text
     # The rewrite strips the matched prefix by length: the request's own spelling of it.
     assert 'http-request set-path "/%[path,regsub(^.{6},)]"' in text
-    table = json.loads(base64.b64decode("".join(l7.nginx_plan(s).table_chunks)))
+    table = json.loads(base64.b64decode("".join(nginx_plan.http_plan(s).table_chunks)))
     (o,) = table["outbounds"].values()
     assert o["routes"][1]["match"]["ci"] is True
     assert o["routes"][1]["match"]["prefix"] == "/admin"
@@ -522,7 +522,7 @@ def test_prefix_rewrite_replaces_exactly_the_matched_prefix(
     answer = mutate(chain("api"), 1, ["Match", "HTTP"], match)
     answer = mutate(answer, 1, ["Destination", "PrefixRewrite"], to)
     s = snap(answer)
-    table = json.loads(base64.b64decode("".join(l7.nginx_plan(s).table_chunks)))
+    table = json.loads(base64.b64decode("".join(nginx_plan.http_plan(s).table_chunks)))
     (o,) = table["outbounds"].values()
     assert o["routes"][1]["rewrite"] == {"strip": strip, "to": to}
     text = HAProxyDriver(PATHS).render(s, "0123456789abcdef")["haproxy.cfg"]

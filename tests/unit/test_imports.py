@@ -142,3 +142,47 @@ def test_the_walk_finds_a_cycle_hidden_anywhere(tmp_path: Path, where: str) -> N
                                  ["meshctl.b", "meshctl.a", "meshctl.b"])
     (pkg / "b.py").write_text("x = 1\n")
     assert find_cycle(import_graph(pkg)) == []
+
+
+# ---------------------------------------------------------------- drivers own their knowledge
+
+DRIVERS = ("nginx", "haproxy")
+
+
+def driver_name_switches(package: Path = PACKAGE) -> list[str]:
+    """Every comparison with a driver's name outside that driver's own package.
+
+    ``x == "nginx"``, ``x != "haproxy"``, ``x in ("nginx", …)``: a branch on
+    which proxy runs belongs in the driver (its plan, its gaps), not in shared
+    code. Defaults and argument strings (``proxy: str = "nginx"``) are not
+    comparisons and are left alone.
+    """
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).parts
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Compare):
+                continue
+            names = set()
+            for side in (node.left, *node.comparators):
+                items = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                names |= {i.value for i in items
+                          if isinstance(i, ast.Constant) and i.value in DRIVERS}
+            for name in sorted(names):
+                if rel[:2] != ("proxy", name):
+                    found.append(f"{'/'.join(rel)}:{node.lineno} compares with {name!r}")
+    return found
+
+
+def test_no_driver_name_is_compared_outside_its_driver() -> None:
+    assert driver_name_switches() == []
+
+
+def test_the_switch_finder_sees_a_switch(tmp_path: Path) -> None:
+    pkg = tmp_path / "meshctl"
+    (pkg / "proxy" / "nginx").mkdir(parents=True)
+    (pkg / "proxy" / "nginx" / "gaps.py").write_text("ok = name == 'nginx'\n")
+    (pkg / "shared.py").write_text("def f(driver, c):\n    proxy: str = 'nginx'\n"
+                                   "    return driver == 'nginx' or c in ('haproxy', 'x')\n")
+    assert sorted(driver_name_switches(pkg)) == ["shared.py:3 compares with 'haproxy'",
+                                         "shared.py:3 compares with 'nginx'"]

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from meshctl.errors import CompileError, ConfigError
-from meshctl.intentions import Authorization, HeaderMatch, Permission, SourceRule
+from meshctl.intentions import Authorization, Permission, SourceRule
+from meshctl.matches import HeaderMatch
 from meshctl.model import CertPaths, Instance, Route, identity_dns, spiffe_id
 from meshctl.services import Upstream
 from meshctl.snapshot_io import read_snapshot, read_state, snapshot_from_dict

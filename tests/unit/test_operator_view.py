@@ -21,6 +21,8 @@ from meshctl.fields import MAX_LISTED, ignored_fields, ignored_sidecar_config
 from meshctl.intentions import Authorization, Request, SourceRule, decide
 from meshctl.model import Cluster
 from meshctl.proxy import l7
+from meshctl.proxy.nginx import gaps as nginx_gaps
+from meshctl.proxy.nginx import plan as nginx_plan
 from meshctl.services import parse_definition_file
 from meshctl.vault.client import explain_refusal, setup_trust_domains
 from tests.pki import TestCA
@@ -136,8 +138,8 @@ def test_nginx_honours_the_ring_size_bounds_and_says_where_it_cannot(
     s = snap()
     c = next(c for c in s.clusters if c.lb_policy == "ring_hash")
     c2 = dataclasses.replace(c, ring_size_min=low, ring_size_max=high)
-    assert l7._nginx_lb(c2)["ring"] == ring
-    gaps = l7._lb_gaps("web -> api", c2, "nginx", True)
+    assert nginx_plan.lb_settings(c2)["ring"] == ring
+    gaps = nginx_gaps.lb_gaps("web -> api", c2, True)
     assert any("hash ring with" in g for g in gaps) == gap, gaps
 
 
@@ -145,10 +147,10 @@ def test_nginx_says_what_a_tcp_upstream_ignores_of_the_load_balancer() -> None:
     ring = Cluster(id="c", service="db", lb_policy="ring_hash", ring_size_min=2048)
     least = Cluster(id="c", service="db", lb_policy="least_request", choice_count=4)
     assert any("RingHashConfig has no effect" in g
-               for g in l7._lb_gaps("web -> db", ring, "nginx", False))
+               for g in nginx_gaps.lb_gaps("web -> db", ring, False))
     assert any("ChoiceCount has no effect" in g
-               for g in l7._lb_gaps("web -> db", least, "nginx", False))
-    assert not any("ChoiceCount" in g for g in l7._lb_gaps("web -> db", least, "nginx", True))
+               for g in nginx_gaps.lb_gaps("web -> db", least, False))
+    assert not any("ChoiceCount" in g for g in nginx_gaps.lb_gaps("web -> db", least, True))
 
 
 def test_ring_size_bounds_keep_a_cluster_plain() -> None:

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from meshctl.model import Endpoint, Instance
 from meshctl.names import LOCAL_SERVICE_ID, SERVICE_ID, SERVICE_NAME
 from meshctl.proxy.base import ProxyPaths
-from meshctl.proxy.haproxy import HAProxyDriver, _slot_commands, assign_slots, slot_count
-from meshctl.proxy.l7 import RetryPolicy, backend_name
-from meshctl.proxy.nginx import NginxDriver
+from meshctl.proxy.haproxy.driver import HAProxyDriver, _slot_commands, assign_slots, slot_count
+from meshctl.proxy.haproxy.plan import backend_name
+from meshctl.proxy.l7 import RetryPolicy
+from meshctl.proxy.nginx.driver import NginxDriver
 from tests.meshdata import CALLERS, DESTINATIONS, caller_certs, callers_snapshot, snapshot
 
 PATHS = ProxyPaths(Path("/var/lib/meshctl/proxy/current"), Path("/var/lib/meshctl/haproxy"),

@@ -11,7 +11,7 @@ from meshctl.model import CertPaths, cluster_id
 from meshctl.names import SERVICE_NAME
 from meshctl.proxy.base import ProxyPaths, generation_of
 from meshctl.proxy.l7 import caller_section
-from meshctl.proxy.nginx import NginxDriver
+from meshctl.proxy.nginx.driver import NginxDriver
 from meshctl.proxy.templating import ident
 from tests.meshdata import CALLERS, caller_certs, callers_snapshot, snapshot
 

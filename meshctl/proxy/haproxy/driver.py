@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 import re
 import signal
 import socket
@@ -32,10 +31,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from meshctl.errors import CompileError, ProxyError, ReloadError
-from meshctl.intentions import authz_document
 from meshctl.model import CertPaths, Cluster, Endpoint, Snapshot
-from meshctl.proxy import l7
 from meshctl.proxy.base import GENERATION_PLACEHOLDER, ProxyDriver
+from meshctl.proxy.haproxy import gaps
+from meshctl.proxy.haproxy.plan import HapPlan, plan
 from meshctl.proxy.templating import environment
 
 MIN_SLOTS = 4
@@ -116,12 +115,12 @@ def slot_table(cluster: Cluster, filled: bool = True) -> tuple[Slot, ...]:
     return tuple(slots)
 
 
-def backends(plan: l7.HapPlan, filled: bool = True) -> list[Backend]:
-    """Every backend of the config (``l7.haproxy_plan``): one per calling service, cluster
+def backends(hap: HapPlan, filled: bool = True) -> list[Backend]:
+    """Every backend of the config (``haproxy.plan.plan``): one per calling service, cluster
     a route may use (failover clusters included) and route retry/timeout policy."""
     return [Backend(b.name, b.caller, "http" if b.http else "tcp", b.tls, b.cluster,
                     slot_table(b.cluster, filled))
-            for b in plan.backends]
+            for b in hap.backends]
 
 
 class HAProxyDriver(ProxyDriver):
@@ -165,7 +164,7 @@ class HAProxyDriver(ProxyDriver):
         return self._render(snapshot, GENERATION_PLACEHOLDER, filled=False)
 
     def _render(self, snapshot: Snapshot, generation: str, filled: bool) -> dict[str, str]:
-        plan = l7.haproxy_plan(snapshot)
+        hap = plan(snapshot)
         text = environment("haproxy").get_template("haproxy.cfg.j2").render(
             node=snapshot.node,
             generation=generation,
@@ -178,13 +177,14 @@ class HAProxyDriver(ProxyDriver):
             inbounds=snapshot.inbounds,
             plugins_root=str(self.paths.plugins_dir),
             state_file=str(self.endpoints_file),
-            backends=backends(plan, filled),
-            l7=plan,
+            backends=backends(hap, filled),
+            l7=hap,
+            admin_socket=str(self.admin_socket),
         )
         return {self.main_file: text}
 
     def unsupported(self, snapshot: Snapshot) -> list[str]:
-        return l7.unsupported(snapshot, self.name)
+        return gaps.unsupported(snapshot)
 
     def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
         # "authz": the inbound listeners' intentions, read by the Lua plugin at
@@ -192,13 +192,12 @@ class HAProxyDriver(ProxyDriver):
         # "backends": {backend: {slot: [address, port, weight] | None}}, the
         # slot table also rendered into the file.
         return {
-            "authz": authz_document(snapshot.trust_domain,
-                                    [(i.service, i.authz) for i in snapshot.inbounds]),
+            "authz": self.authz_state(snapshot),
             "backends": {
                 b.name: {s.name: (None if s.endpoint is None else
                                   [s.endpoint.address, s.endpoint.port, s.endpoint.weight])
                          for s in b.slots}
-                for b in backends(l7.haproxy_plan(snapshot))
+                for b in backends(plan(snapshot))
             },
         }
 
@@ -206,11 +205,7 @@ class HAProxyDriver(ProxyDriver):
         if "backends" in state:
             self._push_slots(state)
         if "authz" in state:
-            status, body = self.control_request("POST", "/meshctl/authz",
-                                                json.dumps(state["authz"]))
-            if status != 200:
-                raise ProxyError(f"haproxy refused the authorization rules ({status}): "
-                                 f"{body.strip()}")
+            self.push_authz(state["authz"])
 
     def _push_slots(self, state: dict[str, Any]) -> None:
         """Set every slot of every backend on the current worker (idempotent).

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from meshctl.errors import ProxyError, ReloadError
-from meshctl.intentions import authz_document
 from meshctl.model import Snapshot
 from meshctl.proxy import l7
 from meshctl.proxy.base import ProxyDriver
+from meshctl.proxy.nginx import gaps, plan
 from meshctl.proxy.templating import environment
 
 MODULES_DIR = "/usr/lib/nginx/modules"
@@ -65,8 +65,8 @@ class NginxDriver(ProxyDriver):
             deny_socket=str(self.deny_socket),
             status_socket=str(self.paths.status_socket),
             endpoints_file=str(self.endpoints_file),
-            l7=l7.nginx_plan(snapshot),
-            stream=l7.nginx_stream_plan(snapshot),
+            l7=plan.http_plan(snapshot),
+            stream=plan.stream_plan(snapshot),
             http_inbounds=[i for i in snapshot.inbounds if i.protocol == "http"],
             stream_inbounds=[i for i in snapshot.inbounds if i.protocol != "http"],
         )
@@ -78,15 +78,14 @@ class NginxDriver(ProxyDriver):
         return self.paths.run_dir / "mesh-deny.sock"
 
     def unsupported(self, snapshot: Snapshot) -> list[str]:
-        return l7.unsupported(snapshot, self.name)
+        return gaps.unsupported(snapshot)
 
     def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
         http_out = [o for o in snapshot.outbounds if o.protocol == "http"]
         return {"clusters": {
             c.id: [[e.address, e.port] for e in c.endpoints if not e.backup]
             for c in l7.clusters_of(snapshot, http_out)
-        }, "authz": authz_document(snapshot.trust_domain,
-                                   [(i.service, i.authz) for i in snapshot.inbounds])}
+        }, "authz": self.authz_state(snapshot)}
 
     def push_endpoints(self, state: dict[str, Any]) -> None:
         status, body = self.control_request("POST", "/meshctl/endpoints", json.dumps(state))
@@ -94,11 +93,7 @@ class NginxDriver(ProxyDriver):
             raise ProxyError(f"nginx refused the endpoint update ({status}): {body.strip()}")
         if "authz" in state:
             # Intentions of the http inbounds: data in shared memory, no reload.
-            status, body = self.control_request("POST", "/meshctl/authz",
-                                                json.dumps(state["authz"]))
-            if status != 200:
-                raise ProxyError(f"nginx refused the authorization rules ({status}): "
-                                 f"{body.strip()}")
+            self.push_authz(state["authz"])
 
     def _prepare_dirs(self) -> None:
         for sub in ("logs", "tmp"):
