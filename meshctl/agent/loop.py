@@ -466,6 +466,7 @@ class Agent:
                                             self.cfg.datacenter, self.cfg.vault.cert_ttl,
                                             force=force)
             except MeshctlError as exc:
+                metrics.CERT_RENEWALS.labels(service=name, result="failed").inc()
                 if isinstance(exc, VaultError):
                     exc = explain_refusal(exc, service=name, host=self.cfg.node_name,
                                           services=names, trust_domain=self.cfg.trust_domain,
@@ -483,6 +484,7 @@ class Agent:
                 continue
             self._vault_errors.pop(name, None)
             if changed:
+                metrics.CERT_RENEWALS.labels(service=name, result="issued").inc()
                 log.info("certificate for %s issued (serial %s, expires %s)", name, leaf.serial,
                          leaf.not_after.isoformat())
             self._certs[name] = _CertState(self.store.paths(name),
@@ -706,6 +708,7 @@ class Agent:
             log.error("%s: %s (keeping the last good state; retrying)", name, msg)
             self._source_state[name] = {"ok": False, "error": msg, "since": self.clock()}
         metrics.SOURCE_UP.labels(source=name).set(0)
+        metrics.SOURCE_ERRORS.labels(source=name).inc()
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -765,11 +768,14 @@ def _update_endpoint_gauges(snapshot: Snapshot, previous: set[str]) -> set[str]:
 
     ``previous``: the clusters the last call set; returns the ones set now.
     """
-    current = {c.id for c in snapshot.clusters}
+    # Labelled by service and subset (what an operator knows), not the cluster id.
+    # Clusters of one (service, subset) differ only in policy: same endpoints.
+    current = {f"{c.service}\0{c.subset}" for c in snapshot.clusters}
     for c in snapshot.clusters:
-        metrics.UPSTREAM_ENDPOINTS.labels(cluster=c.id).set(len(c.endpoints))
+        metrics.UPSTREAM_ENDPOINTS.labels(service=c.service, subset=c.subset).set(
+            len(c.endpoints))
     for gone in sorted(previous - current):
-        metrics.UPSTREAM_ENDPOINTS.remove(gone)
+        metrics.UPSTREAM_ENDPOINTS.remove(*gone.split("\0"))
     return current
 
 def _read_last_good(path: Path) -> DefinitionSet:

@@ -270,6 +270,8 @@ class Mesh:
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, Mapping):  # a table, inline: telemetry = { metrics = false }
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

@@ -235,3 +235,37 @@ def _quiet_series(prom: Prometheus, query: str) -> float:
         time.sleep(2.5)
         return first if first is not None and prom.value(query) == first else None
     return wait_until(f"{query} to settle", stable, timeout=30)
+
+
+def test_agent_metrics_on_the_same_endpoint(observed: Observed) -> None:
+    """Watches, blocking queries, starts, certificates; an intention change is a
+    run-time push (no reload); upstream gauges are named by service."""
+    prom, mesh = observed.prom, observed.mesh
+    at = {h: f'instance="{mesh[h].ip}:{METRICS_PORT}"' for h in ("h1", "h2", "h3")}
+    assert (prom.value(f'meshctl_watches{{{at["h1"]},mode="blocking"}}') or 0) > 0
+    assert (prom.value(f"sum(meshctl_blocking_query_seconds_count{{{at['h1']}}})") or 0) > 0
+    assert prom.value(f'meshctl_cert_renewals_total{{{at["h1"]},service="web",'
+                      'result="issued"}') == 1
+    assert prom.value(f'meshctl_proxy_reloads_total{{{at["h3"]},result="started"}}') == 1
+    assert prom.value(f'meshctl_upstream_endpoints{{{at["h1"]},service="api"}}') == 1
+    assert prom.value(f'meshctl_dataplane_up{{{at["h3"]}}}') == 1
+
+    def pushes() -> float:
+        return prom.value(f'sum(meshctl_runtime_pushes_total{{{at["h3"]},result="ok"}})') or 0
+
+    def reloads() -> float:
+        return prom.value(f'sum(meshctl_proxy_reloads_total{{{at["h3"]}}})') or 0
+
+    before_push, before_reload = pushes(), reloads()
+    consul = mesh.lab.host("h1").consul()
+    consul.config.set("service-intentions", "db", {"Sources": [
+        {"Name": "api", "Action": "allow"}, {"Name": "web", "Action": "allow"}]})
+    try:
+        wait_until("web to be allowed at db", lambda: mesh["h1"].get(WEB_DB, "/x")[0] == 200)
+        wait_until("Prometheus to see the push", lambda: pushes() > before_push, timeout=30)
+        assert reloads() == before_reload
+    finally:
+        consul.config.set("service-intentions", "db",
+                          {"Sources": [{"Name": "api", "Action": "allow"}]})
+        wait_until("web to be denied at db again",
+                   lambda: mesh["h1"].get(WEB_DB, "/x")[0] == 403)
