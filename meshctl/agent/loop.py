@@ -31,7 +31,13 @@ from typing import Any, Protocol
 from meshctl import metrics
 from meshctl._fs import write_atomic
 from meshctl._watch import Key, WatchStatus, backoff_delay
-from meshctl.agent.parts import make_consul, make_driver, make_vault, make_watcher
+from meshctl.agent.parts import (
+    make_consul,
+    make_driver,
+    make_receiver,
+    make_vault,
+    make_watcher,
+)
 from meshctl.agent.planning import build_snapshot, ignored_by_entry, source_keys
 from meshctl.agent.ports import PortBook, port_unavailable
 from meshctl.agent.proxy_watch import ProxyWatch
@@ -65,6 +71,7 @@ from meshctl.services import (
     read_definitions,
 )
 from meshctl.snapshot_io import read_snapshot
+from meshctl.telemetry import Receiver
 from meshctl.vault.client import explain_refusal
 from meshctl.vault.leaf import CertStore, LeafIssuer, ensure_leaf, refresh_ca, renew_at, utcnow
 
@@ -136,6 +143,7 @@ class Agent:
         self.clock = clock
         self.rand = rand
         self.driver = driver or make_driver(cfg)
+        self._telemetry: Receiver | None = None
         self.applier = Applier(self.driver, cfg.proxy_dir, cfg.reload_min_interval)
         if consul is None or watcher is None:
             client = make_consul(cfg)
@@ -186,6 +194,7 @@ class Agent:
             signal.signal(sig, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: self._definitions_changed())
         metrics.serve(self.cfg.metrics_address, self.driver.dataplane_counters)
+        self._telemetry = make_receiver(self.cfg, self.driver)
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
                  self.driver.name, self._safe_version())
         # Lets `meshctl deregister` see that an agent would register everything again.
@@ -218,6 +227,8 @@ class Agent:
             self._observer.stop()
         self._proxy_watch.stop()
         self.watcher.stop()
+        if self._telemetry is not None:
+            self._telemetry.stop()
         if self.cfg.deregister_on_exit:
             for sid in sorted(self._registered):
                 try:

@@ -4,6 +4,7 @@ caller (a test, a bench) gives it others."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from meshctl._watch import OnChange, Watcher
 from meshctl.config import AgentConfig
@@ -11,6 +12,7 @@ from meshctl.consul.client import ConsulClient
 from meshctl.consul.keys import health_feeds
 from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
 from meshctl.resources import plugins_dir
+from meshctl.telemetry import Receiver
 from meshctl.vault.client import VaultClient
 
 #: health keys that may hold a blocking query (one connection each) to the Consul agent;
@@ -38,6 +40,28 @@ def make_vault(cfg: AgentConfig) -> VaultClient:
     return VaultClient(cfg.vault)
 
 
+def make_receiver(cfg: AgentConfig, driver: ProxyDriver) -> Receiver | None:
+    """The reader of the sidecar's access-log records and spans, started; None when the
+    sidecar sends none. The span exporter (OpenTelemetry SDK) is loaded only when
+    ``otlp_endpoint`` is set."""
+    plan = driver.observe()
+    if not plan.emits:
+        return None
+    t = cfg.telemetry
+    on_span = None
+    if t.otlp_endpoint:
+        from meshctl.tracing import SpanExporter
+
+        on_span = SpanExporter(t.otlp_endpoint, cfg.node_name)
+    access = None
+    if plan.log_all or plan.log_percent:
+        access = Path(t.access_log_file) if t.access_log_file else cfg.data_dir / "logs" / \
+            "access.log"
+    receiver = Receiver(driver.telemetry_socket, access, on_span, writer=driver.worker_user())
+    receiver.start()
+    return receiver
+
+
 def make_driver(cfg: AgentConfig) -> ProxyDriver:
     """The configured proxy driver, with the agent's directories."""
     cls = load_driver(cfg.proxy)
@@ -50,4 +74,5 @@ def make_driver(cfg: AgentConfig) -> ProxyDriver:
     driver = cls(paths, binary=cfg.proxy_binary)
     driver.shutdown_timeout = cfg.proxy_shutdown_timeout
     driver.metrics = cfg.telemetry.metrics
+    driver.telemetry = cfg.telemetry
     return driver

@@ -52,6 +52,9 @@ local function count(txn, labels)
         end
         add("s|" .. labels, d)
         add("b" .. bucket(d) .. "|" .. labels, 1)
+        -- Read by the access-log record, when the frontend sends one.
+        txn:set_var("txn.meshctl_duration", string.format("%.6f", d))
+        txn:set_var("txn.meshctl_start", string.format("%.6f", t0 / 1e6))
     end
 end
 

@@ -5,11 +5,15 @@
 --   start()                               access phase of an inbound or outbound
 --                                         server, before anything else: the
 --                                         request's start on a monotonic clock
---   inbound(service)                      log phase of an http inbound
---   outbound(caller, upstream, peer, subset)
+--   inbound(service, logged)              log phase of an http inbound
+--   outbound(caller, upstream, peer, subset, logged)
 --                                         log phase of an http outbound (peer and
 --                                         subset: the cluster the request went to,
 --                                         "" when it reached none)
+--                                         logged: the server writes an access-log
+--                                         line, which gets the request's start
+--                                         (wall clock) and duration in
+--                                         $meshctl_start and $meshctl_duration
 --   control()                             GET on the control socket: every counter
 --                                         as JSON ({"<key>": value}), read by the
 --                                         agent at scrape time
@@ -35,13 +39,13 @@ typedef struct { long tv_sec; long tv_nsec; } meshctl_timespec;
 int clock_gettime(int clk_id, meshctl_timespec *tp);
 ]]
 local ts = ffi.new("meshctl_timespec")
-local CLOCK_MONOTONIC = 1
+local CLOCK_REALTIME, CLOCK_MONOTONIC = 0, 1
 
 -- nginx's own clock (ngx.now, $request_time) ticks in milliseconds: too
 -- coarse for a mesh hop that takes a fraction of one, so the request's start
 -- and end are read from the kernel's monotonic clock.
-local function now()
-    ffi.C.clock_gettime(CLOCK_MONOTONIC, ts)
+local function now(clock)
+    ffi.C.clock_gettime(clock or CLOCK_MONOTONIC, ts)
     return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
 end
 _M.now = now
@@ -72,13 +76,18 @@ function _M.start()
     ngx.var.meshctl_t0 = now()
 end
 
-local function count(labels, retries)
+local function count(labels, retries, logged)
     local t0 = tonumber(ngx.var.meshctl_t0)
     add("r|" .. labels, 1)
     if t0 then
         local d = now() - t0
         add("s|" .. labels, d)
         add("b" .. bucket(d) .. "|" .. labels, 1)
+        if logged then
+            -- Read by the access log (its handler runs after this one).
+            ngx.var.meshctl_duration = string.format("%.6f", d)
+            ngx.var.meshctl_start = string.format("%.6f", now(CLOCK_REALTIME) - d)
+        end
     end
     if retries > 0 then
         add("t|" .. labels, retries)
@@ -96,11 +105,11 @@ local function retries()
     return n
 end
 
-function _M.inbound(service)
+function _M.inbound(service, logged)
     local peer = ngx.var.mesh_caller or ""
     local status = ngx.status
     local labels = "inbound|" .. service .. "|" .. peer .. "|||" .. "|" .. status
-    count(labels, 0)
+    count(labels, 0, logged)
     -- A 403 that never reached the app is the intention check's answer.
     if status == 403 and not ngx.var.upstream_status then
         add("d|inbound|" .. service .. "|" .. peer .. "||||", 1)
@@ -111,12 +120,12 @@ function _M.inbound(service)
     end
 end
 
-function _M.outbound(caller, upstream, peer, subset)
+function _M.outbound(caller, upstream, peer, subset, logged)
     -- The route taken: "<outbound>:<route>:<split>" from the router.
     local route = (ngx.var.meshctl_pick or ""):match("^[^:]*:(%d+):") or ""
     local labels = "outbound|" .. caller .. "|" .. peer .. "|" .. upstream .. "|" .. subset
         .. "|" .. route .. "|" .. ngx.status
-    count(labels, retries())
+    count(labels, retries(), logged)
 end
 
 function _M.control()

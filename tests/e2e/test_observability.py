@@ -15,8 +15,10 @@ mixed fleet. One lab per fleet, shared by the module's tests.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from bench.load import vegeta_attack, vegeta_report
 from meshctl.dataplane import BOUNDS
 from meshctl.lab import Lab
 from meshctl.lab.mesh import Mesh, wait_until
-from meshctl.lab.observe import Prometheus
+from meshctl.lab.observe import Jaeger, Prometheus
 from tests.conftest import need_programs, own_lab
 
 pytestmark = pytest.mark.root
@@ -48,6 +50,7 @@ FLEETS: dict[str, dict[str, str] | str] = {
 class Observed:
     mesh: Mesh
     prom: Prometheus
+    jaeger: Jaeger
     fleet: str
 
 
@@ -60,7 +63,9 @@ def _service(name: str, host: str, upstreams: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def deploy(lab: Lab, proxies: dict[str, str] | str) -> Mesh:
+def deploy(lab: Lab, proxies: dict[str, str] | str, otlp: str = "") -> Mesh:
+    """The three hosts; with ``otlp``: access logs on, every new request traced, spans
+    (and api's app's own) exported there."""
     mesh = Mesh(lab, proxies)
     mesh.setup_vault({"h1": ["web"], "h2": ["api"], "h3": ["db"]})
     consul = lab.host("h1").consul()
@@ -75,9 +80,11 @@ def deploy(lab: Lab, proxies: dict[str, str] | str) -> Mesh:
     for host, (svc, ups) in plan.items():
         mh = mesh[host]
         mh.add_service(_service(svc, host, ups))
-        mh.start_app(svc, 8080)
+        mh.start_app(svc, 8080, otlp=otlp if svc == "api" else "")
+        telemetry = ({"access_log": "on", "trace_sample": 1.0, "otlp_endpoint": otlp}
+                     if otlp else {})
         # Prometheus scrapes from the server node: the endpoint listens on the bridge.
-        mh.write_config(metrics_address=f"{mh.ip}:{METRICS_PORT}")
+        mh.write_config(metrics_address=f"{mh.ip}:{METRICS_PORT}", telemetry=telemetry)
     for host in ("h3", "h2", "h1"):
         mesh[host].start_agent()
     h1 = mesh["h1"]
@@ -88,13 +95,14 @@ def deploy(lab: Lab, proxies: dict[str, str] | str) -> Mesh:
 
 @pytest.fixture(scope="module", params=list(FLEETS))
 def observed(request: pytest.FixtureRequest) -> Iterator[Observed]:
-    need_programs("prometheus", "vegeta")
+    need_programs("prometheus", "vegeta", "jaeger")
     with own_lab(hosts=3) as lab:
-        mesh = deploy(lab, FLEETS[request.param])
+        jaeger = Jaeger(lab).start()
+        mesh = deploy(lab, FLEETS[request.param], jaeger.otlp_endpoint)
         prom = Prometheus(lab, [f"{mesh[h].ip}:{METRICS_PORT}" for h in ("h1", "h2", "h3")])
         prom.start()
         wait_until("prometheus to scrape every host", prom.targets_up, timeout=30)
-        yield Observed(mesh, prom, request.param)
+        yield Observed(mesh, prom, jaeger, request.param)
         mesh.stop()
 
 
@@ -269,3 +277,144 @@ def test_agent_metrics_on_the_same_endpoint(observed: Observed) -> None:
                           {"Sources": [{"Name": "api", "Action": "allow"}]})
         wait_until("web to be denied at db again",
                    lambda: mesh["h1"].get(WEB_DB, "/x")[0] == 403)
+
+
+# ---------------------------------------------------------------- access logs, traces
+
+
+def _access(mesh: Mesh, host: str) -> list[dict[str, str]]:
+    path = mesh[host].data_dir / "logs" / "access.log"
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _lines(mesh: Mesh, host: str, **match: str) -> list[dict[str, str]]:
+    return [r for r in _access(mesh, host) if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_one_json_access_line_per_request_at_each_sidecar(observed: Observed) -> None:
+    mesh = observed.mesh
+    tag = uuid.uuid4().hex[:12]
+    status, _ = mesh["h1"].get(WEB_API, f"/call/{API_DB}/log-{tag}?token=s3cret-{tag}",
+                               headers={"Authorization": f"Bearer hdr-{tag}"})
+    assert status == 200
+    out = wait_until("web's outbound line", lambda: _lines(
+        mesh, "h1", direction="outbound", service="web", path=f"/call/{API_DB}/log-{tag}"))
+    (line,) = out
+    assert line["peer"] == "api" and line["upstream"] == "api" and line["status"] == "200"
+    assert line["upstream_addr"].startswith(mesh["h2"].ip)  # the instance it went to
+    assert float(line["duration"]) > 0 and len(line["trace_id"]) == 32
+    (at_db,) = wait_until("db's inbound line", lambda: _lines(
+        mesh, "h3", direction="inbound", service="db", path=f"/log-{tag}"))
+    assert at_db["peer"] == "api" and at_db["intention"] == "" and at_db["status"] == "200"
+    assert at_db["trace_id"] == line["trace_id"]  # the app forwarded the context
+    # No query string, no header, no secret.
+    for host in ("h1", "h2", "h3"):
+        text = (mesh[host].data_dir / "logs" / "access.log").read_text()
+        assert "s3cret" not in text and f"hdr-{tag}" not in text
+
+    # A denied call: the decision and its rule, with the verified caller.
+    assert mesh["h1"].get(WEB_DB, f"/deny-{tag}")[0] == 403
+    (denied,) = wait_until("db's denial line", lambda: _lines(
+        mesh, "h3", direction="inbound", path=f"/deny-{tag}"))
+    assert denied["peer"] == "web" and denied["status"] == "403"
+    assert "default deny" in denied["intention"] or "no intention" in denied["intention"], denied
+
+
+def _spans(trace: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["spanID"]: s for s in trace["spans"]}
+
+
+def _kind(span: dict[str, Any]) -> str:
+    return next((t["value"] for t in span["tags"] if t["key"] == "span.kind"), "")
+
+
+def _parent(span: dict[str, Any]) -> str:
+    refs = [r for r in span.get("references", []) if r["refType"] == "CHILD_OF"]
+    return refs[0]["spanID"] if refs else ""
+
+
+def _service_of(trace: dict[str, Any], span: dict[str, Any]) -> str:
+    return str(trace["processes"][span["processID"]]["serviceName"])
+
+
+def test_one_request_is_one_trace_with_the_mesh_spans_in_order(observed: Observed) -> None:
+    """web's outbound (client) → api's inbound (server) → api's app span → api's
+    outbound (client) → db's inbound (server), one trace in Jaeger."""
+    mesh, jaeger = observed.mesh, observed.jaeger
+    tag = uuid.uuid4().hex[:12]
+    assert mesh["h1"].get(WEB_API, f"/call/{API_DB}/trace-{tag}")[0] == 200
+    (line,) = wait_until("web's outbound line", lambda: _lines(
+        mesh, "h1", direction="outbound", path=f"/call/{API_DB}/trace-{tag}"))
+    trace_id = line["trace_id"]
+
+    def complete() -> dict[str, Any] | None:
+        t = jaeger.trace(trace_id)
+        return t if t is not None and len(t["spans"]) >= 5 else None
+
+    trace = wait_until(f"trace {trace_id} with five spans in Jaeger", complete, timeout=30)
+    spans = _spans(trace)
+    chain = [("web", "client"), ("api", "server"), ("api-app", "internal"), ("api", "client"),
+             ("db", "server")]
+    roots = [s for s in spans.values() if not _parent(s)]
+    assert len(roots) == 1, [(_service_of(trace, s), _kind(s)) for s in spans.values()]
+    span, got = roots[0], []
+    while True:
+        got.append((_service_of(trace, span), _kind(span)))
+        children = [s for s in spans.values() if _parent(s) == span["spanID"]]
+        if not children:
+            break
+        assert len(children) == 1, children
+        span = children[0]
+    assert got == chain
+    web = roots[0]
+    tags = {t["key"]: t["value"] for t in web["tags"]}
+    assert tags["http.request.method"] == "GET" and tags["http.response.status_code"] == 200
+    assert tags["meshctl.peer"] == "api" and tags["url.path"] == f"/call/{API_DB}/trace-{tag}"
+    server = next(s for s in spans.values() if _service_of(trace, s) == "db")
+    assert {t["key"]: t["value"] for t in server["tags"]}["meshctl.peer"] == "api"
+
+
+def _continued(observed: Observed, flags: str) -> tuple[str, str, dict[str, Any]]:
+    """A call from h1 carrying a traceparent with ``flags``: (trace id, parent, the app's
+    answer) once web's outbound has logged it."""
+    mesh = observed.mesh
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    status, body = mesh["h1"].get(WEB_API, "/who", headers={
+        "traceparent": f"00-{trace_id}-{parent}-{flags}", "tracestate": "vendor=kept"})
+    assert status == 200 and isinstance(body, dict)
+    (line,) = wait_until("web's outbound line", lambda: _lines(
+        mesh, "h1", direction="outbound", trace_id=trace_id))
+    assert line["parent_id"] == parent
+    assert line["sampled"] == ("1" if flags == "01" else "")
+    return trace_id, parent, body
+
+
+def test_an_incoming_traceparent_is_continued_and_its_sampled_flag_honoured(
+        observed: Observed) -> None:
+    jaeger = observed.jaeger
+    trace_id, parent, body = _continued(observed, "01")
+    # api's app got the same trace, a parent that is api's server span, and tracestate.
+    got = body["traceparent"].split("-")
+    assert got[1] == trace_id and got[2] != parent and got[3] == "01"
+    assert body["tracestate"] == "vendor=kept"
+
+    def two_spans() -> dict[str, Any] | None:
+        t = jaeger.trace(trace_id)
+        return t if t is not None and len(t["spans"]) >= 2 else None
+
+    trace = wait_until("the continued trace in Jaeger", two_spans, timeout=30)
+    web = next(s for s in trace["spans"] if _kind(s) == "client")
+    api = next(s for s in trace["spans"] if _kind(s) == "server")
+    assert _parent(web) == parent and _parent(api) == web["spanID"]
+    assert api["spanID"] == got[2]
+
+    # Not sampled upstream: propagated (same trace id, flag 00), never exported.
+    unsampled, _, body = _continued(observed, "00")
+    assert body["traceparent"].split("-")[1] == unsampled
+    assert body["traceparent"].endswith("-00")
+    # The sampled trace above reached Jaeger through the same exporters since.
+    assert jaeger.trace(unsampled) is None

@@ -174,6 +174,7 @@ class HAProxyDriver(ProxyDriver):
             threads=self.threads,
             limits=self.limits,
             metrics=self.metrics,
+            obs=self.observe(),
             inbounds=snapshot.inbounds,
             plugins_root=str(self.paths.plugins_dir),
             state_file=str(self.endpoints_file),
