@@ -51,6 +51,12 @@ def _register() -> None:
 
     cli.add_command(intentions.intentions)
 
+    from meshctl.cli import observe
+
+    cli.add_command(observe.top)
+    cli.add_command(observe.graph)
+    cli.add_command(observe.tap)
+
 
 def main() -> None:
     """Console-script entry point."""

@@ -447,3 +447,65 @@ def test_every_dashboard_panel_finds_data(observed: Observed) -> None:
             continue
         wait_until(f"data for panel {title!r}: {promql}", lambda q=promql: prom.query(q),
                    timeout=30)
+
+
+# ---------------------------------------------------------------- top, graph, tap
+
+
+def _endpoint_args(mesh: Mesh) -> list[str]:
+    return [a for h in ("h1", "h2", "h3") for a in ("--endpoint", f"{mesh[h].ip}:{METRICS_PORT}")]
+
+
+def test_top_graph_and_tap_show_the_traffic(observed: Observed, tmp_path: Path) -> None:
+    mesh = observed.mesh
+    h1 = mesh["h1"]
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            h1.get(WEB_API, CHAIN)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        res = h1.meshctl("top", "--once", "--json", "--interval", "2", *_endpoint_args(mesh))
+        svg = tmp_path / "mesh.svg"
+        dotfile = tmp_path / "mesh.dot"
+        g = h1.meshctl("graph", "--interval", "2", "--out", str(dotfile), "--svg", str(svg),
+                       *_endpoint_args(mesh))
+        table = h1.meshctl("top", "--once", "--interval", "1", *_endpoint_args(mesh))
+    finally:
+        stop.set()
+        t.join()
+    assert res.returncode == 0, res.stderr
+    rows = {(r["direction"], r["service"], r["peer"]): r
+            for r in json.loads(res.stdout)["listeners"]}
+    for edge in EDGES.values():
+        assert rows[edge]["rps"] > 0 and rows[edge]["success"] == 1.0, rows
+        assert rows[edge]["p99_ms"] is not None and rows[edge]["p99_ms"] > 0
+    assert table.returncode == 0 and "web" in table.stdout and "P99 MS" in table.stdout
+    assert g.returncode == 0, g.stderr
+    text = dotfile.read_text()
+    assert '"web" -> "api"' in text and '"api" -> "db"' in text
+    assert svg.read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert "web" in svg.read_text() and "db" in svg.read_text()
+
+    # tap: the requests api served, from h2's access-log stream.
+    tag = uuid.uuid4().hex[:10]
+    out = tmp_path / "tap.out"
+
+    def tap() -> None:
+        r = mesh["h2"].meshctl("tap", "api", "--direction", "inbound", "--path-prefix",
+                               f"/call/{API_DB}/tap-{tag}", "--count", "3", "--json",
+                               "--from-start", timeout=30)
+        out.write_text(r.stdout + r.stderr)
+
+    tapper = threading.Thread(target=tap)
+    tapper.start()
+    for i in range(3):
+        assert h1.get(WEB_API, f"/call/{API_DB}/tap-{tag}-{i}")[0] == 200
+    tapper.join(timeout=40)
+    lines = [json.loads(x) for x in out.read_text().splitlines() if x.startswith("{")]
+    assert [x["path"] for x in lines] == [f"/call/{API_DB}/tap-{tag}-{i}" for i in range(3)]
+    assert all(x["peer"] == "web" and x["service"] == "api" for x in lines)
