@@ -114,6 +114,7 @@ class Receiver:
         self._out: TextIO | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._reopen = threading.Event()
 
     def start(self) -> None:
         """Bind the socket (replacing a stale one) and start reading. Raises OSError."""
@@ -137,7 +138,12 @@ class Receiver:
         self._thread.start()
 
     def reopen(self) -> None:
-        """Reopen the access log (after logrotate moved it: SIGHUP)."""
+        """Reopen the access log soon (logrotate moved it; the agent's SIGHUP). Safe
+        from a signal handler: the reading thread reopens it between records."""
+        self._reopen.set()
+
+    def _reopen_now(self) -> None:
+        self._reopen.clear()
         if self.access_log is not None and self._out is not None:
             old, self._out = self._out, self.access_log.open("a", buffering=1)
             old.close()
@@ -164,6 +170,8 @@ class Receiver:
                 log.warning("telemetry: dropping a record that is not JSON: %r", data[:200])
             return
         self.received += 1
+        if self._reopen.is_set():
+            self._reopen_now()
         if record["log"] == "1" and self._out is not None:
             self._out.write(access_line(record) + "\n")
         if record["sampled"] == "1" and self.on_span is not None:

@@ -256,6 +256,9 @@ class Agent:
         self.trigger.trigger()
 
     def _definitions_changed(self) -> None:
+        # SIGHUP also follows a rotated access log (logrotate's postrotate).
+        if self._telemetry is not None:
+            self._telemetry.reopen()
         # Set before the trigger: the pass it wakes reads services.d again.
         self._defs_dirty = True
         self.trigger.trigger()

@@ -84,7 +84,8 @@ def deploy(lab: Lab, proxies: dict[str, str] | str, otlp: str = "") -> Mesh:
         telemetry = ({"access_log": "on", "trace_sample": 1.0, "otlp_endpoint": otlp}
                      if otlp else {})
         # Prometheus scrapes from the server node: the endpoint listens on the bridge.
-        mh.write_config(metrics_address=f"{mh.ip}:{METRICS_PORT}", telemetry=telemetry)
+        mh.write_config(metrics_address=f"{mh.ip}:{METRICS_PORT}",
+                        **({"telemetry": telemetry} if telemetry else {}))
     for host in ("h3", "h2", "h1"):
         mesh[host].start_agent()
     h1 = mesh["h1"]

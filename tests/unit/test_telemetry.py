@@ -102,3 +102,27 @@ def test_a_record_becomes_a_span_with_its_ids_and_http_semconv() -> None:
     assert span_of(record(trace_id="00" * 16), "h1") is None
     assert span_of(record(span_id="xyz"), "h1") is None
     assert span_of(record(start="soon"), "h1") is None
+
+
+def test_a_rotated_access_log_is_reopened(tmp_path: Path) -> None:
+    sock, log = tmp_path / "t.sock", tmp_path / "access.log"
+    rx = Receiver(sock, log)
+    rx.start()
+    tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def send_and_wait(path: str, n: int) -> None:
+        tx.sendto(json.dumps(record(path=path)).encode(), str(sock))
+        deadline = time.monotonic() + 5
+        while rx.received < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        send_and_wait("/before", 1)
+        log.rename(tmp_path / "access.log.1")  # what logrotate does
+        rx.reopen()
+        send_and_wait("/after", 2)
+    finally:
+        tx.close()
+        rx.stop()
+    assert "/before" in (tmp_path / "access.log.1").read_text()
+    assert "/after" in log.read_text() and "/before" not in log.read_text()
