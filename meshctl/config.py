@@ -137,6 +137,9 @@ class TelemetrySettings:
                        "\"on\" or a share such as \"10%\"")
         if not (isinstance(self.trace_sample, int | float) and 0 <= self.trace_sample <= 1):
             raise _bad("telemetry.trace_sample", "must be a number from 0 to 1")
+        if (self.access_log != "off" or self.otlp_endpoint) and not self.metrics:
+            raise _bad("telemetry.metrics", "access_log and otlp_endpoint need metrics = true "
+                       "(they use the metrics' hooks in the proxy)")
         if self.otlp_endpoint and not HTTP_URL.match(self.otlp_endpoint):
             raise _bad("telemetry.otlp_endpoint", f"{self.otlp_endpoint!r} is not an "
                        "http(s)://host:port/path URL")

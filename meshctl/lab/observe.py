@@ -122,8 +122,11 @@ class Jaeger:
     def start(self) -> Jaeger:
         """Start Jaeger and wait until its query API answers. LabError if not."""
         # The all-in-one configuration binds every receiver to JAEGER_LISTEN_HOST.
+        # OTEL_TRACES_EXPORTER=none: Jaeger does not trace itself (to a localhost
+        # collector that is not there).
         self.proc = self.host.spawn([_sys.require_program("jaeger")], "jaeger",
-                                    env={"JAEGER_LISTEN_HOST": self.host.ip})
+                                    env={"JAEGER_LISTEN_HOST": self.host.ip,
+                                         "OTEL_TRACES_EXPORTER": "none"})
         wait_until("jaeger to answer", lambda: self._ready(), timeout=60, interval=0.2)
         return self
 

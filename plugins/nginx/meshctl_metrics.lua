@@ -114,8 +114,8 @@ function _M.inbound(service, logged)
     if status == 403 and not ngx.var.upstream_status then
         add("d|inbound|" .. service .. "|" .. peer .. "||||", 1)
     end
-    local verify = ngx.var.ssl_client_verify
-    if verify ~= "SUCCESS" then
+    -- nginx answers a client certificate that failed verification with 400.
+    if status == 400 and ngx.var.ssl_client_verify ~= "SUCCESS" then
         add("x|inbound|" .. service .. "|||||", 1)
     end
 end
