@@ -18,10 +18,14 @@ function _M.value(headers, name)
 end
 
 -- A header(name) function over every header of the current request (no limit,
--- so a header cannot hide behind a hundred others).
+-- so a header cannot hide behind a hundred others). The headers are read on
+-- the first call only: rules without header criteria never pay for them.
 function _M.reader()
-    local headers = ngx.req.get_headers(0)
+    local headers
     return function(name)
+        if headers == nil then
+            headers = ngx.req.get_headers(0)
+        end
         return _M.value(headers, name)
     end
 end

@@ -143,6 +143,20 @@ local function query_args(query)
     return args
 end
 
+-- A value computed on first use, at most once per request: most routes match
+-- on the path only, and building the table of every request header (or query
+-- argument) for each request costs more than all the rest of the routing.
+local function lazy(compute)
+    local value
+    return function()
+        if value == nil then
+            value = compute()
+        end
+        return value
+    end
+end
+
+-- args, headers: lazy getters (see lazy) of the query arguments and headers.
 local function matches(m, path, args, headers, method)
     local p = lower(path, m.ci)
     if m.exact and p ~= lower(m.exact, m.ci) then
@@ -158,12 +172,12 @@ local function matches(m, path, args, headers, method)
         return false
     end
     for _, h in ipairs(m.headers or {}) do
-        if not header_ok(h, headers) then
+        if not header_ok(h, headers()) then
             return false
         end
     end
     for _, q in ipairs(m.query or {}) do
-        local v = args[q.name]
+        local v = args()[q.name]
         if v == nil then
             return false
         end
@@ -239,7 +253,8 @@ local function response_ops(ops)
     end
 end
 
--- The load-balancing hash key of a cluster for this request ("" if none).
+-- The load-balancing hash key of a cluster for this request ("" if none);
+-- headers, args: lazy getters.
 local function hash_key(conf, headers, args)
     if not conf or conf.lb ~= "ring_hash" then
         return ""
@@ -248,11 +263,11 @@ local function hash_key(conf, headers, args)
     for _, h in ipairs(conf.hash or {}) do
         local v
         if h.kind == "header" then
-            v = header_value(headers, h.name)
+            v = header_value(headers(), h.name)
         elseif h.kind == "cookie" then
             v = ngx.var["cookie_" .. h.name]
         elseif h.kind == "query_parameter" then
-            v = args[h.name]
+            v = args()[h.name]
         elseif h.kind == "source_ip" then
             v = ngx.var.remote_addr
         end
@@ -278,8 +293,12 @@ function _M.route(key)
     local qpos = uri:find("?", 1, true)
     local path = qpos and uri:sub(1, qpos - 1) or uri
     local query = qpos and uri:sub(qpos + 1) or nil
-    local args = query_args(query)
-    local headers = ngx.req.get_headers(200)
+    local args = lazy(function()
+        return query_args(query)
+    end)
+    local headers = lazy(function()
+        return ngx.req.get_headers(200)
+    end)
     local method = ngx.req.get_method()
     for i, r in ipairs(o.routes) do
         if matches(r.match or {}, path, args, headers, method) then
