@@ -26,6 +26,9 @@ local BOUNDS = { 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                  0.1, 0.25, 0.5, 1, 2.5, 5, 10 }
 
 local C = {}
+-- Set when the frontends log (see the template): only then are the timing
+-- variables of the access-log record worth their cost.
+local LOGGED = os.getenv("MESHCTL_METRICS_LOG") == "1"
 
 local function add(key, v)
     C[key] = (C[key] or 0) + v
@@ -52,9 +55,10 @@ local function count(txn, labels)
         end
         add("s|" .. labels, d)
         add("b" .. bucket(d) .. "|" .. labels, 1)
-        -- Read by the access-log record, when the frontend sends one.
-        txn:set_var("txn.meshctl_duration", string.format("%.6f", d))
-        txn:set_var("txn.meshctl_start", string.format("%.6f", t0 / 1e6))
+        if LOGGED then
+            txn:set_var("txn.meshctl_duration", string.format("%.6f", d))
+            txn:set_var("txn.meshctl_start", string.format("%.6f", t0 / 1e6))
+        end
     end
 end
 
