@@ -12,6 +12,8 @@ the naming is one for every driver by construction (docs/metrics.md):
     t     meshctl_request_retries_total
     d     meshctl_intention_denials_total
     x     meshctl_tls_handshake_failures_total
+    k     meshctl_tcp_connections_total
+    o, i  meshctl_tcp_sent_bytes_total, meshctl_tcp_received_bytes_total
     e     meshctl_outlier_ejections_total            (hook only, see below)
     c     meshctl_circuit_breaker_rejections_total   (hook only)
     l     meshctl_rate_limit_rejections_total        (hook only)
@@ -66,6 +68,13 @@ COUNTERS: dict[str, _Counter] = {
                   "Requests or connections an intention denied", LABELS[:3]),
     "x": _Counter("meshctl_tls_handshake_failures_total",
                   "Clients whose certificate failed verification at an inbound", LABELS[:2]),
+    "k": _Counter("meshctl_tcp_connections_total",
+                  "TCP connections through the sidecar (after the intention check)",
+                  LABELS[:4]),
+    "o": _Counter("meshctl_tcp_sent_bytes_total",
+                  "Bytes the sidecar sent to its TCP clients (peer: empty)", LABELS[:4]),
+    "i": _Counter("meshctl_tcp_received_bytes_total",
+                  "Bytes the sidecar received from its TCP clients (peer: empty)", LABELS[:4]),
     "e": _Counter("meshctl_outlier_ejections_total",
                   "Endpoints ejected by passive health checking", LABELS[:5]),
     "c": _Counter("meshctl_circuit_breaker_rejections_total",

@@ -39,8 +39,8 @@ log = logging.getLogger("meshctl.telemetry")
 
 #: the largest datagram read; a record is well below 2 KiB
 MAX_DATAGRAM = 16384
-FIELDS = ("time", "start", "duration", "trace_id", "span_id", "parent_id", "sampled", "log",
-          "direction", "service", "peer", "upstream", "upstream_addr", "method", "path",
+FIELDS = ("kind", "time", "start", "duration", "trace_id", "span_id", "parent_id", "sampled",
+          "log", "direction", "service", "peer", "upstream", "upstream_addr", "method", "path",
           "status", "bytes_sent", "bytes_received", "route", "upstream_status", "intention")
 
 
@@ -90,7 +90,9 @@ def parse_record(datagram: bytes) -> dict[str, str] | None:
         return None
     # HAProxy writes "-" for a variable that is not set: the same as nginx's "".
     out = {k: str(data.get(k, "")) for k in FIELDS}
-    return {k: "" if v == "-" else v for k, v in out.items()}
+    out = {k: "" if v == "-" else v for k, v in out.items()}
+    out["kind"] = out["kind"] or "http"
+    return out
 
 
 def access_line(record: dict[str, str]) -> str:
@@ -115,6 +117,8 @@ class Receiver:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._reopen = threading.Event()
+        self._lock = threading.Lock()
+        self._tcp: dict[str, float] = {}
 
     def start(self) -> None:
         """Bind the socket (replacing a stale one) and start reading. Raises OSError."""
@@ -170,6 +174,8 @@ class Receiver:
                 log.warning("telemetry: dropping a record that is not JSON: %r", data[:200])
             return
         self.received += 1
+        if record["kind"] == "tcp":
+            self._count_tcp(record)
         if self._reopen.is_set():
             self._reopen_now()
         if record["log"] == "1" and self._out is not None:
@@ -179,6 +185,29 @@ class Receiver:
                 self.on_span(record)
             except Exception:  # one bad span never stops the log
                 log.exception("telemetry: a span could not be exported")
+
+    def _count_tcp(self, r: dict[str, str]) -> None:
+        # The keys of meshctl/dataplane.py: connections by peer, bytes without it
+        # (HAProxy counts bytes per frontend).
+        labels = f"{r['direction']}|{r['service']}|{r['peer']}|{r['upstream']}|||"
+        plain = f"{r['direction']}|{r['service']}||{r['upstream']}|||"
+        with self._lock:
+            c = self._tcp
+            c["k|" + labels] = c.get("k|" + labels, 0) + 1
+            if r["intention"]:
+                deny = f"d|{r['direction']}|{r['service']}|{r['peer']}||||"
+                c[deny] = c.get(deny, 0) + 1
+            for kind, field_ in (("o", "bytes_sent"), ("i", "bytes_received")):
+                try:
+                    n = int(r[field_] or 0)
+                except ValueError:
+                    continue
+                c[f"{kind}|{plain}"] = c.get(f"{kind}|{plain}", 0) + n
+
+    def counters(self) -> dict[str, float]:
+        """The connection counters from the records so far (nginx's TCP listeners)."""
+        with self._lock:
+            return dict(self._tcp)
 
     def stop(self) -> None:
         self._stop.set()

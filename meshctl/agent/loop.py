@@ -32,6 +32,7 @@ from meshctl import metrics
 from meshctl._fs import write_atomic
 from meshctl._watch import Key, WatchStatus, backoff_delay
 from meshctl.agent.parts import (
+    dataplane_reader,
     make_consul,
     make_driver,
     make_receiver,
@@ -193,8 +194,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: self._definitions_changed())
-        metrics.serve(self.cfg.metrics_address, self.driver.dataplane_counters)
         self._telemetry = make_receiver(self.cfg, self.driver)
+        metrics.serve(self.cfg.metrics_address, dataplane_reader(self.driver, self._telemetry))
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
                  self.driver.name, self._safe_version())
         # Lets `meshctl deregister` see that an agent would register everything again.

@@ -3,7 +3,7 @@ caller (a test, a bench) gives it others."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from meshctl._watch import OnChange, Watcher
@@ -41,11 +41,11 @@ def make_vault(cfg: AgentConfig) -> VaultClient:
 
 
 def make_receiver(cfg: AgentConfig, driver: ProxyDriver) -> Receiver | None:
-    """The reader of the sidecar's access-log records and spans, started; None when the
-    sidecar sends none. The span exporter (OpenTelemetry SDK) is loaded only when
-    ``otlp_endpoint`` is set."""
+    """The reader of the sidecar's records (access log, spans, TCP connections), started;
+    None when the sidecar sends none. The span exporter (OpenTelemetry SDK) is loaded
+    only when ``otlp_endpoint`` is set."""
     plan = driver.observe()
-    if not plan.emits:
+    if not plan.emits and not driver.metrics:
         return None
     t = cfg.telemetry
     on_span = None
@@ -60,6 +60,21 @@ def make_receiver(cfg: AgentConfig, driver: ProxyDriver) -> Receiver | None:
     receiver = Receiver(driver.telemetry_socket, access, on_span, writer=driver.worker_user())
     receiver.start()
     return receiver
+
+
+def dataplane_reader(driver: ProxyDriver, receiver: Receiver | None
+                     ) -> Callable[[], Mapping[str, float] | None]:
+    """What the metrics endpoint reads at each scrape: the proxy's own counters and
+    those the agent counted from the proxy's records (nginx's TCP connections)."""
+    def read() -> Mapping[str, float] | None:
+        raw = driver.dataplane_counters()
+        if raw is None or receiver is None:
+            return raw
+        merged = dict(raw)
+        for k, v in receiver.counters().items():
+            merged[k] = merged.get(k, 0) + v
+        return merged
+    return read
 
 
 def make_driver(cfg: AgentConfig) -> ProxyDriver:

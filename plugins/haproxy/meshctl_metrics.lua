@@ -97,8 +97,42 @@ core.register_action("meshctl_metrics_out_local", { "http-req" }, function(txn, 
     out(txn, caller, code)
 end, 2)
 
+-- TCP: one connection of a tcp frontend (after the intention check), by
+-- direction, local service, peer (inbound: the verified caller; outbound: the
+-- upstream) and upstream ("-": none). Bytes come from the frontend's own
+-- counters at scrape time (per frontend, so without a peer).
+local FRONTENDS = {}
+
+core.register_action("meshctl_metrics_tcp", { "tcp-req" }, function(txn, dir, service, upstream)
+    if upstream == "-" then
+        upstream = ""
+    end
+    local peer = dir == "inbound" and var(txn, "txn.meshctl_caller") or upstream
+    add("k|" .. dir .. "|" .. service .. "|" .. peer .. "|" .. upstream .. "|||", 1)
+    if txn:get_var("txn.meshctl_deny") ~= nil then
+        add("d|" .. dir .. "|" .. service .. "|" .. peer .. "||||", 1)
+    end
+    FRONTENDS[txn.f:fe_name()] = dir .. "|" .. service .. "||" .. upstream .. "|||"
+end, 3)
+
+local function snapshot()
+    local out = {}
+    for k, v in pairs(C) do
+        out[k] = v
+    end
+    for name, labels in pairs(FRONTENDS) do
+        local fe = core.frontends[name]
+        if fe then
+            local st = fe:get_stats()
+            out["o|" .. labels] = tonumber(st.bout) or 0
+            out["i|" .. labels] = tonumber(st.bin) or 0
+        end
+    end
+    return out
+end
+
 core.register_service("meshctl_metrics_control", "http", function(applet)
-    local body = cjson.encode(C)
+    local body = cjson.encode(snapshot())
     applet:set_status(200)
     applet:add_header("content-type", "application/json")
     applet:add_header("content-length", tostring(#body))

@@ -1,9 +1,10 @@
 """Observability end to end: web → api → db over three hosts, a real Prometheus
 scraping each host's one metrics endpoint, under a known load.
 
-    h1: web  ── upstreams api → 127.0.0.1:9001, db → :9004 (no intention: denied)
+    h1: web  ── upstreams api → 127.0.0.1:9001, db → :9004 (no intention: denied),
+                kv → :9005 (tcp)
     h2: api  ── upstream  db  → 127.0.0.1:9003
-    h3: db
+    h3: db, kv (tcp: no service-defaults)
 
 The load is vegeta at a fixed rate on h1 through web's sidecar to api, whose app
 calls db through its own sidecar (``/call/9003/...``), so each request crosses
@@ -35,7 +36,7 @@ from tests.conftest import need_programs, own_lab
 
 pytestmark = pytest.mark.root
 
-WEB_API, API_DB, WEB_DB = 9001, 9003, 9004
+WEB_API, API_DB, WEB_DB, WEB_KV = 9001, 9003, 9004, 9005
 METRICS_PORT = 9466
 CHAIN = f"/call/{API_DB}/hello"
 
@@ -67,7 +68,7 @@ def deploy(lab: Lab, proxies: dict[str, str] | str, otlp: str = "") -> Mesh:
     """The three hosts; with ``otlp``: access logs on, every new request traced, spans
     (and api's app's own) exported there."""
     mesh = Mesh(lab, proxies)
-    mesh.setup_vault({"h1": ["web"], "h2": ["api"], "h3": ["db"]})
+    mesh.setup_vault({"h1": ["web"], "h2": ["api"], "h3": ["db", "kv"]})
     consul = lab.host("h1").consul()
     for name in ("web", "api", "db"):
         consul.config.set("service-defaults", name, {"Protocol": "http"})
@@ -75,7 +76,13 @@ def deploy(lab: Lab, proxies: dict[str, str] | str, otlp: str = "") -> Mesh:
                       {"Sources": [{"Name": "web", "Action": "allow"}]})
     consul.config.set("service-intentions", "db",
                       {"Sources": [{"Name": "api", "Action": "allow"}]})
-    plan = {"h1": ("web", {"api": WEB_API, "db": WEB_DB}), "h2": ("api", {"db": API_DB}),
+    consul.config.set("service-intentions", "kv",
+                      {"Sources": [{"Name": "web", "Action": "allow"}]})
+    mesh["h3"].add_service({"name": "kv", "id": "kv-h3", "port": 8081, "check": {
+        "tcp": "127.0.0.1:8081", "interval": "1s", "timeout": "1s"}})
+    mesh["h3"].start_app("kv", 8081)
+    plan = {"h1": ("web", {"api": WEB_API, "db": WEB_DB, "kv": WEB_KV}),
+            "h2": ("api", {"db": API_DB}),
             "h3": ("db", {})}
     for host, (svc, ups) in plan.items():
         mh = mesh[host]
@@ -278,6 +285,32 @@ def test_agent_metrics_on_the_same_endpoint(observed: Observed) -> None:
                           {"Sources": [{"Name": "api", "Action": "allow"}]})
         wait_until("web to be denied at db again",
                    lambda: mesh["h1"].get(WEB_DB, "/x")[0] == 403)
+
+
+def test_tcp_connections_and_bytes_are_counted_at_both_ends(observed: Observed) -> None:
+    prom, mesh = observed.prom, observed.mesh
+    out_sel = _sel("outbound", "web", "kv")
+    in_sel = _sel("inbound", "kv", "web")
+
+    def conns(sel: str) -> float:
+        return prom.value(f"sum(meshctl_tcp_connections_total{sel})") or 0.0
+
+    def sent(direction: str, service: str) -> float:
+        return prom.value(f'sum(meshctl_tcp_sent_bytes_total{{direction="{direction}",'
+                          f'service="{service}"}})') or 0.0
+
+    wait_until("web to reach kv over tcp", lambda: mesh["h1"].get(WEB_KV, "/ping")[0] == 200)
+    before = _quiet_series(prom, f"sum(meshctl_tcp_connections_total{out_sel})")
+    before_in = conns(in_sel)
+    before_bytes = sent("outbound", "web")
+    for i in range(5):  # one connection each: urllib closes it after the answer
+        assert mesh["h1"].get(WEB_KV, f"/tcp-{i}")[0] == 200
+    wait_until("Prometheus to count 5 more tcp connections at both ends",
+               lambda: conns(out_sel) == before + 5 and conns(in_sel) == before_in + 5,
+               timeout=30)
+    # Each answer is a JSON body of ~200 bytes back to web's app.
+    assert sent("outbound", "web") - before_bytes >= 5 * 100
+    assert sent("inbound", "kv") > 0
 
 
 # ---------------------------------------------------------------- access logs, traces
