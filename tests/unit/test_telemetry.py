@@ -126,3 +126,19 @@ def test_a_rotated_access_log_is_reopened(tmp_path: Path) -> None:
         rx.stop()
     assert "/before" in (tmp_path / "access.log.1").read_text()
     assert "/after" in log.read_text() and "/before" not in log.read_text()
+
+
+def test_tcp_records_are_counted_as_connections_and_bytes(tmp_path: Path) -> None:
+    rx = Receiver(tmp_path / "t.sock", None)
+    tcp = {"kind": "tcp", "direction": "inbound", "service": "kv", "peer": "web",
+           "upstream": "", "bytes_sent": "120", "bytes_received": "80", "intention": ""}
+    rx.handle(json.dumps(tcp).encode())
+    rx.handle(json.dumps({**tcp, "peer": "evil", "bytes_sent": "0", "bytes_received": "0",
+                          "intention": "intention evil -> kv denies"}).encode())
+    rx.handle(json.dumps(record()).encode())  # an http record counts nothing here
+    c = rx.counters()
+    assert c["k|inbound|kv|web||||"] == 1 and c["k|inbound|kv|evil||||"] == 1
+    assert c["d|inbound|kv|evil||||"] == 1
+    assert c["o|inbound|kv|||||"] == 120
+    assert c["i|inbound|kv|||||"] == 80
+    assert len(c) == 5
