@@ -6,7 +6,7 @@
 On a fresh 3-host lab (needs root; talks only to lab namespaces), with Consul
 agents in their stock configuration (``limits.http_max_conns_per_client`` 200):
 
-    h1: client ── N upstreams svc0000 … → 127.0.0.1:40000+i, one meshctl agent
+    h1: client ── N upstreams svc0000 … → 127.0.0.1:25000+i, one meshctl agent
     h2, h3: 1-3 connect-proxy instances of every svcNNNN (TTL checks, passing),
             registered straight through their own Consul agents
 
@@ -42,7 +42,10 @@ from meshctl.lab.mesh import Mesh, MeshHost, wait_until
 
 CLIENT = "client"
 CLIENT_PORT = 8081
-FIRST_BIND_PORT = 40000  # clear of the agent's sidecar port range (21000-21255)
+#: clear of the agent's sidecar port range (21000-21255) and below Linux's ephemeral
+#: ports (32768-60999): an outgoing connection of h1's (the agent's to Consul) could
+#: otherwise hold 127.0.0.1:<bind port> and make nginx refuse the config (seen at 40076)
+FIRST_BIND_PORT = 25000
 CONSUL_PORT = 8500
 STOCK_CONNS_PER_CLIENT = 200  # Consul's limits.http_max_conns_per_client default
 

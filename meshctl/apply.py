@@ -163,8 +163,65 @@ class Applier:
             self._finish_recovery()  # a master serves: what the dead one left can go
         return result
 
-    def _apply(self, snapshot: Snapshot) -> ApplyResult:
-        rendered = self.driver.render_config(snapshot)
+    def push_endpoints_only(self, snapshot: Snapshot) -> ApplyResult | None:
+        """Serve ``snapshot`` by a run-time endpoint push alone, rendering nothing.
+
+        For a change the caller knows leaves the driver's files as they are
+        (only endpoints of ``driver.runtime_clusters`` moved): ``current``
+        already holds what render() would produce. Needs the proxy running and
+        confirmed on the generation ``current`` holds; returns None otherwise,
+        and the caller applies in full. If the push fails this is apply()
+        (which reloads); raises what apply() raises.
+        """
+        self._reap()
+        served = self.current_generation()
+        if (served is None or self._confirmed != served or self._orphans or self._recovering
+                or not self.driver.running()):
+            return None
+        endpoints = self.driver.endpoint_state(snapshot)
+        if endpoints is None:
+            return None
+        try:
+            previous: bytes | None = self.driver.endpoints_file.read_bytes()
+        except OSError:
+            previous = None
+        try:
+            write_atomic(self.driver.endpoints_file,
+                         json.dumps(endpoints, sort_keys=True).encode(), 0o640)
+        except DiskError as exc:
+            error = ProxyError(f"proxy {self.driver.name}: endpoint document: {exc}")
+            self._done(ApplyResult("failed", served, error=str(error)))
+            raise error from None
+        try:
+            self.driver.push_endpoints(endpoints)
+        except (ProxyError, OSError) as exc:
+            log.warning("proxy %s: run-time endpoint update failed (%s); applying in full",
+                        self.driver.name, exc)
+            self._restore_endpoints(previous)  # so that apply() sees the change, and reloads
+            return self.apply(snapshot)
+        log.info("proxy %s: endpoints updated without reload (generation %s, nothing rendered)",
+                 self.driver.name, served)
+        return self._done(ApplyResult("endpoints", served))
+
+    def apply_same_structure(self, snapshot: Snapshot) -> ApplyResult | None:
+        """apply() for a snapshot the caller knows has the structure of the one served
+        (``driver.same_structure``): rendered once, with the generation served,
+        and its endpoints pushed without a reload. None when the proxy is not
+        confirmed on the generation ``current`` holds (the caller applies in
+        full). Raises like apply().
+        """
+        served = self.current_generation()
+        if (served is None or self._confirmed != served or self._orphans or self._recovering
+                or not self.driver.running()):
+            return None
+        self._reap()
+        return self._apply(snapshot, RenderedConfig(served, self.driver.render(snapshot, served)))
+
+    def _apply(self, snapshot: Snapshot, rendered: RenderedConfig | None = None) -> ApplyResult:
+        started = time.monotonic()
+        if rendered is None:
+            rendered = self.driver.render_config(snapshot)
+        rendered_at = time.monotonic()
         generation, target = rendered.generation, rendered.dirname
         previous = self._current_dir()
         running = self.driver.running()
@@ -192,10 +249,16 @@ class Applier:
             self._stage_and_swap(rendered, previous_endpoints)
         # else: a restart of the live files, validated when they were staged (the
         # name is their digest): checking them again would only lengthen the outage.
+        validated_at = time.monotonic()
         action = self._load(running, generation, previous, target, previous_endpoints,
                             _listener_ports(snapshot))
         self._prune(keep={target, previous or ""})
-        log.info("proxy %s: %s generation %s", self.driver.name, action, generation)
+        # Where a (re)load's time goes: at a thousand listeners the proxy's own
+        # config check and load dominate.
+        log.info("proxy %s: %s generation %s (render %.2fs, stage and validate %.2fs, "
+                 "load and confirm %.2fs)", self.driver.name, action, generation,
+                 rendered_at - started, validated_at - rendered_at,
+                 time.monotonic() - validated_at)
         return self._done(ApplyResult(action, generation))
 
     def _apply_endpoints(self, rendered: RenderedConfig, previous: str,

@@ -49,6 +49,7 @@ from meshctl.errors import CompileError
 from meshctl.matches import HeaderMatch
 from meshctl.model import (
     Cluster,
+    Endpoint,
     HashPolicy,
     HeaderOps,
     Instance,
@@ -140,19 +141,39 @@ def chain_body(answer: Mapping[str, Any]) -> Mapping[str, Any]:
     return inner if isinstance(inner, Mapping) else answer
 
 
-def chain_queries(answer: Mapping[str, Any], local_dc: str) -> set[TargetQuery]:
-    """Every instance query the chain's targets need (the agent watches each).
+def chain_targets(answer: Mapping[str, Any], local_dc: str) -> dict[str, TargetQuery]:
+    """The instance query of each of the chain's targets, by Consul's target id
+    (``Cluster.target`` of the clusters compiled from it).
 
     Targets in a cluster peer are skipped (compile reports them). Raises
     CompileError for a target whose service, datacenter or subset is invalid.
     """
     chain = chain_body(answer)
-    out: set[TargetQuery] = set()
+    out: dict[str, TargetQuery] = {}
     for tid, target in sorted(_mapping(chain.get("Targets"), "Targets", chain).items()):
         if not isinstance(target, Mapping) or target.get("Peer"):
             continue
-        out.add(_query(tid, target, local_dc, _entry_of(chain)))
+        out[tid] = _query(tid, target, local_dc, _entry_of(chain))
     return out
+
+
+def chain_queries(answer: Mapping[str, Any], local_dc: str) -> set[TargetQuery]:
+    """Every instance query the chain's targets need (the agent watches each).
+
+    Raises CompileError like :func:`chain_targets`.
+    """
+    return set(chain_targets(answer, local_dc).values())
+
+
+def target_endpoints(query: TargetQuery, instances: Mapping[Any, Sequence[Instance]],
+                     tid: str) -> tuple[Endpoint, ...]:
+    """The endpoints of chain target ``tid`` from what Consul reported for ``query``
+    (see :func:`compile_chain` for ``instances``). Raises CompileError for an
+    instance whose address or port is unusable."""
+    found = instances.get(query)
+    if found is None and not (query.datacenter or query.filter):
+        found = instances.get(query.service)
+    return endpoints_of(found or (), f"target {tid!r}", only_passing=query.only_passing)
 
 
 def duration_ms(value: Any, where: str) -> int:
@@ -358,16 +379,12 @@ class _Compiler:
         cid = cluster_id(query.service, subset, variant)
         if cid in self.clusters:
             return cid
-        found = self.instances.get(query)
-        if found is None and not (query.datacenter or query.filter):
-            found = self.instances.get(query.service)
         self.clusters[cid] = Cluster(
             id=cid,
             service=query.service,
             subset=subset,
             tls_name=identity_dns(query.service, self.trust_domain),
-            endpoints=endpoints_of(found or (), f"target {tid!r}",
-                                   only_passing=query.only_passing),
+            endpoints=target_endpoints(query, self.instances, tid),
             lb_policy=lb["policy"],
             connect_timeout_ms=connect_ms,
             datacenter=query.datacenter,

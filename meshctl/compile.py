@@ -44,9 +44,8 @@ def compile_snapshot(
     protocols: Mapping[str, str] | None = None,
     intentions: Mapping[str, Any] | None = None,
     default_intention_action: str = "deny",
-    previous_authz: Mapping[str, Authorization] | None = None,
+    intentions_fallback: Mapping[str, Any] | None = None,
     chains: Mapping[str, Mapping[str, Any] | None] | None = None,
-    previous: Snapshot | None = None,
 ) -> Snapshot:
     """Compile local services and what Consul answered into a Snapshot.
 
@@ -57,7 +56,7 @@ def compile_snapshot(
     entry gets the chain Consul compiles without config entries (protocol from
     ``protocols``, which maps a service name to its ``service-defaults``
     protocol, default ``tcp``); one whose entry is None (Consul has not
-    answered yet) keeps its outbound from ``previous`` if there is one.
+    answered yet) has no outbound yet (a warning says so).
 
     ``instances`` maps each ``chain.TargetQuery`` of those chains to the
     sidecar instances Consul reported for it; a plain service name stands for
@@ -67,10 +66,12 @@ def compile_snapshot(
     for it (None while Consul has not answered); ``default_intention_action``
     (``"deny"`` unless given, as the agent's config) applies where no
     intention matches. Without ``intentions`` at all every inbound just has
-    the default action. A service whose intentions are unknown or malformed
-    keeps ``previous_authz[service]`` (fail static) or, without one, denies
-    every caller; malformed intentions are reported in the snapshot's warnings
-    and never widen access.
+    the default action. ``intentions_fallback`` maps a service to the last
+    intention-match answer of it that compiled (the agent keeps it, see
+    ``meshctl.agent.answers``): a service whose intentions are unknown or
+    malformed is compiled from it (fail static) or, without one, denies every
+    caller; malformed intentions are reported in the snapshot's warnings and
+    never widen access.
 
     Raises CompileError on any value that is not safe to place into a proxy
     configuration.
@@ -82,17 +83,28 @@ def compile_snapshot(
         http = protocol == "http"
         if intentions is None:
             return Authorization(default_action=default_intention_action, l7=http)
-        fallback = (previous_authz or {}).get(service)
+        fallback = (intentions_fallback or {}).get(service)
         answer = intentions.get(service)
         if answer is None:
-            return fallback or pending_authorization(default_intention_action, http)
+            answer = fallback
+        if answer is None:
+            return pending_authorization(default_intention_action, http)
         try:
             authz, notes = compile_intentions(service, answer, http=http,
                                               default_action=default_intention_action)
         except CompileError as exc:
-            warnings.append(f"intentions of {service!r} refused, "
-                            f"{'keeping the last good ones' if fallback else 'denying all'}: {exc}")
-            return fallback or failed_authorization(str(exc), default_intention_action, http)
+            kept = None
+            if fallback is not None and fallback is not answer:
+                try:
+                    kept, notes = compile_intentions(service, fallback, http=http,
+                                                     default_action=default_intention_action)
+                except CompileError:
+                    kept = None
+            keeping = "keeping the last good ones" if kept is not None else "denying all"
+            warnings.append(f"intentions of {service!r} refused, {keeping}: {exc}")
+            if kept is None:
+                return failed_authorization(str(exc), default_intention_action, http)
+            authz = kept
         warnings.extend(notes)
         return authz
 
@@ -142,7 +154,7 @@ def compile_snapshot(
                 )
             binds[bind] = f"{d.name}->{dest}"
             outbound = _outbound_from_chain(
-                chains, previous, d.name, dest, up.datacenter or "", clusters, warnings,
+                chains, d.name, dest, up.datacenter or "", clusters, warnings,
                 trust_domain=trust_domain, datacenter=datacenter, instances=instances,
                 default_protocol=protocols.get(dest, "tcp"),
             )
@@ -174,7 +186,6 @@ def compile_snapshot(
 
 def _outbound_from_chain(
     chains: Mapping[str, Mapping[str, Any] | None] | None,
-    previous: Snapshot | None,
     caller: str,
     dest: str,
     dc: str,
@@ -189,17 +200,6 @@ def _outbound_from_chain(
     """One upstream's (protocol, routes); its clusters are added to ``clusters``."""
     key = chain_key(dest, dc)
     if chains is not None and key in chains and chains[key] is None:
-        old = next((o for o in (previous.outbounds if previous else ())
-                    if o.caller == caller and o.destination == dest), None)
-        if old is not None and previous is not None:
-            # Consul has not answered yet: keep serving what was served (fail static).
-            todo = [wc.cluster for r in old.routes for wc in r.clusters]
-            while todo:
-                c = previous.cluster(todo.pop())
-                if c.id not in clusters:
-                    clusters[c.id] = c
-                    todo.extend(c.failover)
-            return old.protocol, old.routes
         warnings.append(f"upstream {dest!r} of {caller!r}: waiting for its discovery chain")
         return None
     answer = (chains or {}).get(key) or default_chain(dest, default_protocol, dc or datacenter)

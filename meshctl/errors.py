@@ -15,6 +15,7 @@ Messages carry context (file, field, the proxy's own output) and never a secret.
     │   ├── ReloadError        reload or post-reload check failed (rolled back)
     │   └── DriverNotFound     no driver of that name in the entry-point group
     ├── DiskError              a local file could not be written (path and reason)
+    ├── DrainError             a drain could not read the host's connections, or timed out
     └── LabError               the network-namespace test bed
 """
 
@@ -54,6 +55,10 @@ class DefinitionError(MeshctlError):
 
 class CompileError(MeshctlError):
     """compile() refused its input (a value or config entry it cannot honour safely)."""
+
+
+class DrainError(MeshctlError):
+    """A drain could not read the host's connections, or callers stayed past its bound."""
 
 
 class SourceError(MeshctlError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from meshctl.intentions import Authorization
@@ -259,13 +259,67 @@ class Snapshot:
                 return c
         return primary
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("_index", None)
+    def to_dict(self, memo: PlainMemo | None = None) -> dict[str, Any]:
+        """The snapshot as plain data (what ``snapshot_io.snapshot_from_dict`` reads).
+
+        ``memo`` (an empty dict at first): the plain form of the inbounds,
+        outbounds and clusters of the previous call, reused for the very
+        objects this snapshot shares with it (an endpoint change shares all
+        but a few clusters), and replaced by this snapshot's.
+        """
+        if memo is None:
+            data: dict[str, Any] = _plain(self)
+            data.pop("_index", None)
+            return data
+        fresh: PlainMemo = {}
+
+        def part(obj: object) -> Any:
+            hit = memo.get(id(obj))
+            plain = hit[1] if hit is not None and hit[0] is obj else _plain(obj)
+            fresh[id(obj)] = (obj, plain)  # holding obj: its id cannot be reused meanwhile
+            return plain
+
+        data = {name: _plain(getattr(self, name)) for name in _SCALARS}
+        for name in ("inbounds", "outbounds", "clusters"):
+            data[name] = tuple(part(o) for o in getattr(self, name))
+        memo.clear()
+        memo.update(fresh)
         return data
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+    def to_json(self, indent: int | None = 2, memo: PlainMemo | None = None) -> str:
+        """The snapshot as JSON; ``indent=None`` is compact (and several times faster:
+        only then does the json module use its C encoder). ``memo``: see to_dict."""
+        return json.dumps(self.to_dict(memo), sort_keys=True, indent=indent,
+                          separators=None if indent is not None else (",", ":"))
+
+
+#: what Snapshot.to_dict keeps between calls: id -> (the object, its plain form)
+PlainMemo = dict[int, tuple[object, Any]]
+_SCALARS = ("node", "trust_domain", "datacenter", "warnings")
+
+
+def _plain(value: Any) -> Any:
+    """``dataclasses.asdict`` for frozen model data, without its deep copies of every leaf.
+
+    Tuples stay tuples (JSON writes them as lists, as asdict's output).
+    """
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
+    names = _FIELDS.get(kind)
+    if names is None and hasattr(kind, "__dataclass_fields__"):
+        names = _FIELDS[kind] = tuple(f.name for f in fields(value))
+    if names is not None:
+        return {n: _plain(getattr(value, n)) for n in names}
+    if isinstance(value, tuple | list):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+_LEAVES = frozenset({str, int, float, bool, type(None)})
 
 
 

@@ -948,8 +948,18 @@ def _parse_one(
     text, problem = _read_text(path)
     if problem is not None or text is None:
         return [], [problem] if problem else [], None
+    found, problems = _parse_remembered(text, path)
+    return list(found), list(problems), text
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_remembered(text: str, path: Path
+                      ) -> tuple[tuple[tuple[str, ServiceDefinition], ...], tuple[Problem, ...]]:
+    """``_parse_found``, remembered by file text: a pass that reads services.d again
+    (another file changed, or one is refused) parses only the files whose text
+    changed. Parsing is pure and its results are immutable."""
     found, problems = _parse_found(text, path)
-    return found, problems, text
+    return tuple(found), tuple(problems)
 
 
 def parse_definition_file(path: str | os.PathLike[str]) -> list[ServiceDefinition]:

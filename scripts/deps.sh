@@ -12,6 +12,8 @@
 #     (scripts/build-consul-template.sh), cached
 #   Jaeger: the lab's trace backend, built from source (scripts/build-jaeger.sh), cached
 #   (Debian's prometheus and graphviz come with the system packages)
+#   the machine lab's base image: Debian bookworm with systemd, debootstrapped
+#     (scripts/build-machine-base.sh), cached under ~/.cache/meshctl/machines
 #
 # A second run changes nothing and takes seconds.
 set -euo pipefail
@@ -22,7 +24,8 @@ say() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # ---- system packages -------------------------------------------------------
-pkgs=(nginx libnginx-mod-http-lua libnginx-mod-stream lua-cjson haproxy iproute2 wrk curl procps prometheus graphviz)
+pkgs=(nginx libnginx-mod-http-lua libnginx-mod-stream lua-cjson haproxy iproute2 wrk curl procps
+      debootstrap systemd-container vagrant prometheus graphviz)
 missing=()
 for p in "${pkgs[@]}"; do
     [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) == *"install ok installed"* ]] || missing+=("$p")
@@ -77,4 +80,11 @@ bash scripts/build-consul-template.sh
 
 # ---- Jaeger --------------------------------------------------------------------
 bash scripts/build-jaeger.sh
+
+# ---- the machine lab's base image ----------------------------------------------
+if [ "$(id -u)" = 0 ]; then
+    say "machine base image: $(bash scripts/build-machine-base.sh)"
+else
+    say "machine base image: skipped (debootstrap needs root; the machine tests skip)"
+fi
 say "dependencies ready"

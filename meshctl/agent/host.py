@@ -7,19 +7,24 @@ from collections.abc import Callable
 from typing import Any
 
 from meshctl._watch import Key
+from meshctl.agent.drain import STOP_REASON, drain_host, final_stop, undrain_host
 from meshctl.agent.loop import Agent
+from meshctl.agent.notify import SystemdNotifier
 from meshctl.agent.parts import make_driver
 from meshctl.agent.planning import build_snapshot
 from meshctl.agent.ports import PortBook
 from meshctl.agent.status import running_agent
 from meshctl.config import AgentConfig
 from meshctl.consul.client import ConsulClient
-from meshctl.errors import ConfigError, DefinitionError
+from meshctl.errors import ConfigError, ConsulError, DefinitionError, MeshctlError
 from meshctl.model import LocalService, Snapshot
 from meshctl.services import load_definitions
 from meshctl.vault.leaf import CertStore
 
 log = logging.getLogger("meshctl.agent")
+
+#: seconds a final stop waits for callers to leave (within the unit's TimeoutStopSec=30s)
+STOP_DRAIN = 20.0
 
 
 def plan_once(cfg: AgentConfig) -> tuple[Snapshot, dict[str, str]]:
@@ -77,8 +82,31 @@ def deregister_host(cfg: AgentConfig) -> list[str]:
     return ids
 
 def run_agent(cfg: AgentConfig, ready: Callable[[], None] | None = None) -> None:
-    """Entry point used by ``meshctl agent``."""
-    agent = Agent(cfg)
+    """Entry point used by ``meshctl agent``: tells systemd (sd_notify) when run by it.
+
+    Under systemd, a stop that is not a restart drains the host first (its
+    sidecars to maintenance until callers left, bounded by STOP_DRAIN), and the
+    next start ends that drain.
+    """
+    notifier = SystemdNotifier.from_environment()
+    systemd = notifier.address is not None
+    if systemd:
+        try:
+            for sid in undrain_host(cfg, only_reason=STOP_REASON):
+                log.info("%s: out of the maintenance the last stop put it in", sid)
+        except ConsulError as exc:
+            log.warning("cannot end the drain of the last stop (`meshctl undrain` does): %s", exc)
+    agent = Agent(cfg, notifier=notifier)
     if ready:
         ready()
     agent.run()
+    if systemd and final_stop():
+        # The proxy outlives the agent (KillMode=process); callers leave it first.
+        try:
+            report = drain_host(cfg, timeout=STOP_DRAIN, reason=STOP_REASON)
+        except MeshctlError as exc:
+            log.warning("stopping without a drain: %s", exc)
+        else:
+            log.info("drained on stop in %.1fs (%s): %s", report.seconds,
+                     "callers left" if report.drained else "bound reached",
+                     ", ".join(report.sidecars) or "no sidecars")

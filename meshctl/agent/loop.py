@@ -31,6 +31,9 @@ from typing import Any, Protocol
 from meshctl import metrics
 from meshctl._fs import write_atomic
 from meshctl._watch import Key, WatchStatus, backoff_delay
+from meshctl.agent.answers import AnswerStore
+from meshctl.agent.certs import EVERY, take_renewal_request
+from meshctl.agent.notify import Notifier, SystemdNotifier, status_line
 from meshctl.agent.parts import (
     dataplane_reader,
     make_consul,
@@ -39,12 +42,20 @@ from meshctl.agent.parts import (
     make_vault,
     make_watcher,
 )
-from meshctl.agent.planning import build_snapshot, ignored_by_entry, source_keys
+from meshctl.agent.planning import (
+    accepted_intentions,
+    build_snapshot,
+    ignored_by_entry,
+    refresh_endpoints,
+    source_keys,
+    targets_of,
+)
 from meshctl.agent.ports import PortBook, port_unavailable
 from meshctl.agent.proxy_watch import ProxyWatch
 from meshctl.agent.quiescence import Quiescence, splay_delay
 from meshctl.agent.status import AgentState, pid_path, write_status
-from meshctl.apply import Applier
+from meshctl.apply import Applier, ApplyResult
+from meshctl.chain import TargetQuery
 from meshctl.config import AgentConfig
 from meshctl.consul.keys import (
     ConfigEntries,
@@ -63,7 +74,7 @@ from meshctl.errors import (
     VaultError,
 )
 from meshctl.fields import IgnoredField, ignored_sidecar_config
-from meshctl.model import CertPaths, LocalService, Snapshot
+from meshctl.model import CertPaths, LocalService, PlainMemo, Snapshot
 from meshctl.proxy.base import ProxyDriver
 from meshctl.services import (
     DefinitionSet,
@@ -136,8 +147,15 @@ class Agent:
                  consul: Registry | None = None, watcher: WatchedValues | None = None,
                  issuer: LeafIssuer | None = None,
                  clock: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
+        # The service manager hears of readiness, reloads and stops (sd_notify);
+        # nothing without one.
+        self.notifier: Notifier = notifier or SystemdNotifier(None)
+        self._served = False  # the proxy served a config (the first apply, or the last good)
+        self._reloading = False  # a SIGHUP's RELOADING=1 awaits its READY=1
+        self._ready_sent = False
         for d in (cfg.data_dir, cfg.certs_dir, cfg.proxy_dir, cfg.run_dir):
             d.mkdir(parents=True, exist_ok=True)
         cfg.data_dir.chmod(0o750)
@@ -185,6 +203,22 @@ class Agent:
         self._wanted_since: dict[Key, float] = {}
         self._endpoint_gauges: set[str] = set()  # clusters with an UPSTREAM_ENDPOINTS series
         self._shared_change = False  # a shared key changed since the last apply
+        # The keys that changed since the last apply, each with the sequence number
+        # of its latest change (an apply forgets only what it has seen).
+        self._changed_keys: dict[Key, int] = {}
+        self._change_seq = 0
+        self._changes_lock = threading.Lock()
+        # The chain targets' queries of the last full compile (for the endpoint fast path).
+        self._targets: dict[str, TargetQuery | None] | None = None
+        self._gaps: tuple[Snapshot | None, list[str]] = (None, [])  # driver.unsupported, cached
+        self._persist_memo: PlainMemo = {}  # the persisted snapshot's parts (Snapshot.to_dict)
+        # Consul's answers as compile reads them: the watcher's, else the last good kept
+        # on disk (a restart while Consul is unreachable compiles from them).
+        self._answers = AnswerStore(cfg.data_dir / "last-good-answers.json", self.watcher.get)
+        self._accepted: dict[IntentionMatch, Any] = {}  # intention answers that compiled
+        # Serving a snapshot from disk with no answer kept (a first start after an
+        # upgrade): until this agent applies, it does not drop what that serves.
+        self._unkept_start = self._last_snapshot is not None and not self._answers.any()
         self._splay_until: float | None = None  # a splayed reload waits until then
 
     # ------------------------------------------------------------ lifecycle
@@ -193,7 +227,7 @@ class Agent:
         """Run until SIGTERM/SIGINT; deregister on the way out if configured."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
-        signal.signal(signal.SIGHUP, lambda *_: self._definitions_changed())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload())
         self._telemetry = make_receiver(self.cfg, self.driver)
         metrics.serve(self.cfg.metrics_address, dataplane_reader(self.driver, self._telemetry))
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
@@ -202,18 +236,21 @@ class Agent:
         write_atomic(pid_path(self.cfg), f"{os.getpid()}\n".encode(), 0o644)
         if self._last_snapshot is not None:
             self._serve_last_good(self._last_snapshot)
+            self._tell_manager()  # READY=1 now: the first pass may wait on Consul
         self._start_dir_watch()
         self._proxy_watch.start()
         self.trigger.trigger()
         try:
             while not self._stop.is_set():
-                timeout = max(0.05, min(self._next_deadline() - self.clock(), 5.0))
+                timeout = max(0.05, min(self._next_deadline() - self.clock(), 5.0,
+                                        self.notifier.watchdog_interval or 5.0))
                 fired = self.trigger.wait(timeout)
                 if self._stop.is_set():
                     break
                 if fired or self.clock() >= self._next_deadline():
                     reread, self._defs_dirty = self._defs_dirty, False
                     self.reconcile(changed=fired, reread=reread)
+                self._tell_manager()
         finally:
             self._shutdown()
 
@@ -221,8 +258,37 @@ class Agent:
         self._stop.set()
         self.trigger.trigger()
 
+    def _reload(self) -> None:
+        # SIGHUP (systemctl reload): the pass it wakes reads services.d again;
+        # READY=1 follows that pass (``_tell_manager``).
+        self._reloading = True
+        self.notifier.reloading()
+        # `meshctl certs renew` left a request: those leaves are due now.
+        wanted = take_renewal_request(self.cfg.run_dir)
+        for name, st in self._certs.items():
+            if EVERY in wanted or name in wanted:
+                log.info("certificate for %s: renewal asked (meshctl certs renew)", name)
+                st.renew_at = 0.0
+        self._definitions_changed()
+
+    def _tell_manager(self) -> None:
+        """After each turn of the loop: the watchdog ping, readiness and the status line."""
+        self.notifier.watchdog()
+        snap = self._last_snapshot if self._served else None
+        failing = {k: v["error"] for k, v in self._source_state.items() if not v["ok"]}
+        line = status_line(self.applier.current_generation() if snap else None,
+                           len(snap.inbounds) if snap else 0,
+                           len(snap.outbounds) if snap else 0, failing)
+        if self._served and (self._reloading or not self._ready_sent):
+            self._reloading = False
+            self._ready_sent = True
+            self.notifier.ready(line)
+        else:
+            self.notifier.status(line)
+
     def _shutdown(self) -> None:
         log.info("meshctl agent stopping")
+        self.notifier.stopping()
         pid_path(self.cfg).unlink(missing_ok=True)
         if self._observer is not None:
             self._observer.stop()
@@ -253,6 +319,9 @@ class Agent:
         """A watched value changed: wake the loop (it reads the latest values)."""
         if isinstance(key, SHARED_KEYS):
             self._shared_change = True
+        with self._changes_lock:
+            self._change_seq += 1
+            self._changed_keys[key] = self._change_seq  # type: ignore[index]
         log.debug("source changed: %s", key)
         self.trigger.trigger()
 
@@ -310,6 +379,8 @@ class Agent:
         """
         log.debug("reconcile")
         started = time.monotonic()
+        with self._changes_lock:
+            seen = dict(self._changed_keys)
         # A refused definition is looked at again on every pass: what refused it
         # (a port another process holds) may change without services.d changing.
         previous = self._services
@@ -321,15 +392,20 @@ class Agent:
         before = self._pass_inputs(address)
         self._sync_registrations(services, address)
         self._refresh_certificates(services)
-        if changed:
-            self._watch_upstreams(services)
-            self._report_ignored_fields(services)
         # What this host caused (its definitions, registrations, certificates) is
         # never splayed: only what every host sees alike.
         inputs_moved = self._pass_inputs(address) != before
         local = inputs_moved or services != previous
-        if changed or inputs_moved or self._retry_at <= self.clock():
-            self._compile_and_apply(services, address, local=local)
+        if changed and not local and self._push_endpoints_only(services, seen):
+            # Only instances changed: pushed at run time, nothing compiled or rendered
+            # (and the watched keys and ignored fields, which follow the chains and
+            # entries, are as they were).
+            pass
+        elif changed or inputs_moved or self._retry_at <= self.clock():
+            if changed:
+                self._watch_upstreams(services)
+                self._report_ignored_fields(services)
+            self._compile_and_apply(services, address, local=local, seen=seen)
         elif self._states() != self._written_states:
             # A source went bad or recovered: the status file says so even when
             # no value changed (a recovered watch answers what it answered before).
@@ -538,7 +614,7 @@ class Agent:
     def _watch_upstreams(self, services: list[ServiceDefinition]) -> None:
         # The set follows the discovery chains already known: a chain that now
         # reaches another target (split, redirect, failover) adds its health watch.
-        keys = source_keys(services, self.watcher.get, self.cfg.datacenter)
+        keys = source_keys(services, self._answers.get, self.cfg.datacenter)
         now = self.clock()
         self._wanted_since = {k: self._wanted_since.get(k, now) for k in keys}
         self.watcher.watch_only(keys)
@@ -546,7 +622,7 @@ class Agent:
     def _report_ignored_fields(self, services: list[ServiceDefinition]) -> None:
         """The fields of the watched config entries and of the local sidecars' opaque
         config that meshctl does not honour, logged once per change."""
-        current = ignored_by_entry(self.watcher.get, services)
+        current = ignored_by_entry(self._answers.get, services)
         for d in services:
             local = ignored_sidecar_config(d)
             if local:
@@ -584,8 +660,89 @@ class Agent:
             self._retry_at = min(self._retry_at, min(pending) + FIRST_ANSWER_WAIT)
         return bool(pending)
 
+    def _push_endpoints_only(self, services: list[ServiceDefinition],
+                             seen: dict[Key, int]) -> bool:
+        """The endpoint fast path: True if only instances changed since the last apply
+        and the proxy took them at run time, with nothing compiled.
+
+        The served snapshot gets the changed clusters' new endpoints
+        (``refresh_endpoints``: what a full compile of the same inputs gives).
+        If every one of them is a cluster the driver keeps out of its files,
+        the proxy gets them by a push and nothing is rendered; if the driver
+        renders them into the structure it serves (``same_structure``), the
+        files are rendered once and the endpoints pushed, without a reload.
+        Anything else (a chain, an entry, a definition or certificate changed,
+        a retry or splay pending, the structure moved, the proxy not
+        confirmed) is the full pass.
+        """
+        last = self._last_snapshot
+        if (last is None or self._targets is None or not seen or self._failed_snapshot
+                or self._splay_until is not None or self._retry_at <= self.clock()
+                or self.watcher.settling()):
+            return False
+        refreshed = refresh_endpoints(last, self._answers.get, self._targets, set(seen))
+        if refreshed is None:
+            return False
+        snapshot, moved = refreshed
+        pushed_only = moved <= self.driver.runtime_clusters(snapshot)
+        if not pushed_only and not self.driver.same_structure(last, snapshot, moved):
+            return False
+        self._shared_change = False  # health keys only: nothing to splay
+        if not moved:
+            self._forget_changes(seen)
+            if self._states() != self._written_states:
+                self._write_state(services)
+            return True
+        if self._gaps[0] is last:
+            self._gaps = (snapshot, self._gaps[1])  # what a driver cannot express: not endpoints
+        try:
+            # Files untouched: a push alone. Else (endpoints the driver renders, in
+            # the structure served): one render with the generation served, no reload.
+            result = (self.applier.push_endpoints_only(snapshot) if pushed_only
+                      else self.applier.apply_same_structure(snapshot))
+        except MeshctlError as exc:
+            # The push failed and so did the full apply it fell back to.
+            self._apply_failed(snapshot, exc)
+            self._write_state(services)
+            return True
+        if result is None:
+            return False
+        self._applied(snapshot, result, services, seen)
+        return True
+
+    def _unanswered_served(self) -> list[Key]:
+        """The watched keys of what the served snapshot holds (an upstream, a cluster
+        with endpoints, an inbound's intentions) that have no answer at all, from
+        Consul or kept: only while the snapshot served is the one read from disk
+        at a start that found no kept answers (after that, compile has answers)."""
+        last = self._last_snapshot
+        if last is None or not self._unkept_start:
+            return []
+        dests = {o.destination for o in last.outbounds}
+        targets = {c.service for c in last.clusters if c.endpoints}
+        inbounds = {i.service for i in last.inbounds if not i.authz.pending}
+        return [k for k in self._wanted_since
+                if ((isinstance(k, DiscoveryChain) and k.service in dests)
+                    or (isinstance(k, HealthConnect) and k.service in targets)
+                    or (isinstance(k, IntentionMatch) and k.service in inbounds))
+                and self._answers.get(k) is None]
+
+    def _forget_changes(self, seen: dict[Key, int]) -> None:
+        """An apply served the changes ``seen``: forget those not changed again since."""
+        with self._changes_lock:
+            for key, seq in seen.items():
+                if self._changed_keys.get(key) == seq:
+                    del self._changed_keys[key]
+
+    def _unsupported(self, snapshot: Snapshot) -> list[str]:
+        """``driver.unsupported(snapshot)``, once per snapshot (the warnings and the
+        status file both show it)."""
+        if self._gaps[0] is not snapshot:
+            self._gaps = (snapshot, self.driver.unsupported(snapshot))
+        return self._gaps[1]
+
     def _compile_and_apply(self, services: list[ServiceDefinition], address: str,
-                           local: bool = True) -> None:
+                           local: bool = True, seen: dict[Key, int] | None = None) -> None:
         # A retry time that has come is used up by this pass; whatever still
         # needs a later pass sets a new one below. (Left in the past, it would
         # wake the run loop at once, again and again.)
@@ -611,14 +768,29 @@ class Agent:
                 self._warn_once("sidecar address unknown until Consul answers")
                 continue
             locals_.append(LocalService(d, address, self._ports.port_for(d), cert.paths))
+        targets = targets_of(self._answers.get, [ls.definition for ls in locals_],
+                             self.cfg.datacenter)
+        fallback = {ls.definition.name: self._answers.kept(IntentionMatch(ls.definition.name))
+                    for ls in locals_}
         try:
-            snapshot = build_snapshot(self.cfg, locals_, self.watcher.get, self._last_snapshot)
+            snapshot = build_snapshot(self.cfg, locals_, self._answers.get, fallback)
         except CompileError as exc:
             self._source_error("compile", exc)
             self._write_state(services)
             return
         self._source_ok("compile")
-        for w in (*snapshot.warnings, *self.driver.unsupported(snapshot)):
+        unanswered = self._unanswered_served()
+        if unanswered:
+            # Consul has never answered these keys of what is served, and none was
+            # kept (a first start, or one after an upgrade, with Consul down):
+            # compiling without them would take it away. Keep serving.
+            self._warn_once("keeping the served config until Consul answers for "
+                            + ", ".join(sorted(str(k) for k in unanswered)[:5])
+                            + (" …" if len(unanswered) > 5 else ""))
+            self._retry_at = min(self._retry_at, self.clock() + 2.0)
+            self._write_state(services)
+            return
+        for w in (*snapshot.warnings, *self._unsupported(snapshot)):
             self._warn_once(w)
         last = self._last_snapshot
         if not locals_ and services and last is not None and last.inbounds:
@@ -635,25 +807,44 @@ class Agent:
             return
         try:
             result = self.applier.apply(snapshot)
-            metrics.APPLY_TOTAL.labels(result=result.action).inc()
-            if result.action != "unchanged":
-                self._persist(snapshot)
-            self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
-            self._last_snapshot = snapshot
-            self._source_ok("proxy")
-            self._retry_at = float("inf")
         except MeshctlError as exc:
-            metrics.APPLY_TOTAL.labels(result="failed").inc()
-            self._source_error("proxy", exc)
-            self._apply_failures += 1
-            self._failed_snapshot = snapshot
-            # A refused config rarely fixes itself (a port taken, a file missing):
-            # retry slowly so a persistent failure does not churn the proxy.
-            self._retry_at = self.clock() + backoff_delay(self._apply_failures, base=2.0, cap=60.0)
-        else:
-            self._apply_failures = 0
-            self._failed_snapshot = None
+            self._apply_failed(snapshot, exc)
+            self._write_state(services)
+            return
+        self._targets = targets
+        self._accepted = accepted_intentions(self.watcher.get, snapshot,
+                                             self.cfg.default_intention_action)
+        self._applied(snapshot, result, services, seen or {})
+
+    def _applied(self, snapshot: Snapshot, result: ApplyResult,
+                 services: list[ServiceDefinition], seen: dict[Key, int]) -> None:
+        """The proxy serves ``snapshot`` (``result``): remember, report and persist it."""
+        metrics.APPLY_TOTAL.labels(result=result.action).inc()
+        self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
+        self._last_snapshot = snapshot
+        self._served = True
+        self._unkept_start = False
+        self._forget_changes(seen)
+        self._source_ok("proxy")
+        self._retry_at = float("inf")
+        self._apply_failures = 0
+        self._failed_snapshot = None
         self._write_state(services)
+        if result.action != "unchanged":
+            # After the status file: `meshctl status` shows what is served without
+            # waiting for the (larger) snapshot file.
+            self._persist(snapshot)
+        # The answers it was compiled from, for a restart while Consul is unreachable.
+        self._answers.keep(self._wanted_since, self._accepted)
+
+    def _apply_failed(self, snapshot: Snapshot, exc: MeshctlError) -> None:
+        metrics.APPLY_TOTAL.labels(result="failed").inc()
+        self._source_error("proxy", exc)
+        self._apply_failures += 1
+        self._failed_snapshot = snapshot
+        # A refused config rarely fixes itself (a port taken, a file missing):
+        # retry slowly so a persistent failure does not churn the proxy.
+        self._retry_at = self.clock() + backoff_delay(self._apply_failures, base=2.0, cap=60.0)
 
     def _splaying(self, snapshot: Snapshot, local: bool) -> bool:
         """True while the reload a shared config entry caused waits for its splay.
@@ -690,6 +881,7 @@ class Agent:
         try:
             result = self.applier.apply(snapshot)
             log.info("serving the last good snapshot (%s) before Consul answers", result.action)
+            self._served = True
             self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
         except MeshctlError as exc:
             log.error("could not serve the last good snapshot: %s", exc)
@@ -702,7 +894,8 @@ class Agent:
             return None
 
     def _persist(self, snapshot: Snapshot) -> None:
-        write_atomic(self.cfg.snapshot_path, snapshot.to_json().encode(), 0o640)
+        text = snapshot.to_json(indent=None, memo=self._persist_memo)
+        write_atomic(self.cfg.snapshot_path, text.encode(), 0o640)
 
     # ------------------------------------------------------------ state
 
@@ -753,7 +946,7 @@ class Agent:
                     "caller": o.caller, "destination": o.destination, "protocol": o.protocol,
                     "bind": f"{o.bind_address}:{o.bind_port}", "endpoints": endpoints,
                 })
-            state.warnings = [*snap.warnings, *self.driver.unsupported(snap)]
+            state.warnings = [*snap.warnings, *self._unsupported(snap)]
         state.problems = [str(p) for probs in self._problems.values() for p in probs]
         state.ignored_fields = [f.to_dict() for _, fields in sorted(self._ignored.items())
                                 for f in fields]

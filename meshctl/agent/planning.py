@@ -7,11 +7,12 @@ a one-shot query (``meshctl render``); nothing here does I/O of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from meshctl._watch import Key
-from meshctl.chain import TargetQuery, chain_key, chain_queries
+from meshctl.chain import TargetQuery, chain_key, chain_queries, chain_targets, target_endpoints
 from meshctl.compile import compile_snapshot
 from meshctl.config import AgentConfig
 from meshctl.consul.keys import (
@@ -23,7 +24,8 @@ from meshctl.consul.keys import (
 )
 from meshctl.errors import CompileError
 from meshctl.fields import HONOURED, IgnoredField, ignored_fields
-from meshctl.model import Instance, LocalService, Snapshot
+from meshctl.intentions import compile_intentions
+from meshctl.model import Cluster, Instance, LocalService, Snapshot
 from meshctl.services import ServiceDefinition
 
 #: a value getter: the last good value of a key, None while it has none
@@ -56,6 +58,67 @@ def _queries(get: Getter, upstreams: set[tuple[str, str]], datacenter: str) -> s
             except CompileError:
                 continue  # compile() reports it; nothing to watch for a refused chain
     return out
+
+
+def targets_of(get: Getter, services: list[ServiceDefinition], datacenter: str
+               ) -> dict[str, TargetQuery | None]:
+    """The instance query of every target of the known chains of these services'
+    upstreams, by target id; None for an id two chains query differently."""
+    out: dict[str, TargetQuery | None] = {}
+    for dest, dc in sorted(upstreams_of(services)):
+        chain = get(chain_of(dest, dc))
+        if not isinstance(chain, dict):
+            continue
+        try:
+            found = chain_targets(chain, datacenter)
+        except CompileError:
+            continue  # compile() refuses the chain: it has no clusters
+        for tid, query in found.items():
+            out[tid] = query if out.get(tid, query) == query else None
+    return out
+
+
+def refresh_endpoints(last: Snapshot, get: Getter, targets: Mapping[str, TargetQuery | None],
+                      changed: set[Key]) -> tuple[Snapshot, set[str]] | None:
+    """``last`` with new endpoints where only instances ``changed``, without compiling.
+
+    ``changed``: the health keys (HealthConnect) that have a new value since
+    ``last`` was compiled, from the getter ``get``, with the chains that gave
+    ``targets`` (``targets_of``) unchanged. Returns the snapshot and the ids
+    of the clusters whose endpoints moved: what ``compile_snapshot`` would
+    return for the same inputs (each cluster's endpoints come from its
+    target's query alone). None when that cannot be told without compiling:
+    a changed key no cluster of ``last`` queries, a target two chains
+    disagree on, or an instance compile would refuse (it reports why).
+    """
+    if not changed or not all(isinstance(k, HealthConnect) for k in changed):
+        return None
+    clusters: list[Cluster] = []
+    moved: set[str] = set()
+    placed: set[Key] = set()
+    for c in last.clusters:
+        query = targets.get(c.target)
+        key = health_of(query) if query is not None else None
+        if query is None or key not in changed:
+            if c.target in targets and query is None and changed:
+                return None
+            clusters.append(c)
+            continue
+        placed.add(key)
+        value = get(key)
+        if value is None:
+            return None
+        try:
+            endpoints = target_endpoints(query, {query: list(value)}, c.target)
+        except CompileError:
+            return None
+        if endpoints != c.endpoints:
+            c = replace(c, endpoints=endpoints)
+            moved.add(c.id)
+        clusters.append(c)
+    if placed != changed:
+        return None
+    return replace(last, clusters=tuple(clusters)), moved
 
 
 def source_keys(services: list[ServiceDefinition], get: Getter, datacenter: str) -> set[Key]:
@@ -110,27 +173,42 @@ def protocols_from(get: Getter, names: set[str]) -> dict[str, str]:
     return out
 
 
-def instances_from(get: Getter, queries: set[TargetQuery], last: Snapshot | None,
-                   ) -> dict[Any, list[Instance]]:
-    """Instances per chain target; the persisted ones where Consul never answered."""
+def instances_from(get: Getter, queries: set[TargetQuery]) -> dict[Any, list[Instance]]:
+    """Instances per chain target, for the targets whose health has an answer."""
     out: dict[Any, list[Instance]] = {}
     for q in queries:
         value = get(health_of(q))
         if value is not None:
             out[q] = list(value)
-        elif last is not None:
-            out[q] = [
-                Instance(node=e.node, service_id=e.instance, address=e.address, port=e.port)
-                for c in last.clusters
-                if (c.service, c.subset, c.datacenter) == (q.service, q.subset, q.datacenter)
-                for e in c.endpoints
-            ]
+    return out
+
+
+def accepted_intentions(get: Getter, snapshot: Snapshot, default_action: str
+                        ) -> dict[IntentionMatch, Any]:
+    """The intention-match answers of ``snapshot``'s inbounds that compile as they
+    are (the ones to keep as the last good, see ``meshctl.agent.answers``)."""
+    out: dict[IntentionMatch, Any] = {}
+    for i in snapshot.inbounds:
+        key = IntentionMatch(i.service)
+        answer = get(key)
+        if answer is None:
+            continue
+        try:
+            compile_intentions(i.service, answer, http=i.protocol == "http",
+                               default_action=default_action)
+        except CompileError:
+            continue
+        out[key] = answer
     return out
 
 
 def build_snapshot(cfg: AgentConfig, locals_: list[LocalService], get: Getter,
-                   last: Snapshot | None) -> Snapshot:
-    """compile() fed from a value getter (the watcher's, or a one-shot query)."""
+                   intentions_fallback: Mapping[str, Any] | None = None) -> Snapshot:
+    """compile() fed from a value getter (the agent's answers, or a one-shot query).
+
+    ``intentions_fallback``: each local service's last intention answer that
+    compiled (see ``compile_snapshot``).
+    """
     upstreams = upstreams_of([ls.definition for ls in locals_])
     destinations = {dest for dest, _ in upstreams}
     local_names = {ls.definition.name for ls in locals_}
@@ -141,11 +219,10 @@ def build_snapshot(cfg: AgentConfig, locals_: list[LocalService], get: Getter,
         trust_domain=cfg.trust_domain,
         datacenter=cfg.datacenter,
         services=locals_,
-        instances=instances_from(get, _queries(get, upstreams, cfg.datacenter), last),
+        instances=instances_from(get, _queries(get, upstreams, cfg.datacenter)),
         protocols=protocols_from(get, names),
         chains=chains,
-        previous=last,
         intentions={name: get(IntentionMatch(name)) for name in local_names},
         default_intention_action=cfg.default_intention_action,
-        previous_authz={i.service: i.authz for i in last.inbounds} if last else None,
+        intentions_fallback=intentions_fallback,
     )

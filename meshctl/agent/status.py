@@ -52,5 +52,6 @@ def write_status(path: Path, state: AgentState) -> None:
 
     Raises DiskError.
     """
-    text = json.dumps(state.__dict__, indent=2, default=str)
+    # Compact: only then does the json module use its C encoder (1,000 upstreams).
+    text = json.dumps(state.__dict__, default=str, separators=(",", ":"))
     write_atomic(path, text.encode(), 0o644)

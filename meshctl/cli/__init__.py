@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -9,9 +10,42 @@ import click
 from meshctl import __version__
 from meshctl.errors import MeshctlError
 
+#: every command: name -> (module, attribute). A command's module is imported only
+#: when that command runs, so the long-running ``meshctl agent`` does not hold the
+#: lab, ``vault setup`` and table code it never uses (several MB of its idle RSS).
+COMMANDS = {
+    "lab": ("meshctl.cli.lab", "lab"),
+    "vault": ("meshctl.cli.vault", "vault"),
+    "agent": ("meshctl.cli.agent", "agent"),
+    "status": ("meshctl.cli.agent", "status"),
+    "render": ("meshctl.cli.agent", "render"),
+    "deregister": ("meshctl.cli.agent", "deregister"),
+    "validate": ("meshctl.cli.validate", "validate"),
+    "routes": ("meshctl.cli.routes", "routes"),
+    "intentions": ("meshctl.cli.intentions", "intentions"),
+}
+
+
+def _load(name: str) -> click.Command:
+    module, attr = COMMANDS[name]
+    command = getattr(importlib.import_module(module), attr)
+    assert isinstance(command, click.Command)
+    return command
+
 
 class _Group(click.Group):
-    """Turns meshctl's own errors into one clear line and exit code 1."""
+    """Turns meshctl's own errors into one clear line and exit code 1; loads each
+    command when it is asked for (COMMANDS)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None and cmd_name in COMMANDS:
+            found = _load(cmd_name)
+            self.add_command(found, cmd_name)
+        return found
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -28,28 +62,16 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from meshctl.cli import agent, lab
+    """Load every command now (for callers that look at ``cli.commands``)."""
+    for name in COMMANDS:
+        cli.add_command(_load(name), name)
 
-    cli.add_command(lab.lab)
-    from meshctl.cli import vault
+    from meshctl.cli import ops
 
-    cli.add_command(vault.vault)
-    cli.add_command(agent.agent)
-    cli.add_command(agent.status)
-    cli.add_command(agent.render)
-    cli.add_command(agent.deregister)
-
-    from meshctl.cli import validate
-
-    cli.add_command(validate.validate)
-
-    from meshctl.cli import routes
-
-    cli.add_command(routes.routes)
-
-    from meshctl.cli import intentions
-
-    cli.add_command(intentions.intentions)
+    cli.add_command(ops.drain)
+    cli.add_command(ops.undrain)
+    cli.add_command(ops.certs)
+    cli.add_command(ops.doctor)
 
     from meshctl.cli import observe
 
@@ -60,5 +82,4 @@ def _register() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    _register()
     cli(prog_name="meshctl")

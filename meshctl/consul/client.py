@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -21,6 +22,18 @@ from meshctl.services import RESERVED_META, ServiceDefinition
 log = logging.getLogger("meshctl.consul")
 
 T = TypeVar("T")
+
+#: the id prefix of the check Consul adds to a service in maintenance
+MAINTENANCE_CHECK = "_service_maintenance:"
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """One of this host's registered sidecars: its id, the service it fronts, its port."""
+
+    id: str
+    destination: str
+    port: int
 
 
 class ConsulClient:
@@ -103,9 +116,14 @@ class ConsulClient:
         """Register ``defn`` and its ``connect-proxy`` sidecar with the local agent.
 
         Idempotent: the same ids replace the previous registration and its
-        checks (``replace-existing-checks``). Raises ConsulError.
+        checks (``replace-existing-checks``). A maintenance mark (``meshctl
+        drain``) is put back at once: replacing the checks drops it, and a
+        drained host must stay drained through an agent restart or upgrade
+        (the new checks start critical, so no caller sees it pass between).
+        Raises ConsulError.
         """
         c = self.api
+        marked = self.maintenance_marks(what=f"register {defn.id}")
         svc = service_registration(defn)
         side = sidecar_registration(
             defn, sidecar_address, sidecar_port, self.sidecar_check_interval
@@ -124,6 +142,8 @@ class ConsulClient:
             if not ok:
                 raise ConsulError(f"{consul_at(self.settings.addr)}register {sid}: "
                                   "the Consul agent refused the registration")
+            if sid in marked:
+                self.set_maintenance(sid, True, marked[sid])
 
     def deregister(self, service_id: str) -> None:
         """Deregister a service and its sidecar; absent ones are fine. Raises ConsulError."""
@@ -152,15 +172,81 @@ class ConsulClient:
                 ids.add(str(sid))
         return ids
 
-    def advertise_address(self) -> str:
-        """The local agent's LAN address, where sidecars are reachable. Raises ConsulError."""
+    def local_sidecars(self) -> dict[str, Sidecar]:
+        """The ``connect-proxy`` sidecars meshctl registered with the local agent, by id.
+
+        Raises ConsulError.
+        """
+        services = self._call("list services", lambda: self.api.agent.services())
+        if not isinstance(services, Mapping):
+            raise ConsulError(f"{consul_at(self.settings.addr)}list services: unexpected answer")
+        out: dict[str, Sidecar] = {}
+        for sid, svc in services.items():
+            if ((svc.get("Meta") or {}).get(RESERVED_META) != "1"
+                    or svc.get("Kind") != "connect-proxy"):
+                continue
+            dest = str((svc.get("Proxy") or {}).get("DestinationServiceName") or "")
+            out[str(sid)] = Sidecar(str(sid), dest, int(svc.get("Port") or 0))
+        return out
+
+    def set_maintenance(self, service_id: str, enable: bool, reason: str = "") -> None:
+        """Put a local service in maintenance (critical to every caller) or take it out.
+
+        Consul's agent keeps the mark across its restarts (a check
+        ``_service_maintenance:<id>``). Raises ConsulError.
+        """
+        what = f"{'enable' if enable else 'disable'} maintenance of {service_id}"
+        ok = self._call(what, partial(self.api.agent.service.maintenance, service_id, enable,
+                                      reason=reason or None))
+        if not ok:
+            raise ConsulError(f"{consul_at(self.settings.addr)}{what}: the Consul agent refused "
+                              "(no such local service, or the token lacks service:write)")
+
+    def maintenance_marks(self, what: str = "list checks") -> dict[str, str]:
+        """The local services in maintenance, with the reason given; ``what`` names the
+        call in an error. Raises ConsulError."""
+        checks = self._call(what, lambda: self.api.agent.checks())
+        if not isinstance(checks, Mapping):
+            raise ConsulError(f"{consul_at(self.settings.addr)}{what}: unexpected answer "
+                              "to list checks")
+        return {str(c.get("ServiceID")): str(c.get("Notes") or "")
+                for cid, c in checks.items()
+                if str(cid).startswith(MAINTENANCE_CHECK) and c.get("ServiceID")}
+
+    def maintenance_seen(self, sidecar: Sidecar, node: str) -> bool | None:
+        """Whether the catalog (the servers, not this agent's cache) shows ``sidecar`` of
+        ``node`` in maintenance to callers; None if it does not list it. Raises ConsulError."""
+        def read() -> Any:
+            return self.api.health.connect(sidecar.destination)[1]
+
+        for entry in self._call(f"read the health of {sidecar.destination}", read) or []:
+            if ((entry.get("Service") or {}).get("ID") != sidecar.id
+                    or (entry.get("Node") or {}).get("Node") != node):
+                continue
+            return any(str(c.get("CheckID", "")).startswith(MAINTENANCE_CHECK)
+                       for c in entry.get("Checks") or [])
+        return None
+
+    def _agent_self(self) -> Any:
         def read() -> Any:
             # py-consul's agent.self() sends no ACL token: under default deny it
             # would be refused whatever the token's policy.
             c = self.api
             return c.http.get(CB.json(), "/v1/agent/self", headers=c.prepare_headers())
 
-        info = self._call("read agent info", read)
+        return self._call("read agent info", read)
+
+    def node_name(self) -> str:
+        """The local Consul agent's node name. Raises ConsulError."""
+        try:
+            return str(self._agent_self()["Config"]["NodeName"])
+        except (KeyError, TypeError):
+            raise ConsulError(f"{consul_at(self.settings.addr)}read agent info: "
+                              "no node name") from None
+
+    def advertise_address(self) -> str:
+        """The local agent's LAN address, where sidecars are reachable. Raises ConsulError."""
+        info = self._agent_self()
         try:
             addr = (info.get("Member") or {}).get("Addr") or info["Config"]["AdvertiseAddr"]
             if "%" in str(addr):  # scoped IPv6: the zone text would reach proxy configs

@@ -104,6 +104,9 @@ class ProxyDriver(abc.ABC):
     #: ``hard-stop-after``), so reload churn cannot pile up processes. The agent
     #: sets it from ``proxy_shutdown_timeout``.
     shutdown_timeout: int = 10
+    #: how many times render() writes the generation into its files (0: unknown);
+    #: with the default structure(), render_config() then renders once, not twice
+    generation_marks: int = 0
     #: the size of ``log_file`` at the last mark_reload()
     _log_mark: int = 0
     #: count requests and connections in the proxy (docs/metrics.md); the agent
@@ -148,12 +151,49 @@ class ProxyDriver(abc.ABC):
 
         Raises CompileError like render().
         """
-        generation = generation_of(self.structure(snapshot))
+        structure = self.structure(snapshot)
+        generation = generation_of(structure)
+        # With the default structure (the files rendered with the placeholder), the
+        # generation takes the placeholder's place instead of a second render, if
+        # the placeholder is found exactly where the template writes the generation
+        # (more often: a value that happens to equal it, so render).
+        if (type(self).structure is ProxyDriver.structure and self.generation_marks
+                and sum(text.count(GENERATION_PLACEHOLDER)
+                        for text in structure.values()) == self.generation_marks):
+            return RenderedConfig(generation, {
+                name: text.replace(GENERATION_PLACEHOLDER, generation)
+                for name, text in structure.items()})
         return RenderedConfig(generation, self.render(snapshot, generation=generation))
 
     def unsupported(self, snapshot: Snapshot) -> list[str]:
-        """Human-readable list of snapshot features this driver cannot express."""
+        """Human-readable list of snapshot features this driver cannot express.
+
+        It depends on the snapshot's structure, never on its endpoints (the
+        agent keeps the list across an endpoint-only change).
+        """
         return []
+
+    def runtime_clusters(self, snapshot: Snapshot) -> frozenset[str]:
+        """The clusters of ``snapshot`` whose endpoints this driver's files never hold.
+
+        A change of their endpoints alone leaves render() byte for byte as it
+        was: the agent then hands the proxy the new endpoint_state() without
+        compiling or rendering (``Applier.push_endpoints_only``). The default,
+        none, is right for a driver that renders endpoints into its files
+        (HAProxy's server slots) or has no run-time updates at all.
+        """
+        return frozenset()
+
+    def same_structure(self, served: Snapshot, snapshot: Snapshot, moved: set[str]) -> bool:
+        """Whether ``snapshot``, which differs from ``served`` only in the endpoints of
+        the clusters ``moved``, has the structure (and so the generation) of ``served``.
+
+        Then the agent renders it once with the generation served, without a
+        structure render and without a reload. The default holds for the
+        clusters the files never hold (runtime_clusters); a driver that renders
+        endpoints into a fixed structure (HAProxy's slots) says when they fit.
+        """
+        return moved <= self.runtime_clusters(snapshot)
 
     # ------------------------------------------------------------ side effects
 

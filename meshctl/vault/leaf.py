@@ -174,21 +174,27 @@ class LeafCert:
     def chains_to(self, ca_pem: str) -> bool:
         """True if the leaf (through the intermediates in ``cert_pem``) was issued by a CA
         in ``ca_pem``. Checks signatures only, not validity periods or policy."""
-        try:
-            chain = split_pem_certs(self.cert_pem)
-            anchors = split_pem_certs(ca_pem)
-        except ValueError:
-            return False
-        current, rest = chain[0], chain[1:]
-        for _ in range(len(chain) + 1):
-            if any(_issued_by(current, anchor) for anchor in anchors):
-                return True
-            parent = next((c for c in rest if _issued_by(current, c)), None)
-            if parent is None:
-                return False
-            current = parent
-            rest = [c for c in rest if c is not parent]
+        return chains_to(self.cert_pem, ca_pem)
+
+
+def chains_to(cert_pem: str, ca_pem: str) -> bool:
+    """True if the first certificate of ``cert_pem`` (through the intermediates after it)
+    was issued by a CA in ``ca_pem``. Checks signatures only, not validity or policy."""
+    try:
+        chain = split_pem_certs(cert_pem)
+        anchors = split_pem_certs(ca_pem)
+    except ValueError:
         return False
+    current, rest = chain[0], chain[1:]
+    for _ in range(len(chain) + 1):
+        if any(_issued_by(current, anchor) for anchor in anchors):
+            return True
+        parent = next((c for c in rest if _issued_by(current, c)), None)
+        if parent is None:
+            return False
+        current = parent
+        rest = [c for c in rest if c is not parent]
+    return False
 
 
 def new_key_and_csr(common_name: str, dns_names: list[str], uri_sans: list[str]) -> tuple[str, str]:

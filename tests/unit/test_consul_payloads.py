@@ -170,7 +170,9 @@ _REFUSED = requests.exceptions.ConnectionError(
 def test_registration_failures_read_as_vaults_do(exc: Exception, words: str) -> None:
     client = ConsulClient(ConsulSettings(addr="http://127.0.0.1:8500", token="s3cr3t"),
                           timeout=2.5)
-    client._client = SimpleNamespace(agent=SimpleNamespace(service=_Failing(exc)))
+    # (register reads the maintenance marks first: none here)
+    client._client = SimpleNamespace(agent=SimpleNamespace(service=_Failing(exc),
+                                                           checks=lambda: {}))
     d = ServiceDefinition(name="web", id="web-1", port=8080, source="x")
     with pytest.raises(ConsulError) as reg:
         client.register(d, "127.0.0.1", 21000)

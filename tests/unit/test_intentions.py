@@ -362,11 +362,15 @@ def test_unknown_or_malformed_intentions_keep_the_last_good_or_deny_all() -> Non
     bad = _snap(intentions=bad_answer)
     assert bad.inbounds[0].authz.error and not decide(bad.inbounds[0].authz, Request("ops")).allowed
     assert any("refused, denying all" in w for w in bad.warnings)
-    kept = _snap(intentions=bad_answer, previous_authz={"web": good.inbounds[0].authz})
+    good_answer = {"web": [ixn("ops", "web", "allow")]}
+    kept = _snap(intentions=bad_answer, intentions_fallback=good_answer)
     assert kept.inbounds[0].authz == good.inbounds[0].authz
     assert any("keeping the last good ones" in w for w in kept.warnings)
-    still_unknown = _snap(intentions={"web": None}, previous_authz={"web": good.inbounds[0].authz})
+    still_unknown = _snap(intentions={"web": None}, intentions_fallback=good_answer)
     assert still_unknown.inbounds[0].authz == good.inbounds[0].authz
+    # A fallback that no longer compiles either (never the case for a kept one) denies all.
+    both_bad = _snap(intentions=bad_answer, intentions_fallback=bad_answer)
+    assert both_bad.inbounds[0].authz.error
     # A snapshot persisted before intentions existed loads as "pending" (deny), not open.
     data = json.loads(good.to_json())
     del data["inbounds"][0]["authz"]

@@ -68,6 +68,21 @@ def test_snapshot_round_trips_through_json() -> None:
     assert snapshot_from_dict(json.loads(snap.to_json())) == snap
 
 
+def test_the_persisted_form_reuses_unchanged_parts_and_reads_back_as_the_new_snapshot(
+) -> None:
+    import json
+
+    memo: dict[int, tuple[object, object]] = {}
+    first = snapshot(instances={"api": [Instance("h2", "api-1", "198.18.0.12", 21000)]})
+    compact = first.to_json(indent=None, memo=memo)
+    assert json.loads(compact) == json.loads(first.to_json())
+    # An endpoint change shares every part but one cluster with the persisted snapshot.
+    cluster = dataclasses.replace(first.clusters[0], endpoints=())
+    second = dataclasses.replace(first, clusters=(cluster, *first.clusters[1:]))
+    assert snapshot_from_dict(json.loads(second.to_json(indent=None, memo=memo))) == second
+    assert snapshot_from_dict(json.loads(first.to_json(indent=None, memo=memo))) == first
+
+
 def test_snapshot_round_trip_keeps_nested_certificates_and_rules() -> None:
     import json
 

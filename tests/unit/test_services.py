@@ -1067,3 +1067,27 @@ def test_arbitrary_json_never_crashes_the_parser(tmp_path: Path, value: Any) -> 
         for d in defs:
             assert SERVICE_NAME.match(d.name)
             assert 1 <= d.port <= 65535
+
+
+def test_reading_the_directory_again_parses_only_the_files_whose_text_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import meshctl.services as services_module
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"service": {
+            "name": name, "port": 8080 + ord(name)}}))
+    parsed: list[str] = []
+    real = services_module._parse_found
+
+    def counting(text: str, path: Path) -> Any:
+        parsed.append(path.name)
+        return real(text, path)
+
+    monkeypatch.setattr(services_module, "_parse_found", counting)
+    first = read_definitions(tmp_path, DefinitionSet())
+    (tmp_path / "b.json").write_text(json.dumps({"service": {"name": "b", "port": 9999}}))
+    parsed.clear()
+    second = read_definitions(tmp_path, first)
+    assert parsed == ["b.json"]
+    assert sorted((d.name, d.port) for d in second.definitions) == [
+        ("a", 8080 + ord("a")), ("b", 9999), ("c", 8080 + ord("c"))]

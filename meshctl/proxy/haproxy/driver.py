@@ -135,6 +135,8 @@ class HAProxyDriver(ProxyDriver):
     #: them, and how long one may wait there before a fast 503 (X-Mesh-Reason).
     limits: ClassVar[Mapping[str, int]] = {
         "server_inflight": 512, "queue": 128, "queue_timeout_ms": 1000}
+    #: the last snapshot planned, and its plan (see _plan)
+    _planned: tuple[Snapshot, HapPlan] | None = None
 
     def default_binary(self) -> str:
         return "haproxy"
@@ -163,8 +165,16 @@ class HAProxyDriver(ProxyDriver):
         # Every slot empty: what is left is what only a reload can change.
         return self._render(snapshot, GENERATION_PLACEHOLDER, filled=False)
 
+    def _plan(self, snapshot: Snapshot) -> HapPlan:
+        """``snapshot``'s plan: structure(), render() and endpoint_state() of one apply
+        all need it, so it is built once per snapshot (snapshots are immutable)."""
+        planned = self._planned
+        if planned is None or planned[0] is not snapshot:
+            planned = self._planned = (snapshot, plan(snapshot))
+        return planned[1]
+
     def _render(self, snapshot: Snapshot, generation: str, filled: bool) -> dict[str, str]:
-        hap = plan(snapshot)
+        hap = self._plan(snapshot)
         text = environment("haproxy").get_template("haproxy.cfg.j2").render(
             node=snapshot.node,
             generation=generation,
@@ -187,6 +197,15 @@ class HAProxyDriver(ProxyDriver):
     def unsupported(self, snapshot: Snapshot) -> list[str]:
         return gaps.unsupported(snapshot)
 
+    def same_structure(self, served: Snapshot, snapshot: Snapshot, moved: set[str]) -> bool:
+        # A backend's slot counts follow its cluster's endpoint counts (slot_count):
+        # while they stay, the endpoints only fill and empty slots.
+        def counts(c: Cluster) -> tuple[int, int]:
+            backups = sum(1 for e in c.endpoints if e.backup)
+            return (slot_count(len(c.endpoints) - backups), slot_count(backups) if backups else 0)
+
+        return all(counts(served.cluster(cid)) == counts(snapshot.cluster(cid)) for cid in moved)
+
     def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
         # "authz": the inbound listeners' intentions, read by the Lua plugin at
         # load (this file) and replaced at run time (push_endpoints).
@@ -198,7 +217,7 @@ class HAProxyDriver(ProxyDriver):
                 b.name: {s.name: (None if s.endpoint is None else
                                   [s.endpoint.address, s.endpoint.port, s.endpoint.weight])
                          for s in b.slots}
-                for b in backends(plan(snapshot))
+                for b in backends(self._plan(snapshot))
             },
         }
 

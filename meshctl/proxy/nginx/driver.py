@@ -25,6 +25,7 @@ class NginxDriver(ProxyDriver):
 
     name = "nginx"
     main_file = "nginx.conf"
+    generation_marks = 2  # the file's head and the status location
     stop_signal = signal.SIGQUIT
     worker_processes = 1
     shutdown_timeout = 10
@@ -86,6 +87,15 @@ class NginxDriver(ProxyDriver):
 
     def unsupported(self, snapshot: Snapshot) -> list[str]:
         return gaps.unsupported(snapshot)
+
+    def runtime_clusters(self, snapshot: Snapshot) -> frozenset[str]:
+        # The http clusters' endpoints live in the Lua shared dict alone; a tcp
+        # outbound's are in its stream upstream block (and choose its active
+        # failover cluster), so a cluster a tcp outbound uses is not among them.
+        http_out = [o for o in snapshot.outbounds if o.protocol == "http"]
+        tcp_out = [o for o in snapshot.outbounds if o.protocol != "http"]
+        return frozenset({c.id for c in l7.clusters_of(snapshot, http_out)}
+                         - {c.id for c in l7.clusters_of(snapshot, tcp_out)})
 
     def endpoint_state(self, snapshot: Snapshot) -> dict[str, Any] | None:
         http_out = [o for o in snapshot.outbounds if o.protocol == "http"]
