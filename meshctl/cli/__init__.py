@@ -23,6 +23,9 @@ COMMANDS = {
     "validate": ("meshctl.cli.validate", "validate"),
     "routes": ("meshctl.cli.routes", "routes"),
     "intentions": ("meshctl.cli.intentions", "intentions"),
+    "top": ("meshctl.cli.observe", "top"),
+    "graph": ("meshctl.cli.observe", "graph"),
+    "tap": ("meshctl.cli.observe", "tap"),
 }
 
 
@@ -72,12 +75,6 @@ def _register() -> None:
     cli.add_command(ops.undrain)
     cli.add_command(ops.certs)
     cli.add_command(ops.doctor)
-
-    from meshctl.cli import observe
-
-    cli.add_command(observe.top)
-    cli.add_command(observe.graph)
-    cli.add_command(observe.tap)
 
 
 def main() -> None:
