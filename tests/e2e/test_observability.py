@@ -160,9 +160,10 @@ def test_request_counts_rate_success_and_p99_per_pair_match_the_load(
     rates: list[float] = []
 
     def sample_rate() -> None:
-        # Mid-load: the per-second rate of the outbound pair over the last 3 s.
-        time.sleep(duration - 1.5)
-        v = prom.value(f"sum(rate(meshctl_requests_total{_sel(*EDGES['web→api at web'])}[3s]))")
+        # Near the end of the load: the outbound pair's per-second rate over 4 s
+        # (four scrapes), as a dashboard asks for it.
+        time.sleep(duration - 1)
+        v = prom.value(f"sum(rate(meshctl_requests_total{_sel(*EDGES['web→api at web'])}[4s]))")
         rates.append(v or 0.0)
 
     sampler = threading.Thread(target=sample_rate)
@@ -189,8 +190,9 @@ def test_request_counts_rate_success_and_p99_per_pair_match_the_load(
     errors = _quiet_counts(prom, code="503")
     assert all(v >= failed for v in errors.values()), errors
 
-    # Request rate: what vegeta offered, within a scrape interval's share.
-    assert rates and 0.6 * rate <= rates[0] <= 1.4 * rate, (rates, rate)
+    # Request rate: what vegeta offered, within what a scrape's timing moves it
+    # (one 1 s scrape more or less in a 4 s window, on a loaded machine).
+    assert rates and 0.5 * rate <= rates[0] <= 1.5 * rate, (rates, rate)
 
     # Success rate per pair, from the counters alone, as a dashboard computes it.
     for name, edge in EDGES.items():
