@@ -23,6 +23,10 @@ COMMANDS = {
     "validate": ("meshctl.cli.validate", "validate"),
     "routes": ("meshctl.cli.routes", "routes"),
     "intentions": ("meshctl.cli.intentions", "intentions"),
+    "drain": ("meshctl.cli.ops", "drain"),
+    "undrain": ("meshctl.cli.ops", "undrain"),
+    "certs": ("meshctl.cli.ops", "certs"),
+    "doctor": ("meshctl.cli.ops", "doctor"),
     "top": ("meshctl.cli.observe", "top"),
     "graph": ("meshctl.cli.observe", "graph"),
     "tap": ("meshctl.cli.observe", "tap"),
@@ -68,13 +72,6 @@ def _register() -> None:
     """Load every command now (for callers that look at ``cli.commands``)."""
     for name in COMMANDS:
         cli.add_command(_load(name), name)
-
-    from meshctl.cli import ops
-
-    cli.add_command(ops.drain)
-    cli.add_command(ops.undrain)
-    cli.add_command(ops.certs)
-    cli.add_command(ops.doctor)
 
 
 def main() -> None:
