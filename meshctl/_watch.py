@@ -55,6 +55,8 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from meshctl import metrics
+
 log = logging.getLogger("meshctl.watch")
 
 BACKOFF_BASE = 0.25
@@ -194,6 +196,11 @@ class Subscription:
                 log.exception("watch %s: a subscriber's callback failed", self.key)
 
 
+def key_kind(key: Key) -> str:
+    """A bounded label for a key: its type's name (never the service it names)."""
+    return type(key).__name__
+
+
 def follow_of(key: Key) -> str:
     """How ``key`` is followed: ``block``, ``budget`` or ``poll`` (see the module doc)."""
     follow = getattr(key, "follow", "block")
@@ -224,6 +231,7 @@ class _Entry:
 
     def _failed(self, exc: Exception) -> None:
         message = (str(exc) or type(exc).__name__)[:MAX_ERROR_LEN]
+        metrics.WATCH_ERRORS.labels(kind=key_kind(self.key)).inc()
         with self.watcher._lock:
             before = self.status
             went_bad = before.state != "error"
@@ -315,6 +323,8 @@ class _Loop(_Entry):
                 if self.stopping.is_set():
                     break
                 attempt = 0
+                metrics.BLOCKING_QUERY.labels(kind=key_kind(self.key)).observe(
+                    time.monotonic() - started)
                 index = next_index(index, returned)
                 self.index = index
                 self._succeeded(value)
@@ -577,6 +587,9 @@ class Watcher:
                 self._own.pop(key).cancel()
             for key in sorted(wanted - set(self._own), key=str):
                 self._own[key] = self.watch(key)
+            for mode, n in self.counts().items():
+                if mode != "workers":
+                    metrics.WATCHES.labels(mode=mode).set(n)
         finally:
             self._batch = False
         self._plan_feeds()

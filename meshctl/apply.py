@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshctl import metrics
 from meshctl._fs import fsync_dir, write_atomic
 from meshctl._procfs import ProcessRef, same_process
 from meshctl.errors import DiskError, MeshctlError, ProxyError, ReloadError
@@ -272,7 +273,9 @@ class Applier:
                 raise ProxyError(f"{self.driver.name} renders endpoints it cannot change "
                                  "at run time")
             self.driver.push_endpoints(endpoints)
+            metrics.RUNTIME_PUSHES.labels(result="ok").inc()
         except (ProxyError, OSError) as exc:
+            metrics.RUNTIME_PUSHES.labels(result="failed").inc()
             log.warning("proxy %s: run-time endpoint update failed (%s); reloading",
                         self.driver.name, exc)
             # The status socket cannot tell this reload from the last one (same
@@ -312,16 +315,21 @@ class Applier:
                 raise ProxyError(f"proxy {self.driver.name}: sidecar port already in use by "
                                  f"another program: {'; '.join(taken)}")
             if not running:
+                t0 = time.monotonic()
                 self._start(generation)
                 action = "started"
             else:
                 self._rate_limit()
+                t0 = time.monotonic()
                 self.driver.reload()
                 self.reloads += 1
                 action = "reloaded"
             self.driver.wait_serving(generation)
+            metrics.RELOAD_SECONDS.observe(time.monotonic() - t0)
+            metrics.RELOADS.labels(result=action).inc()
             self._confirmed = generation
         except ProxyError as exc:
+            metrics.RELOADS.labels(result="failed").inc()
             self._confirmed = None
             self._restore_endpoints(previous_endpoints)
             self._rollback(previous, target, previous_endpoints)

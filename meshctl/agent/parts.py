@@ -3,7 +3,8 @@ caller (a test, a bench) gives it others."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from meshctl._watch import OnChange, Watcher
 from meshctl.config import AgentConfig
@@ -11,6 +12,7 @@ from meshctl.consul.client import ConsulClient
 from meshctl.consul.keys import health_feeds
 from meshctl.proxy.base import ProxyDriver, ProxyPaths, load_driver
 from meshctl.resources import plugins_dir
+from meshctl.telemetry import Receiver
 from meshctl.vault.client import VaultClient
 
 #: health keys that may hold a blocking query (one connection each) to the Consul agent;
@@ -38,6 +40,43 @@ def make_vault(cfg: AgentConfig) -> VaultClient:
     return VaultClient(cfg.vault)
 
 
+def make_receiver(cfg: AgentConfig, driver: ProxyDriver) -> Receiver | None:
+    """The reader of the sidecar's records (access log, spans, TCP connections), started;
+    None when the sidecar sends none. The span exporter (OpenTelemetry SDK) is loaded
+    only when ``otlp_endpoint`` is set."""
+    plan = driver.observe()
+    if not plan.emits and not driver.metrics:
+        return None
+    t = cfg.telemetry
+    on_span = None
+    if t.otlp_endpoint:
+        from meshctl.tracing import SpanExporter
+
+        on_span = SpanExporter(t.otlp_endpoint, cfg.node_name)
+    access = None
+    if plan.log_all or plan.log_percent:
+        access = Path(t.access_log_file) if t.access_log_file else cfg.data_dir / "logs" / \
+            "access.log"
+    receiver = Receiver(driver.telemetry_socket, access, on_span, writer=driver.worker_user())
+    receiver.start()
+    return receiver
+
+
+def dataplane_reader(driver: ProxyDriver, receiver: Receiver | None
+                     ) -> Callable[[], Mapping[str, float] | None]:
+    """What the metrics endpoint reads at each scrape: the proxy's own counters and
+    those the agent counted from the proxy's records (nginx's TCP connections)."""
+    def read() -> Mapping[str, float] | None:
+        raw = driver.dataplane_counters()
+        if raw is None or receiver is None:
+            return raw
+        merged = dict(raw)
+        for k, v in receiver.counters().items():
+            merged[k] = merged.get(k, 0) + v
+        return merged
+    return read
+
+
 def make_driver(cfg: AgentConfig) -> ProxyDriver:
     """The configured proxy driver, with the agent's directories."""
     cls = load_driver(cfg.proxy)
@@ -49,4 +88,6 @@ def make_driver(cfg: AgentConfig) -> ProxyDriver:
     )
     driver = cls(paths, binary=cfg.proxy_binary)
     driver.shutdown_timeout = cfg.proxy_shutdown_timeout
+    driver.metrics = cfg.telemetry.metrics
+    driver.telemetry = cfg.telemetry
     return driver

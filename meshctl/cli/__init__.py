@@ -27,6 +27,9 @@ COMMANDS = {
     "undrain": ("meshctl.cli.ops", "undrain"),
     "certs": ("meshctl.cli.ops", "certs"),
     "doctor": ("meshctl.cli.ops", "doctor"),
+    "top": ("meshctl.cli.observe", "top"),
+    "graph": ("meshctl.cli.observe", "graph"),
+    "tap": ("meshctl.cli.observe", "tap"),
 }
 
 

@@ -8,19 +8,32 @@ Every other path answers JSON describing who answered, who called (the
 sidecar's ``X-Mesh-Caller`` header) and the request target exactly as it
 arrived (``path``).
 
+``GET /call/<port>/<path>`` calls ``http://127.0.0.1:<port>/<path>`` (the
+app's sidecar upstream) and answers with that call's status and body, as an
+app calling another service does; it forwards the W3C ``traceparent`` and
+``tracestate`` it received, so its call joins the caller's trace. With
+``--otlp URL`` the app also records a span of its own for that call
+(OpenTelemetry SDK, exported over OTLP/HTTP), a child of the incoming context,
+and forwards its own span as the parent: an instrumented app in the mesh.
+
     python -m meshctl.lab.demoapp --service api --host h2 --port 8080
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import re
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+
+_CALL = re.compile(r"^/call/(\d{1,5})(/.*)$")
 
 
 def make_handler(service: str, host: str, version: str, health_file: Path | None,
-                 fail_file: Path | None = None) -> type:
+                 fail_file: Path | None = None, tracer: Any = None) -> type:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "meshctl-demo"
@@ -35,6 +48,10 @@ def make_handler(service: str, host: str, version: str, health_file: Path | None
                 bad = health_file is not None and health_file.exists()
                 self._send(503 if bad else 200, {"healthy": not bad})
                 return
+            call = _CALL.match(self.path)
+            if call:
+                self._forward(int(call.group(1)), call.group(2))
+                return
             failing = fail_file is not None and fail_file.exists()
             self._send(503 if failing else 200, {
                 "service": service,
@@ -45,7 +62,41 @@ def make_handler(service: str, host: str, version: str, health_file: Path | None
                 # What the mesh did to the request: its x-* headers, as received.
                 "headers": {k.lower(): v for k, v in self.headers.items()
                             if k.lower().startswith("x-") and k.lower() != "x-mesh-caller"},
+                # The trace context as it arrived (W3C Trace Context).
+                "traceparent": self.headers.get("traceparent", ""),
+                "tracestate": self.headers.get("tracestate", ""),
             })
+
+        def _forward(self, port: int, path: str) -> None:
+            headers = {k: v for k in ("traceparent", "tracestate")
+                       if (v := self.headers.get(k)) is not None}
+            if tracer is None:
+                self._call(port, path, headers)
+                return
+            from opentelemetry.trace import SpanKind
+            from opentelemetry.trace.propagation.tracecontext import (
+                TraceContextTextMapPropagator,
+            )
+            prop = TraceContextTextMapPropagator()
+            with tracer.start_as_current_span(f"call {port}", context=prop.extract(headers),
+                                              kind=SpanKind.INTERNAL):
+                out: dict[str, str] = dict(headers)
+                prop.inject(out)
+                self._call(port, path, out)
+
+        def _call(self, port: int, path: str, headers: dict[str, str]) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read().decode("utf-8", "replace")
+                status = resp.status
+            except OSError as exc:
+                status, body = 502, f"call failed: {exc}"
+            finally:
+                conn.close()
+            self._send(status, {"service": service, "host": host, "called": port,
+                                "status": status, "body": body})
 
         def _target(self) -> str:
             # The request target as received: http.server folds a leading "//"
@@ -77,11 +128,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--health-file", type=Path)
     p.add_argument("--fail-file", type=Path)
+    p.add_argument("--otlp", default="", help="OTLP/HTTP traces URL: record the app's spans")
     a = p.parse_args(argv)
-    server = ThreadingHTTPServer((a.listen, a.port), make_handler(a.service, a.host, a.version,
-                                                                  a.health_file, a.fail_file))
+    server = ThreadingHTTPServer((a.listen, a.port), make_handler(
+        a.service, a.host, a.version, a.health_file, a.fail_file, _tracer(a.otlp, a.service)))
     server.daemon_threads = True
     server.serve_forever()
+
+
+def _tracer(endpoint: str, service: str) -> Any:
+    if not endpoint:
+        return None
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": f"{service}-app"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    return provider.get_tracer("meshctl.demoapp")
 
 
 if __name__ == "__main__":

@@ -129,13 +129,15 @@ class MeshHost:
     # ---------------------------------------------------------------- processes
 
     def start_app(self, service: str, port: int, version: str = "v1",
-                  listen: str = "127.0.0.1") -> Proc:
-        """Start the demo app as ``service`` on ``listen:port`` and wait until it answers."""
+                  listen: str = "127.0.0.1", otlp: str = "") -> Proc:
+        """Start the demo app as ``service`` on ``listen:port`` and wait until it answers
+        (``otlp``: the app records its own spans there, see meshctl.lab.demoapp)."""
         proc = self.host.spawn(
             [sys.executable, "-m", "meshctl.lab.demoapp", "--service", service, "--host",
              self.name, "--version", version, "--listen", listen, "--port", str(port),
              "--health-file", str(self.health_file(service)),
-             "--fail-file", str(self.fail_file(service))],
+             "--fail-file", str(self.fail_file(service)),
+             *(["--otlp", otlp] if otlp else [])],
             f"app-{service}-{port}",
         )
         self.host.wait_tcp(port, ip=listen)
@@ -270,6 +272,8 @@ class Mesh:
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, Mapping):  # a table, inline: telemetry = { metrics = false }
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

@@ -30,9 +30,11 @@ from typing import Any, ClassVar
 
 from meshctl import _procfs
 from meshctl._procfs import ProcessRef
+from meshctl.config import TelemetrySettings
 from meshctl.errors import DriverNotFound, ProxyError, ReloadError, ValidationError
 from meshctl.intentions import authz_document
 from meshctl.model import Snapshot
+from meshctl.telemetry import ObservePlan, observe_plan
 
 ENTRY_POINT_GROUP = "meshctl.proxies"
 #: the generation rendered into the structure files whose digest is the real one
@@ -107,6 +109,11 @@ class ProxyDriver(abc.ABC):
     generation_marks: int = 0
     #: the size of ``log_file`` at the last mark_reload()
     _log_mark: int = 0
+    #: count requests and connections in the proxy (docs/metrics.md); the agent
+    #: sets it from ``[telemetry] metrics``. Off renders no counting at all.
+    metrics: bool = True
+    #: access logs and traces (``[telemetry]``); the agent sets it
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     def __init__(self, paths: ProxyPaths, binary: str = "") -> None:
         self.paths = paths
@@ -344,6 +351,35 @@ class ProxyDriver(abc.ABC):
             return resp.status, resp.read().decode("utf-8", "replace")
         finally:
             conn.close()
+
+    @property
+    def telemetry_socket(self) -> Path:
+        """The agent's socket the proxy sends access-log records and spans to."""
+        return self.paths.run_dir / "telemetry.sock"
+
+    def worker_user(self) -> str | None:
+        """The user the proxy's request-handling processes run as, when not the agent's
+        (they write to the telemetry socket); None: the agent's own."""
+        return None
+
+    def observe(self) -> ObservePlan:
+        """What the rendered config sends the agent (access logs, traces)."""
+        return observe_plan(self.telemetry, self.telemetry_socket)
+
+    def dataplane_counters(self) -> dict[str, float] | None:
+        """The proxy's raw data-plane counters (meshctl.dataplane reads them), or None
+        when this driver does not count. Raises ProxyError (or OSError, unreachable)."""
+        if not self.metrics:
+            return None
+        status, body = self.control_request("GET", "/meshctl/metrics")
+        try:
+            data = json.loads(body) if status == 200 else None
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise ProxyError(f"{self.name} answered {status} to GET /meshctl/metrics: "
+                             f"{body.strip()[:200]!r}")
+        return data
 
     def serving_generation(self, timeout: float = 1.0) -> str | None:
         """The generation the proxy's workers answer on the status socket, or None."""

@@ -36,6 +36,28 @@ def ident(value: object) -> str:
     return value
 
 
+def label(value: object) -> str:
+    """A metric label value rendered into a proxy config: empty, or a name as ``ident``."""
+    return "" if value == "" else ident(value)
+
+
+_DECIMAL = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,2})?\Z")
+
+
+def decimal_text(value: object) -> str:
+    """A short decimal number given as text (a percentage): digits, one optional point."""
+    if not isinstance(value, str) or not _DECIMAL.match(value):
+        raise CompileError(f"{value!r} is not a short decimal number")
+    return value
+
+
+def share(value: object) -> str:
+    """A probability 0-1 as a Lua/HAProxy number literal."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise CompileError(f"{value!r} is not a share from 0 to 1")
+    return repr(float(value))
+
+
 def hostport(address: object, port: object) -> str:
     """``addr:port`` with IPv6 bracketed; both validated."""
     try:
@@ -129,8 +151,9 @@ def environment(driver: str) -> ImmutableSandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(path=safe_path, ident=ident, num=integer, regex_literal=regex_literal,
-                       b64=base64_chunk, hapq=hap_quote, haplf=hap_log_format, note=note)
+    env.filters.update(path=safe_path, ident=ident, label=label, num=integer,
+                       regex_literal=regex_literal, b64=base64_chunk, hapq=hap_quote,
+                       haplf=hap_log_format, note=note, num_text=decimal_text, share=share)
     env.globals.update(hap_path_format=hap_path_format)
     env.globals.update(hostport=hostport)
     return env

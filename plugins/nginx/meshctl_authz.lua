@@ -79,6 +79,9 @@ function _M.http(service)
     if allowed then
         return
     end
+    if ngx.var.meshctl_deny then
+        ngx.var.meshctl_deny = reason  -- the access-log record's "intention"
+    end
     ngx.status = ngx.HTTP_FORBIDDEN
     ngx.header["Content-Type"] = "text/plain"
     ngx.say("denied: ", reason)

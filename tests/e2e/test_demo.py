@@ -28,8 +28,10 @@ def test_the_demo_shows_a_working_mesh(proxy: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for n in range(1, 6):
+    for n in range(1, 7):
         assert f"== step {n}:" in out
+    assert "P99 MS" in out and '"web" -> "api"' in out
+    assert (ROOT / "meshctl-demo-mesh.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
     assert "1  200     h" in out and "web\n" in out
     assert "denied: intention web -> api denies" in out
     assert "proxy reloads on h2 and h3 during step 5: none" in out

@@ -507,4 +507,6 @@ def test_agent_exports_prometheus_metrics(mesh: Mesh) -> None:
     assert 'meshctl_apply_total{result="started"} 1.0' in text
     assert 'meshctl_source_up{source="vault"} 1.0' in text
     assert 'meshctl_cert_expiry_timestamp_seconds{service="web"}' in text
-    assert 'meshctl_upstream_endpoints{cluster="c_api_' in text
+    # Upstreams by service name (issue 14), not the hashed cluster id.
+    assert 'meshctl_upstream_endpoints{service="api",subset=""} 2.0' in text
+    assert "c_api_" not in text

@@ -116,23 +116,26 @@ def test_protocol_resolution_service_defaults_over_proxy_defaults() -> None:
     assert protocols_from({}.get, {"api"}) == {"api": "tcp"}
 
 
-def endpoints_gauge(cluster: str) -> float | None:
-    return metrics.REGISTRY.get_sample_value("meshctl_upstream_endpoints", {"cluster": cluster})
+def endpoints_gauge(service: str, subset: str = "") -> float | None:
+    return metrics.REGISTRY.get_sample_value("meshctl_upstream_endpoints",
+                                             {"service": service, "subset": subset})
 
 
 def test_endpoint_gauges_follow_the_applied_snapshot() -> None:
+    """Labelled by the upstream's service and subset (issue 14), never a cluster id."""
     first = snapshot(instances={"api": api_instances(3)})
     (cluster,) = first.clusters
     labels = _update_endpoint_gauges(first, set())
-    assert labels == {cluster.id} and endpoints_gauge(cluster.id) == 3
+    assert len(labels) == 1 and endpoints_gauge("api") == 3
     # The same snapshot again (an "unchanged" apply, or the first after a restart).
     assert _update_endpoint_gauges(first, labels) == labels
-    assert endpoints_gauge(cluster.id) == 3
-    # The cluster's id changes (another chain target): the old series goes away.
-    moved = dataclasses.replace(cluster, id=f"{cluster.id}-moved", endpoints=cluster.endpoints[:1])
+    assert endpoints_gauge("api") == 3
+    # Another chain target (a subset): the old series goes away.
+    moved = dataclasses.replace(cluster, id=f"{cluster.id}-moved", subset="v2",
+                                endpoints=cluster.endpoints[:1])
     second = dataclasses.replace(first, clusters=(moved,))
-    assert _update_endpoint_gauges(second, labels) == {moved.id}
-    assert endpoints_gauge(cluster.id) is None
-    assert endpoints_gauge(moved.id) == 1
-    assert _update_endpoint_gauges(dataclasses.replace(first, clusters=()), {moved.id}) == set()
-    assert endpoints_gauge(moved.id) is None
+    now = _update_endpoint_gauges(second, labels)
+    assert endpoints_gauge("api") is None
+    assert endpoints_gauge("api", "v2") == 1
+    assert _update_endpoint_gauges(dataclasses.replace(first, clusters=()), now) == set()
+    assert endpoints_gauge("api", "v2") is None

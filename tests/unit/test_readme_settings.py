@@ -11,7 +11,14 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from meshctl.config import _ENV, AgentConfig, ConsulSettings, VaultSettings, format_duration
+from meshctl.config import (
+    _ENV,
+    AgentConfig,
+    ConsulSettings,
+    TelemetrySettings,
+    VaultSettings,
+    format_duration,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ROW = re.compile(r"^\| `([a-z_.]+)` \|\s*(.*?)\s*\|\s*(.*?)\s*\|\s*(.+?)\s*\|$")
@@ -40,9 +47,10 @@ def _toml(value: Any) -> str:
 
 def _settings() -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
-    for cls, prefix in ((AgentConfig, ""), (ConsulSettings, "consul."), (VaultSettings, "vault.")):
+    for cls, prefix in ((AgentConfig, ""), (ConsulSettings, "consul."), (VaultSettings, "vault."),
+                        (TelemetrySettings, "telemetry.")):
         for f in fields(cls):
-            if f.name in ("consul", "vault"):
+            if f.name in ("consul", "vault", "telemetry"):
                 continue
             # node_name has no fixed default: socket.gethostname() at load time.
             default = _toml(f.default) if f.default is not MISSING else "the host name"

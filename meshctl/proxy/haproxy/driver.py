@@ -183,6 +183,8 @@ class HAProxyDriver(ProxyDriver):
             shutdown_timeout=self.shutdown_timeout,
             threads=self.threads,
             limits=self.limits,
+            metrics=self.metrics,
+            obs=self.observe(),
             inbounds=snapshot.inbounds,
             plugins_root=str(self.paths.plugins_dir),
             state_file=str(self.endpoints_file),

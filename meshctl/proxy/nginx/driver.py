@@ -44,6 +44,12 @@ class NginxDriver(ProxyDriver):
     limits: ClassVar[Mapping[str, int]] = {
         "outbound_inflight": 512, "inbound_inflight": 1024, "pool": 512}
 
+    def worker_user(self) -> str | None:
+        # A master started as root runs its workers as `user`, by default nobody.
+        if self.user:
+            return self.user
+        return "nobody" if os.geteuid() == 0 else None
+
     def default_binary(self) -> str:
         return "nginx"
 
@@ -57,6 +63,8 @@ class NginxDriver(ProxyDriver):
             reuseport=self.reuseport,
             shutdown_timeout=self.shutdown_timeout,
             limits=self.limits,
+            metrics=self.metrics,
+            obs=self.observe(),
             run_dir=str(self.paths.run_dir),
             log_dir=str(self.paths.state_dir / "logs"),
             state_dir=str(self.paths.state_dir),

@@ -1,0 +1,141 @@
+-- meshctl data-plane metrics in HAProxy (lua-load: one Lua state shared by
+-- the threads, so one table holds the counters). Nothing is written anywhere
+-- per request; the agent reads the table at scrape time.
+--
+-- The keys and their meaning are those of plugins/nginx/meshctl_metrics.lua
+-- (meshctl/dataplane.py owns the naming): "<kind>|<direction>|<local>|<peer>|
+-- <upstream>|<subset>|<route>|<code>", kinds r (requests), s (duration sum,
+-- seconds), b<i> (requests in duration bucket i, not cumulative), d (intention
+-- denials).
+--
+-- Actions (the template calls them):
+--   http-response lua.meshctl_metrics_in <service>         an inbound's answers
+--   http-request  lua.meshctl_metrics_in_denied <service>  before its 403
+--   http-response lua.meshctl_metrics_out <caller>
+--   http-request  lua.meshctl_metrics_out_local <caller> <code>
+--                                                          before an answer HAProxy
+--                                                          gives itself (no route,
+--                                                          over capacity)
+-- txn.meshctl_t0 (date(0,us), set by the frontend's first rule) is the start,
+-- txn.meshctl_up the outbound's upstream (set there too); txn.meshctl_peer and txn.meshctl_subset are set by the backend a request
+-- went to, txn.meshctl_r (the route) by the outbound's route rules.
+-- Service on the status socket: lua.meshctl_metrics_control (GET: JSON).
+local cjson = require("cjson.safe")
+
+local BOUNDS = { 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                 0.1, 0.25, 0.5, 1, 2.5, 5, 10 }
+
+local C = {}
+-- Set when the frontends log (see the template): only then are the timing
+-- variables of the access-log record worth their cost.
+local LOGGED = os.getenv("MESHCTL_METRICS_LOG") == "1"
+
+local function add(key, v)
+    C[key] = (C[key] or 0) + v
+end
+
+local function bucket(d)
+    for i = 1, #BOUNDS do
+        if d <= BOUNDS[i] then
+            return i
+        end
+    end
+    return #BOUNDS + 1
+end
+
+local function count(txn, labels)
+    add("r|" .. labels, 1)
+    local t0 = tonumber(txn:get_var("txn.meshctl_t0"))
+    if t0 then
+        -- The same clock as t0 (date(0,us)): core.now() is HAProxy's corrected
+        -- internal time, which drifts from the date after a detected clock jump.
+        local d = (tonumber(txn.f:date(0, "us")) - t0) / 1e6
+        if d < 0 then
+            d = 0
+        end
+        add("s|" .. labels, d)
+        add("b" .. bucket(d) .. "|" .. labels, 1)
+        if LOGGED then
+            txn:set_var("txn.meshctl_duration", string.format("%.6f", d))
+            txn:set_var("txn.meshctl_start", string.format("%.6f", t0 / 1e6))
+        end
+    end
+end
+
+local function var(txn, name)
+    local v = txn:get_var(name)
+    if v == nil then
+        return ""
+    end
+    return tostring(v)
+end
+
+core.register_action("meshctl_metrics_in", { "http-res" }, function(txn, service)
+    count(txn, "inbound|" .. service .. "|" .. var(txn, "txn.meshctl_caller") .. "||||"
+        .. tostring(txn.sf:status()))
+end, 1)
+
+core.register_action("meshctl_metrics_in_denied", { "http-req" }, function(txn, service)
+    local peer = var(txn, "txn.meshctl_caller")
+    count(txn, "inbound|" .. service .. "|" .. peer .. "||||403")
+    add("d|inbound|" .. service .. "|" .. peer .. "||||", 1)
+end, 1)
+
+local function out(txn, caller, code)
+    -- HAProxy numbers routes from 0, the nginx router from 1: the label is 1-based.
+    local r = tonumber(txn:get_var("txn.meshctl_r"))
+    local route = r and tostring(r + 1) or ""
+    count(txn, "outbound|" .. caller .. "|" .. var(txn, "txn.meshctl_peer") .. "|"
+        .. var(txn, "txn.meshctl_up") .. "|" .. var(txn, "txn.meshctl_subset") .. "|" .. route .. "|" .. code)
+end
+
+core.register_action("meshctl_metrics_out", { "http-res" }, function(txn, caller)
+    out(txn, caller, tostring(txn.sf:status()))
+end, 1)
+
+core.register_action("meshctl_metrics_out_local", { "http-req" }, function(txn, caller, code)
+    out(txn, caller, code)
+end, 2)
+
+-- TCP: one connection of a tcp frontend (after the intention check), by
+-- direction, local service, peer (inbound: the verified caller; outbound: the
+-- upstream) and upstream ("-": none). Bytes come from the frontend's own
+-- counters at scrape time (per frontend, so without a peer).
+local FRONTENDS = {}
+
+core.register_action("meshctl_metrics_tcp", { "tcp-req" }, function(txn, dir, service, upstream)
+    if upstream == "-" then
+        upstream = ""
+    end
+    local peer = dir == "inbound" and var(txn, "txn.meshctl_caller") or upstream
+    add("k|" .. dir .. "|" .. service .. "|" .. peer .. "|" .. upstream .. "|||", 1)
+    if txn:get_var("txn.meshctl_deny") ~= nil then
+        add("d|" .. dir .. "|" .. service .. "|" .. peer .. "||||", 1)
+    end
+    FRONTENDS[txn.f:fe_name()] = dir .. "|" .. service .. "||" .. upstream .. "|||"
+end, 3)
+
+local function snapshot()
+    local out = {}
+    for k, v in pairs(C) do
+        out[k] = v
+    end
+    for name, labels in pairs(FRONTENDS) do
+        local fe = core.frontends[name]
+        if fe then
+            local st = fe:get_stats()
+            out["o|" .. labels] = tonumber(st.bout) or 0
+            out["i|" .. labels] = tonumber(st.bin) or 0
+        end
+    end
+    return out
+end
+
+core.register_service("meshctl_metrics_control", "http", function(applet)
+    local body = cjson.encode(snapshot())
+    applet:set_status(200)
+    applet:add_header("content-type", "application/json")
+    applet:add_header("content-length", tostring(#body))
+    applet:start_response()
+    applet:send(body)
+end)
