@@ -37,7 +37,7 @@ fi
 command -v debootstrap >/dev/null || { echo "error: debootstrap missing: apt-get install debootstrap systemd-container" >&2; exit 1; }
 # The mirror apt already uses (deb822 or one-line sources), so no other network is needed.
 mirror=$(grep -hvE '^\s*#' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
-    | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -1 | tr -d ' ' || true)
+    | grep -oE 'https?://[^ ]+/debian/?( |$)' | sed -n 1p | tr -d ' ' || true)
 mirror=${mirror:-http://deb.debian.org/debian}
 mkdir -p "$cache"
 tmp=$(mktemp -d "$cache/.build-XXXXXX")

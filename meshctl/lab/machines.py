@@ -27,6 +27,7 @@ into KeyboardInterrupt).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -77,6 +78,40 @@ def machines_unavailable() -> str | None:
     return None
 
 
+CGROUP_PARENT = "meshctl-machines"
+
+
+def cgroup_mounts() -> list[Path]:
+    """Every cgroup hierarchy mounted here: v1 controllers, name=systemd, unified v2."""
+    out = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] in ("cgroup", "cgroup2"):
+            out.append(Path(fields[1]))
+    return out
+
+
+def own_cgroups(name: str) -> list[Path]:
+    """A cgroup ``meshctl-machines/<name>`` in each hierarchy (those that allow one)."""
+    made = []
+    for mount in cgroup_mounts():
+        d = mount / CGROUP_PARENT / name
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        made.append(d)
+    return made
+
+
+def remove_cgroups(dirs: list[Path]) -> None:
+    """Remove machines' cgroups, deepest first (a cgroup goes once its processes did)."""
+    for top in dirs:
+        for root, _subdirs, _files in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+
+
 class Machine:
     """One booted container: its name, address, root and the pid of its init."""
 
@@ -85,6 +120,7 @@ class Machine:
         self.machine = f"{lab.prefix}-{name}"  # nspawn's name: the host veth is vb-<it>
         self.root = workdir / "root"
         self.nspawn: subprocess.Popen[bytes] | None = None
+        self.cgroups: list[Path] = []  # this machine's own cgroup in each hierarchy
         self.mounted = False
 
     def __repr__(self) -> str:
@@ -258,12 +294,27 @@ WantedBy=multi-user.target
         m.write("/etc/systemd/system/meshctl-agent.service", UNIT.read_text())
 
     def _boot(self, m: Machine) -> None:
+        # --keep-unit makes the cgroup nspawn runs in the container's own root
+        # cgroup. Started from one process, every machine would share it, and
+        # their inits would create the same unit cgroups (system.slice/...) in one
+        # tree: a unit of one machine then fails to attach to its cgroup
+        # (219/CGROUP) when another machine boots at the same time. So nspawn
+        # starts in a cgroup of its own, one per hierarchy, removed at down().
+        m.cgroups = own_cgroups(f"{self.lab.prefix}-{m.name}")
+        dirs = list(m.cgroups)
+
+        def enter_cgroups() -> None:
+            pid = str(os.getpid())
+            for d in dirs:
+                with contextlib.suppress(OSError):
+                    (d / "cgroup.procs").write_text(pid)
+
         log = open(m.workdir / "console.log", "wb")  # noqa: SIM115 - lives with nspawn
         m.nspawn = subprocess.Popen(
             ["systemd-nspawn", "--keep-unit", "--register=no", "--quiet", "-M", m.machine,
              "-D", str(m.root), f"--network-bridge={self.lab.bridge}", "-b"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=enter_cgroups)
         log.close()
 
     def _wait_booted(self, m: Machine, timeout: float = 90.0) -> None:
@@ -303,6 +354,8 @@ WantedBy=multi-user.target
                 os.killpg(m.nspawn.pid, signal.SIGKILL)
                 m.nspawn.wait(timeout=10)
         for m in self.machines.values():
+            remove_cgroups(m.cgroups)
+            m.cgroups = []
             if m.mounted:
                 subprocess.run(["umount", str(m.root)], check=False, capture_output=True,
                                timeout=30)

@@ -542,12 +542,16 @@ def test_limits_on_an_upstream_stop_a_slow_database_from_cascading(mesh: Mesh) -
             stats = _db(mesh, "GET", "/__stats")
             results[limited] = (Counter(s for s, _, _ in got), stats["max_inflight"])
         unlimited, limited_ = results[False], results[True]
-        # Without limits every request waits at db: db holds all 16 at once.
-        assert unlimited[0] == {200: 16} and unlimited[1] == 16, results
-        # With them, db never holds more than 4; the other 12 get a fast 503
-        # from api's sidecar, passed back to web: every request has an answer.
+        # Without limits every request waits at db: it piles up well past the
+        # limit (all 16 at once on an idle machine; a loaded one starts the 16
+        # callers over more than db's 0.5 s, so fewer overlap).
+        assert unlimited[0] == {200: 16} and unlimited[1] >= 8, results
+        # With them, db never holds more than 4; the others get a fast 503 from
+        # api's sidecar, passed back to web: every request has an answer (4 x 200
+        # and 12 x 503 when the 16 overlap; a late starter may find a free slot).
         assert limited_[1] <= 4, results
-        assert limited_[0][200] == 4 and limited_[0][503] == 12, results
+        assert set(limited_[0]) <= {200, 503} and sum(limited_[0].values()) == 16, results
+        assert limited_[0][200] >= 4 and limited_[0][503] >= 8, results
     finally:
         _db(mesh, "PUT", "/__mode", {})
         set_mode(mesh)

@@ -10,7 +10,8 @@ while three clients in h1 call api through the mesh, ``site.yml`` rolls the
 new wheel out one host per batch: drain (sidecar to maintenance, callers
 gone), upgrade and restart, gate (``meshctl undrain``, then ``meshctl doctor``
 passing: services and sidecars passing in Consul, the proxy serving), next.
-No request may fail. Then a host whose service is down (m2) fails its gate
+No request may fail. m2's sidecar is HAProxy, m1's and m3's nginx (a mixed
+fleet, both drivers through the same rollout). Then a host whose service is down (m2) fails its gate
 and the rollout stops there: m3 is not touched.
 
 The previous wheel is this tree built as version 0.0.9 (the base commit's
@@ -38,6 +39,9 @@ from tests.e2e.test_operations import API_PORT, _served, run_clients
 pytestmark = pytest.mark.root
 
 HOSTS = ("m1", "m2", "m3")
+#: a mixed fleet: the rollout drains, upgrades and gates HAProxy and nginx sidecars
+#: (h1's caller is nginx); m2 is also the host that fails its gate below.
+PROXIES = {"m1": "nginx", "m2": "haproxy", "m3": "nginx"}
 API = {"name": "api", "port": 8080,
        "check": {"http": "http://127.0.0.1:8080/health", "interval": "1s"}}
 
@@ -137,7 +141,8 @@ ExecStart=/usr/bin/python3 /usr/local/lib/demoapp.py --service api --host {m.nam
             "meshctl_gate_retries": 20,
             "meshctl_drain_timeout": "30s",
         }, "children": {"mesh": {"hosts": {
-            m.name: {"ansible_host": m.ip, "meshctl_services": [API]} for m in machines}}}}}
+            m.name: {"ansible_host": m.ip, "meshctl_services": [API],
+                     "meshctl_proxy": PROXIES[m.name]} for m in machines}}}}}
         (work / "inventory.json").write_text(json.dumps(inventory, indent=1))
         r = Rollout(mesh, machines, work, wheels)
         first = r.playbook("previous", "100%")
@@ -172,6 +177,10 @@ def test_a_rolling_upgrade_under_load_loses_no_request(rollout: Rollout) -> None
     assert run.stdout.count("TASK [meshctl : Wait until the host passes meshctl doctor]") == 3
     for m in HOSTS:
         assert rollout.machines[m].show("meshctl-agent.service", "ActiveState") == "active"
+        # Each host's own driver serves its sidecar (the fleet is mixed).
+        running = set(rollout.machines[m].run(["ps", "-eo", "comm="]).stdout.split())
+        assert PROXIES[m] in running and ({"nginx", "haproxy"} - {PROXIES[m]}).isdisjoint(
+            running), (m, sorted(running))
 
 
 def test_a_host_that_fails_its_gate_stops_the_rollout(rollout: Rollout) -> None:
