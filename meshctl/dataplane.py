@@ -14,12 +14,12 @@ the naming is one for every driver by construction (docs/metrics.md):
     x     meshctl_tls_handshake_failures_total
     k     meshctl_tcp_connections_total
     o, i  meshctl_tcp_sent_bytes_total, meshctl_tcp_received_bytes_total
-    e     meshctl_outlier_ejections_total            (hook only, see below)
-    c     meshctl_circuit_breaker_rejections_total   (hook only)
-    l     meshctl_rate_limit_rejections_total        (hook only)
+    e     meshctl_outlier_ejections_total
+    c     meshctl_circuit_breaker_rejections_total
+    l     meshctl_rate_limit_rejections_total
 
-Kinds e, c and l are defined so that resilience features (issue 13) count into
-them with one call; until a driver counts them they are simply absent.
+Kinds e, c and l are the resilience features' (issue 13): what each driver
+counts exactly is in docs/metrics.md.
 ``families`` is pure: raw counters in, metric families out. Keys that do not
 parse are dropped and counted in ``meshctl_dataplane_bad_keys`` (a proxy
 bug, never a reason to fail the scrape).

@@ -6,12 +6,19 @@
 -- (meshctl/dataplane.py owns the naming): "<kind>|<direction>|<local>|<peer>|
 -- <upstream>|<subset>|<route>|<code>", kinds r (requests), s (duration sum,
 -- seconds), b<i> (requests in duration bucket i, not cumulative), d (intention
--- denials).
+-- denials), l (rate-limit 429s), c (circuit-breaker 503s) and e (outlier
+-- ejections: the UP->DOWN transitions of the servers of a backend with
+-- PassiveHealthCheck, HAProxy's own "chkdown" counter, read at scrape time).
 --
 -- Actions (the template calls them):
 --   http-response lua.meshctl_metrics_in <service>         an inbound's answers
 --   http-request  lua.meshctl_metrics_in_denied <service>  before its 403
 --   http-response lua.meshctl_metrics_out <caller>
+--   http-request  lua.meshctl_metrics_in_limited <service> before its 429
+--   http-request  lua.meshctl_metrics_out_refused <caller> before a circuit
+--                                                          breaker's 503
+--   http-request  lua.meshctl_metrics_outlier <caller>     in a backend with
+--                                                          PassiveHealthCheck: its labels
 --   http-request  lua.meshctl_metrics_out_local <caller> <code>
 --                                                          before an answer HAProxy
 --                                                          gives itself (no route,
@@ -81,6 +88,12 @@ core.register_action("meshctl_metrics_in_denied", { "http-req" }, function(txn, 
     add("d|inbound|" .. service .. "|" .. peer .. "||||", 1)
 end, 1)
 
+core.register_action("meshctl_metrics_in_limited", { "http-req" }, function(txn, service)
+    local peer = var(txn, "txn.meshctl_caller")
+    count(txn, "inbound|" .. service .. "|" .. peer .. "||||429")
+    add("l|inbound|" .. service .. "|" .. peer .. "||||", 1)
+end, 1)
+
 local function out(txn, caller, code)
     -- HAProxy numbers routes from 0, the nginx router from 1: the label is 1-based.
     local r = tonumber(txn:get_var("txn.meshctl_r"))
@@ -96,6 +109,24 @@ end, 1)
 core.register_action("meshctl_metrics_out_local", { "http-req" }, function(txn, caller, code)
     out(txn, caller, code)
 end, 2)
+
+-- Backends with outlier detection -> the labels of their ejections (the first
+-- request's: a backend is one caller's view of one cluster).
+local OUTLIER = {}
+
+core.register_action("meshctl_metrics_outlier", { "http-req" }, function(txn, caller)
+    local name = txn.f:be_name()
+    if OUTLIER[name] == nil then
+        OUTLIER[name] = "outbound|" .. caller .. "|" .. var(txn, "txn.meshctl_peer") .. "|"
+            .. var(txn, "txn.meshctl_up") .. "|" .. var(txn, "txn.meshctl_subset") .. "||"
+    end
+end, 1)
+
+core.register_action("meshctl_metrics_out_refused", { "http-req" }, function(txn, caller)
+    out(txn, caller, "503")
+    add("c|outbound|" .. caller .. "|" .. var(txn, "txn.meshctl_peer") .. "|"
+        .. var(txn, "txn.meshctl_up") .. "|" .. var(txn, "txn.meshctl_subset") .. "||", 1)
+end, 1)
 
 -- TCP: one connection of a tcp frontend (after the intention check), by
 -- direction, local service, peer (inbound: the verified caller; outbound: the
@@ -126,6 +157,16 @@ local function snapshot()
             local st = fe:get_stats()
             out["o|" .. labels] = tonumber(st.bout) or 0
             out["i|" .. labels] = tonumber(st.bin) or 0
+        end
+    end
+    for name, labels in pairs(OUTLIER) do
+        local be = core.backends[name]
+        if be then
+            local n = 0
+            for _, srv in pairs(be.servers) do
+                n = n + (tonumber(srv:get_stats().chkdown) or 0)
+            end
+            out["e|" .. labels] = n
         end
     end
     return out

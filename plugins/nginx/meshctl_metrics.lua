@@ -22,7 +22,11 @@
 -- with kind r (requests), s (duration sum, seconds), b<i> (requests whose
 -- duration fell in bucket i, not cumulative: the agent adds them up), t
 -- (retries), d (intention denials) and x (requests whose client certificate
--- failed verification, answered 400 by nginx before any location). Every label value is a service
+-- failed verification, answered 400 by nginx before any location), l
+-- (requests a rate limit answered 429), e (outlier ejections the request's
+-- results caused) and c (requests a circuit breaker refused with 503; e and c
+-- are noted in ngx.ctx by meshctl_resilience.done/admit_or_refuse, which run
+-- before outbound() in the same log phase). Every label value is a service
 -- name (the grammar of the config), a route number or a status code, so the
 -- set of keys stays bounded. meshctl/dataplane.py owns the naming.
 local ffi = require("ffi")
@@ -118,6 +122,10 @@ function _M.inbound(service, logged)
     if status == 400 and ngx.var.ssl_client_verify ~= "SUCCESS" then
         add("x|inbound|" .. service .. "|||||", 1)
     end
+    -- A 429 that never reached the app is a rate limit's (limit_req) answer.
+    if status == 429 and not ngx.var.upstream_status then
+        add("l|inbound|" .. service .. "|" .. peer .. "||||", 1)
+    end
 end
 
 function _M.outbound(caller, upstream, peer, subset, logged)
@@ -126,6 +134,16 @@ function _M.outbound(caller, upstream, peer, subset, logged)
     local labels = "outbound|" .. caller .. "|" .. peer .. "|" .. upstream .. "|" .. subset
         .. "|" .. route .. "|" .. ngx.status
     count(labels, retries(), logged)
+    local ctx = ngx.ctx
+    if ctx.meshctl_ejections or ctx.meshctl_overloaded then
+        local cluster = "outbound|" .. caller .. "|" .. peer .. "|" .. upstream .. "|" .. subset .. "||"
+        if ctx.meshctl_ejections then
+            add("e|" .. cluster, ctx.meshctl_ejections)
+        end
+        if ctx.meshctl_overloaded then
+            add("c|" .. cluster, 1)
+        end
+    end
 end
 
 function _M.control()

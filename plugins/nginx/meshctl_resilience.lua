@@ -107,6 +107,8 @@ function _M.admit_or_refuse()
     if ok then
         return
     end
+    -- meshctl_circuit_breaker_rejections_total, counted in the log phase.
+    ngx.ctx.meshctl_overloaded = true
     ngx.status = 503
     ngx.header["X-Mesh-Reason"] = "upstream circuit open: " .. limit
         .. " requests in flight (Limits.MaxConcurrentRequests/MaxConnections)"
@@ -194,6 +196,9 @@ local function eject(section, s, key)
     d:set("on:" .. id, times)
     d:set("ou:" .. id, until_)
     d:incr("ox:" .. section, 1, 0)
+    -- meshctl_outlier_ejections_total: counted by the metrics hook of this
+    -- request's log phase (it runs after done() and knows the labels).
+    ngx.ctx.meshctl_ejections = (ngx.ctx.meshctl_ejections or 0) + 1
     ngx.log(ngx.WARN, "meshctl: ejected ", key, " from ", section, " for ", length,
         " s (ejection ", times, ")")
 end

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from meshctl.lab.mesh import Mesh, MeshHost, wait_until
 from tests.conftest import own_lab
@@ -219,6 +220,32 @@ def live(m: Mesh) -> dict[str, Any]:
     return data.get("live_resilience") or {}
 
 
+def _scrape() -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", 9466, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def metric(h: MeshHost, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples on the host's metrics endpoint whose labels
+    include ``labels`` (0 when there is none)."""
+    total = 0.0
+    for fam in text_string_to_metric_families(h.host.call(_scrape)):
+        for sample in fam.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
+
+
+#: the labels of web's requests to api (docs/metrics.md)
+WEB_TO_API = {"direction": "outbound", "service": "web", "peer": "api", "upstream": "api",
+              "subset": ""}
+EJECTIONS = "meshctl_outlier_ejections_total"
+
+
 def gaps(m: Mesh) -> list[str]:
     return list((m["h1"].status() or {}).get("warnings", []))
 
@@ -231,6 +258,7 @@ def test_a_failing_instance_is_ejected_after_max_failures_and_again_after_its_ti
     configure(mesh, {"PassiveHealthCheck": {"MaxFailures": 3, "BaseEjectionTime": "2s",
                                             "Interval": "60s", "MaxEjectionPercent": 50}})
     try:
+        ejections = metric(mesh["h1"], EJECTIONS, **WEB_TO_API)
         set_mode(mesh, h4={"status": 500})
         got = send(mesh, 60)
         failed = [s for s, _ in got if s >= 500]
@@ -239,12 +267,15 @@ def test_a_failing_instance_is_ejected_after_max_failures_and_again_after_its_ti
         assert len(failed) == 3, Counter(s for s, _ in got)
         assert counts(mesh)["h4"] == 3
         assert counts(mesh)["h2"] + counts(mesh)["h3"] == 57
+        assert metric(mesh["h1"], EJECTIONS, **WEB_TO_API) - ejections == 1
         # Back after BaseEjectionTime, it fails MaxFailures times again and goes out again.
         wait_until("h4 to be taken back", lambda: not _ejected(mesh), timeout=30)
         set_mode(mesh, h4={"status": 500})
         got = send(mesh, 60)
         assert len([s for s, _ in got if s >= 500]) == 3
         assert counts(mesh)["h4"] == 3
+        # Each of the two ejections is counted once, under web → api's labels.
+        assert metric(mesh["h1"], EJECTIONS, **WEB_TO_API) - ejections == 2
     finally:
         set_mode(mesh)
         # The next test starts with every instance in rotation.
@@ -313,9 +344,16 @@ def test_max_concurrent_requests_fails_the_rest_fast_with_a_reason(mesh: Mesh) -
     try:
         slow = {"delay": 3.0}
         set_mode(mesh, h2=slow, h3=slow, h4=slow)
+        name = "meshctl_circuit_breaker_rejections_total"
+        before = metric(mesh["h1"], name, **WEB_TO_API)
+        fast_503 = metric(mesh["h1"], "meshctl_requests_total", code="503", **WEB_TO_API)
         got = mesh["h1"].host.call(_concurrent, 50)
         by_status = Counter(s for s, _, _ in got)
         assert by_status == {200: 10, 503: 40}, by_status
+        # Every refusal is counted, as a rejection and as a request answered 503.
+        assert metric(mesh["h1"], name, **WEB_TO_API) - before == 40
+        assert metric(mesh["h1"], "meshctl_requests_total", code="503",
+                      **WEB_TO_API) - fast_503 == 40
         refused = [r for r in got if r[0] == 503]
         assert all("circuit open" in reason and over == "true" for _, reason, over in refused)
         # The instances together never had more than 10 of web's requests at once.
@@ -411,8 +449,13 @@ def test_an_inbound_rate_limit_accepts_its_rate_and_answers_429(mesh: Mesh) -> N
             f"{h2.ip}:21000"], timeout=30)
         time.sleep(1.0)
         set_mode(mesh)
+        name, labels = "meshctl_rate_limit_rejections_total", {
+            "direction": "inbound", "service": "api", "peer": "web"}
+        before = metric(h2, name, **labels)
         statuses, retry_after, elapsed = mesh["h1"].host.call(_load, 6, 10.0)
         accepted = counts(mesh)["h2"]
+        # h2's sidecar counts each 429 it answered, under the verified caller.
+        assert metric(h2, name, **labels) - before == statuses[429]
         assert statuses[200] == accepted
         # The limit, not the offered load, decides: far more were offered.
         assert statuses[429] > accepted and retry_after == statuses[429]
