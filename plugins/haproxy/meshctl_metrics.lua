@@ -29,8 +29,7 @@
 -- Service on the status socket: lua.meshctl_metrics_control (GET: JSON).
 local cjson = require("cjson.safe")
 
-local BOUNDS = { 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                 0.1, 0.25, 0.5, 1, 2.5, 5, 10 }
+local buckets = require("meshctl_buckets")
 
 local C = {}
 -- Set when the frontends log (see the template): only then are the timing
@@ -41,14 +40,7 @@ local function add(key, v)
     C[key] = (C[key] or 0) + v
 end
 
-local function bucket(d)
-    for i = 1, #BOUNDS do
-        if d <= BOUNDS[i] then
-            return i
-        end
-    end
-    return #BOUNDS + 1
-end
+local bucket = buckets.bucket
 
 local function count(txn, labels)
     add("r|" .. labels, 1)

@@ -11,20 +11,7 @@
 -- txn.meshctl_span, txn.meshctl_parent, and txn.meshctl_sampled ("1" when
 -- sampled), which the access-log record carries to the agent.
 
-local function parse(tp)
-    if not tp or #tp ~= 55 then
-        return nil
-    end
-    local version, trace, parent, flags = tp:match("^(%x%x)%-(%x+)%-(%x+)%-(%x%x)$")
-    if not version or version == "ff" or #trace ~= 32 or #parent ~= 16 then
-        return nil
-    end
-    trace, parent = trace:lower(), parent:lower()
-    if trace == "00000000000000000000000000000000" or parent == "0000000000000000" then
-        return nil
-    end
-    return trace, parent, tonumber(flags, 16)
-end
+local parse = require("meshctl_w3c").parse
 
 local function random_hex(txn)
     -- uuid(): 16 random bytes (a v4 UUID: 6 bits are fixed, fine for ids).

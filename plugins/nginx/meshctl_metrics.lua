@@ -33,10 +33,8 @@ local ffi = require("ffi")
 
 local _M = {}
 
--- Upper bounds (seconds) of the duration buckets; docs/metrics.md lists them.
-local BOUNDS = { 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                 0.1, 0.25, 0.5, 1, 2.5, 5, 10 }
-_M.BOUNDS = BOUNDS
+local buckets = require("meshctl_buckets")
+_M.BOUNDS = buckets.BOUNDS
 
 ffi.cdef [[
 typedef struct { long tv_sec; long tv_nsec; } meshctl_timespec;
@@ -67,14 +65,7 @@ local function add(key, value)
     end
 end
 
-local function bucket(d)
-    for i = 1, #BOUNDS do
-        if d <= BOUNDS[i] then
-            return i
-        end
-    end
-    return #BOUNDS + 1
-end
+local bucket = buckets.bucket
 
 function _M.start()
     ngx.var.meshctl_t0 = now()

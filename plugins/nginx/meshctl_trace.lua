@@ -14,20 +14,7 @@
 -- carries to the agent; the agent exports sampled spans over OTLP.
 local _M = {}
 
-local function parse(tp)
-    if not tp or #tp ~= 55 then
-        return nil
-    end
-    local version, trace, parent, flags = tp:match("^(%x%x)%-(%x+)%-(%x+)%-(%x%x)$")
-    if not version or version == "ff" or #trace ~= 32 or #parent ~= 16 then
-        return nil
-    end
-    trace, parent = trace:lower(), parent:lower()
-    if trace == "00000000000000000000000000000000" or parent == "0000000000000000" then
-        return nil
-    end
-    return trace, parent, tonumber(flags, 16)
-end
+local parse = require("meshctl_w3c").parse
 _M.parse = parse
 
 local function begin(share)

@@ -64,11 +64,14 @@ def test_parse_key_grammar() -> None:
 
 
 def test_both_lua_modules_use_the_python_buckets() -> None:
-    """One naming for both drivers: the bounds in each Lua module are BOUNDS."""
+    """One naming for both drivers: both Lua modules count in the shared buckets,
+    whose bounds are BOUNDS."""
     want = ", ".join(f"{b:g}" for b in BOUNDS)
+    text = (ROOT / "plugins/common/meshctl_buckets.lua").read_text()
+    body = text.split("BOUNDS = {", 1)[1].split("}", 1)[0]
+    got = ", ".join(f"{float(x):g}" for x in body.replace("\n", " ").split(",") if x.strip())
+    assert got == want
     for lua in ("plugins/nginx/meshctl_metrics.lua", "plugins/haproxy/meshctl_metrics.lua"):
         text = (ROOT / lua).read_text()
-        body = text.split("BOUNDS = {", 1)[1].split("}", 1)[0]
-        got = ", ".join(f"{float(x):g}" for x in body.replace("\n", " ").split(",") if x.strip())
-        assert got == want, lua
+        assert 'require("meshctl_buckets")' in text and "BOUNDS = {" not in text, lua
     assert families({}) != []
