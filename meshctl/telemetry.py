@@ -27,6 +27,7 @@ import os
 import pwd
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,10 @@ log = logging.getLogger("meshctl.telemetry")
 
 #: the largest datagram read; a record is well below 2 KiB
 MAX_DATAGRAM = 16384
+#: how often (seconds, at most) the receiver checks that the access log's path
+#: still names the file it writes: logrotate's ``create`` moves it away, and the
+#: next check reopens the path, without a signal to the agent
+ROTATION_CHECK = 1.0
 FIELDS = ("kind", "time", "start", "duration", "trace_id", "span_id", "parent_id", "sampled",
           "log", "direction", "service", "peer", "upstream", "upstream_addr", "method", "path",
           "status", "bytes_sent", "bytes_received", "route", "upstream_status", "intention")
@@ -119,6 +124,7 @@ class Receiver:
         self._reopen = threading.Event()
         self._lock = threading.Lock()
         self._tcp: dict[str, float] = {}
+        self._checked = 0.0
 
     def start(self) -> None:
         """Bind the socket (replacing a stale one) and start reading. Raises OSError."""
@@ -152,6 +158,20 @@ class Receiver:
             old, self._out = self._out, self.access_log.open("a", buffering=1)
             old.close()
 
+    def _moved(self) -> bool:
+        """True when the access log's path no longer names the open file (moved or
+        removed by logrotate); looked at no more than once per ROTATION_CHECK."""
+        now = time.monotonic()
+        if self._out is None or self.access_log is None or now - self._checked < ROTATION_CHECK:
+            return False
+        self._checked = now
+        try:
+            on_disk = os.stat(self.access_log)
+        except FileNotFoundError:
+            return True
+        mine = os.fstat(self._out.fileno())
+        return (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino)
+
     def _run(self) -> None:
         assert self._sock is not None
         while not self._stop.is_set():
@@ -176,7 +196,7 @@ class Receiver:
         self.received += 1
         if record["kind"] == "tcp":
             self._count_tcp(record)
-        if self._reopen.is_set():
+        if self._reopen.is_set() or (record["log"] == "1" and self._moved()):
             self._reopen_now()
         if record["log"] == "1" and self._out is not None:
             self._out.write(access_line(record) + "\n")

@@ -25,7 +25,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # ---- system packages -------------------------------------------------------
 pkgs=(nginx libnginx-mod-http-lua libnginx-mod-stream lua-cjson haproxy iproute2 wrk curl procps
-      debootstrap systemd-container vagrant prometheus graphviz)
+      debootstrap systemd-container vagrant prometheus graphviz logrotate)
 missing=()
 for p in "${pkgs[@]}"; do
     [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) == *"install ok installed"* ]] || missing+=("$p")

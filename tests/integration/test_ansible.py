@@ -25,9 +25,11 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +37,12 @@ from typing import Any
 
 import pytest
 
+from meshctl import telemetry
 from meshctl.config import load_config
 from meshctl.errors import VaultError
 from meshctl.lab import find_program
 from meshctl.services import load_definitions
+from meshctl.telemetry import Receiver
 from meshctl.vault.client import VaultClient
 from tests.conftest import need_programs
 from tests.integration.openbao import OpenBao, openbao_dev
@@ -213,6 +217,8 @@ def _inventory(work: Path, bao: OpenBao) -> dict[str, Any]:
                             "meshctl_proxy": "haproxy",
                             "meshctl_wait_min": 0.2,
                             "meshctl_wait_max": 2,
+                            "meshctl_access_log": "10%",
+                            "meshctl_trace_sample": 0.01,
                         },
                         "api-01": {"meshctl_services": SERVICES["api-01"]},
                     },
@@ -316,6 +322,8 @@ def test_rollout_renders_a_config_the_agent_loads(rollout: Rollout) -> None:
     assert (cfg.vault.pki_mount, cfg.vault.role_prefix, cfg.vault.cert_ttl) == (
         "pki-ansible", "ans-", "2h")
     assert cfg.consul.token == ""  # secrets go to agent.env, not agent.toml
+    assert (cfg.telemetry.metrics, cfg.telemetry.access_log, cfg.telemetry.trace_sample,
+            cfg.telemetry.otlp_endpoint) == (True, "10%", 0.01, "")
 
     defs, problems = load_definitions(cfg.services_dir)
     assert problems == []
@@ -346,6 +354,46 @@ def test_rollout_renders_a_config_the_agent_loads(rollout: Rollout) -> None:
     assert handler and handler.group(1) == "ok", _show(rollout.first)
     assert rollout.first.stdout.index("RUNNING HANDLER [meshctl : Restart meshctl agent]") > (
         handler.start())
+
+
+def test_the_roles_logrotate_rule_rotates_the_access_log_the_agent_writes(
+        rollout: Rollout) -> None:
+    """The real logrotate runs the rule the role rendered against the access log of the
+    config it rendered, while a receiver writes it: the old lines stay in the rotated
+    file, and new ones go to the file logrotate created, without a signal."""
+    need_programs("logrotate")
+    cfg = load_config(rollout.config(HOST), env={})
+    access = cfg.data_dir / "logs" / "access.log"
+    rule = rollout.host_root(HOST) / "etc" / "logrotate.d" / "meshctl"
+    assert f"{access} {{" in rule.read_text(), rule.read_text()
+    rx = Receiver(rollout.work / "telemetry.sock", access)
+    rx.start()
+    tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def send(path: str) -> None:
+        n = rx.received + 1
+        record = {"kind": "http", "direction": "inbound", "service": "web", "path": path,
+                  "status": "200", "log": "1"}
+        tx.sendto(json.dumps(record).encode(), str(rx.socket_path))
+        deadline = time.monotonic() + 5
+        while rx.received < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        send("/before-rotation")
+        run = subprocess.run(["logrotate", "-f", "-s", str(rollout.work / "logrotate.state"),
+                              str(rule)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        time.sleep(telemetry.ROTATION_CHECK + 0.2)
+        send("/after-rotation")
+    finally:
+        tx.close()
+        rx.stop()
+    rotated = access.with_name("access.log.1")
+    assert "/before-rotation" in rotated.read_text()
+    assert "/after-rotation" in access.read_text()
+    assert "/before-rotation" not in access.read_text()
+    assert stat.S_IMODE(access.stat().st_mode) == 0o640
 
 
 def test_credentials_issue_only_the_hosts_own_certificates(rollout: Rollout) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
+from meshctl import telemetry
 from meshctl.config import TelemetrySettings
 from meshctl.errors import ConfigError
 from meshctl.telemetry import FIELDS, Receiver, observe_plan, parse_record
@@ -126,6 +127,37 @@ def test_a_rotated_access_log_is_reopened(tmp_path: Path) -> None:
         rx.stop()
     assert "/before" in (tmp_path / "access.log.1").read_text()
     assert "/after" in log.read_text() and "/before" not in log.read_text()
+
+
+def test_a_moved_access_log_is_reopened_without_a_signal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """logrotate's ``create`` (the role's rule) moves the file and signals nobody:
+    the receiver notices that its path names another file, or none, and reopens it."""
+    monkeypatch.setattr(telemetry, "ROTATION_CHECK", 0.0)
+    sock, log = tmp_path / "t.sock", tmp_path / "access.log"
+    rx = Receiver(sock, log)
+    rx.start()
+    tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def send_and_wait(path: str, n: int) -> None:
+        tx.sendto(json.dumps(record(path=path)).encode(), str(sock))
+        deadline = time.monotonic() + 5
+        while rx.received < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        send_and_wait("/before", 1)
+        log.rename(tmp_path / "access.log.1")
+        log.touch()  # logrotate's create
+        send_and_wait("/after", 2)
+        (tmp_path / "access.log").rename(tmp_path / "access.log.2")  # no create
+        send_and_wait("/later", 3)
+    finally:
+        tx.close()
+        rx.stop()
+    assert "/before" in (tmp_path / "access.log.1").read_text()
+    assert "/after" in (tmp_path / "access.log.2").read_text()
+    assert log.read_text().count("\n") == 1 and "/later" in log.read_text()
 
 
 def test_tcp_records_are_counted_as_connections_and_bytes(tmp_path: Path) -> None:
