@@ -87,6 +87,16 @@ class Prometheus:
         result: list[dict[str, Any]] = doc["data"]["result"]
         return result
 
+    def query_range(self, promql: str, start: float, end: float,
+                    step: float) -> list[dict[str, Any]]:
+        """A range query's result matrix; LabError when Prometheus refuses it."""
+        doc = _get_json(self.host, f"{self.url}/api/v1/query_range?" + urllib.parse.urlencode(
+            {"query": promql, "start": start, "end": end, "step": step}))
+        if doc.get("status") != "success":
+            raise LabError(f"prometheus refused {promql!r}: {doc}")
+        result: list[dict[str, Any]] = doc["data"]["result"]
+        return result
+
     def value(self, promql: str) -> float | None:
         """The single value of ``promql`` (None when its vector is empty)."""
         result = self.query(promql)

@@ -17,6 +17,7 @@ mixed fleet. One lab per fleet, shared by the module's tests.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ import pytest
 from bench.load import vegeta_attack, vegeta_report
 from meshctl.dataplane import BOUNDS
 from meshctl.lab import Lab
+from meshctl.lab.dashboard import render
 from meshctl.lab.mesh import Mesh, wait_until
 from meshctl.lab.observe import Jaeger, Prometheus
 from tests.conftest import need_programs, own_lab
@@ -494,7 +496,7 @@ def _eject_api(observed: Observed) -> None:
                    timeout=30)
 
 
-def test_every_dashboard_panel_finds_data(observed: Observed) -> None:
+def test_every_dashboard_panel_finds_data(observed: Observed, tmp_path: Path) -> None:
     mesh, prom = observed.mesh, observed.prom
     for _ in range(10):
         assert mesh["h1"].get(WEB_API, CHAIN)[0] == 200
@@ -511,6 +513,13 @@ def test_every_dashboard_panel_finds_data(observed: Observed) -> None:
         promql = expr.replace("$__rate_interval", "1m").replace("$service", ".*")
         wait_until(f"data for panel {title!r}: {promql}", lambda q=promql: prom.query(q),
                    timeout=30)
+    # The dashboard drawn from the same Prometheus over the module's run, as Grafana
+    # would (meshctl/lab/dashboard.py): every panel draws something.
+    out = Path(os.environ.get("MESHCTL_DASHBOARD_PNG") or tmp_path / "dashboard.png")
+    end = time.time()
+    found = render(dash, prom.query_range, out, end - 100, end, step=2.0)
+    assert found and all(found.values()), found
+    assert out.read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------- top, graph, tap
