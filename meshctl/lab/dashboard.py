@@ -21,8 +21,6 @@ import json
 import re
 import sys
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -179,11 +177,13 @@ def _values(ax: Any, p: Panel, series: list[tuple[Target, dict[str, Any]]]) -> N
 
 def http_range_query(url: str) -> RangeQuery:
     """Range queries to the Prometheus at ``url`` (reachable from here)."""
+    import requests
+
     def query(expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-        q = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step})
-        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/query_range?{q}",
-                                    timeout=10) as resp:
-            doc = json.load(resp)
+        params: dict[str, str | float] = {"query": expr, "start": start, "end": end,
+                                          "step": step}
+        resp = requests.get(f"{url.rstrip('/')}/api/v1/query_range", timeout=10, params=params)
+        doc = resp.json()
         if doc.get("status") != "success":
             raise ValueError(f"prometheus refused {expr!r}: {doc}")
         result: list[dict[str, Any]] = doc["data"]["result"]
