@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from meshctl.errors import LabError
 from meshctl.lab import Lab
 from meshctl.lab.mesh import Mesh, MeshHost, wait_until
 from tests.conftest import own_lab
@@ -129,22 +130,38 @@ def _toggle_pad(hosts: list[MeshHost], present: bool) -> None:
         else:
             h.remove_service("pad.json")
 
+    seen: dict[str, dict[str, Any]] = {}
+
     def served(h: MeshHost) -> bool:
         la, old = _last_apply(h), before[h.name]
+        seen[h.name] = {"last_apply": la}
         if la.get("action") == "failed":
             raise AssertionError(f"apply failed on {h.name}: {la.get('error')}")
         if la.get("reloads", 0) <= old.get("reloads", 0):
             return False
         if present:
             port = _pad_port(h)
-            return port is not None and _listening(h, port)
+            seen[h.name].update(port=port, listening=port is not None and _listening(h, port))
+            return bool(seen[h.name]["listening"])
         gone = all(s.get("name") != "pad" for s in (h.status() or {}).get("services", []))
         port = ports[h.name]
-        return gone and (port is None or not _listening(h, port))
+        seen[h.name].update(pad_listed=not gone, port=port,
+                            listening=port is not None and _listening(h, port))
+        return gone and not seen[h.name]["listening"]
 
     for h in hosts:
-        wait_until(f"{h.name} to reload with pad {'added' if present else 'removed'}",
-                   lambda h=h: served(h), timeout=30)  # type: ignore[misc]
+        what = f"{h.name} to reload with pad {'added' if present else 'removed'}"
+        try:
+            # Bounded generously: a reload under the whole suite's load on two cores
+            # can take a while; what this test proves is that no request is lost.
+            wait_until(what, lambda h=h: served(h), timeout=60)  # type: ignore[misc]
+        except LabError as exc:
+            port = seen.get(h.name, {}).get("port")
+            holders = h.host.run(["ss", "-Htlnp", f"sport = :{port}"], check=False).stdout \
+                if port else ""
+            raise AssertionError(f"{exc}; what the host showed last: {seen.get(h.name)}; "
+                                 f"listening on pad's port: {holders.strip() or 'nothing'}"
+                                 ) from None
 
 
 # ---------------------------------------------------------------- the client
