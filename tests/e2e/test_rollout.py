@@ -14,8 +14,10 @@ No request may fail. m2's sidecar is HAProxy, m1's and m3's nginx (a mixed
 fleet, both drivers through the same rollout). Then a host whose service is down (m2) fails its gate
 and the rollout stops there: m3 is not touched.
 
-The previous wheel is this tree built as version 0.0.9 (the base commit's
-agent does not speak sd_notify, which the role's unit now expects).
+The previous wheel is the previous release (PREVIOUS, 0.1.0: no sd_notify, no
+drain, a Type=exec unit), built from its commit and installed by its own role;
+the rollout upgrades it to this tree (0.2.0) with this tree's role. The gate
+test then rolls out this tree as 0.2.1.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ from tests.e2e.test_operations import API_PORT, _served, run_clients
 
 pytestmark = pytest.mark.root
 
+#: the previous release: the last commit that landed (stop 16), meshctl 0.1.0. Its
+#: agent speaks no sd_notify and has no drain; its unit is Type=exec.
+PREVIOUS = "691a524e0e1a811262a98aedf3e7d792a5752748"
+PREVIOUS_VERSION = "0.1.0"
+#: this tree's version, and the same tree as a later one (the gate test upgrades to it)
+NEW = "0.2.0"
+NEXT = "0.2.1"
 HOSTS = ("m1", "m2", "m3")
 #: a mixed fleet: the rollout drains, upgrades and gates HAProxy and nginx sidecars
 #: (h1's caller is nginx); m2 is also the host that fails its gate below.
@@ -46,10 +55,17 @@ API = {"name": "api", "port": 8080,
        "check": {"http": "http://127.0.0.1:8080/health", "interval": "1s"}}
 
 
-def build_wheel(out: Path, version: str | None = None) -> Path:
-    """A wheel of this tree (as ``version`` if given, from a scratch copy)."""
+def build_wheel(out: Path, version: str | None = None, commit: str | None = None) -> Path:
+    """A wheel of this tree (as ``version`` if given, from a scratch copy), or of
+    ``commit`` as it was (``git archive``)."""
     src = REPO
-    if version is not None:
+    if commit is not None:
+        src = out / f"src-{commit[:12]}"
+        src.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit],
+                                 check=True, capture_output=True, timeout=60).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True, timeout=60)
+    elif version is not None:
         src = out / f"src-{version}"
         files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard"],
                                check=True, capture_output=True, text=True).stdout.split()
@@ -58,12 +74,24 @@ def build_wheel(out: Path, version: str | None = None) -> Path:
                 (src / f).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / f, src / f)
         py = src / "pyproject.toml"
-        py.write_text(py.read_text().replace('version = "0.1.0"', f'version = "{version}"'))
-    dest = out / f"wheel-{version or 'new'}"
+        text = py.read_text()
+        assert f'version = "{NEW}"' in text, "pyproject.toml's version is not NEW"
+        py.write_text(text.replace(f'version = "{NEW}"', f'version = "{version}"'))
+    dest = out / f"wheel-{commit[:12] if commit else version or 'new'}"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--disable-pip-version-check", "--wheel-dir", str(dest), str(src)],
                    check=True, capture_output=True, timeout=300)
     return next(dest.glob("meshctl-*.whl"))
+
+
+def previous_role(out: Path) -> Path:
+    """The Ansible directory of the previous release (its site.yml and role)."""
+    dest = out / "previous-ansible"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS, "ansible"],
+                             check=True, capture_output=True, timeout=60).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
+    return dest / "ansible"
 
 
 class Rollout:
@@ -71,13 +99,15 @@ class Rollout:
         self.mesh, self.machines, self.work, self.wheels = mesh, machines, work, wheels
         self.h1: MeshHost = mesh["h1"]
 
-    def playbook(self, wheel: str, serial: str) -> subprocess.CompletedProcess[str]:
-        """``ansible-playbook site.yml`` from h1, over SSH to the machines."""
+    def playbook(self, wheel: str, serial: str, ansible: Path = REPO / "ansible",
+                 extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        """``ansible-playbook site.yml`` (of ``ansible``: this tree's by default) from
+        h1, over SSH to the machines."""
         env = {
             "ANSIBLE_HOME": str(self.work / "ansible-home"),
             "ANSIBLE_LOCAL_TEMP": str(self.work / "ansible-tmp"),
             "ANSIBLE_CONFIG": str(self.work / "ansible.cfg"),
-            "ANSIBLE_ROLES_PATH": str(REPO / "ansible" / "roles"),
+            "ANSIBLE_ROLES_PATH": str(ansible / "roles"),
             "ANSIBLE_GATHERING": "explicit",
             "ANSIBLE_PIPELINING": "1",
             "ANSIBLE_NOCOLOR": "1",
@@ -86,8 +116,9 @@ class Rollout:
             "HOME": str(self.work),
         }
         argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i",
-                str(self.work / "inventory.json"), str(REPO / "ansible" / "site.yml"),
-                "-e", f"meshctl_wheel={self.wheels[wheel]}", "-e", f"meshctl_serial={serial}"]
+                str(self.work / "inventory.json"), str(ansible / "site.yml"),
+                "-e", f"meshctl_wheel={self.wheels[wheel]}", "-e", f"meshctl_serial={serial}",
+                *extra]
         return self.h1.host.run(argv, check=False, timeout=900, env=env)
 
     def version(self, name: str) -> str:
@@ -103,7 +134,8 @@ def rollout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rollout]:
     work = tmp_path_factory.mktemp("rollout")
     os.chmod(work, 0o755)
     (work / "ansible.cfg").touch()
-    wheels = {"previous": build_wheel(work, "0.0.9"), "new": build_wheel(work)}
+    wheels = {"previous": build_wheel(work, commit=PREVIOUS), "new": build_wheel(work),
+              "next": build_wheel(work, NEXT)}
     with own_lab(hosts=1) as lab, Machines(lab, HOSTS, install=False) as machines:
         mesh = Mesh(lab, "nginx")
         setup = mesh.setup_vault({"h1": ["web"], **{m: ["api"] for m in HOSTS}})
@@ -145,7 +177,18 @@ ExecStart=/usr/bin/python3 /usr/local/lib/demoapp.py --service api --host {m.nam
                      "meshctl_proxy": PROXIES[m.name]} for m in machines}}}}}
         (work / "inventory.json").write_text(json.dumps(inventory, indent=1))
         r = Rollout(mesh, machines, work, wheels)
-        first = r.playbook("previous", "100%")
+        # The previous release, installed by its own role. That role refreshes the
+        # package index (update_cache, cache_valid_time 3600) and cannot install
+        # offline: the machines' index is made to look an hour fresh, and pip takes
+        # the wheelhouse, copied where that role's pip_extra_args point.
+        for m in machines:
+            m.run(["mkdir", "-p", "/var/lib/apt/periodic", "/var/cache/meshctl-wheels"])
+            m.run(["touch", "/var/lib/apt/periodic/update-success-stamp"])
+            shutil.copytree(base_image()[1], m.root / "var/cache/meshctl-wheels",
+                            dirs_exist_ok=True)
+        first = r.playbook("previous", "100%", previous_role(work), (
+            "-e", json.dumps({"meshctl_pip_extra_args":
+                              "--no-index --find-links /var/cache/meshctl-wheels"})))
         assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
         h1 = mesh["h1"]
         h1.add_service({"name": "web", "port": 8080, "connect": {"sidecar_service": {"proxy": {
@@ -159,7 +202,9 @@ ExecStart=/usr/bin/python3 /usr/local/lib/demoapp.py --service api --host {m.nam
 
 
 def test_a_rolling_upgrade_under_load_loses_no_request(rollout: Rollout) -> None:
-    assert {rollout.version(m) for m in HOSTS} == {"0.0.9"}
+    assert {rollout.version(m) for m in HOSTS} == {PREVIOUS_VERSION}
+    # The previous release's unit: no sd_notify, no watchdog.
+    assert {rollout.machines[m].show("meshctl-agent.service", "Type") for m in HOSTS} == {"exec"}
     runs: list[subprocess.CompletedProcess[str]] = []
     results = run_clients(rollout.h1, lambda: runs.append(rollout.playbook("new", "1")))
     run = runs[0]
@@ -168,7 +213,9 @@ def test_a_rolling_upgrade_under_load_loses_no_request(rollout: Rollout) -> None
                "stale_retried": [r.stale_retried for r in results]}
     print(json.dumps(summary))
     assert [r.failures for r in results] == [[], [], []], summary
-    assert {rollout.version(m) for m in HOSTS} == {"0.1.0"}
+    assert {rollout.version(m) for m in HOSTS} == {NEW}
+    assert {rollout.machines[m].show("meshctl-agent.service", "Type") for m in HOSTS} == {
+        "notify"}
     # One host per batch, each drained before its restart and gated after it.
     print(run.stdout)
     drains = run.stdout.split("RUNNING HANDLER [meshctl : Drain the host before its agent "
@@ -187,13 +234,13 @@ def test_a_host_that_fails_its_gate_stops_the_rollout(rollout: Rollout) -> None:
     m2 = rollout.machines["m2"]
     m2.systemctl("stop", "demo-api.service")  # m2's api goes critical in Consul
     try:
-        run = rollout.playbook("previous", "1")
+        run = rollout.playbook("next", "1")
         assert run.returncode != 0
         assert "m2 failed its health gate (meshctl doctor)" in run.stdout, run.stdout[-4000:]
         assert "local health" in run.stdout
         versions = {m: rollout.version(m) for m in HOSTS}
         # m1 went first and passed; m2 failed its gate; m3 was never touched.
-        assert versions == {"m1": "0.0.9", "m2": "0.0.9", "m3": "0.1.0"}, versions
+        assert versions == {"m1": NEXT, "m2": NEXT, "m3": NEW}, versions
         assert "ok: [m3]" not in run.stdout and "changed: [m3]" not in run.stdout
     finally:
         m2.systemctl("start", "demo-api.service")

@@ -53,7 +53,7 @@ def test_wheel_installs_and_finds_its_templates(tmp_path: Path) -> None:
     out = subprocess.run(
         [str(py), "-c", probe], check=True, capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
-    assert out.stdout.strip() == "0.1.0"
+    assert out.stdout.strip() == "0.2.0"
     cli = subprocess.run(
         [str(env_dir / "bin" / "meshctl"), "--version"],
         capture_output=True,
@@ -61,4 +61,4 @@ def test_wheel_installs_and_finds_its_templates(tmp_path: Path) -> None:
         env={"PYTHONPATH": site, "PATH": "/usr/bin:/bin"},
         timeout=60,
     )
-    assert "meshctl, version 0.1.0" in cli.stdout, cli.stderr
+    assert "meshctl, version 0.2.0" in cli.stdout, cli.stderr
