@@ -96,6 +96,8 @@ def doctor(h: MeshHost, token: str | None) -> tuple[int, dict[str, dict[str, Any
     assert doc["ok"] == (proc.returncode == 0), proc.stdout + proc.stderr
     human = h.host.run(base, check=False, timeout=60, env=env)
     assert human.returncode == proc.returncode, human.stdout + human.stderr
+    if token:  # a token never reaches doctor's output
+        assert token not in proc.stdout + proc.stderr + human.stdout + human.stderr
     return proc.returncode, {c["check"]: c for c in doc["checks"]}, human.stdout
 
 
@@ -152,8 +154,11 @@ def test_doctor_names_the_service_rights_a_token_lacks_and_their_rules(
     assert register_refusal(h1, acl_host.tokens["minimal"], SIDECAR_PROBE) == ""
 
 
-def test_doctor_names_a_token_consul_does_not_know(acl_host: AclHost) -> None:
-    code, checks, _ = doctor(acl_host.h1, str(uuid.uuid4()))
+@pytest.mark.parametrize("token", ["unknown", "malformed"])
+def test_doctor_names_a_token_consul_does_not_know(acl_host: AclHost, token: str) -> None:
+    # A secret of the right form that Consul never issued (or deleted), and a typo.
+    secret = str(uuid.uuid4()) if token == "unknown" else "not a token"
+    code, checks, _ = doctor(acl_host.h1, secret)
     assert code == 1 and set(checks) == ALL_CHECKS, checks
     # The health of the local services cannot be read with it either; the rest
     # (Vault, proxy, ports, certificates) is checked and passes.
