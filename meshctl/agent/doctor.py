@@ -108,40 +108,138 @@ def check_consul(cfg: AgentConfig, defs: list[ServiceDefinition]) -> list[Check]
         got = time.time()
         out = [Check("consul", True, f"{cfg.consul.addr} answers (leader {resp.text.strip()})")]
         out.append(_skew_check("clock (Consul)", resp.headers.get("Date"), sent, got))
-        wanted = [{"Resource": "service", "Segment": n, "Access": "write"}
-                  for d in defs for n in (d.name, f"{d.name}-sidecar-proxy")]
-        wanted += [{"Resource": "service", "Segment": u.destination_name, "Access": "read"}
-                   for d in defs for u in d.upstreams]
-        out.append(_consul_rights(consul, wanted))
+        out.append(_consul_rights(consul, consul_rights_wanted(cfg, defs)))
         out.append(_local_health(consul, defs))
         return out
     finally:
         consul.close()
 
 
-def _consul_rights(consul: ConsulClient, wanted: list[dict[str, str]]) -> Check:
+@dataclass(frozen=True)
+class Right:
+    """One permission the agent's Consul token needs, and the policy rule that grants it
+    (the minimal agent policy of docs/security.md)."""
+
+    resource: str  # Consul's ACL resource: service, node, agent
+    segment: str
+    access: str  # read or write
+    rule: str
+
+    def request(self) -> dict[str, str]:
+        """As ``/v1/internal/acl/authorize`` takes it."""
+        return {"Resource": self.resource, "Segment": self.segment, "Access": self.access}
+
+    def __str__(self) -> str:
+        return f"{self.resource}:{self.access} on {self.segment}"
+
+
+def consul_rights_wanted(cfg: AgentConfig, defs: list[ServiceDefinition]) -> list[Right]:
+    """What the agent does with its token, as permissions: register each local service
+    and its sidecar (Consul checks ``service:write`` on both names; intentions:read
+    comes with it), read the upstreams' health and discovery chains, see the nodes
+    they run on (a token that may read no node sees no endpoint: Consul filters
+    them out silently), and read its own agent for the advertise address (unless
+    ``advertise_address`` is set). No local service: nothing to ask."""
+    if not defs:
+        return []
+    out: list[Right] = []
+    local = sorted({d.name for d in defs})
+    for name in local:
+        for n in (name, f"{name}-sidecar-proxy"):
+            out.append(Right("service", n, "write", f'service "{n}" {{ policy = "write" }}'))
+    for up in sorted({u.destination_name for d in defs for u in d.upstreams} - set(local)):
+        out.append(Right("service", up, "read", 'service_prefix "" { policy = "read" }'))
+    out.append(Right("node", cfg.node_name, "read", 'node_prefix "" { policy = "read" }'))
+    if not cfg.advertise_address:
+        out.append(Right("agent", cfg.node_name, "read",
+                         f'agent "{cfg.node_name}" {{ policy = "read" }}'))
+    return out
+
+
+#: Consul answers at most this many authorizations per request
+AUTHORIZE_BATCH = 64
+
+
+def rights_check(wanted: list[Right], token_set: bool,
+                 answers: list[tuple[int, str, Any]]) -> Check:
+    """The "consul token" check from Consul's answers to ``/v1/internal/acl/authorize``
+    for ``wanted`` (in batches of AUTHORIZE_BATCH): each answer is (HTTP status, body
+    text, body as JSON or None).
+
+    Consul 1.14 answers 401 "ACL support disabled" without ACLs, 403 "ACL not
+    found" for a token it does not know, and 200 with one ``Allow`` per request,
+    in order, echoing it; anything else is reported, never read as allowed.
+    """
+    name = "consul token"
+    allowed: list[bool] = []
+    for status, text, body in answers:
+        if status == 401 and "disabled" in text:
+            return Check(name, True, "Consul's ACLs are disabled: every request allowed")
+        if status == 403:
+            why = text.strip()[:120] or "no reason given"
+            what = ("Consul does not know the token" if "not found" in why.lower()
+                    else "Consul refused the token")
+            return _fail(name, f"{what} (403: {why})",
+                         "set consul.token / CONSUL_HTTP_TOKEN to a token of this host's "
+                         "policy (`consul acl token read -self` with it shows whether Consul "
+                         "knows it)")
+        if status != 200:
+            return _fail(name, f"authorize answered {status}: {text.strip()[:200]}",
+                         "Consul 1.14 or later answers /v1/internal/acl/authorize")
+        start = len(allowed)
+        asked = wanted[start:start + AUTHORIZE_BATCH]
+        if (not isinstance(body, list) or len(body) != len(asked)
+                or not all(_answers(a, w) for a, w in zip(body, asked, strict=True))):
+            return _fail(name, f"unexpected answer from authorize: {text.strip()[:200]}",
+                         "Consul 1.14 or later answers /v1/internal/acl/authorize")
+        allowed += [bool(a["Allow"]) for a in body]
+    if len(allowed) != len(wanted):
+        return _fail(name, f"authorize answered {len(allowed)} of {len(wanted)} permissions",
+                     "Consul 1.14 or later answers /v1/internal/acl/authorize")
+    denied = [w for w, ok in zip(wanted, allowed, strict=True) if not ok]
+    if denied:
+        who = ("no token is set, and Consul's anonymous token lacks " if not token_set
+               else "the token lacks ")
+        rules = "; ".join(dict.fromkeys(w.rule for w in denied))
+        fix = (f"add to the host's Consul policy: {rules} (the whole minimal policy: "
+               "docs/security.md)" if token_set else
+               f"set consul.token / CONSUL_HTTP_TOKEN to this host's token; its policy: {rules}")
+        return _fail(name, who + ", ".join(map(str, denied)), fix)
+    return Check(name, True, f"allowed: {len(wanted)} permission(s) asked")
+
+
+def _answers(answer: Any, asked: Right) -> bool:
+    """Whether one item of authorize's answer is the answer to ``asked`` (it echoes it)."""
+    return (isinstance(answer, dict) and isinstance(answer.get("Allow"), bool)
+            and answer.get("Resource") == asked.resource
+            and answer.get("Segment") == asked.segment and answer.get("Access") == asked.access)
+
+
+def _consul_rights(consul: ConsulClient, wanted: list[Right]) -> Check:
     if not wanted:
         return Check("consul token", True, "no local service: nothing to register")
     c = consul.api
+    url = f"{consul.settings.addr.rstrip('/')}/v1/internal/acl/authorize"
+    answers: list[tuple[int, str, Any]] = []
+    for i in range(0, len(wanted), AUTHORIZE_BATCH):
+        batch = [w.request() for w in wanted[i:i + AUTHORIZE_BATCH]]
+        try:
+            resp = c.http.session.post(url, json=batch, headers=c.prepare_headers(),
+                                       timeout=5.0)
+        except FAILURES as exc:
+            return _fail("consul token", f"cannot ask Consul: {type(exc).__name__}",
+                         "see `consul`")
+        answers.append((resp.status_code, resp.text, _json_or_none(resp)))
+        if resp.status_code != 200:
+            break
+    return rights_check(wanted, bool(consul.settings.token), answers)
+
+
+def _json_or_none(resp: Any) -> Any:
     try:
-        resp = c.http.session.post(f"{consul.settings.addr.rstrip('/')}/v1/internal/acl/authorize",
-                                   json=wanted, headers=c.prepare_headers(), timeout=5.0)
-    except FAILURES as exc:
-        return _fail("consul token", f"cannot ask Consul: {type(exc).__name__}", "see `consul`")
-    if resp.status_code == 401 and "disabled" in resp.text:
-        return Check("consul token", True, "Consul's ACLs are disabled: every request allowed")
-    if resp.status_code == 403:
-        return _fail("consul token", "Consul refused the token (403)",
-                     "set consul.token / CONSUL_HTTP_TOKEN to a valid token")
-    if resp.status_code != 200:
-        return _fail("consul token", f"authorize answered {resp.status_code}",
-                     "Consul 1.14 or later answers /v1/internal/acl/authorize")
-    denied = [f"{w['Resource']}:{w['Access']} on {w['Segment']}"
-              for w, a in zip(wanted, resp.json(), strict=False) if not a.get("Allow")]
-    if denied:
-        return _fail("consul token", "the token lacks " + ", ".join(denied),
-                     "add these rules to the host's Consul policy")
-    return Check("consul token", True, f"allowed: {len(wanted)} permission(s) asked")
+        return resp.json() if resp.content else None
+    except ValueError:  # Consul's errors are plain text
+        return None
 
 
 def _local_health(consul: ConsulClient, defs: list[ServiceDefinition]) -> Check:
@@ -162,12 +260,21 @@ def _local_health(consul: ConsulClient, defs: list[ServiceDefinition]) -> Check:
             if resp.status_code == 404:
                 bad.append(f"{sid}: not registered")
                 continue
-            checks = (resp.json() or {}).get("Checks") or [] if resp.content else []
+            if resp.status_code == 403:
+                bad.append(f"{sid}: Consul refused the token (403: "
+                           f"{resp.text.strip()[:120] or 'no reason given'})")
+                continue
+            body = _json_or_none(resp)
+            checks = (body.get("Checks") or []) if isinstance(body, dict) else []
             why = [f"{ch.get('Name') or ch.get('CheckID')}: {ch.get('Status')}"
                    for ch in checks if ch.get("Status") != "passing"]
             bad.append(f"{sid}: " + ("; ".join(why) or f"status {resp.status_code}"))
     if bad:
         drained = any("maintenance" in b.lower() for b in bad)
+        if all("Consul refused the token" in b for b in bad):
+            return _fail("local health", "; ".join(bad),
+                         "see the `consul token` check: the token must be known to Consul "
+                         "and may read this host's services")
         return _fail("local health", "; ".join(bad),
                      "`meshctl undrain` ends the maintenance" if drained else
                      "start the service or fix its check; a sidecar's check passes once "

@@ -560,6 +560,18 @@ class Lab:
                                + "; ".join(missing) + "\n" + self.log_report(20))
             time.sleep(0.05)
 
+    def _edit_state(self, edit: Callable[[_state.LabState], None]) -> None:
+        """Change the lab's state record and write it at once; LabError if the lab is not up.
+
+        For what is built on the lab from outside this module (``machines.py``
+        records each machine's parts here before it creates them).
+        """
+        with self._state_lock:
+            if self._state is None or not self.is_up:
+                raise LabError(f"lab {self.prefix} is not up")
+            edit(self._state)
+            self._state.save()
+
     def _save_state(self) -> None:
         with self._state_lock:
             if self._state is not None:

@@ -17,7 +17,7 @@ def list_labs() -> list[dict[str, Any]]:
 
     Each: prefix, owner (pid, kind, argv, alive), stale (owner gone), bridge, root,
     consul_server_addr, vault_addr, vault_token_file, nodes (name, role, ns, ip,
-    workdir), procs (node, name, pid, alive, log).
+    workdir), procs (node, name, pid, alive, log), machines (name, pid, alive, root).
     """
     out = []
     for st in _state.list_states():
@@ -38,6 +38,8 @@ def list_labs() -> list[dict[str, Any]]:
                       for n in st.nodes],
             "procs": [{"node": p.node, "name": p.name, "pid": p.pid, "alive": p.alive(),
                        "log": p.log} for p in st.procs],
+            "machines": [{"name": m.name, "pid": m.pid, "alive": m.nspawn_alive(),
+                          "root": m.root} for m in st.machines],
         })
     return out
 

@@ -3,9 +3,11 @@
 Every lab writes ``<state dir>/<prefix>.json`` *before* it creates anything, and
 rewrites it (atomically) whenever it starts or stops a process. The file names
 every namespace, interface, directory and process (pid + start time) of the lab
-and its owner process (pid + start time). Teardown needs nothing else, so a lab
-whose owner died (SIGKILL, OOM, a lost terminal) is removed completely by the
-next lab that starts, or by ``meshctl lab down``.
+and its owner process (pid + start time), and the booted machines on its bridge
+(``meshctl.lab.machines``: each one's overlay mount, cgroups and nspawn process,
+and their directory), each recorded before it is created. Teardown needs nothing
+else, so a lab whose owner died (SIGKILL, OOM, a lost terminal) is removed
+completely by the next lab that starts, or by ``meshctl lab down``.
 
 A lab whose owner is still alive is never touched by the stale cleanup: several
 engineers' test runs share one machine.
@@ -18,6 +20,7 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -72,6 +75,29 @@ class ProcRecord:
 
 
 @dataclass
+class MachineRecord:
+    """One booted machine of the lab (``meshctl.lab.machines``).
+
+    Written before each of its parts exists: the overlay (``root``), then its
+    cgroups, then its ``systemd-nspawn`` process (pid, start time and argv once
+    it has been started).
+    """
+
+    name: str  # nspawn's machine name: <lab prefix>-<host name>
+    dir: str  # the machine lab's directory (one of LabState.machine_dirs)
+    root: str  # the overlay's mount point
+    cgroups: list[str] = field(default_factory=list)  # meshctl-machines/<name>, per hierarchy
+    pid: int | None = None
+    start_time: int | None = None
+    argv: list[str] = field(default_factory=list)
+
+    def nspawn_alive(self) -> bool:
+        """Whether the recorded nspawn still runs: same pid, start time *and* argv."""
+        return (self.pid is not None and _sys.same_process(self.pid, self.start_time)
+                and _sys.cmdline(self.pid) == self.argv)
+
+
+@dataclass
 class LabState:
     """Everything needed to describe, and to tear down, one lab."""
 
@@ -90,6 +116,8 @@ class LabState:
     vault_token_file: str = ""
     nodes: list[NodeRecord] = field(default_factory=list)
     procs: list[ProcRecord] = field(default_factory=list)
+    machines: list[MachineRecord] = field(default_factory=list)
+    machine_dirs: list[str] = field(default_factory=list)
     version: int = STATE_VERSION
 
     @property
@@ -116,7 +144,8 @@ class LabState:
         raw = dict(data)
         nodes = [NodeRecord(**n) for n in raw.pop("nodes", [])]
         procs = [ProcRecord(**p) for p in raw.pop("procs", [])]
-        return cls(**raw, nodes=nodes, procs=procs)
+        machines = [MachineRecord(**m) for m in raw.pop("machines", [])]
+        return cls(**raw, nodes=nodes, procs=procs, machines=machines)
 
     def save(self) -> None:
         """Write the state file atomically (temp file, fsync, rename). Raises LabError."""
@@ -203,6 +232,10 @@ def teardown(state: LabState, progress: Progress | None = None, timeout: float =
     say = progress or (lambda _msg: None)
     problems: list[str] = []
 
+    # 0. booted machines on the bridge: nspawn, overlays, cgroups, their directories.
+    if state.machines or state.machine_dirs:
+        problems += teardown_machines(state.prefix, state.machines, state.machine_dirs, say)
+
     # 1. recorded processes, verified by start time; their process groups too.
     left = _sys.terminate(((p.pid, p.start_time) for p in state.procs), timeout)
     problems += [f"pid {pid} survived SIGKILL" for pid in left]
@@ -245,6 +278,66 @@ def teardown(state: LabState, progress: Progress | None = None, timeout: float =
         raise LabError(f"teardown of lab {state.prefix} incomplete: " + "; ".join(problems))
     with contextlib.suppress(FileNotFoundError):
         state.path.unlink()
+
+
+def teardown_machines(prefix: str, machines: list[MachineRecord], dirs: list[str],
+                      progress: Progress | None = None, timeout: float = 20.0) -> list[str]:
+    """Remove booted machines from their records alone; return what could not be removed.
+
+    1. Each recorded nspawn, by its pid, once pid, start time and argv are verified:
+       SIGTERM (an orderly poweroff of the machine), ``timeout`` seconds, then
+       SIGKILL to its process group.
+    2. Whatever still runs in the machines' own cgroups, by pid: a machine whose
+       nspawn was killed (its init then lives on, reparented), or an nspawn whose
+       pid was not recorded yet (it enters its cgroups before it executes).
+    3. The overlay mounts, then the cgroups (deepest first), then each directory,
+       only if nothing is mounted below it and it carries the lab's marker (or is
+       still empty). Missing pieces are fine.
+    """
+    say = progress or (lambda _msg: None)
+    problems: list[str] = []
+    nspawns = [(m.pid, m.start_time) for m in machines
+               if m.pid is not None and m.nspawn_alive()]
+    if nspawns:
+        say(f"stopping {len(nspawns)} machine(s) by the pid of their nspawn")
+        left = _sys.terminate(nspawns, timeout)
+        problems += [f"nspawn pid {pid} survived SIGKILL" for pid in left]
+    cgroups = [Path(c) for m in machines for c in m.cgroups]
+    strays = sorted({pid for c in cgroups for pid in _sys.cgroup_pids(c)})
+    if strays:
+        say(f"stopping {len(strays)} process(es) left in the machines' cgroups")
+        left = _sys.terminate(((pid, None) for pid in strays), 5.0, group=False)
+        problems += [f"pid {pid} in a machine's cgroup survived SIGKILL" for pid in left]
+    for m in machines:
+        root = Path(m.root)
+        for point in _sys.mounts_under(root):  # deepest first
+            why = ""
+            for _ in range(3):  # one umount per mount stacked on the point
+                if point not in _sys.mounts_under(point):
+                    break
+                res = subprocess.run(["umount", str(point)], capture_output=True, text=True,
+                                     timeout=30, check=False)
+                why = res.stderr.strip()
+            else:
+                if point in _sys.mounts_under(point):
+                    problems.append(f"cannot unmount {point}: {why}")
+    for c in cgroups:
+        if not _sys.remove_cgroup_tree(c):
+            problems.append(f"cannot remove cgroup {c}")
+    for raw in dirs:
+        d = Path(raw)
+        if not d.is_dir():
+            continue
+        mounted = _sys.mounts_under(d)
+        if mounted:
+            problems.append(f"{d} left alone: {mounted[0]} is still mounted")
+        elif _owns_dir(d, prefix) or not any(d.iterdir()):
+            shutil.rmtree(d, ignore_errors=True)
+            if d.exists():
+                problems.append(f"could not remove {d}")
+        else:
+            problems.append(f"{d} lacks the {MARKER} marker of lab {prefix}; left alone")
+    return problems
 
 
 def _owns_dir(root: Path, prefix: str) -> bool:

@@ -10,6 +10,7 @@ boot). A process is only ever signalled after that pair has been verified.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -243,6 +244,70 @@ def child_exited(pid: int) -> bool:
     except ChildProcessError:
         return True  # already reaped
     return res is not None and res.si_pid == pid
+
+
+def cmdline(pid: int) -> list[str] | None:
+    """The argument vector ``pid`` runs with (``/proc/<pid>/cmdline``), or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.decode("utf-8", "replace").split("\0")[:-1] if raw else []
+
+
+# ---- mounts and cgroups ---------------------------------------------------------------
+
+
+def _unescape_mount_path(field: str) -> str:
+    """A path field of ``/proc/self/mountinfo``: space, tab, newline, backslash are octal."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points in our mount namespace at ``path`` or below it, deepest first."""
+    top = os.path.normpath(str(path))
+    found: set[str] = set()
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        point = _unescape_mount_path(fields[4])
+        if point == top or point.startswith(top.rstrip("/") + "/"):
+            found.add(point)
+    return [Path(p) for p in sorted(found, key=lambda p: (-p.count("/"), p))]
+
+
+def cgroup_pids(top: Path) -> list[int]:
+    """Pids of every process in cgroup directory ``top`` and its descendants."""
+    pids: set[int] = set()
+    for root, _dirs, _files in os.walk(top):
+        try:
+            text = (Path(root) / "cgroup.procs").read_text()
+        except OSError:
+            continue
+        pids |= {int(tok) for tok in text.split() if tok.isdigit()}
+    return sorted(pids)
+
+
+def remove_cgroup_tree(top: Path) -> bool:
+    """Remove cgroup directory ``top``, deepest first (a cgroup goes once its processes
+    did); whether it is gone."""
+    for root, _subdirs, _files in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+    return not top.exists()
 
 
 def tail(path: Path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:

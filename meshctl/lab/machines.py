@@ -19,10 +19,14 @@ the packaged unit ``packaging/systemd/meshctl-agent.service`` is installed
 (disabled) for the tests to start. With ``install=False`` neither is: an
 Ansible rollout over SSH installs them (``tests/e2e/test_rollout.py``).
 
-Machines are stopped by the pid of their nspawn (SIGTERM: an orderly
-poweroff; SIGKILL after a bound), the overlays unmounted and removed, also
-when the block is left by an exception or a signal (the tests turn SIGTERM
-into KeyboardInterrupt).
+Every part of a machine is recorded in the lab's state file before it is
+created (``_state.MachineRecord``: the directory, the overlay mount point, the
+cgroups, then the nspawn's pid, start time and argv). Machines are stopped by
+the pid of their nspawn, verified first (SIGTERM: an orderly poweroff; SIGKILL
+after a bound), the overlays unmounted, the cgroups and the directory removed:
+when the block is left (by an exception or a signal too: the tests turn
+SIGTERM into KeyboardInterrupt), and, from the records alone, by the next
+lab's stale sweep or ``meshctl lab down --all`` when the owner was killed.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +45,7 @@ from pathlib import Path
 from types import TracebackType
 
 from meshctl.errors import LabError
-from meshctl.lab import _sys
+from meshctl.lab import _state, _sys
 from meshctl.lab._lab import SERVER_IP, SUBNET, Lab, consul_client_config
 
 #: the machines' addresses start here on the lab's subnet (the namespace hosts use .11 up)
@@ -91,25 +95,21 @@ def cgroup_mounts() -> list[Path]:
     return out
 
 
-def own_cgroups(name: str) -> list[Path]:
-    """A cgroup ``meshctl-machines/<name>`` in each hierarchy (those that allow one)."""
+def cgroup_paths(name: str) -> list[Path]:
+    """Where a machine's cgroup goes: ``meshctl-machines/<name>`` in each hierarchy."""
+    return [mount / CGROUP_PARENT / name for mount in cgroup_mounts()]
+
+
+def make_cgroups(paths: list[Path]) -> list[Path]:
+    """Create those cgroups; the ones made (a hierarchy may refuse one)."""
     made = []
-    for mount in cgroup_mounts():
-        d = mount / CGROUP_PARENT / name
+    for d in paths:
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError:
             continue
         made.append(d)
     return made
-
-
-def remove_cgroups(dirs: list[Path]) -> None:
-    """Remove machines' cgroups, deepest first (a cgroup goes once its processes did)."""
-    for top in dirs:
-        for root, _subdirs, _files in os.walk(top, topdown=False):
-            with contextlib.suppress(OSError):
-                os.rmdir(root)
 
 
 class Machine:
@@ -121,7 +121,6 @@ class Machine:
         self.root = workdir / "root"
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.cgroups: list[Path] = []  # this machine's own cgroup in each hierarchy
-        self.mounted = False
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {self.ip}>"
@@ -181,7 +180,9 @@ class Machines:
             raise LabError("bring the lab up before its machines")
         self.lab = lab
         self.base, self.wheels = base_image()
-        self.dir = Path(tempfile.mkdtemp(prefix=f"meshctl-machines-{lab.prefix}-"))
+        # Named now, made by up() once the lab's state records it.
+        self.dir = Path(tempfile.gettempdir()) / (f"meshctl-machines-{lab.prefix}-"
+                                                  f"{secrets.token_hex(4)}")
         self.machines = {n: Machine(lab, n, f"{SUBNET}.{FIRST_MACHINE + i}", self.dir / n)
                          for i, n in enumerate(names)}
         self.ssh_key = self.dir / "id_ed25519"
@@ -209,6 +210,9 @@ class Machines:
 
     def up(self) -> None:
         """Build each machine's overlay, boot them all, wait until each is up."""
+        self.lab._edit_state(lambda st: st.machine_dirs.append(str(self.dir)))
+        self.dir.mkdir(mode=0o700)
+        (self.dir / _state.MARKER).write_text(self.lab.prefix + "\n")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.ssh_key)],
                        check=True, capture_output=True, timeout=30)
         wheel = self._build_wheel() if self.install else None
@@ -226,14 +230,26 @@ class Machines:
                        check=True, capture_output=True, timeout=300)
         return next(out.glob("meshctl-*.whl"))
 
+    def _record(self, m: Machine, **fields: object) -> None:
+        """Set fields of m's record in the lab's state (the record is made at first)."""
+        def edit(st: _state.LabState) -> None:
+            rec = next((r for r in st.machines if r.name == m.machine), None)
+            if rec is None:
+                rec = _state.MachineRecord(name=m.machine, dir=str(self.dir), root=str(m.root))
+                st.machines.append(rec)
+            for key, value in fields.items():
+                setattr(rec, key, value)
+
+        self.lab._edit_state(edit)
+
     def _prepare(self, m: Machine, wheel: Path | None) -> None:
+        self._record(m)  # before the overlay is mounted
         for d in ("upper", "work", "root"):
             (m.workdir / d).mkdir(parents=True)
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir={self.base},upperdir={m.workdir / 'upper'},"
                         f"workdir={m.workdir / 'work'}", str(m.root)],
                        check=True, capture_output=True, timeout=30)
-        m.mounted = True
         m.write("/etc/hostname", f"{m.name}\n")
         m.write("/etc/hosts", f"127.0.0.1 localhost\n{m.ip} {m.name}\n")
         # The address on nspawn's host0, before anything that binds it.
@@ -300,7 +316,9 @@ WantedBy=multi-user.target
         # tree: a unit of one machine then fails to attach to its cgroup
         # (219/CGROUP) when another machine boots at the same time. So nspawn
         # starts in a cgroup of its own, one per hierarchy, removed at down().
-        m.cgroups = own_cgroups(f"{self.lab.prefix}-{m.name}")
+        paths = cgroup_paths(m.machine)
+        self._record(m, cgroups=[str(p) for p in paths])
+        m.cgroups = make_cgroups(paths)
         dirs = list(m.cgroups)
 
         def enter_cgroups() -> None:
@@ -309,13 +327,17 @@ WantedBy=multi-user.target
                 with contextlib.suppress(OSError):
                     (d / "cgroup.procs").write_text(pid)
 
+        # Until its pid is recorded, the nspawn is found by its cgroups (entered
+        # before it executes).
+        argv = [_sys.require_program("systemd-nspawn"), "--keep-unit", "--register=no",
+                "--quiet", "-M", m.machine, "-D", str(m.root),
+                f"--network-bridge={self.lab.bridge}", "-b"]
         log = open(m.workdir / "console.log", "wb")  # noqa: SIM115 - lives with nspawn
         m.nspawn = subprocess.Popen(
-            ["systemd-nspawn", "--keep-unit", "--register=no", "--quiet", "-M", m.machine,
-             "-D", str(m.root), f"--network-bridge={self.lab.bridge}", "-b"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=enter_cgroups)
         log.close()
+        self._record(m, pid=m.nspawn.pid, start_time=_sys.start_time(m.nspawn.pid), argv=argv)
 
     def _wait_booted(self, m: Machine, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -341,23 +363,31 @@ WantedBy=multi-user.target
     # ------------------------------------------------------------ down
 
     def down(self) -> None:
-        """Power every machine off (by nspawn's pid), unmount and remove the overlays."""
+        """Power every machine off (by nspawn's pid), unmount the overlays, remove the
+        cgroups and the directory: what the lab's state records, as a stale sweep would.
+
+        Raises LabError if something could not be removed (its record then stays
+        in the lab's state, and the lab's own teardown tries again).
+        """
+        mine: list[_state.MachineRecord] = []
+
+        def take(state: _state.LabState) -> None:
+            mine.extend(r for r in state.machines if r.dir == str(self.dir))
+
+        with contextlib.suppress(LabError):  # the lab went down first: it removed them
+            self.lab._edit_state(take)
+        problems = _state.teardown_machines(self.lab.prefix, mine, [str(self.dir)])
         for m in self.machines.values():
-            if m.nspawn is not None and m.nspawn.poll() is None:
-                m.nspawn.send_signal(signal.SIGTERM)  # nspawn: an orderly poweroff
-        for m in self.machines.values():
-            if m.nspawn is None:
-                continue
-            try:
-                m.nspawn.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(m.nspawn.pid, signal.SIGKILL)
-                m.nspawn.wait(timeout=10)
-        for m in self.machines.values():
-            remove_cgroups(m.cgroups)
+            if m.nspawn is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    m.nspawn.wait(timeout=5)  # reap: teardown saw it exit
             m.cgroups = []
-            if m.mounted:
-                subprocess.run(["umount", str(m.root)], check=False, capture_output=True,
-                               timeout=30)
-                m.mounted = False
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if problems:
+            raise LabError(f"machines of lab {self.lab.prefix}: teardown incomplete: "
+                           + "; ".join(problems))
+        def forget(state: _state.LabState) -> None:
+            state.machines = [r for r in state.machines if r.dir != str(self.dir)]
+            state.machine_dirs = [d for d in state.machine_dirs if d != str(self.dir)]
+
+        with contextlib.suppress(LabError):  # the lab already went down: nothing to forget
+            self.lab._edit_state(forget)

@@ -71,8 +71,18 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
             mesh[name].start_agent()
         wait_until("web to see both api hosts", lambda: len(h1.endpoints("api")) == 2,
                    timeout=30)
+        # and web's own sidecar to pass (its check runs at its next interval), which
+        # doctor's "local health" asks when it is the first test to run
+        wait_until("web's sidecar to pass its checks", lambda: sidecar_passing(consul, "web"),
+                   timeout=30)
         yield mesh
         mesh.stop()
+
+
+def sidecar_passing(consul: Any, service: str) -> bool:
+    """Whether ``service``'s sidecar has checks in Consul and every one passes."""
+    checks = consul.health.checks(f"{service}-sidecar-proxy")[1]
+    return bool(checks) and all(c["Status"] == "passing" for c in checks)
 
 
 @dataclass

@@ -173,3 +173,57 @@ def test_lab_down_asks_a_cli_owner_and_refuses_a_library_owner(
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+def test_machine_records_round_trip_and_old_state_files_still_load(
+        private_state_dir: Path) -> None:
+    rec = _state.MachineRecord(name="mcltest-m1", dir="/tmp/meshctl-machines-mcltest-1",
+                               root="/tmp/meshctl-machines-mcltest-1/m1/root",
+                               cgroups=["/sys/fs/cgroup/unified/meshctl-machines/mcltest-m1"],
+                               pid=123, start_time=456, argv=["systemd-nspawn", "-b"])
+    st = _state_of(os.getpid(), labsys.start_time(os.getpid()), machines=[rec],
+                   machine_dirs=[rec.dir])
+    private_state_dir.mkdir()
+    st.save()
+    assert LabState.load(st.path) == st
+    # A state file written before machines were recorded has neither field.
+    raw = st.to_dict()
+    del raw["machines"], raw["machine_dirs"]
+    old = LabState.from_dict(raw)
+    assert old.machines == [] and old.machine_dirs == []
+
+
+def test_machine_teardown_signals_only_the_recorded_nspawn_and_owned_directories(
+        tmp_path: Path) -> None:
+    # A live process with the recorded pid and start time, but another argv: not the
+    # nspawn that was recorded (a pid reused, with a start time to match), never signalled.
+    bystander = subprocess.Popen(["sleep", "60"])
+    mine = tmp_path / "meshctl-machines-mcltest-a"
+    (mine / "m1" / "upper").mkdir(parents=True)
+    (mine / _state.MARKER).write_text("mcltest\n")
+    empty = tmp_path / "meshctl-machines-mcltest-b"  # made, killed before its marker
+    empty.mkdir()
+    foreign = tmp_path / "meshctl-machines-mcltest-c"
+    (foreign / "data").mkdir(parents=True)
+    try:
+        rec = _state.MachineRecord(
+            name="mcltest-m1", dir=str(mine), root=str(mine / "m1" / "root"),
+            pid=bystander.pid, start_time=labsys.start_time(bystander.pid),
+            argv=["systemd-nspawn", "-M", "mcltest-m1", "-b"])
+        assert not rec.nspawn_alive()
+        problems = _state.teardown_machines(
+            "mcltest", [rec], [str(mine), str(empty), str(foreign), str(tmp_path / "gone")],
+            timeout=1.0)
+        assert bystander.poll() is None
+        assert not mine.exists() and not empty.exists()
+        assert foreign.is_dir()
+        assert problems == [f"{foreign} lacks the {_state.MARKER} marker of lab mcltest; "
+                            "left alone"]
+        # The same record with the argv the process runs is the nspawn: it is stopped.
+        rec.argv = ["sleep", "60"]
+        assert rec.nspawn_alive()
+        assert _state.teardown_machines("mcltest", [rec], [], timeout=5.0) == []
+        assert bystander.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        bystander.kill()
+        bystander.wait()
