@@ -174,6 +174,9 @@ class AgentConfig:
     proxy_binary: str = ""
     # Seconds old proxy workers may keep finishing connections after a reload.
     proxy_shutdown_timeout: int = field(default=10, metadata=DURATION)
+    # nginx worker processes / HAProxy threads of the sidecar (one is plenty for
+    # most hosts: a sidecar carries only its host's traffic).
+    proxy_workers: int = 1
     sidecar_port_min: int = 21000
     sidecar_port_max: int = 21255
     # A stop is usually a restart: registrations stay unless asked (see README).
@@ -222,6 +225,10 @@ class AgentConfig:
             raise _bad("sync_interval", "must be positive")
         if not 1 <= self.proxy_shutdown_timeout <= 86400:
             raise _bad("proxy_shutdown_timeout", "must be 1-86400 seconds")
+        if isinstance(self.proxy_workers, bool) or not isinstance(self.proxy_workers, int) \
+                or not 1 <= self.proxy_workers <= 64:
+            raise _bad("proxy_workers", "must be a whole number from 1 to 64 (nginx worker "
+                       "processes, HAProxy threads)")
 
     @property
     def certs_dir(self) -> Path:

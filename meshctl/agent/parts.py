@@ -88,6 +88,7 @@ def make_driver(cfg: AgentConfig) -> ProxyDriver:
     )
     driver = cls(paths, binary=cfg.proxy_binary)
     driver.shutdown_timeout = cfg.proxy_shutdown_timeout
+    driver.workers = cfg.proxy_workers
     driver.metrics = cfg.telemetry.metrics
     driver.telemetry = cfg.telemetry
     return driver

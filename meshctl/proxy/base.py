@@ -104,6 +104,10 @@ class ProxyDriver(abc.ABC):
     #: ``hard-stop-after``), so reload churn cannot pile up processes. The agent
     #: sets it from ``proxy_shutdown_timeout``.
     shutdown_timeout: int = 10
+    #: nginx worker processes / HAProxy threads; the agent sets it from
+    #: ``proxy_workers``. Everything the sidecar decides across requests (limits,
+    #: ejections, rate limits, the balancer's view, counters) is shared by them.
+    workers: int = 1
     #: how many times render() writes the generation into its files (0: unknown);
     #: with the default structure(), render_config() then renders once, not twice
     generation_marks: int = 0

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ APP = ["-m", "meshctl.lab.resilapp"]
 PLAN = {"h1": ["web"], "h2": ["api"], "h3": ["api"], "h4": ["api", "db"]}
 DB_PORT = 9101  # api's upstream db, on h2 (the cascade test)
 APIS = ("h2", "h3", "h4")
+WORKERS = 2
 
 
 @pytest.fixture(scope="module", params=["nginx", "haproxy"])
@@ -61,7 +63,10 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
                          "resil-app")
             h.host.wait_tcp(8080)
         for name in (*APIS, "h1"):
-            m[name].write_config()
+            # Two nginx workers / HAProxy threads on every sidecar: each bound below
+            # (MaxFailures, MaxConcurrentRequests, the rate limit, the balancer's
+            # view) holds for the sidecar as a whole, not per worker.
+            m[name].write_config(proxy_workers=WORKERS)
             m[name].start_agent()
         wait_until("web to see the three api instances",
                    lambda: len(h1.endpoints("api")) == 3, timeout=40)
@@ -253,6 +258,37 @@ def gaps(m: Mesh) -> list[str]:
 # ---------------------------------------------------------------- outlier detection
 
 
+def test_every_sidecar_runs_the_workers_it_was_given(mesh: Mesh) -> None:
+    """The bounds below are proven with WORKERS nginx workers / HAProxy threads."""
+    for name in ("h1", *APIS):
+        h = mesh[name]
+        conf = (h.data_dir / "proxy" / "current" / f"{h.proxy}.conf"
+                if h.proxy == "nginx" else h.data_dir / "proxy" / "current" / "haproxy.cfg")
+        text = conf.read_text()
+        if h.proxy == "haproxy":
+            assert f"\n    nbthread {WORKERS}\n" in text
+            continue
+        assert f"\nworker_processes {WORKERS};\n" in text
+        master = int((h.run_dir / "nginx.pid").read_text())
+        workers = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                   and _ppid(p) == master and b"worker process" in _cmdline(p)]
+        assert len(workers) == WORKERS, (name, workers)
+
+
+def _ppid(p: Path) -> int:
+    try:
+        return int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _cmdline(p: Path) -> bytes:
+    try:
+        return p.joinpath("cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_a_failing_instance_is_ejected_after_max_failures_and_again_after_its_time(
         mesh: Mesh) -> None:
     configure(mesh, {"PassiveHealthCheck": {"MaxFailures": 3, "BaseEjectionTime": "2s",
@@ -405,6 +441,7 @@ def _load(threads: int, seconds: float) -> tuple[Counter[int], int, float]:
     (statuses, 429s carrying Retry-After, the elapsed time)."""
     statuses: Counter[int] = Counter()
     retry_after = [0]
+    errors: Counter[str] = Counter()
     lock = threading.Lock()
     start = time.monotonic()
 
@@ -415,9 +452,12 @@ def _load(threads: int, seconds: float) -> tuple[Counter[int], int, float]:
                 conn.request("GET", "/")
                 resp = conn.getresponse()
                 resp.read()
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=10)
+                with lock:
+                    statuses[0] += 1
+                    errors[type(exc).__name__] += 1
                 continue
             with lock:
                 statuses[resp.status] += 1
@@ -430,6 +470,8 @@ def _load(threads: int, seconds: float) -> tuple[Counter[int], int, float]:
         t.start()
     for t in workers:
         t.join()
+    if errors:
+        print("client errors:", dict(errors))
     return statuses, retry_after[0], time.monotonic() - start
 
 
@@ -455,6 +497,7 @@ def test_an_inbound_rate_limit_accepts_its_rate_and_answers_429(mesh: Mesh) -> N
         statuses, retry_after, elapsed = mesh["h1"].host.call(_load, 6, 10.0)
         accepted = counts(mesh)["h2"]
         # h2's sidecar counts each 429 it answered, under the verified caller.
+        assert statuses[0] == 0, statuses  # no request fails: each gets 200 or 429
         assert metric(h2, name, **labels) - before == statuses[429]
         assert statuses[200] == accepted
         # The limit, not the offered load, decides: far more were offered.

@@ -76,6 +76,10 @@ def test_deregister_on_exit_is_off_by_default() -> None:
         ("proxy_shutdown_timeout = true", "proxy_shutdown_timeout: expected an integer, got a "
          "boolean True"),
         ("sidecar_port_max = 21000.5", "sidecar_port_max: expected an integer, got float 21000.5"),
+        ("proxy_workers = 0", "proxy_workers: must be a whole number from 1 to 64 (nginx worker "
+         "processes, HAProxy threads)"),
+        ('proxy_workers = "2"', "proxy_workers: expected an integer, got the string '2': write "
+         "it without quotes"),
     ],
 )
 def test_a_value_of_the_wrong_type_in_the_file_is_named(
@@ -162,3 +166,15 @@ def test_layers_are_checked_once_merged(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(f, env={})
     assert str(err.value) == f"{f}: wait_min: quiescence needs 0 <= wait_min <= wait_max"
+
+
+def test_proxy_workers_reach_the_rendered_proxy_configs(tmp_path: Path) -> None:
+    """proxy_workers is nginx's worker_processes and HAProxy's nbthread."""
+    from meshctl.agent.parts import make_driver
+
+    f = tmp_path / "agent.toml"
+    f.write_text(f'proxy_workers = 3\ndata_dir = "{tmp_path}"\n')
+    for proxy in ("nginx", "haproxy"):
+        cfg = load_config(f, env={}, overrides={"proxy": proxy})
+        assert make_driver(cfg).workers == 3
+    assert load_config(env={}).proxy_workers == 1

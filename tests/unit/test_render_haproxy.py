@@ -217,3 +217,11 @@ def test_no_caller_backend_is_spelt_like_an_inbound_backend(caller: str, local_i
     assert name.split(".", 1)[0] == caller
     none = RetryPolicy(0, (), False)
     assert backend_name("local", c, none, c.request_timeout_ms) != f"local__{c.id}"
+
+
+def test_the_drivers_workers_are_nginx_processes_and_haproxy_threads() -> None:
+    snap = snapshot(instances=api(2))
+    hap, ngx = HAProxyDriver(PATHS), NginxDriver(PATHS)
+    hap.workers = ngx.workers = 4
+    assert "\n    nbthread 4\n" in hap.render(snap, "g")["haproxy.cfg"]
+    assert "\nworker_processes 4;\n" in ngx.render(snap, "g")["nginx.conf"]

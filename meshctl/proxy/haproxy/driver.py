@@ -128,7 +128,6 @@ class HAProxyDriver(ProxyDriver):
 
     name = "haproxy"
     main_file = "haproxy.cfg"
-    threads = 1
     stop_signal = signal.SIGUSR1  # soft stop: finish connections, then exit
     shutdown_timeout = 10
     #: Requests in flight per server of an http backend, requests queued behind
@@ -181,7 +180,7 @@ class HAProxyDriver(ProxyDriver):
             run_dir=str(self.paths.run_dir),
             status_socket=str(self.paths.status_socket),
             shutdown_timeout=self.shutdown_timeout,
-            threads=self.threads,
+            threads=self.workers,
             limits=self.limits,
             metrics=self.metrics,
             obs=self.observe(),

@@ -28,7 +28,6 @@ class NginxDriver(ProxyDriver):
     main_file = "nginx.conf"
     generation_marks = 2  # the file's head and the status location
     stop_signal = signal.SIGQUIT
-    worker_processes = 1
     shutdown_timeout = 10
     user = ""
     #: SO_REUSEPORT on the sidecar listeners: a new master can bind them while
@@ -59,7 +58,7 @@ class NginxDriver(ProxyDriver):
             generation=generation,
             modules_dir=MODULES_DIR,
             user=self.user,
-            worker_processes=self.worker_processes,
+            worker_processes=self.workers,
             reuseport=self.reuseport,
             shutdown_timeout=self.shutdown_timeout,
             limits=self.limits,
