@@ -218,6 +218,7 @@ def _inventory(work: Path, bao: OpenBao) -> dict[str, Any]:
                             "meshctl_wait_min": 0.2,
                             "meshctl_wait_max": 2,
                             "meshctl_access_log": "10%",
+                            "meshctl_proxy_workers": 2,
                             "meshctl_trace_sample": 0.01,
                         },
                         "api-01": {"meshctl_services": SERVICES["api-01"]},
@@ -322,6 +323,7 @@ def test_rollout_renders_a_config_the_agent_loads(rollout: Rollout) -> None:
     assert (cfg.vault.pki_mount, cfg.vault.role_prefix, cfg.vault.cert_ttl) == (
         "pki-ansible", "ans-", "2h")
     assert cfg.consul.token == ""  # secrets go to agent.env, not agent.toml
+    assert cfg.proxy_workers == 2
     assert (cfg.telemetry.metrics, cfg.telemetry.access_log, cfg.telemetry.trace_sample,
             cfg.telemetry.otlp_endpoint) == (True, "10%", 0.01, "")
 
