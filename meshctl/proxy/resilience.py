@@ -49,8 +49,9 @@ def common_gaps(snapshot: Snapshot, proxy: str) -> list[str]:
         if lim.max_connections and o.protocol == "http":
             out.append(f"{where(o)}: MaxConnections bounds requests in flight "
                        f"(one per upstream connection in HTTP/1.1): {lim.inflight}")
-        if lim.inflight and o.protocol != "http":
-            out.append(f"{where(o)}: Limits are enforced on http upstreams only")
+        if o.protocol != "http" and (lim.max_pending_requests or lim.max_concurrent_requests):
+            out.append(f"{where(o)}: a tcp upstream has no requests: only "
+                       "Limits.MaxConnections applies to it")
     for i in snapshot.inbounds:
         if i.policy.rate_limits and i.protocol != "http":
             out.append(f"{i.service}: meshctl_rate_limit applies to http inbounds only")

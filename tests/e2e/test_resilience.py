@@ -13,6 +13,7 @@ entries it wrote.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.root
 
 API_PORT = 9001
 APP = ["-m", "meshctl.lab.resilapp"]
-PLAN = {"h1": ["web"], "h2": ["api"], "h3": ["api"], "h4": ["api", "db"]}
+PLAN = {"h1": ["web"], "h2": ["api", "kv"], "h3": ["api"], "h4": ["api", "db"]}
 DB_PORT = 9101  # api's upstream db, on h2 (the cascade test)
 APIS = ("h2", "h3", "h4")
 WORKERS = 2
@@ -400,6 +401,85 @@ def test_max_concurrent_requests_fails_the_rest_fast_with_a_reason(mesh: Mesh) -
     finally:
         set_mode(mesh)
         configure(mesh, None)
+
+
+# ---------------------------------------------------------------- tcp: MaxConnections
+
+KV_PORT = 9102  # web's tcp upstream kv (h2's resil app registered a second time)
+
+
+def _held_connections(n: int, first: int) -> list[bytes]:
+    """``n`` TCP connections to web's kv listener, each sending one request: the
+    first ``first`` are opened (and their requests sent) before the others. What
+    each got back ("" when the sidecar closed it without an answer)."""
+    import socket
+
+    request = b"GET /held HTTP/1.1\r\nHost: kv\r\nConnection: close\r\n\r\n"
+    socks = []
+    for i in range(n):
+        sock = socket.create_connection(("127.0.0.1", KV_PORT), timeout=15)
+        with contextlib.suppress(OSError):  # closed by the sidecar already
+            sock.sendall(request)
+        socks.append(sock)
+        if i == first - 1:
+            time.sleep(1.0)  # the first ones are through the sidecar, held by the app
+    out = []
+    for sock in socks:
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+        sock.close()
+        out.append(data)
+    return out
+
+
+def test_max_connections_bounds_a_tcp_upstream_and_closes_the_rest_at_once(
+        mesh: Mesh) -> None:
+    consul = mesh.lab.host("h1").consul()
+    h1, h2 = mesh["h1"], mesh["h2"]
+    consul.config.set("service-intentions", "kv",
+                      {"Sources": [{"Name": "web", "Action": "allow"}]})
+    kv = {"name": "kv", "id": "kv-h2", "port": 8080, "connect": {"sidecar_service": {}}}
+    h2.add_service(kv)
+    web = web_definition()
+    web["connect"]["sidecar_service"]["proxy"]["upstreams"].append(
+        {"destination_name": "kv", "local_bind_port": KV_PORT})
+    h1.add_service(web)
+    consul.config.set("service-defaults", "web", {"Protocol": "http", "UpstreamConfig": {
+        "Overrides": [{"Name": "kv", "Limits": {"MaxConnections": 3}}]}})
+
+    def limited() -> bool:
+        for u in (h1.status() or {}).get("upstreams", []):
+            if u["destination"] == "kv" and u["endpoints"]:
+                return bool(u.get("resilience", {}).get("limits", {}).get("max_connections"))
+        return False
+
+    try:
+        wait_until("web's kv upstream with its MaxConnections", limited, timeout=40)
+        assert not any("kv" in g and "MaxConnections" in g for g in gaps(mesh)), gaps(mesh)
+        set_mode(mesh, h2={"delay": 3.0})
+        got = h1.host.call(_held_connections, 6, 3)
+        answered = [d for d in got if d.startswith(b"HTTP/1.")]
+        # The first three went through and were answered; the three past the
+        # limit were closed by web's sidecar without reaching the app.
+        assert len(answered) == 3 and got[3:] == [b"", b"", b""], got
+        assert max_inflight(mesh)["h2"] <= 3
+        # Once they are done, new connections pass again.
+        set_mode(mesh)
+        again = h1.host.call(_held_connections, 3, 3)
+        assert all(d.startswith(b"HTTP/1.1 200") for d in again), again
+    finally:
+        set_mode(mesh)
+        consul.config.set("service-defaults", "web", {"Protocol": "http"})
+        h1.add_service(web_definition())
+        h2.remove_service("kv-h2.json")
+        consul.config.delete("service-intentions", "kv")
+        wait_until("web to drop kv", lambda: not any(
+            u["destination"] == "kv" for u in (h1.status() or {}).get("upstreams", [])),
+            timeout=30)
 
 
 # ---------------------------------------------------------------- retry budget
