@@ -41,10 +41,18 @@ APIS = ("h2", "h3", "h4")
 WORKERS = 2
 
 
-@pytest.fixture(scope="module", params=["nginx", "haproxy"])
+#: nginx and HAProxy fleets, and a mixed one: an nginx caller (h1) in front of
+#: HAProxy inbounds on h2 (the rate limit, the cascade's api → db) and h4 (the
+#: hung and the slow instance), nginx on h3.
+FLEETS: dict[str, str | dict[str, str]] = {
+    "nginx": "nginx", "haproxy": "haproxy",
+    "mixed": {"h1": "nginx", "h2": "haproxy", "h3": "nginx", "h4": "haproxy"}}
+
+
+@pytest.fixture(scope="module", params=list(FLEETS))
 def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     with own_lab(hosts=4) as lab:
-        m = Mesh(lab, request.param)
+        m = Mesh(lab, FLEETS[request.param])
         m.setup_vault(PLAN)
         consul = lab.host("h1").consul()
         for name in ("web", "api"):
