@@ -17,8 +17,9 @@ Per driver, one 4-host lab (``meshctl.lab``):
    ``round_robin`` without the passive health check: p50/p99, errors, and
    each instance's share of the requests.
 2. **Overhead**: every instance healthy, ``--overhead-rate`` req/s (1,000),
-   alternating rounds without any policy and with a passive health check and
-   ``Limits`` too high to trigger: the p50/p99 difference is the bookkeeping's
+   alternating rounds without any policy, with a passive health check and
+   ``Limits`` too high to trigger, and with ``peak_ewma``: the p50/p99 and the
+   caller sidecar's CPU per request against no policy are the bookkeeping's
    cost (goal ≤ 0.02 ms at p50).
 
 The backends are the Python test app, so absolute latencies include it; the
@@ -184,11 +185,13 @@ def bench_driver(driver: str, args: argparse.Namespace, tmp: Path) -> dict[str, 
             say(f"{driver} {label}: p50 {r.get('p50_ms')} ms p99 {r.get('p99_ms')} ms "
                 f"errors {r.get('errors')} shares {share}")
         set_modes(m, {})
-        rounds: dict[str, list[dict[str, Any]]] = {"none": [], "outlier+limits": []}
+        rounds: dict[str, list[dict[str, Any]]] = {"none": [], "outlier+limits": [],
+                                                   "peak_ewma": []}
         meter = ProxyMeter(lambda: pids_with(f"{m['h1'].root}/"))
         for _ in range(args.rounds):
             for label, kw in (("none", dict(phc=False)),
-                              ("outlier+limits", dict(phc=True, limits=True))):
+                              ("outlier+limits", dict(phc=True, limits=True)),
+                              ("peak_ewma", dict(phc=False, balancer="peak_ewma"))):
                 configure(m, **kw)  # type: ignore[arg-type]
                 warm_up(m, args.overhead_rate, tmp / f"{driver}-warm.bin")
                 meter.start()
@@ -213,6 +216,18 @@ def bench_driver(driver: str, args: argparse.Namespace, tmp: Path) -> dict[str, 
         out["overhead"]["added_p99_ms"] = round(with_["p99_ms"] - base["p99_ms"], 4)
         out["overhead"]["added_cpu_us_per_request"] = round(
             with_["caller_cpu_us_per_request"] - base["caller_cpu_us_per_request"], 2)
+        # The latency-aware choice's own bookkeeping (its pick, in-flight counts
+        # and estimate), against round robin without any policy.
+        ew = out["overhead"]["peak_ewma"]
+        out["overhead"]["ewma_added_p50_ms"] = round(ew["p50_ms"] - base["p50_ms"], 4)
+        out["overhead"]["ewma_added_cpu_us_per_request"] = round(
+            ew["caller_cpu_us_per_request"] - base["caller_cpu_us_per_request"], 2)
+        deg = out["degraded"]
+        out["degraded_verdict"] = {
+            "peak_ewma_p99_ms": deg["peak_ewma"]["p99_ms"],
+            "round_robin_p99_ms": deg["round_robin"]["p99_ms"],
+            "peak_ewma_p99_lower": deg["peak_ewma"]["p99_ms"] < deg["round_robin"]["p99_ms"],
+            "peak_ewma_slow_share": deg["peak_ewma"]["share"]["slow h3"]}
         m.stop()
     return out
 
@@ -230,8 +245,8 @@ def markdown(result: dict[str, Any]) -> str:
         for label, r in d["degraded"].items():
             s = r["share"]
             lines.append(f"| {label} | {r.get('p50_ms')} | {r.get('p99_ms')} | "
-                         f"{r.get('errors')} | {s['healthy h2']:.2f}/{s['slow h3']:.2f}/"
-                         f"{s['failing h4']:.2f} |")
+                         f"{r.get('errors')} | {s['healthy h2']:.3f}/{s['slow h3']:.3f}/"
+                         f"{s['failing h4']:.3f} |")
         oh = d["overhead"]
         lines += ["", f"Healthy path at {result['args']['overhead_rate']} req/s (median of "
                   f"{result['args']['rounds']} alternating rounds): no policy p50 "
@@ -241,7 +256,16 @@ def markdown(result: dict[str, Any]) -> str:
                   f"p99 {oh['added_p99_ms']} ms; the caller's sidecar CPU per request "
                   f"{oh['none']['caller_cpu_us_per_request']} -> "
                   f"{oh['outlier+limits']['caller_cpu_us_per_request']} us "
-                  f"(added {oh['added_cpu_us_per_request']} us).", ""]
+                  f"(added {oh['added_cpu_us_per_request']} us).", "",
+                  f"peak_ewma on the healthy path: p50 {oh['peak_ewma']['p50_ms']} ms p99 "
+                  f"{oh['peak_ewma']['p99_ms']} ms; added p50 {oh['ewma_added_p50_ms']} ms, "
+                  f"caller sidecar CPU {oh['peak_ewma']['caller_cpu_us_per_request']} us "
+                  f"(added {oh['ewma_added_cpu_us_per_request']} us) per request.", ""]
+        v = d["degraded_verdict"]
+        lines += [f"Degraded, same run: peak_ewma p99 {v['peak_ewma_p99_ms']} ms vs "
+                  f"round_robin p99 {v['round_robin_p99_ms']} ms: "
+                  f"{'lower' if v['peak_ewma_p99_lower'] else 'NOT lower'}; the slow "
+                  f"instance's share under peak_ewma {v['peak_ewma_slow_share']:.2%}.", ""]
     return "\n".join(lines) + "\n"
 
 
