@@ -259,6 +259,10 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {label} | {r.get('p50_ms')} | {r.get('p99_ms')} | "
                          f"{r.get('errors')} | {s['h2']:.3f}/{s['h3']:.3f}/{s['h4']:.3f} |")
         lines.append("")
+        if driver == "haproxy":
+            lines += ["HAProxy has no latency-aware choice: peak_ewma is carried as "
+                      "leastconn (a gap `meshctl status` reports), so the slow instance "
+                      "keeps the share its longer-held connections leave it.", ""]
         for label, v in d.get("degraded_verdict", {}).items():
             lines.append(f"- {label} against round_robin in the same run: p99 "
                          f"{v['peak_ewma_p99_ms']} ms vs {v['round_robin_p99_ms']} ms, "
