@@ -562,6 +562,10 @@ def test_the_latency_aware_choice_sends_little_to_a_slow_instance(mesh: Mesh) ->
         assert slow[0]["ewma_ms"] >= 45, view
         text = h1.meshctl("status").stdout
         assert f"{mesh['h4'].host.ip}:21000" in text and "peak_ewma" in text, text
+        # A second of load still slow, so that recovery below starts from a fresh
+        # estimate (the weight of an old one shrinks with its age: after an idle
+        # pause the first probe alone nearly replaces it).
+        h1.host.call(_timed_load, 4, 1.0)
         # It answers fast again: the probes measure it, and it gets its share back.
         set_mode(mesh)
         started = time.monotonic()
