@@ -17,8 +17,9 @@ Per driver, one 4-host lab (``meshctl.lab``):
    ``round_robin`` without the passive health check: p50/p99, errors, and
    each instance's share of the requests.
 2. **Overhead**: every instance healthy, ``--overhead-rate`` req/s (1,000),
-   alternating rounds without any policy and with a passive health check and
-   ``Limits`` too high to trigger: the p50/p99 difference is the bookkeeping's
+   alternating rounds without any policy, with a passive health check and
+   ``Limits`` too high to trigger, and with ``peak_ewma``: the p50/p99 and the
+   caller sidecar's CPU per request against no policy are the bookkeeping's
    cost (goal ≤ 0.02 ms at p50).
 
 The backends are the Python test app, so absolute latencies include it; the
@@ -165,30 +166,38 @@ def bench_driver(driver: str, args: argparse.Namespace, tmp: Path) -> dict[str, 
     out: dict[str, Any] = {"degraded": {}, "overhead": {}}
     with Lab(hosts=4, keep_logs=args.keep_logs) as lab:
         m = deploy(lab, driver)
-        runs = [("round_robin, no outlier detection", dict(phc=False)),
-                ("round_robin", dict(phc=True)),
-                ("least_request", dict(phc=True, policy="least_request")),
-                ("peak_ewma", dict(phc=True, balancer="peak_ewma"))]
-        for label, kw in runs:
-            configure(m, **kw)  # type: ignore[arg-type]
+        degraded = {"h3": {"delay": 0.05}, "h4": {"status": 500}}
+        slow_only = {"h3": {"delay": 0.05}}
+        runs: list[tuple[str, dict[str, Any], dict[str, dict[str, Any]]]] = [
+            ("round_robin, no outlier detection", dict(phc=False), degraded),
+            ("round_robin", dict(phc=True), degraded),
+            ("least_request", dict(phc=True, policy="least_request"), degraded),
+            ("peak_ewma", dict(phc=True, balancer="peak_ewma"), degraded),
+            # the case: one instance of three 50 ms slow, nothing failing
+            ("round_robin, slow only", dict(phc=False), slow_only),
+            ("peak_ewma, slow only", dict(phc=False, balancer="peak_ewma"), slow_only)]
+        wanted = set(args.policies.split(";")) if args.policies else None
+        for label, kw, modes in runs:
+            if wanted is not None and label not in wanted:
+                continue
+            configure(m, **kw)
             set_modes(m, {})
             warm_up(m, args.rate, tmp / f"{driver}-warm.bin")
-            set_modes(m, {"h3": {"delay": 0.05}, "h4": {"status": 500}})
+            set_modes(m, modes)
             r = _summary(attack(m, args.rate, args.duration, tmp / f"{driver}-degraded.bin"))
             share = shares(m)
             total = sum(share.values()) or 1
-            out["degraded"][label] = {
-                **r, "share": {"healthy h2": share["h2"] / total,
-                                         "slow h3": share["h3"] / total,
-                                         "failing h4": share["h4"] / total}}
+            out["degraded"][label] = {**r, "share": {h: share[h] / total for h in APIS}}
             say(f"{driver} {label}: p50 {r.get('p50_ms')} ms p99 {r.get('p99_ms')} ms "
                 f"errors {r.get('errors')} shares {share}")
         set_modes(m, {})
-        rounds: dict[str, list[dict[str, Any]]] = {"none": [], "outlier+limits": []}
+        rounds: dict[str, list[dict[str, Any]]] = {"none": [], "outlier+limits": [],
+                                                   "peak_ewma": []}
         meter = ProxyMeter(lambda: pids_with(f"{m['h1'].root}/"))
         for _ in range(args.rounds):
             for label, kw in (("none", dict(phc=False)),
-                              ("outlier+limits", dict(phc=True, limits=True))):
+                              ("outlier+limits", dict(phc=True, limits=True)),
+                              ("peak_ewma", dict(phc=False, balancer="peak_ewma"))):
                 configure(m, **kw)  # type: ignore[arg-type]
                 warm_up(m, args.overhead_rate, tmp / f"{driver}-warm.bin")
                 meter.start()
@@ -202,17 +211,35 @@ def bench_driver(driver: str, args: argparse.Namespace, tmp: Path) -> dict[str, 
                     f"p99 {r.get('p99_ms')} ms, caller sidecar "
                     f"{r['caller_cpu_us_per_request']} us CPU/request")
         for label, rs in rounds.items():
+            if not rs:
+                continue
             out["overhead"][label] = {
                 "rounds": rs,
                 "p50_ms": sorted(x["p50_ms"] for x in rs)[len(rs) // 2],
                 "p99_ms": sorted(x["p99_ms"] for x in rs)[len(rs) // 2],
                 "caller_cpu_us_per_request": sorted(
                     x["caller_cpu_us_per_request"] for x in rs)[len(rs) // 2]}
-        base, with_ = out["overhead"]["none"], out["overhead"]["outlier+limits"]
-        out["overhead"]["added_p50_ms"] = round(with_["p50_ms"] - base["p50_ms"], 4)
-        out["overhead"]["added_p99_ms"] = round(with_["p99_ms"] - base["p99_ms"], 4)
-        out["overhead"]["added_cpu_us_per_request"] = round(
-            with_["caller_cpu_us_per_request"] - base["caller_cpu_us_per_request"], 2)
+        if args.rounds:
+            base, with_ = out["overhead"]["none"], out["overhead"]["outlier+limits"]
+            out["overhead"]["added_p50_ms"] = round(with_["p50_ms"] - base["p50_ms"], 4)
+            out["overhead"]["added_p99_ms"] = round(with_["p99_ms"] - base["p99_ms"], 4)
+            out["overhead"]["added_cpu_us_per_request"] = round(
+                with_["caller_cpu_us_per_request"] - base["caller_cpu_us_per_request"], 2)
+            # The latency-aware choice's own bookkeeping (its pick, in-flight counts
+            # and estimate), against round robin without any policy.
+            ew = out["overhead"]["peak_ewma"]
+            out["overhead"]["ewma_added_p50_ms"] = round(ew["p50_ms"] - base["p50_ms"], 4)
+            out["overhead"]["ewma_added_cpu_us_per_request"] = round(
+                ew["caller_cpu_us_per_request"] - base["caller_cpu_us_per_request"], 2)
+        deg = out["degraded"]
+        out["degraded_verdict"] = {}
+        for suffix in ("", ", slow only"):
+            ew, rr = deg.get("peak_ewma" + suffix), deg.get("round_robin" + suffix)
+            if ew and rr:
+                out["degraded_verdict"]["peak_ewma" + suffix] = {
+                    "peak_ewma_p99_ms": ew["p99_ms"], "round_robin_p99_ms": rr["p99_ms"],
+                    "peak_ewma_p99_lower": ew["p99_ms"] < rr["p99_ms"],
+                    "peak_ewma_slow_share": ew["share"]["h3"]}
         m.stop()
     return out
 
@@ -220,28 +247,43 @@ def bench_driver(driver: str, args: argparse.Namespace, tmp: Path) -> dict[str, 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Resilience benchmark ({result['stamp']})", "",
              f"rate {result['args']['rate']} req/s for {result['args']['duration']} s; "
-             "h3 50 ms slow, h4 answers 500; PassiveHealthCheck MaxFailures 3, "
-             "BaseEjectionTime 10s unless said; load average before "
-             f"{result.get('load_average_before')}, after {result.get('load_average_after')} "
-             "(other work shares the machine)", ""]
+             "h3 50 ms slow, h4 answers 500 (\"slow only\": h4 healthy); "
+             "PassiveHealthCheck MaxFailures 3, BaseEjectionTime 10s unless said; "
+             f"load average before {result.get('load_average_before')}, after "
+             f"{result.get('load_average_after')} (other work shares the machine)", ""]
     for driver, d in result["drivers"].items():
         lines += [f"## {driver}", "", "| policy | p50 ms | p99 ms | errors | share h2/h3/h4 |",
                   "| --- | --- | --- | --- | --- |"]
         for label, r in d["degraded"].items():
             s = r["share"]
             lines.append(f"| {label} | {r.get('p50_ms')} | {r.get('p99_ms')} | "
-                         f"{r.get('errors')} | {s['healthy h2']:.2f}/{s['slow h3']:.2f}/"
-                         f"{s['failing h4']:.2f} |")
+                         f"{r.get('errors')} | {s['h2']:.3f}/{s['h3']:.3f}/{s['h4']:.3f} |")
+        lines.append("")
+        if driver == "haproxy":
+            lines += ["HAProxy has no latency-aware choice: peak_ewma is carried as "
+                      "leastconn (a gap `meshctl status` reports), so the slow instance "
+                      "keeps the share its longer-held connections leave it.", ""]
+        for label, v in d.get("degraded_verdict", {}).items():
+            lines.append(f"- {label} against round_robin in the same run: p99 "
+                         f"{v['peak_ewma_p99_ms']} ms vs {v['round_robin_p99_ms']} ms, "
+                         f"{'lower' if v['peak_ewma_p99_lower'] else 'NOT lower'}; the slow "
+                         f"instance's share {v['peak_ewma_slow_share']:.2%}.")
         oh = d["overhead"]
-        lines += ["", f"Healthy path at {result['args']['overhead_rate']} req/s (median of "
-                  f"{result['args']['rounds']} alternating rounds): no policy p50 "
-                  f"{oh['none']['p50_ms']} ms p99 {oh['none']['p99_ms']} ms; outlier + "
-                  f"limits p50 {oh['outlier+limits']['p50_ms']} ms p99 "
-                  f"{oh['outlier+limits']['p99_ms']} ms; added p50 {oh['added_p50_ms']} ms, "
-                  f"p99 {oh['added_p99_ms']} ms; the caller's sidecar CPU per request "
-                  f"{oh['none']['caller_cpu_us_per_request']} -> "
-                  f"{oh['outlier+limits']['caller_cpu_us_per_request']} us "
-                  f"(added {oh['added_cpu_us_per_request']} us).", ""]
+        if "none" in oh:
+            lines += ["", f"Healthy path at {result['args']['overhead_rate']} req/s (median "
+                      f"of {result['args']['rounds']} alternating rounds): no policy p50 "
+                      f"{oh['none']['p50_ms']} ms p99 {oh['none']['p99_ms']} ms; outlier + "
+                      f"limits p50 {oh['outlier+limits']['p50_ms']} ms p99 "
+                      f"{oh['outlier+limits']['p99_ms']} ms; added p50 {oh['added_p50_ms']} "
+                      f"ms, p99 {oh['added_p99_ms']} ms; the caller's sidecar CPU per request "
+                      f"{oh['none']['caller_cpu_us_per_request']} -> "
+                      f"{oh['outlier+limits']['caller_cpu_us_per_request']} us "
+                      f"(added {oh['added_cpu_us_per_request']} us).", "",
+                      f"peak_ewma on the healthy path: p50 {oh['peak_ewma']['p50_ms']} ms p99 "
+                      f"{oh['peak_ewma']['p99_ms']} ms; added p50 {oh['ewma_added_p50_ms']} "
+                      f"ms, caller sidecar CPU {oh['peak_ewma']['caller_cpu_us_per_request']} "
+                      f"us (added {oh['ewma_added_cpu_us_per_request']} us) per request."]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -251,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=200)
     p.add_argument("--overhead-rate", type=int, default=1000)
     p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="overhead rounds (0: none)")
+    p.add_argument("--policies", default="",
+                   help="only these degraded runs, by label (';'-separated; default all)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--keep-logs", action="store_true")
     args = p.parse_args(argv)

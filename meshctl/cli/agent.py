@@ -148,6 +148,11 @@ def status(config_path: Path | None, as_json: bool) -> None:
                 rows.append([section, "ejected", e.get("peer", ""),
                              f"{e['seconds_left']}s left, ejection {e.get('ejections', 1)}"
                              if "seconds_left" in e else e.get("status", "")])
+            for e in entry.get("peers") or []:
+                if isinstance(e, dict):
+                    rows.append([section, str(entry.get("balancer", "")), e.get("peer", ""),
+                                 (f"{e['ewma_ms']} ms" if "ewma_ms" in e else "not measured")
+                                 + f", {e.get('in_flight', 0)} in flight"])
             if entry.get("limit") and entry.get("in_flight", 0) >= entry["limit"]:
                 rows.append([section, "circuit open", f"{entry['in_flight']} in flight",
                              f"limit {entry['limit']}, refused {entry.get('overflowed', 0)}"])

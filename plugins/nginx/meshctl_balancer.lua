@@ -278,8 +278,16 @@ function _M.balance(id)
     local ewma = section and resilience.latency_aware(section)
     local i
     if ewma then
-        -- meshctl_balancer "peak_ewma": the cheaper of two by latency x load
-        i = resilience.pick_ewma(c.peers)
+        -- meshctl_balancer "peak_ewma": the cheaper of two usable peers by
+        -- latency x load; a retry goes to a peer this request has not tried
+        local tried
+        if attempt > 0 and ngx.ctx.meshctl_picked then
+            tried = {}
+            for _, key in ipairs(ngx.ctx.meshctl_picked) do
+                tried[key] = true
+            end
+        end
+        i = resilience.pick_ewma(section, c.peers, tried)
     else
         i = pick(id, c, settings, attempt)
     end

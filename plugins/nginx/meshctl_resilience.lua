@@ -264,66 +264,153 @@ function _M.latency_aware(section)
     return s ~= nil and s.balancer == "peak_ewma"
 end
 
--- Finagle's and Linkerd's peak EWMA: the response time, pulled up at once by
--- a slower answer and decaying towards faster ones with DECAY seconds.
-local DECAY = 10
-local function ewma_of(key, now)
-    local d = dict()
+-- Peak EWMA (Finagle's PeakEwma, Linkerd's tower peak_ewma): each peer's
+-- estimate of its response time, pulled up at once by a slower answer and
+-- moved towards a faster one with weight 1 - exp(-dt/TAU) (dt: since the
+-- peer's previous answer); cost = estimate x (requests in flight + 1), over
+-- every worker (the shared dict); the cheaper of two usable peers drawn at
+-- random wins.
+--
+-- Unlike Finagle and tower, an estimate does not also decay towards zero
+-- while its peer is not picked. There that decay is what brings a slow peer
+-- back, after TAU x ln(its cost / the others' cost) (about 40 s for 50 ms
+-- against 1 ms at their TAU of 10 s), and it makes the pick depend on how
+-- long ago a peer was measured rather than on what it answered. Here a peer
+-- that loses the comparisons gets one probe per PROBE_INTERVAL instead (one
+-- over all workers): a slow peer costs the callers one slow answer per
+-- interval, and a recovered one is measured again within one interval.
+--
+-- TAU is one second, not ten: at a few hundred requests a second a fast
+-- peer's single hiccup (a GC pause, a busy core) otherwise holds its estimate
+-- up for tens of seconds, during which the slow peer wins the comparisons.
+local TAU = 1.0
+local PROBE_INTERVAL = 1.0
+-- An estimate this old (s) was made under other conditions: measure again.
+local STALE = 30
+-- nginx measures response times in milliseconds ("0.000": under one): a
+-- floor keeps the in-flight factor of a sub-millisecond peer's cost.
+local MIN_RTT = 0.0005
+-- Finagle's penalty: a peer without an estimate that already has a request
+-- in flight costs this much (s) per request, so that it is tried once, not
+-- flooded before its first answer is measured.
+local PENALTY = 1e6
+
+local function estimate(d, key, now)
     local v = d:get("ew:" .. key)
-    if not v then
+    if v == nil then
         return nil
     end
-    local t = d:get("et:" .. key) or now
-    return v * math.exp(-math.max(0, now - t) / DECAY), v, t
-end
-
-local function cost(key, now)
-    local load = _M.inflight(key)
-    local e = ewma_of(key, now)
-    if e == nil then
-        -- never measured: try it, unless it already has requests in flight
-        return load
+    local t = d:get("et:" .. key)
+    if t == nil or now - t > STALE then
+        return nil
     end
-    return e * (load + 1)
+    return v
 end
 
--- Power of two choices by cost (ties: the first drawn).
-function _M.pick_ewma(peers)
+-- cost, in flight
+local function cost(d, key, now)
+    local load = d:get("lr:" .. key) or 0
+    local e = estimate(d, key, now)
+    if e == nil then
+        -- never measured (or long ago): free while nothing is in flight to it
+        return load > 0 and PENALTY * load or 0, load
+    end
+    return e * (load + 1), load
+end
+
+-- Power of two choices by cost over the peers not ejected (all ejected: all,
+-- as Envoy's panic mode) and, on a retry, not tried by this request when
+-- others are left. Ties: fewer in flight, then the first drawn (random).
+function _M.pick_ewma(section, peers, tried)
     local n = #peers
     if n == 1 then
         return 1
     end
-    local now = ngx.now()
-    local a = math.random(n)
-    local b = math.random(n - 1)
+    local cand, m = {}, 0
+    for i = 1, n do
+        local p = peers[i]
+        local key = p[1] .. ":" .. p[2]
+        if not (tried and tried[key]) and _M.usable(section, _M.peer_key(p[1], p[2])) then
+            m = m + 1
+            cand[m] = i
+        end
+    end
+    if m == 0 then
+        for i = 1, n do
+            cand[i] = i
+        end
+        m = n
+    end
+    if m == 1 then
+        return cand[1]
+    end
+    local a = math.random(m)
+    local b = math.random(m - 1)
     if b >= a then
         b = b + 1
     end
+    a, b = cand[a], cand[b]
     local pa, pb = peers[a], peers[b]
-    if cost(pb[1] .. ":" .. pb[2], now) < cost(pa[1] .. ":" .. pa[2], now) then
-        return b
+    local ka, kb = pa[1] .. ":" .. pa[2], pb[1] .. ":" .. pb[2]
+    local d = dict()
+    local now = ngx.now()
+    local ca, la = cost(d, ka, now)
+    local cb, lb = cost(d, kb, now)
+    local win, lose, lose_key = a, b, kb
+    if cb < ca or (cb == ca and lb < la) then
+        win, lose, lose_key = b, a, ka
     end
-    return a
+    -- The loser's probe: the first request of each PROBE_INTERVAL (over all
+    -- workers) that draws it and would pass it by goes to it.
+    if d:add("pr:" .. lose_key, true, PROBE_INTERVAL) then
+        return lose
+    end
+    return win
 end
 
 local function observe(key, rtt, now)
     local d = dict()
-    local _, v, t = ewma_of(key, now)
-    local new
-    if v == nil or rtt > v then
-        new = rtt
-    else
-        local w = math.exp(-math.max(0, now - t) / DECAY)
+    if rtt < MIN_RTT then
+        rtt = MIN_RTT
+    end
+    local v = estimate(d, key, now)
+    local new = rtt
+    if v ~= nil and rtt < v then
+        local t = d:get("et:" .. key) or now
+        local w = math.exp(-math.max(0, now - t) / TAU)
         new = v * w + rtt * (1 - w)
     end
     d:set("ew:" .. key, new)
     d:set("et:" .. key, now)
 end
 
+-- What the balancer knows of a peer now: estimate (s, nil if none), in flight.
+function _M.ewma_state(address, port)
+    local d = dict()
+    local key = address .. ":" .. port
+    return estimate(d, key, ngx.now()), d:get("lr:" .. key) or 0
+end
+
 local function peer_from_addr(addr)
     -- $upstream_addr: "198.18.0.1:21000" or "[::1]:21000"; the balancer's keys
     -- are address .. ":" .. port without brackets.
     return (addr:gsub("^%[(.*)%]:(%d+)$", "%1:%2"))
+end
+
+-- Each attempt's response time ($upstream_addr, $upstream_response_time: one
+-- entry per attempt) into its peer's estimate (the log phase; bench/ewma_lua.py).
+function _M.observe_attempts(addrs, times, now)
+    local t = {}
+    for item in times:gmatch("[^,%s]+") do
+        t[#t + 1] = tonumber(item)
+    end
+    local k = 0
+    for item in addrs:gmatch("[^,%s]+") do
+        k = k + 1
+        if t[k] then
+            observe(peer_from_addr(item), t[k], now)
+        end
+    end
 end
 
 -- ---------------------------------------------------------------- log phase
@@ -342,18 +429,7 @@ function _M.done()
         require("meshctl_balancer").done()
         local addrs, times = ngx.var.upstream_addr, ngx.var.upstream_response_time
         if addrs and times then
-            local now = ngx.now()
-            local t = {}
-            for item in times:gmatch("[^,%s]+") do
-                t[#t + 1] = tonumber(item)
-            end
-            local k = 0
-            for item in addrs:gmatch("[^,%s]+") do
-                k = k + 1
-                if t[k] then
-                    observe(peer_from_addr(item), t[k], now)
-                end
-            end
+            _M.observe_attempts(addrs, times, ngx.now())
         end
     end
     if not s.outlier then
@@ -410,6 +486,17 @@ function _M.status()
         end
         if s.budget then
             entry.retries_refused = d:get("rx:" .. section) or 0
+        end
+        if s.balancer == "peak_ewma" then
+            -- each peer's response time estimate (ms; none: not measured) and load
+            entry.balancer = s.balancer
+            entry.peers = {}
+            for _, p in ipairs(require("meshctl_balancer").peers(s.cluster)) do
+                local e, load = _M.ewma_state(p[1], p[2])
+                entry.peers[#entry.peers + 1] = {
+                    peer = _M.peer_key(p[1], p[2]), in_flight = load,
+                    ewma_ms = e and math.floor(e * 1e5 + 0.5) / 100 or nil }
+            end
         end
         out[section] = entry
     end

@@ -125,6 +125,8 @@ class NginxDriver(ProxyDriver):
         for entry in data.values():
             if isinstance(entry, dict) and isinstance(entry.get("ejected"), dict):
                 entry["ejected"] = []  # Lua's empty table is encoded as an object
+            if isinstance(entry, dict) and isinstance(entry.get("peers"), dict):
+                entry["peers"] = []
         return data
 
     def _prepare_dirs(self) -> None:
