@@ -18,8 +18,11 @@ the naming is one for every driver by construction (docs/metrics.md):
     c     meshctl_circuit_breaker_rejections_total
     l     meshctl_rate_limit_rejections_total
 
-Kinds e, c and l are the resilience features' (issue 13): what each driver
-counts exactly is in docs/metrics.md.
+Kinds e, c and l are the resilience features' (issue 13); what each driver
+counts exactly for them, for t (nginx per request, HAProxy per backend from
+its servers' counters) and for x (nginx's 400s and its stream records,
+HAProxy's lines of failed handshakes, counted by the agent) is in
+docs/metrics.md.
 ``families`` is pure: raw counters in, metric families out. Keys that do not
 parse are dropped and counted in ``meshctl_dataplane_bad_keys`` (a proxy
 bug, never a reason to fail the scrape).
@@ -63,11 +66,12 @@ class _Counter:
 COUNTERS: dict[str, _Counter] = {
     "r": _Counter("meshctl_requests_total", "HTTP requests through the sidecar", LABELS),
     "t": _Counter("meshctl_request_retries_total",
-                  "Extra tries of HTTP requests (another peer after a failure)", LABELS),
+                  "Tries of HTTP requests after their first", LABELS),
     "d": _Counter("meshctl_intention_denials_total",
                   "Requests or connections an intention denied", LABELS[:3]),
     "x": _Counter("meshctl_tls_handshake_failures_total",
-                  "Clients whose certificate failed verification at an inbound", LABELS[:2]),
+                  "Clients an inbound refused for want of a valid mesh certificate",
+                  LABELS[:2]),
     "k": _Counter("meshctl_tcp_connections_total",
                   "TCP connections through the sidecar (after the intention check)",
                   LABELS[:4]),

@@ -8,7 +8,10 @@ sidecar decides what to send (``ObservePlan``): every request, a sampled
 share, and every request of a sampled trace. The agent (``Receiver``, a
 thread) writes the access-log lines (``"log": "1"``) to the access-log file
 and hands records of sampled traces (``"sampled": "1"``) to the span exporter
-(meshctl/tracing.py). A line that does not parse is dropped and counted.
+(meshctl/tracing.py). nginx's stream records are also how the agent counts
+nginx's TCP connections and bytes (``count_tcp``); a line in the proxy's own
+format (HAProxy's line of a failed TLS handshake) is turned into counters by
+the driver (``lines``). A line that does not parse is dropped and counted.
 
 Fields of a record (both drivers; docs/metrics.md "Access logs"):
 time, start, duration (seconds), trace_id, span_id, parent_id, sampled, log,
@@ -38,6 +41,9 @@ from meshctl.errors import ConfigError
 
 log = logging.getLogger("meshctl.telemetry")
 
+#: the status of a TCP record whose client had no valid mesh certificate (nginx's codes:
+#: 495 a certificate that failed verification, 496 none): a TLS handshake failure
+TLS_FAILED = ("495", "496")
 #: the largest datagram read; a record is well below 2 KiB
 MAX_DATAGRAM = 16384
 #: how often (seconds, at most) the receiver checks that the access log's path
@@ -93,9 +99,10 @@ def parse_record(datagram: bytes) -> dict[str, str] | None:
         return None
     if not isinstance(data, dict):
         return None
-    # HAProxy writes "-" for a variable that is not set: the same as nginx's "".
+    # HAProxy writes "-" for a variable that is not set (and "-:-" for the server
+    # address of a connection that reached none): the same as nginx's "".
     out = {k: str(data.get(k, "")) for k in FIELDS}
-    out = {k: "" if v == "-" else v for k, v in out.items()}
+    out = {k: "" if v in ("-", "-:-") else v for k, v in out.items()}
     out["kind"] = out["kind"] or "http"
     return out
 
@@ -110,8 +117,16 @@ class Receiver:
 
     def __init__(self, socket_path: Path, access_log: Path | None,
                  on_span: Callable[[dict[str, str]], None] | None = None,
-                 writer: str | None = None) -> None:
+                 writer: str | None = None, count_tcp: bool = True,
+                 lines: Callable[[str], dict[str, float] | None] | None = None) -> None:
+        """``count_tcp``: count connections and bytes from ``"kind": "tcp"`` records
+        (a proxy that counts them itself sends them only to be logged); ``lines``:
+        the counters of a datagram that is no JSON record (the driver's
+        ``record_counters``: lines the proxy writes in its own format), None
+        when it is not one either."""
         self.socket_path = socket_path
+        self.count_tcp = count_tcp
+        self.lines = lines
         self.writer = writer
         self.access_log = access_log
         self.on_span = on_span
@@ -189,12 +204,17 @@ class Receiver:
         """One datagram: written to the access log and/or handed on as a span."""
         record = parse_record(data)
         if record is None:
+            known = self.lines(data.decode("utf-8", "replace")) if self.lines else None
+            if known is not None:
+                self.received += 1
+                self._add(known)
+                return
             self.bad += 1
             if self.bad == 1:
                 log.warning("telemetry: dropping a record that is not JSON: %r", data[:200])
             return
         self.received += 1
-        if record["kind"] == "tcp":
+        if record["kind"] == "tcp" and self.count_tcp:
             self._count_tcp(record)
         if self._reopen.is_set() or (record["log"] == "1" and self._moved()):
             self._reopen_now()
@@ -209,6 +229,11 @@ class Receiver:
     def _count_tcp(self, r: dict[str, str]) -> None:
         # The keys of meshctl/dataplane.py: connections by peer, bytes without it
         # (HAProxy counts bytes per frontend).
+        if r["direction"] == "inbound" and r["status"] in TLS_FAILED:
+            with self._lock:
+                key = f"x|inbound|{r['service']}|||||"
+                self._tcp[key] = self._tcp.get(key, 0) + 1
+            return
         labels = f"{r['direction']}|{r['service']}|{r['peer']}|{r['upstream']}|||"
         plain = f"{r['direction']}|{r['service']}||{r['upstream']}|||"
         with self._lock:
@@ -224,8 +249,14 @@ class Receiver:
                     continue
                 c[f"{kind}|{plain}"] = c.get(f"{kind}|{plain}", 0) + n
 
+    def _add(self, counts: dict[str, float]) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                self._tcp[k] = self._tcp.get(k, 0) + v
+
     def counters(self) -> dict[str, float]:
-        """The connection counters from the records so far (nginx's TCP listeners)."""
+        """The counters from the records and lines so far (nginx's TCP listeners,
+        HAProxy's failed handshakes)."""
         with self._lock:
             return dict(self._tcp)
 

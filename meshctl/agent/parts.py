@@ -57,7 +57,8 @@ def make_receiver(cfg: AgentConfig, driver: ProxyDriver) -> Receiver | None:
     if plan.log_all or plan.log_percent:
         access = Path(t.access_log_file) if t.access_log_file else cfg.data_dir / "logs" / \
             "access.log"
-    receiver = Receiver(driver.telemetry_socket, access, on_span, writer=driver.worker_user())
+    receiver = Receiver(driver.telemetry_socket, access, on_span, writer=driver.worker_user(),
+                        count_tcp=driver.counts_tcp_from_records, lines=driver.record_counters)
     receiver.start()
     return receiver
 

@@ -4,6 +4,8 @@
 exists, so a demo or test can fail the app's Consul check without stopping it.
 While the ``--fail-file`` flag file exists every other path answers 503 (and
 the health check stays green): an instance that fails requests, for retries.
+``GET /reset`` answers nothing: the app resets the connection (RST) once it
+has read the request, as a crashing app does.
 Every other path answers JSON describing who answered, who called (the
 sidecar's ``X-Mesh-Caller`` header) and the request target exactly as it
 arrived (``path``).
@@ -25,6 +27,8 @@ import argparse
 import http.client
 import json
 import re
+import socket
+import struct
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,9 @@ def make_handler(service: str, host: str, version: str, health_file: Path | None
             if self.path == "/health":
                 bad = health_file is not None and health_file.exists()
                 self._send(503 if bad else 200, {"healthy": not bad})
+                return
+            if self.path == "/reset":
+                self._reset()
                 return
             call = _CALL.match(self.path)
             if call:
@@ -97,6 +104,13 @@ def make_handler(service: str, host: str, version: str, health_file: Path | None
                 conn.close()
             self._send(status, {"service": service, "host": host, "called": port,
                                 "status": status, "body": body})
+
+        def _reset(self) -> None:
+            # SO_LINGER with a zero timeout: close() sends RST, not FIN.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
 
         def _target(self) -> str:
             # The request target as received: http.server folds a leading "//"

@@ -366,6 +366,16 @@ class ProxyDriver(abc.ABC):
         (they write to the telemetry socket); None: the agent's own."""
         return None
 
+    #: the agent counts TCP connections and bytes from the proxy's ``"kind": "tcp"``
+    #: records (a proxy that counts them itself, in its dataplane_counters, says False)
+    counts_tcp_from_records: ClassVar[bool] = False
+
+    def record_counters(self, line: str) -> dict[str, float] | None:
+        """Counters (meshctl.dataplane keys) in a line the proxy sent the telemetry socket
+        that is not a JSON record (a line the proxy writes in its own format), ``{}``
+        for a known line that counts nothing, None for a line this driver does not know."""
+        return None
+
     def observe(self) -> ObservePlan:
         """What the rendered config sends the agent (access logs, traces)."""
         return observe_plan(self.telemetry, self.telemetry_socket)

@@ -107,10 +107,18 @@ core.register_action("meshctl_authz", { "http-req" }, function(txn, service)
 end, 1)
 
 core.register_action("meshctl_authz_tcp", { "tcp-req" }, function(txn, service)
-    local req = { caller = caller_of(txn), method = nil, path = "", header = function() return nil end }
+    local caller = caller_of(txn)
+    local req = { caller = caller, method = nil, path = "", header = function() return nil end }
     local allowed, reason = rules.decide(authz_of(service), req, re_full)
     if not allowed then
         txn:set_var("txn.meshctl_deny", reason)
+        -- A denied connection is otherwise an empty reply: say who and why, once.
+        -- HAProxy writes a Lua log line to its stderr (the agent's proxy log; it
+        -- runs without -q) and to the frontend's log targets, which are only the
+        -- agent's socket (`no log` drops the global one: no second line here).
+        txn:log(core.err, "meshctl: denied connection from " .. tostring(txn.f:src()) .. ":"
+            .. tostring(txn.f:src_port()) .. " to " .. service .. ": caller \"" .. caller
+            .. "\": " .. reason)
     end
 end, 1)
 

@@ -6,26 +6,36 @@
 -- (meshctl/dataplane.py owns the naming): "<kind>|<direction>|<local>|<peer>|
 -- <upstream>|<subset>|<route>|<code>", kinds r (requests), s (duration sum,
 -- seconds), b<i> (requests in duration bucket i, not cumulative), d (intention
--- denials), l (rate-limit 429s), c (circuit-breaker 503s) and e (outlier
--- ejections: the UP->DOWN transitions of the servers of a backend with
--- PassiveHealthCheck, HAProxy's own "chkdown" counter, read at scrape time).
+-- denials), l (rate-limit 429s), c (circuit-breaker 503s), and read from
+-- HAProxy's own counters at scrape time: t (retries: the tries its servers
+-- counted beyond the backend's requests, see snapshot()) and e (outlier ejections: the
+-- UP->DOWN transitions of the servers of a backend with PassiveHealthCheck,
+-- "chkdown").
 --
--- Actions (the template calls them):
---   http-response lua.meshctl_metrics_in <service>         an inbound's answers
+-- Requests are counted once, at their final answer, by sample fetches in
+-- `http-after-response set-var(...)` (HAProxy 2.6 registers no Lua action
+-- there, but a fetch runs anywhere a sample does): those rules run for every
+-- answer, the server's and those HAProxy gives itself (403, 404, 429, 503 of
+-- a return rule, and the 502/503/504 of a failed connection, a reset or a
+-- timeout after forwarding), which `http-response` rules never see.
+--
+--   http-after-response set-var(txn.meshctl_n) lua.meshctl_count_in(<service>)
+--   http-after-response set-var(txn.meshctl_n) lua.meshctl_count_out(<caller>)
+-- Actions (the template calls them), for the kinds beside r:
 --   http-request  lua.meshctl_metrics_in_denied <service>  before its 403
---   http-response lua.meshctl_metrics_out <caller>
 --   http-request  lua.meshctl_metrics_in_limited <service> before its 429
 --   http-request  lua.meshctl_metrics_out_refused <caller> before a circuit
 --                                                          breaker's 503
 --   http-request  lua.meshctl_metrics_outlier <caller>     in a backend with
 --                                                          PassiveHealthCheck: its labels
---   http-request  lua.meshctl_metrics_out_local <caller> <code>
---                                                          before an answer HAProxy
---                                                          gives itself (no route,
---                                                          over capacity)
+--   tcp-request content lua.meshctl_metrics_tcp <dir> <service> <upstream>
+-- and the duration of a TCP connection for its access-log record, at log time:
+--   log-format ... %[lua.meshctl_tcp_duration]
+-- sess.meshctl_t0 (tcp-request connection) is a TCP connection's start;
 -- txn.meshctl_t0 (date(0,us), set by the frontend's first rule) is the start,
--- txn.meshctl_up the outbound's upstream (set there too); txn.meshctl_peer and txn.meshctl_subset are set by the backend a request
--- went to, txn.meshctl_r (the route) by the outbound's route rules.
+-- txn.meshctl_up the outbound's upstream (set there too); txn.meshctl_peer and
+-- txn.meshctl_subset are set by the backend a request went to, txn.meshctl_r
+-- (the route) by the outbound's route rules.
 -- Service on the status socket: lua.meshctl_metrics_control (GET: JSON).
 local cjson = require("cjson.safe")
 
@@ -69,38 +79,49 @@ local function var(txn, name)
     return tostring(v)
 end
 
-core.register_action("meshctl_metrics_in", { "http-res" }, function(txn, service)
+core.register_fetches("meshctl_count_in", function(txn, service)
     count(txn, "inbound|" .. service .. "|" .. var(txn, "txn.meshctl_caller") .. "||||"
         .. tostring(txn.sf:status()))
-end, 1)
+    return 1
+end)
 
 core.register_action("meshctl_metrics_in_denied", { "http-req" }, function(txn, service)
-    local peer = var(txn, "txn.meshctl_caller")
-    count(txn, "inbound|" .. service .. "|" .. peer .. "||||403")
-    add("d|inbound|" .. service .. "|" .. peer .. "||||", 1)
+    add("d|inbound|" .. service .. "|" .. var(txn, "txn.meshctl_caller") .. "||||", 1)
 end, 1)
 
 core.register_action("meshctl_metrics_in_limited", { "http-req" }, function(txn, service)
-    local peer = var(txn, "txn.meshctl_caller")
-    count(txn, "inbound|" .. service .. "|" .. peer .. "||||429")
-    add("l|inbound|" .. service .. "|" .. peer .. "||||", 1)
+    add("l|inbound|" .. service .. "|" .. var(txn, "txn.meshctl_caller") .. "||||", 1)
 end, 1)
 
-local function out(txn, caller, code)
+-- HTTP backends a request went to -> the labels of their retries (the first
+-- request's: a backend is one caller's view of one cluster); the requests of
+-- each that reached no server (circuit open, over capacity, none up); the
+-- retries last reported.
+local BACKENDS = {}
+local UNSERVED = {}
+local RETRIED = {}
+
+core.register_fetches("meshctl_count_out", function(txn, caller)
     -- HAProxy numbers routes from 0, the nginx router from 1: the label is 1-based.
     local r = tonumber(txn:get_var("txn.meshctl_r"))
     local route = r and tostring(r + 1) or ""
-    count(txn, "outbound|" .. caller .. "|" .. var(txn, "txn.meshctl_peer") .. "|"
-        .. var(txn, "txn.meshctl_up") .. "|" .. var(txn, "txn.meshctl_subset") .. "|" .. route .. "|" .. code)
-end
-
-core.register_action("meshctl_metrics_out", { "http-res" }, function(txn, caller)
-    out(txn, caller, tostring(txn.sf:status()))
-end, 1)
-
-core.register_action("meshctl_metrics_out_local", { "http-req" }, function(txn, caller, code)
-    out(txn, caller, code)
-end, 2)
+    local cluster = "outbound|" .. caller .. "|" .. var(txn, "txn.meshctl_peer") .. "|"
+        .. var(txn, "txn.meshctl_up") .. "|" .. var(txn, "txn.meshctl_subset") .. "|"
+    count(txn, cluster .. route .. "|" .. tostring(txn.sf:status()))
+    if txn:get_var("txn.meshctl_peer") ~= nil then
+        local be = txn.f:be_name()
+        if be then
+            if BACKENDS[be] == nil then
+                BACKENDS[be] = cluster .. "|"
+            end
+            local srv = txn.f:srv_name()
+            if srv == nil or srv == "" then
+                UNSERVED[be] = (UNSERVED[be] or 0) + 1
+            end
+        end
+    end
+    return 1
+end)
 
 -- Backends with outlier detection -> the labels of their ejections (the first
 -- request's: a backend is one caller's view of one cluster).
@@ -115,7 +136,6 @@ core.register_action("meshctl_metrics_outlier", { "http-req" }, function(txn, ca
 end, 1)
 
 core.register_action("meshctl_metrics_out_refused", { "http-req" }, function(txn, caller)
-    out(txn, caller, "503")
     add("c|outbound|" .. caller .. "|" .. var(txn, "txn.meshctl_peer") .. "|"
         .. var(txn, "txn.meshctl_up") .. "|" .. var(txn, "txn.meshctl_subset") .. "||", 1)
 end, 1)
@@ -138,6 +158,18 @@ core.register_action("meshctl_metrics_tcp", { "tcp-req" }, function(txn, dir, se
     FRONTENDS[txn.f:fe_name()] = dir .. "|" .. service .. "||" .. upstream .. "|||"
 end, 3)
 
+-- The seconds since sess.meshctl_t0 (date(0,us) at the connection's accept),
+-- for the record a tcp frontend logs at the connection's end ("" when the
+-- frontend did not start the clock).
+core.register_fetches("meshctl_tcp_duration", function(txn)
+    local t0 = tonumber(txn:get_var("sess.meshctl_t0"))
+    if not t0 then
+        return ""
+    end
+    local d = (tonumber(txn.f:date(0, "us")) - t0) / 1e6
+    return string.format("%.6f", d < 0 and 0 or d)
+end)
+
 local function snapshot()
     local out = {}
     for k, v in pairs(C) do
@@ -159,6 +191,27 @@ local function snapshot()
                 n = n + (tonumber(srv:get_stats().chkdown) or 0)
             end
             out["e|" .. labels] = n
+        end
+    end
+    for name, labels in pairs(BACKENDS) do
+        local be = core.backends[name]
+        if be then
+            -- Retries: every try is a stream its server counts ("stot"), every request
+            -- one the backend counts, so tries - requests, plus the requests that
+            -- had no try at all. (HAProxy 2.6's own "wretr" counts an L7 retry on a
+            -- backend's only server twice.) A request waiting for its first server
+            -- counts -1 until it gets one: a counter never goes down, so the value
+            -- reported is never below the last.
+            local tries = 0
+            for _, srv in pairs(be.servers) do
+                tries = tries + (tonumber(srv:get_stats().stot) or 0)
+            end
+            local n = tries - (tonumber(be:get_stats().stot) or 0) + (UNSERVED[name] or 0)
+            if n < (RETRIED[name] or 0) then
+                n = RETRIED[name]
+            end
+            RETRIED[name] = n
+            out["t|" .. labels] = n
         end
     end
     return out

@@ -16,8 +16,11 @@ mixed fleet. One lab per fleet, shared by the module's tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import ssl
 import threading
 import time
 import uuid
@@ -317,6 +320,166 @@ def test_tcp_connections_and_bytes_are_counted_at_both_ends(observed: Observed) 
     assert sent("inbound", "kv") > 0
 
 
+def _sum(prom: Prometheus, metric: str, sel: str) -> float:
+    return prom.value(f"sum({metric}{sel})") or 0.0
+
+
+def test_answers_a_sidecar_gives_itself_after_forwarding_are_counted_once(
+        observed: Observed) -> None:
+    """db's app resets the connection: db's inbound answers 502 itself (after its
+    tries); HAProxy runs no http-response rule for such an answer, yet it is counted,
+    once, with its code, in the requests and in the duration histogram."""
+    prom, h1 = observed.prom, observed.mesh["h1"]
+    at_db = _sel("inbound", "db", "api", code="502")
+    at_api = _sel("outbound", "api", "db", code="502")
+    before = {k: _sum(prom, m, sel) for k, (m, sel) in {
+        "db": ("meshctl_requests_total", at_db),
+        "db_hist": ("meshctl_request_duration_seconds_count", at_db),
+        "api": ("meshctl_requests_total", at_api)}.items()}
+    n = 4
+    for _ in range(n):
+        assert h1.get(WEB_API, f"/call/{API_DB}/reset")[0] == 502
+
+    def counted() -> dict[str, float] | None:
+        got = {"db": _sum(prom, "meshctl_requests_total", at_db),
+               "db_hist": _sum(prom, "meshctl_request_duration_seconds_count", at_db),
+               "api": _sum(prom, "meshctl_requests_total", at_api)}
+        return got if got == {k: v + n for k, v in before.items()} else None
+    wait_until(f"Prometheus to count {n} more 502s at db's inbound and api's outbound",
+               counted, timeout=30)
+    time.sleep(2.5)  # and no more: each answer is counted once
+    assert _sum(prom, "meshctl_requests_total", at_db) == before["db"] + n
+
+
+def test_retries_are_counted_at_the_caller(observed: Observed) -> None:
+    """A route retrying 503 twice, and db answering 503: each call from api is one
+    request and two retries at api's outbound (nginx: from $upstream_status;
+    HAProxy: its backend's own retry counters)."""
+    prom, mesh = observed.prom, observed.mesh
+    consul = mesh.lab.host("h1").consul()
+    sel = _sel("outbound", "api", "db")
+    failed = _sel("outbound", "api", "db", code="503")
+
+    def retries() -> float:
+        return _sum(prom, "meshctl_request_retries_total", sel)
+
+    consul.config.set("service-router", "db", {"Routes": [{
+        "Match": {"HTTP": {"PathPrefix": "/"}},
+        "Destination": {"NumRetries": 2, "RetryOnStatusCodes": [503]}}]})
+    mesh["h3"].set_failing("db", True)
+    try:
+        def retried() -> bool:
+            start = retries()
+            assert mesh["h1"].get(WEB_API, CHAIN)[0] == 503
+            time.sleep(1.5)
+            return retries() > start
+        wait_until("api's sidecar to retry db's 503s", retried, timeout=60, interval=0.5)
+        base = _quiet_series(prom, f"sum(meshctl_request_retries_total{sel})")
+        base_req = _sum(prom, "meshctl_requests_total", failed)
+        n = 5
+        for _ in range(n):
+            assert mesh["h1"].get(WEB_API, CHAIN)[0] == 503
+        want = (base + 2 * n, base_req + n)
+        seen: list[tuple[float, float]] = []
+
+        def counted() -> bool:
+            seen.append((retries(), _sum(prom, "meshctl_requests_total", failed)))
+            return seen[-1] == want
+        try:
+            wait_until(f"Prometheus to count {2 * n} more retries and {n} more requests",
+                       counted, timeout=30, interval=0.5)
+        except Exception as exc:
+            raise AssertionError(f"want {want}, saw {seen[-3:]}") from exc
+    finally:
+        mesh["h3"].set_failing("db", False)
+        consul.config.delete("service-router", "db")
+        wait_until("the chain to answer 200 again",
+                   lambda: mesh["h1"].get(WEB_API, CHAIN)[0] == 200, timeout=30)
+
+
+def _quiet_value(prom: Prometheus, query: str) -> float:
+    """``query``'s value (0 when it has no series yet) once two scrapes apart agree."""
+    def stable() -> tuple[float] | None:
+        first = prom.value(query) or 0.0
+        time.sleep(2.5)
+        return (first,) if (prom.value(query) or 0.0) == first else None
+    return wait_until(f"{query} to settle", stable, timeout=30)[0]
+
+
+def _foreign_cert(tmp_path: Path) -> tuple[str, str]:
+    """A certificate for web's identity that no mesh CA signed (self-signed)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web.svc.meshctl.test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=1)).sign(key, hashes.SHA256()))
+    crt, pem = tmp_path / "foreign.crt", tmp_path / "foreign.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return str(crt), str(pem)
+
+
+def _bad_clients(mesh: Mesh, port: int, ca: str, foreign: tuple[str, str]) -> None:
+    """From h1 to h3's ``port``: a TLS client without a certificate, one with a
+    certificate from another CA, and a plain-text client; each sends a request."""
+    ip = mesh["h3"].ip
+
+    def go() -> None:
+        for cert in (None, foreign, "plain"):
+            try:
+                with socket.create_connection((ip, port), timeout=5) as raw:
+                    sock: socket.socket = raw
+                    if cert != "plain":
+                        ctx = ssl.create_default_context(cafile=ca)
+                        ctx.check_hostname = False
+                        if isinstance(cert, tuple):
+                            ctx.load_cert_chain(*cert)
+                        sock = ctx.wrap_socket(raw)
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    while sock.recv(65536):
+                        pass
+            except (OSError, ssl.SSLError):
+                pass
+
+    mesh["h1"].host.call(go)
+
+
+def test_tls_handshake_failures_are_counted_per_inbound(observed: Observed,
+                                                        tmp_path: Path) -> None:
+    """Clients without a valid mesh certificate at db (http) and kv (tcp) on h3.
+    HAProxy counts all three (its failed handshakes), nginx's http inbound too (its
+    400s), nginx's stream inbound the two that complete the handshake; the
+    sidecar's own TCP health checks (a connection closed at once) count none."""
+    prom, mesh = observed.prom, observed.mesh
+    h3 = mesh["h3"]
+    ca = str(h3.data_dir / "certs" / "ca.pem")
+    foreign = _foreign_cert(tmp_path)
+    want = {"db": 3, "kv": 3 if h3.proxy == "haproxy" else 2}
+    for service, n in want.items():
+        port = int(next(s["sidecar_port"] for s in (h3.status() or {})["services"]
+                        if s["name"] == service))
+        sel = f'{{direction="inbound",service="{service}"}}'
+        before = _quiet_value(prom, f"sum(meshctl_tls_handshake_failures_total{sel})")
+        _bad_clients(mesh, port, ca, foreign)
+        wait_until(f"Prometheus to count {n} more TLS failures at {service}",
+                   lambda s=sel, b=before, k=n: _sum(  # type: ignore[misc]
+                       prom, "meshctl_tls_handshake_failures_total", s) == b + k, timeout=30)
+        # Consul's TCP checks of the sidecar (each second) are no failures.
+        time.sleep(3)
+        assert _sum(prom, "meshctl_tls_handshake_failures_total", sel) == before + n, service
+
+
 # ---------------------------------------------------------------- access logs, traces
 
 
@@ -360,6 +523,63 @@ def test_one_json_access_line_per_request_at_each_sidecar(observed: Observed) ->
         mesh, "h3", direction="inbound", path=f"/deny-{tag}"))
     assert denied["peer"] == "web" and denied["status"] == "403"
     assert "default deny" in denied["intention"] or "no intention" in denied["intention"], denied
+
+
+def test_one_access_line_per_tcp_connection_at_each_end(observed: Observed) -> None:
+    """web → kv over tcp: one ``"kind": "tcp"`` line at web's outbound and at kv's
+    inbound, with the caller, the destination, the instance, duration and bytes;
+    a denied connection's line says why."""
+    mesh = observed.mesh
+    h1, h3 = mesh["h1"], mesh["h3"]
+
+    def tcp_lines(host: str, **match: str) -> list[dict[str, str]]:
+        return _lines(mesh, host, kind="tcp", **match)
+
+    wait_until("web to reach kv over tcp", lambda: h1.get(WEB_KV, "/ping")[0] == 200)
+    time.sleep(1)
+    out_before = len(tcp_lines("h1", direction="outbound", service="web"))
+    in_before = len(tcp_lines("h3", direction="inbound", service="kv", peer="web"))
+    assert h1.get(WEB_KV, "/tcp-log")[0] == 200
+    out = wait_until("web's tcp line", lambda: (
+        lambda got: got[out_before:] or None)(tcp_lines("h1", direction="outbound",
+                                                         service="web")))
+    (line,) = out
+    assert line["peer"] == "kv" and line["upstream"] == "kv", line
+    assert line["upstream_addr"].startswith(h3.ip + ":"), line
+    # (nginx's $session_time ticks in milliseconds: a fast connection's may be 0.000)
+    assert float(line["duration"]) >= 0 and int(line["bytes_sent"]) > 100, line
+    assert int(line["bytes_received"]) > 0 and line["intention"] == "", line
+    (at_kv,) = wait_until("kv's tcp line", lambda: (
+        lambda got: got[in_before:] or None)(tcp_lines("h3", direction="inbound",
+                                                        service="kv", peer="web")))
+    assert at_kv["upstream_addr"].startswith("127.0.0.1:") and at_kv["intention"] == ""
+    assert float(at_kv["duration"]) >= 0 and int(at_kv["bytes_sent"]) > 100, at_kv
+
+    consul = mesh.lab.host("h1").consul()
+    consul.config.set("service-intentions", "kv",
+                      {"Sources": [{"Name": "web", "Action": "deny"}]})
+    try:
+        def denied_line() -> list[dict[str, str]] | None:
+            before = len(tcp_lines("h3", direction="inbound", service="kv", peer="web"))
+            with contextlib.suppress(Exception):  # the connection is closed unanswered
+                h1.get(WEB_KV, "/tcp-denied", timeout=2)
+            time.sleep(0.5)
+            new = tcp_lines("h3", direction="inbound", service="kv", peer="web")[before:]
+            return [x for x in new if x["intention"]] or None
+        (denied,) = wait_until("kv's line of a denied connection", denied_line, timeout=30,
+                               interval=0.2)
+        assert "web" in denied["intention"] and "den" in denied["intention"], denied
+    finally:
+        consul.config.set("service-intentions", "kv",
+                          {"Sources": [{"Name": "web", "Action": "allow"}]})
+        wait_until("web to reach kv again", lambda: _tcp_ok(h1), timeout=30)
+
+
+def _tcp_ok(h1: Any) -> bool:
+    try:
+        return bool(h1.get(WEB_KV, "/ping", timeout=2)[0] == 200)
+    except Exception:  # closed unanswered while the denial is still in force
+        return False
 
 
 def _spans(trace: dict[str, Any]) -> dict[str, dict[str, Any]]:

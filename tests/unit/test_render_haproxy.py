@@ -225,3 +225,45 @@ def test_the_drivers_workers_are_nginx_processes_and_haproxy_threads() -> None:
     hap.workers = ngx.workers = 4
     assert "\n    nbthread 4\n" in hap.render(snap, "g")["haproxy.cfg"]
     assert "\nworker_processes 4;\n" in ngx.render(snap, "g")["nginx.conf"]
+
+
+def _sections(text: str, prefix: str) -> dict[str, str]:
+    return dict(re.findall(rf"^frontend ({prefix}\S+)\n(.*?)(?=\n\n|\Z)", text, re.M | re.S))
+
+
+def test_every_http_answer_is_counted_once_after_the_response() -> None:
+    """Counting at http-after-response sees the answers HAProxy gives itself (a
+    return rule's, a failed try's 502/503/504); http-response rules do not."""
+    text = HAProxyDriver(PATHS).render(callers_snapshot(), "0123456789abcdef")["haproxy.cfg"]
+    http = {n: body for n, body in {**_sections(text, "in_"), **_sections(text, "out_")}.items()
+            if "mode http" in body}
+    assert len(http) == len(CALLERS) * 3  # an inbound and two http outbounds each
+    for name, body in http.items():
+        counts = re.findall(r"^    http-after-response set-var\(txn\.meshctl_n\) "
+                            r"lua\.meshctl_count_(in|out)\([a-z]+\)$", body, re.M)
+        assert counts == ["in" if name.startswith("in_") else "out"], name
+        assert "http-response lua.meshctl_metrics" not in body, name
+    assert "meshctl_metrics_out_local" not in text
+
+
+def test_tcp_frontends_log_their_connections_and_inbounds_their_failed_handshakes() -> None:
+    from meshctl.config import TelemetrySettings
+
+    snap = snapshot(protocols={"web": "tcp", "api": "tcp"})
+    for setting, decision in (("off", None), ("on", "str(1)\n"),
+                              ("10%", "str(1) if { rand(10000) lt 1000 }\n")):
+        d = HAProxyDriver(PATHS)
+        d.telemetry = TelemetrySettings(access_log=setting)
+        text = d.render(snap, "0123456789abcdef")["haproxy.cfg"]
+        (inbound,) = _sections(text, "in_").values()
+        (outbound,) = _sections(text, "out_").values()
+        assert re.search(r"^    bind \S+ name web ssl ", inbound, re.M)
+        for body in (inbound, outbound):
+            assert "log unix@/run/meshctl/telemetry.sock " in body
+            assert '"kind":"tcp"' in body and "lua.meshctl_tcp_duration" in body
+            logs = re.findall(r"tcp-request content set-var\(txn\.meshctl_log\) (.*\n)", body)
+            assert logs == ([decision] if decision else [])
+            assert "set-log-level silent if !{ var(txn.meshctl_log) -m found }" in body
+        # The global log target (HAProxy's stderr) gets no record: the denial's line
+        # comes from the Lua check.
+        assert "\n    no log\n" in inbound and "log-format \"meshctl: denied" not in inbound

@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from meshctl import telemetry
 from meshctl.config import TelemetrySettings
 from meshctl.errors import ConfigError
+from meshctl.proxy.haproxy.driver import embryonic_counters
 from meshctl.telemetry import FIELDS, Receiver, observe_plan, parse_record
 from meshctl.tracing import span_of
 
@@ -174,3 +175,57 @@ def test_tcp_records_are_counted_as_connections_and_bytes(tmp_path: Path) -> Non
     assert c["o|inbound|kv|||||"] == 120
     assert c["i|inbound|kv|||||"] == 80
     assert len(c) == 5
+
+
+def test_nginx_stream_records_of_clients_without_a_valid_certificate_are_tls_failures(
+        tmp_path: Path) -> None:
+    """nginx's stream records say 495/496 for a client whose certificate failed
+    verification or was missing: a TLS handshake failure of the inbound, no connection."""
+    rx = Receiver(tmp_path / "t.sock", None)
+    tcp = {"kind": "tcp", "direction": "inbound", "service": "kv", "peer": "",
+           "status": "496", "bytes_sent": "0", "bytes_received": "0",
+           "intention": "caller has no mesh identity"}
+    rx.handle(json.dumps(tcp).encode())
+    rx.handle(json.dumps({**tcp, "status": "495"}).encode())
+    rx.handle(json.dumps({**tcp, "status": "200", "peer": "web", "intention": ""}).encode())
+    assert rx.counters() == {"x|inbound|kv|||||": 2, "k|inbound|kv|web||||": 1,
+                             "o|inbound|kv|||||": 0, "i|inbound|kv|||||": 0}
+
+
+def test_a_proxy_that_counts_tcp_itself_sends_records_only_to_be_logged(
+        tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    rx = Receiver(tmp_path / "t.sock", log, count_tcp=False)
+    rx.start()
+    try:
+        rx.handle(json.dumps({"kind": "tcp", "log": "1", "direction": "outbound",
+                              "service": "web", "peer": "kv", "upstream": "kv",
+                              "upstream_addr": "-:-", "bytes_sent": "9"}).encode())
+    finally:
+        rx.stop()
+    assert rx.counters() == {}
+    (line,) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert line["kind"] == "tcp" and line["peer"] == "kv" and line["upstream_addr"] == ""
+
+
+def test_haproxy_lines_of_failed_handshakes_count_per_inbound(tmp_path: Path) -> None:
+    """HAProxy logs a connection that failed before its first request in its own
+    format, naming the frontend and the bind (the inbound's service)."""
+    rx = Receiver(tmp_path / "t.sock", None, count_tcp=False, lines=embryonic_counters)
+    sent = [
+        "198.18.0.3:41234 [07/Dec/2026:01:09:41.423] in_db-h3/db: SSL handshake failure\n",
+        "198.18.0.3:41236 [07/Dec/2026:01:09:42.212] in_db-h3/db: SSL client certificate "
+        "not trusted\n",
+        "198.18.0.3:41238 [07/Dec/2026:01:09:43.001] in_kv-h3/kv: SSL client CA chain "
+        "cannot be verified\n",
+        # a TCP health check: closed before any handshake, no failure
+        "127.0.0.1:50000 [07/Dec/2026:01:09:44.000] in_db-h3/db: Connection closed during "
+        "SSL handshake\n",
+        'meshctl: denied connection from 198.18.0.3:41240 to kv: caller "web": no\n',
+    ]
+    for line in sent:
+        rx.handle(line.encode())
+    rx.handle(b"in_db-h3/db: SSL handshake failure")  # not HAProxy's line: refused
+    rx.handle(b"1.2.3.4:5 [x] out_9001/1: SSL handshake failure")  # not an inbound's
+    assert rx.counters() == {"x|inbound|db|||||": 2, "x|inbound|kv|||||": 1}
+    assert rx.received == len(sent) and rx.bad == 2

@@ -123,6 +123,32 @@ def backends(hap: HapPlan, filled: bool = True) -> list[Backend]:
             for b in hap.backends]
 
 
+#: HAProxy's own line for a connection that failed before its first request (a
+#: failed TLS handshake at an inbound, whose bind is named after its service):
+#: "<client> [<date>] <frontend>/<bind>: <error>" (HAProxy 2.6, any log-format)
+_EMBRYONIC = re.compile(
+    r"^\S+ \[[^\]]*\] in_[A-Za-z0-9._-]+/(?P<service>[a-z0-9][a-z0-9-]{0,62}): (?P<error>.+)$")
+#: errors of a connection that ended before the handshake began (a TCP health
+#: check, a port scan): HAProxy's `dontlognull` calls them null connections
+_NOT_A_HANDSHAKE = frozenset({"Connection closed during SSL handshake",
+                              "Connection error during SSL handshake"})
+
+
+def embryonic_counters(line: str) -> dict[str, float] | None:
+    """The counters of one line HAProxy sent the telemetry socket in its own format:
+    a TLS handshake failure at an inbound (``x``), or ``{}`` for a denied-connection
+    line or a connection closed before its handshake; None for anything else."""
+    line = line.strip()
+    if line.startswith("meshctl: denied connection from "):
+        return {}  # the Lua line of a denial: counted as a denial by the Lua table
+    m = _EMBRYONIC.match(line)
+    if m is None:
+        return None
+    if m["error"] in _NOT_A_HANDSHAKE:
+        return {}
+    return {f"x|inbound|{m['service']}|||||": 1}
+
+
 class HAProxyDriver(ProxyDriver):
     """Renders one haproxy.cfg; HAProxy's master outlives the agent and re-execs on reload."""
 
@@ -136,6 +162,9 @@ class HAProxyDriver(ProxyDriver):
         "server_inflight": 512, "queue": 128, "queue_timeout_ms": 1000}
     #: the last snapshot planned, and its plan (see _plan)
     _planned: tuple[Snapshot, HapPlan] | None = None
+
+    def record_counters(self, line: str) -> dict[str, float] | None:
+        return embryonic_counters(line)
 
     def default_binary(self) -> str:
         return "haproxy"

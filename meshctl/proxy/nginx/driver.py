@@ -43,6 +43,10 @@ class NginxDriver(ProxyDriver):
     limits: ClassVar[Mapping[str, int]] = {
         "outbound_inflight": 512, "inbound_inflight": 1024, "pool": 512}
 
+    # Debian's nginx has no stream Lua module: its stream servers send a record
+    # per connection, and the agent counts them.
+    counts_tcp_from_records = True
+
     def worker_user(self) -> str | None:
         # A master started as root runs its workers as `user`, by default nobody.
         if self.user:
