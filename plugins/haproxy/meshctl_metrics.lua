@@ -7,8 +7,8 @@
 -- <upstream>|<subset>|<route>|<code>", kinds r (requests), s (duration sum,
 -- seconds), b<i> (requests in duration bucket i, not cumulative), d (intention
 -- denials), l (rate-limit 429s), c (circuit-breaker 503s) and e (outlier
--- ejections: the UP->DOWN transitions of the servers of a backend with
--- PassiveHealthCheck, HAProxy's own "chkdown" counter, read at scrape time).
+-- ejections of the servers of a backend with PassiveHealthCheck, counted by
+-- meshctl_outlier.lua and read from it at scrape time).
 --
 -- Actions (the template calls them):
 --   http-response lua.meshctl_metrics_in <service>         an inbound's answers
@@ -151,15 +151,11 @@ local function snapshot()
             out["i|" .. labels] = tonumber(st.bin) or 0
         end
     end
+    -- Ejections are meshctl_outlier.lua's (lua-loaded with any http backend
+    -- with PassiveHealthCheck, which is where OUTLIER entries come from).
+    local od = package.loaded["meshctl_outlier"]
     for name, labels in pairs(OUTLIER) do
-        local be = core.backends[name]
-        if be then
-            local n = 0
-            for _, srv in pairs(be.servers) do
-                n = n + (tonumber(srv:get_stats().chkdown) or 0)
-            end
-            out["e|" .. labels] = n
-        end
+        out["e|" .. labels] = od and od.ejections(name) or 0
     end
     return out
 end
