@@ -15,7 +15,12 @@
 -- it runs for every answer of the backend, the server's own and the ones
 -- HAProxy gives after a connect failure, a reset or a timeout of the server it
 -- chose (502/503/504, with that server's name), so all of them count. Answers
--- without a server (a circuit breaker's 503) count for nobody.
+-- without a server (a circuit breaker's 503) count for nobody. A try that
+-- failed and was retried on another server (retry-on: a connect failure, an
+-- empty response, a route's retried 5xx) never reaches a rule: the template's
+-- "option redispatch 1" moves every retry elsewhere, and the server counts it
+-- in its own "wredis", which the task reads every SCAN s and counts as that
+-- server's failures.
 --
 -- A 5xx counts as a failure of the server that gave it, any other answer
 -- resets its run. At MaxFailures in a row the server is ejected (with
@@ -42,10 +47,15 @@ local M = {}
 
 local MAX_EJECTION = 300
 local TICK = 50
+-- seconds between two reads of the backends' redispatch counters (a read of
+-- the backend's, then of its servers' only when it moved)
+local SCAN = 0.25
 
--- backend name -> {ejections = n, capped = n, hosts = {server name -> host}}
+-- backend name -> {cfg = {failures, interval, enforcing, max_percent, base},
+--                  ejections = n, capped = n, redispatched = n (last read),
+--                  hosts = {server name -> host}}
 -- host: {addr, fails, times (ejection multiplier), until_ (ejected until),
---        back (when it last came back)}
+--        back (when it last came back), redispatched (its last read)}
 local B = {}
 
 math.randomseed(core.now().usec + 1000000 * (core.now().sec % 1000))
@@ -55,10 +65,13 @@ local function now()
     return t.sec + t.usec / 1e6
 end
 
-local function backend(name)
+local function backend(name, failures, interval_ms, enforcing, max_percent, base_ms)
     local b = B[name]
     if b == nil then
-        b = { ejections = 0, capped = 0, hosts = {} }
+        b = { ejections = 0, capped = 0, redispatched = 0, hosts = {}, cfg = {
+            failures = tonumber(failures), interval = tonumber(interval_ms) / 1000,
+            enforcing = tonumber(enforcing), max_percent = tonumber(max_percent),
+            base = tonumber(base_ms) / 1000 } }
         B[name] = b
     end
     return b
@@ -68,8 +81,9 @@ local function host(b, sname, srv)
     local addr = srv:get_addr()
     local h = b.hosts[sname]
     if h == nil or h.addr ~= addr then
-        -- A slot filled with another endpoint is another host.
-        h = { addr = addr, fails = 0, times = 0 }
+        -- A slot filled with another endpoint is another host (the slot's
+        -- counters go on: so does their last read).
+        h = { addr = addr, fails = 0, times = 0, redispatched = h and h.redispatched or 0 }
         b.hosts[sname] = h
     end
     return h
@@ -92,9 +106,11 @@ local function census(b, be, t)
     return ejected, total
 end
 
-local function eject(bname, b, be, sname, srv, h, enforcing, max_percent, interval, base)
+local function eject(bname, b, be, sname, srv, h)
+    local cfg = b.cfg
+    local max_percent, interval, base = cfg.max_percent, cfg.interval, cfg.base
     h.fails = 0
-    if math.random(100) > enforcing then
+    if math.random(100) > cfg.enforcing then
         return
     end
     local t = now()
@@ -125,7 +141,7 @@ core.register_fetches("meshctl_outlier", function(txn, failures, interval_ms, en
         return nil
     end
     local bname = txn.f:be_name()
-    local b = backend(bname)
+    local b = backend(bname, failures, interval_ms, enforcing, max_percent, base_ms)
     local failed = (tonumber(txn.sf:status()) or 0) >= 500
     if not failed then
         -- Only a write when there was a run to end: the healthy path reads.
@@ -146,16 +162,51 @@ core.register_fetches("meshctl_outlier", function(txn, failures, interval_ms, en
         return nil
     end
     h.fails = h.fails + 1
-    if h.fails >= tonumber(failures) then
-        eject(bname, b, be, sname, srv, h, tonumber(enforcing), tonumber(max_percent),
-            tonumber(interval_ms) / 1000, tonumber(base_ms) / 1000)
+    if h.fails >= b.cfg.failures then
+        eject(bname, b, be, sname, srv, h)
     end
     return nil
 end)
 
+-- The tries of a backend that failed and were retried elsewhere since the last
+-- read: each server's new redispatches are failures of that server.
+local function scan(bname, b)
+    local be = core.backends[bname]
+    if be == nil then
+        return
+    end
+    local n = tonumber(be:get_stats().wredis) or 0
+    if n == b.redispatched then
+        return
+    end
+    b.redispatched = n
+    for sname, srv in pairs(be.servers) do
+        local m = tonumber(srv:get_stats().wredis) or 0
+        local h = b.hosts[sname]
+        if m ~= (h and h.redispatched or 0) then
+            h = host(b, sname, srv)
+            local new = m - h.redispatched
+            h.redispatched = m
+            if new > 0 and not h.until_ then
+                h.fails = h.fails + new
+                if h.fails >= b.cfg.failures then
+                    eject(bname, b, be, sname, srv, h)
+                end
+            end
+        end
+    end
+end
+
 core.register_task(function()
+    local scanned = 0
     while true do
         local t = now()
+        if t - scanned >= SCAN then
+            scanned = t
+            for bname, b in pairs(B) do
+                scan(bname, b)
+            end
+        end
         for bname, b in pairs(B) do
             for sname, h in pairs(b.hosts) do
                 if h.until_ and h.until_ <= t then

@@ -31,11 +31,6 @@ def gaps(snapshot: Snapshot) -> list[str]:
                 out.append(f"{where(o)}: PassiveHealthCheck: a reload of HAProxy (a change "
                            "the runtime API cannot make) puts ejected instances back and "
                            "starts their ejection counts afresh")
-                # meshctl_outlier.lua sees each request's final answer only.
-                if has_retries(o):
-                    out.append(f"{where(o)}: PassiveHealthCheck: HAProxy counts each "
-                               "request's last try only: a failed try it retried on "
-                               "another instance is not counted against the instance")
             else:
                 out.append(f"{where(o)}: PassiveHealthCheck on tcp: HAProxy marks an instance "
                            "down after MaxFailures connection errors (observe layer4) for "
