@@ -8,9 +8,9 @@
 -- seconds), b<i> (requests in duration bucket i, not cumulative), d (intention
 -- denials), l (rate-limit 429s), c (circuit-breaker 503s), and read from
 -- HAProxy's own counters at scrape time: t (retries: the tries its servers
--- counted beyond the backend's requests, see snapshot()) and e (outlier ejections: the
--- UP->DOWN transitions of the servers of a backend with PassiveHealthCheck,
--- "chkdown").
+-- counted beyond the backend's requests, see snapshot()); e (outlier ejections
+-- of the servers of a backend with PassiveHealthCheck) is read from
+-- meshctl_outlier.lua's count at scrape time.
 --
 -- Requests are counted once, at their final answer, by sample fetches in
 -- `http-after-response set-var(...)` (HAProxy 2.6 registers no Lua action
@@ -183,15 +183,11 @@ local function snapshot()
             out["i|" .. labels] = tonumber(st.bin) or 0
         end
     end
+    -- Ejections are meshctl_outlier.lua's (lua-loaded with any http backend
+    -- with PassiveHealthCheck, which is where OUTLIER entries come from).
+    local od = package.loaded["meshctl_outlier"]
     for name, labels in pairs(OUTLIER) do
-        local be = core.backends[name]
-        if be then
-            local n = 0
-            for _, srv in pairs(be.servers) do
-                n = n + (tonumber(srv:get_stats().chkdown) or 0)
-            end
-            out["e|" .. labels] = n
-        end
+        out["e|" .. labels] = od and od.ejections(name) or 0
     end
     for name, labels in pairs(BACKENDS) do
         local be = core.backends[name]

@@ -185,12 +185,16 @@ def test_both_drivers_render_the_policies_and_say_their_gaps() -> None:
     assert "limit_conn meshctl_inflight 64;" in nginx  # MaxInboundConnections
     hap = HAProxyDriver(PATHS).render(snap, "g1")["haproxy.cfg"]
     assert "if { be_conn gt 10 }" in hap
-    assert "check observe layer7 error-limit 3 on-error mark-down" in hap
-    assert "fastinter 2000ms downinter 2000ms rise 1" in hap
+    # Outlier detection of an http backend is meshctl_outlier.lua's, not HAProxy's
+    # observe/on-error (which cannot grow an ejection or cap how many go).
+    assert "lua-load /usr/share/meshctl/plugins/haproxy/meshctl_outlier.lua" in hap
+    assert "http-after-response set-var(txn.meshctl_od) lua.meshctl_outlier(3," in hap
+    assert "observe layer7" not in hap and "on-error" not in hap
     assert "balance leastconn" in hap and "maxconn 64" in hap
     assert "{ sc0_gpc0_rate ge 5 }" in hap and "hdr Retry-After 1" in hap
     hap_gaps = "\n".join(HAProxyDriver(PATHS).unsupported(snap))
-    assert "MaxEjectionPercent is not enforced" in hap_gaps
+    assert "MaxEjectionPercent" not in hap_gaps and "EnforcingConsecutive5xx" not in hap_gaps
+    assert "a reload of HAProxy (a change the runtime API cannot make) puts ejected" in hap_gaps
     assert "no latency-aware choice" in hap_gaps and "burst has no effect" in hap_gaps
     nginx_gaps = "\n".join(NginxDriver(PATHS).unsupported(snap))
     assert "MaxEjectionPercent" not in nginx_gaps and "latency" not in nginx_gaps
@@ -230,3 +234,23 @@ def test_haproxy_servers_marked_down_are_read_from_show_stat() -> None:
             "web.c_api_1,BACKEND,0,4,UP,,,\n")
     assert servers_down(text) == {"web.c_api_1": {"in_flight": 4, "ejected": [
         {"peer": "198.18.0.14:21000", "status": "DOWN", "check": "L6OK"}]}}
+
+
+def test_haproxy_outlier_detection_of_a_tcp_upstream_keeps_its_gap() -> None:
+    # meshctl_outlier.lua sees http answers only: a tcp backend keeps HAProxy's
+    # observe layer4 / on-error mark-down, and says what that cannot do.
+    web = ServiceDefinition(name="web", id="web", port=8080, source="web.json",
+                            upstreams=(Upstream("api", 9001),))
+    snap = compile_snapshot(
+        node="h1", trust_domain="meshctl.test", datacenter="dc1",
+        services=[LocalService(web, "198.18.0.11", 21000, CERTS)],
+        instances={"api": [Instance(f"h{i}", f"api-{i}", f"198.18.0.{12 + i}", 21000)
+                           for i in range(3)]},
+        protocols={"web": "tcp", "api": "tcp"}, default_intention_action="allow",
+        service_defaults={"web": {**WEB_DEFAULTS, "Protocol": "tcp"}})
+    hap = HAProxyDriver(PATHS).render(snap, "g1")["haproxy.cfg"]
+    assert "check observe layer4 error-limit 3 on-error mark-down" in hap
+    assert "meshctl_outlier" not in hap
+    hap_gaps = "\n".join(HAProxyDriver(PATHS).unsupported(snap))
+    assert "PassiveHealthCheck on tcp" in hap_gaps
+    assert "MaxEjectionPercent is not enforced" in hap_gaps

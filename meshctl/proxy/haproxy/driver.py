@@ -220,6 +220,8 @@ class HAProxyDriver(ProxyDriver):
             l7=hap,
             hap_rate=resilience.rate_threshold,
             admin_socket=str(self.admin_socket),
+            outlier=any(b.http and b.policy.passive_health_check.max_failures
+                        for b in hap.backends),
         )
         return {self.main_file: text}
 
@@ -275,7 +277,8 @@ class HAProxyDriver(ProxyDriver):
 
     def live_resilience(self) -> dict[str, Any]:
         # The current worker's counters: a server DOWN (not in maintenance,
-        # which is an empty slot) was marked down by observe/on-error or a check.
+        # which is an empty slot) was ejected by meshctl_outlier.lua (http) or
+        # marked down by observe/on-error or a check (tcp).
         text = self.master_command("@1 show stat")
         return resilience.servers_down(text)
 

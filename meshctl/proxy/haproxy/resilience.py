@@ -1,10 +1,13 @@
 """HAProxy's resilience: what it says with its own mechanisms, and its gaps (pure).
 
-A backend is already one caller's view of a cluster. Outlier detection is
-HAProxy's passive health observation (``observe layer7`` + ``error-limit`` +
-``on-error mark-down``; back after a check at ``fastinter``), the in-flight
-limit a ``be_conn`` test in front of the servers (the template says both);
-``live`` reads what the running worker holds from ``show stat``.
+A backend is already one caller's view of a cluster. Outlier detection of an
+http backend is plugins/haproxy/meshctl_outlier.lua (Envoy's consecutive 5xx:
+growing ejections, EnforcingConsecutive5xx, MaxEjectionPercent; an ejected
+server is operationally DOWN), of a tcp backend HAProxy's passive health
+observation (``observe layer4`` + ``error-limit`` + ``on-error mark-down``;
+back after a check at ``fastinter``); the in-flight limit is a ``be_conn``
+test in front of the servers (the template says all of them); ``live`` reads
+what the running worker holds from ``show stat``.
 """
 
 from __future__ import annotations
@@ -23,11 +26,18 @@ def gaps(snapshot: Snapshot) -> list[str]:
     out = common_gaps(snapshot, "haproxy")
     for o in snapshot.outbounds:
         if o.policy.passive_health_check.max_failures:
-            out.append(f"{where(o)}: PassiveHealthCheck: HAProxy ejects for "
-                       "BaseEjectionTime each time (not longer on repeated ejections), "
-                       "may eject every instance (MaxEjectionPercent is not enforced), "
-                       "ignores EnforcingConsecutive5xx, does not count 501/505, and takes "
-                       "an instance back after one TLS check succeeds")
+            if o.protocol == "http":
+                # The Lua state is the worker's: a new worker starts afresh.
+                out.append(f"{where(o)}: PassiveHealthCheck: a reload of HAProxy (a change "
+                           "the runtime API cannot make) puts ejected instances back and "
+                           "starts their ejection counts afresh")
+            else:
+                out.append(f"{where(o)}: PassiveHealthCheck on tcp: HAProxy marks an instance "
+                           "down after MaxFailures connection errors (observe layer4) for "
+                           "BaseEjectionTime each time (not longer on repeated ejections), "
+                           "may eject every instance (MaxEjectionPercent is not enforced), "
+                           "ignores EnforcingConsecutive5xx, and takes an instance back "
+                           "after one TLS check succeeds")
         if o.policy.balancer:
             out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r}: HAProxy has no "
                        "latency-aware choice; carried as leastconn (fewest connections)")
@@ -52,8 +62,8 @@ def rate_threshold(requests_per_second: float) -> int:
 def servers_down(show_stat: str) -> dict[str, Any]:
     """``show stat`` CSV → {backend: {"ejected": [{"peer", "status", "check"}],
     "in_flight"}} for the backends of callers (``<caller>.<cluster>``) with a
-    server down (marked down by observe/on-error or a check; an empty slot is
-    in maintenance, not down)."""
+    server down (ejected by meshctl_outlier.lua, marked down by observe/on-error
+    or a check; an empty slot is in maintenance, not down)."""
     rows = list(csv.DictReader(io.StringIO(show_stat.lstrip("# "))))
     inflight = {r.get("pxname", ""): r.get("scur", "0") for r in rows
                 if r.get("svname") == "BACKEND"}
