@@ -40,8 +40,9 @@ from tests.e2e.test_operations import API_PORT, _served, run_clients
 
 pytestmark = pytest.mark.root
 
-#: the previous release: the last commit that landed (stop 16), meshctl 0.1.0. Its
-#: agent speaks no sd_notify and has no drain; its unit is Type=exec.
+#: the previous release: the last landing before systemd notify (691a524), meshctl
+#: 0.1.0. Its agent speaks no sd_notify and has no drain; its unit is Type=exec: the
+#: hardest upgrade a fleet on a released meshctl can need.
 PREVIOUS = "691a524e0e1a811262a98aedf3e7d792a5752748"
 PREVIOUS_VERSION = "0.1.0"
 #: this tree's version, and the same tree as a later one (the gate test upgrades to it)
