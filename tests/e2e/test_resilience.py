@@ -17,17 +17,19 @@ import contextlib
 import http.client
 import json
 import math
+import os
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshctl._procfs import process
+from meshctl.lab._sys import cmdline
 from meshctl.lab.mesh import Mesh, MeshHost, wait_until
 from tests.conftest import own_lab
 
@@ -271,31 +273,16 @@ def test_every_sidecar_runs_the_workers_it_was_given(mesh: Mesh) -> None:
     """The bounds below are proven with WORKERS nginx workers / HAProxy threads."""
     for name in ("h1", *APIS):
         h = mesh[name]
-        conf = (h.data_dir / "proxy" / "current" / f"{h.proxy}.conf"
-                if h.proxy == "nginx" else h.data_dir / "proxy" / "current" / "haproxy.cfg")
-        text = conf.read_text()
+        current = h.data_dir / "proxy" / "current"
         if h.proxy == "haproxy":
-            assert f"\n    nbthread {WORKERS}\n" in text
+            assert f"\n    nbthread {WORKERS}\n" in (current / "haproxy.cfg").read_text()
             continue
-        assert f"\nworker_processes {WORKERS};\n" in text
+        assert f"\nworker_processes {WORKERS};\n" in (current / "nginx.conf").read_text()
         master = int((h.run_dir / "nginx.pid").read_text())
-        workers = [p for p in Path("/proc").iterdir() if p.name.isdigit()
-                   and _ppid(p) == master and b"worker process" in _cmdline(p)]
+        workers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                   if (ref := process(pid)) is not None and ref.ppid == master
+                   and "worker process" in " ".join(cmdline(pid) or [])]
         assert len(workers) == WORKERS, (name, workers)
-
-
-def _ppid(p: Path) -> int:
-    try:
-        return int(p.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
-
-
-def _cmdline(p: Path) -> bytes:
-    try:
-        return p.joinpath("cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def _paced(failures: int, pause: float, timeout: float) -> list[tuple[float, int]]:
@@ -710,13 +697,13 @@ def test_an_inbound_rate_limit_accepts_its_rate_and_answers_429(mesh: Mesh) -> N
 # ---------------------------------------------------------------- latency-aware choice
 
 
-def _fixed_load(threads: int, each: int) -> Counter[int]:
-    """``threads`` keep-alive clients sending ``each`` requests apiece."""
+def _clients(threads: int, client: Callable[[], list[tuple[int, str]]]) -> Counter[int]:
+    """``threads`` clients running ``client`` at once: the statuses they got."""
     statuses: Counter[int] = Counter()
     lock = threading.Lock()
 
     def one() -> None:
-        got = _requests(each, 10.0)
+        got = client()
         with lock:
             statuses.update(s for s, _ in got)
 
@@ -726,6 +713,11 @@ def _fixed_load(threads: int, each: int) -> Counter[int]:
     for t in workers:
         t.join()
     return statuses
+
+
+def _fixed_load(threads: int, each: int) -> Counter[int]:
+    """``threads`` keep-alive clients sending ``each`` requests apiece."""
+    return _clients(threads, lambda: _requests(each, 10.0))
 
 
 def _balancer_shown(m: Mesh, want: str) -> bool:
@@ -737,23 +729,15 @@ def _balancer_shown(m: Mesh, want: str) -> bool:
 
 def _timed_load(threads: int, seconds: float) -> Counter[int]:
     """``threads`` keep-alive clients sending requests one after another for ``seconds``."""
-    statuses: Counter[int] = Counter()
-    lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
-    def one() -> None:
+    def client() -> list[tuple[int, str]]:
         got: list[tuple[int, str]] = []
         while time.monotonic() < deadline:
             got += _requests(20, 10.0)
-        with lock:
-            statuses.update(s for s, _ in got)
+        return got
 
-    workers = [threading.Thread(target=one) for _ in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    return statuses
+    return _clients(threads, client)
 
 
 #: the nginx balancer's probe interval (meshctl_resilience.lua PROBE_INTERVAL):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -106,17 +107,25 @@ def test_a_record_becomes_a_span_with_its_ids_and_http_semconv() -> None:
     assert span_of(record(start="soon"), "h1") is None
 
 
+def _sender(rx: Receiver) -> tuple[socket.socket, Callable[[str, int], None]]:
+    """A datagram socket to ``rx``, and send(path, n): one record for ``path``, then
+    wait (at most 5 s) until ``rx`` has received ``n`` records in all."""
+    tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def send_and_wait(path: str, n: int) -> None:
+        tx.sendto(json.dumps(record(path=path)).encode(), str(rx.socket_path))
+        deadline = time.monotonic() + 5
+        while rx.received < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    return tx, send_and_wait
+
+
 def test_a_rotated_access_log_is_reopened(tmp_path: Path) -> None:
     sock, log = tmp_path / "t.sock", tmp_path / "access.log"
     rx = Receiver(sock, log)
     rx.start()
-    tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-
-    def send_and_wait(path: str, n: int) -> None:
-        tx.sendto(json.dumps(record(path=path)).encode(), str(sock))
-        deadline = time.monotonic() + 5
-        while rx.received < n and time.monotonic() < deadline:
-            time.sleep(0.01)
+    tx, send_and_wait = _sender(rx)
 
     try:
         send_and_wait("/before", 1)
@@ -138,13 +147,7 @@ def test_a_moved_access_log_is_reopened_without_a_signal(
     sock, log = tmp_path / "t.sock", tmp_path / "access.log"
     rx = Receiver(sock, log)
     rx.start()
-    tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-
-    def send_and_wait(path: str, n: int) -> None:
-        tx.sendto(json.dumps(record(path=path)).encode(), str(sock))
-        deadline = time.monotonic() + 5
-        while rx.received < n and time.monotonic() < deadline:
-            time.sleep(0.01)
+    tx, send_and_wait = _sender(rx)
 
     try:
         send_and_wait("/before", 1)
