@@ -1,5 +1,12 @@
--- meshctl data-plane metrics in nginx: counted in the shared dict
--- meshctl_metrics by the log phase, never written anywhere per request.
+-- meshctl data-plane metrics in nginx: counted by the log phase in a
+-- worker-local table, added to the shared dict meshctl_metrics every FLUSH
+-- seconds (and when the worker exits), never written anywhere per request.
+--
+-- Why not the shared dict per request: the log phase runs in LuaJIT's
+-- interpreter (a new environment per handler call), where each shared-dict
+-- incr, ngx.var read or write costs 0.5-1.3 us; three incrs and the start
+-- time kept in an nginx variable were two thirds of the counting's cost
+-- (bench.metrics_lua measures it). A table increment costs 0.05 us.
 --
 -- Hooks (the templates call them; each is one line):
 --   start()                               access phase of an inbound or outbound
@@ -14,9 +21,14 @@
 --                                         line, which gets the request's start
 --                                         (wall clock) and duration in
 --                                         $meshctl_start and $meshctl_duration
+--   init_worker()                         init_worker_by_lua: starts the flush timer
 --   control()                             GET on the control socket: every counter
 --                                         as JSON ({"<key>": value}), read by the
---                                         agent at scrape time
+--                                         agent at scrape time; it first adds its
+--                                         own worker's counts and, with several
+--                                         workers, waits out one flush, so a
+--                                         request answered before the GET began
+--                                         is in the answer
 --
 -- Keys: "<kind>|<direction>|<local>|<peer>|<upstream>|<subset>|<route>|<code>"
 -- with kind r (requests), s (duration sum, seconds), b<i> (requests whose
@@ -55,7 +67,18 @@ _M.now = now
 local DICT = ngx.shared.meshctl_metrics
 local incr_errors = 0
 
-local function add(key, value)
+-- Seconds between two additions of a worker's counts to the shared dict.
+local FLUSH = 0.1
+_M.FLUSH = FLUSH
+
+-- This worker's counts not yet in the shared dict: key -> value.
+local pending = {}
+local dirty = false
+-- Set once the worker exits: its flush timer has run for the last time, so
+-- the requests it still finishes count straight into the shared dict.
+local exiting = false
+
+local function incr(key, value)
     local _, err = DICT:incr(key, value, 0)
     if err and incr_errors == 0 then
         -- "no memory": the dict is full (a label set far beyond the expected
@@ -65,14 +88,74 @@ local function add(key, value)
     end
 end
 
+local function add(key, value)
+    if exiting then
+        return incr(key, value)
+    end
+    pending[key] = (pending[key] or 0) + value
+    dirty = true
+end
+
+local function flush()
+    if not dirty then
+        return
+    end
+    local counts = pending
+    pending, dirty = {}, false
+    for key, value in pairs(counts) do
+        incr(key, value)
+    end
+end
+_M.flush = flush
+
+local function on_timer(premature)
+    if premature then
+        exiting = true
+    end
+    flush()
+end
+
+function _M.init_worker()
+    local ok, err = ngx.timer.every(FLUSH, on_timer)
+    if not ok then
+        -- Without the timer (no free timer: lua_max_running_timers) every
+        -- request counts straight into the shared dict: slower, still exact.
+        ngx.log(ngx.ERR, "meshctl metrics: no flush timer (", err, "); counting in shared memory")
+        exiting = true
+    end
+end
+
 local bucket = buckets.bucket
+local get_request = require("resty.core.base").get_request
+local uintptr = ffi.typeof("uintptr_t")
+
+-- The request's address as a number: a table key (the cdata pointer
+-- get_request returns is a new object at every call).
+local function request_key()
+    local r = get_request()
+    return r and tonumber(ffi.cast(uintptr, r))
+end
+
+-- Each request's start on the monotonic clock, from its access phase to its
+-- log phase (an nginx variable costs 1.3 us to write and 0.9 us to read
+-- there), by request address. count() takes the entry; a request's address
+-- is reused by later ones, so the table stays as big as the requests in
+-- flight.
+local starts = {}
 
 function _M.start()
-    ngx.var.meshctl_t0 = now()
+    local r = request_key()
+    if r then
+        starts[r] = now()
+    end
 end
 
 local function count(labels, retries, logged)
-    local t0 = tonumber(ngx.var.meshctl_t0)
+    local r = request_key()
+    local t0 = r and starts[r]
+    if t0 then
+        starts[r] = nil
+    end
     add("r|" .. labels, 1)
     if t0 then
         local d = now() - t0
@@ -138,6 +221,11 @@ function _M.outbound(caller, upstream, peer, subset, logged)
 end
 
 function _M.control()
+    flush()
+    if ngx.worker.count() > 1 then
+        -- The other workers add theirs within FLUSH.
+        ngx.sleep(FLUSH * 1.5)
+    end
     local out = {}
     for _, key in ipairs(DICT:get_keys(0)) do
         out[key] = DICT:get(key)
