@@ -222,6 +222,7 @@ class HAProxyDriver(ProxyDriver):
             admin_socket=str(self.admin_socket),
             outlier=any(b.http and b.policy.passive_health_check.max_failures
                         for b in hap.backends),
+            budget=any(b.http and b.retries > 0 for b in hap.backends),
         )
         return {self.main_file: text}
 

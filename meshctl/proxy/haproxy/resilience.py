@@ -42,8 +42,9 @@ def gaps(snapshot: Snapshot) -> list[str]:
             out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r}: HAProxy has no "
                        "latency-aware choice; carried as leastconn (fewest connections)")
         if has_retries(o):
-            out.append(f"{where(o)}: HAProxy has no retry budget: NumRetries apply to "
-                       "every request")
+            out.append(f"{where(o)}: retry budget: HAProxy decides per request, before "
+                       "sending it, whether it may retry (disable-l7-retry); connection "
+                       "failures are retried even past the budget")
     for i in snapshot.inbounds:
         if any(r.burst for r in i.policy.rate_limits):
             out.append(f"{i.service}: meshctl_rate_limit: HAProxy counts accepted requests "
