@@ -223,6 +223,7 @@ class HAProxyDriver(ProxyDriver):
             outlier=any(b.http and b.policy.passive_health_check.max_failures
                         for b in hap.backends),
             budget=any(b.http and b.retries > 0 for b in hap.backends),
+            ewma=any(b.http and b.policy.balancer == "peak_ewma" for b in hap.backends),
         )
         return {self.main_file: text}
 

@@ -38,9 +38,14 @@ def gaps(snapshot: Snapshot) -> list[str]:
                            "may eject every instance (MaxEjectionPercent is not enforced), "
                            "ignores EnforcingConsecutive5xx, and takes an instance back "
                            "after one TLS check succeeds")
-        if o.policy.balancer:
-            out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r}: HAProxy has no "
-                       "latency-aware choice; carried as leastconn (fewest connections)")
+        if o.policy.balancer and o.protocol != "http":
+            out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r} on tcp: HAProxy "
+                       "sees no answers to time; carried as leastconn (fewest connections)")
+        elif o.policy.balancer:
+            out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r}: weights set "
+                       "every 0.1 s from each server's response-time estimate (roundrobin "
+                       "follows them), not a per-request power of two choices; a reload "
+                       "starts the estimates afresh")
         if has_retries(o):
             out.append(f"{where(o)}: retry budget: HAProxy decides per request, before "
                        "sending it, whether it may retry (disable-l7-retry); connection "
