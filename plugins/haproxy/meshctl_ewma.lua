@@ -20,6 +20,8 @@
 -- estimate without new answers ages towards the backend's cheapest (AGE), so
 -- an instance that was slow once is not shunned for ever. Servers in
 -- maintenance (the agent's) or DOWN (an outlier ejection) are left alone.
+-- A first answer or one at least twice the estimate weighs the backend at
+-- once (a server that just turned slow loses its share before the tick).
 local M = {}
 
 local TAU = 1.0
@@ -29,6 +31,8 @@ local MAX_WEIGHT = 256
 
 -- backend name -> {server name -> {ewma = ms, t = last answer (s)}}
 local B = {}
+
+local weigh
 
 local function now()
     local t = core.now()
@@ -60,10 +64,18 @@ core.register_fetches("meshctl_ewma", function(txn)
     local h = b[sname]
     if h == nil then
         b[sname] = { ewma = ms, t = t }
+        weigh(bname, b)
         return nil
     end
     if ms > h.ewma then
+        local jump = ms > 2 * h.ewma + 1
         h.ewma = ms
+        h.t = t
+        if jump then
+            -- a server that just turned slow loses its share now, not at the tick
+            weigh(bname, b)
+        end
+        return nil
     else
         local w = 1 - math.exp(-math.max(t - h.t, 0) / TAU)
         h.ewma = h.ewma + w * (ms - h.ewma)
@@ -72,7 +84,7 @@ core.register_fetches("meshctl_ewma", function(txn)
     return nil
 end)
 
-local function weigh(bname, b)
+weigh = function(bname, b)
     local be = core.backends[bname]
     if be == nil then
         return
