@@ -145,4 +145,17 @@ function M.estimates(bname)
     return out
 end
 
+-- "meshctl ewma" on the CLI (the agent reads it through the master for
+-- `meshctl status`): one line per measured server, "<backend> <addr> <ms>".
+core.register_cli({ "meshctl", "ewma" }, "meshctl: per-server peak EWMA (ms)", function(applet)
+    for bname, b in pairs(B) do
+        local be = core.backends[bname]
+        for sname, h in pairs(b) do
+            local srv = be and be.servers[sname]
+            local addr = srv and srv:get_addr() or sname
+            applet:send(string.format("%s %s %.3f\n", bname, addr, h.ewma))
+        end
+    end
+end)
+
 package.loaded["meshctl_ewma"] = M

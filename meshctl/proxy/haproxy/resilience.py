@@ -84,3 +84,19 @@ def servers_down(show_stat: str) -> dict[str, Any]:
             entry["ejected"].append({"peer": r.get("addr", ""), "status": status,
                                      "check": r.get("check_status", "")})
     return out
+
+
+def estimates(text: str) -> dict[str, list[dict[str, Any]]]:
+    """``meshctl ewma`` (plugins/haproxy/meshctl_ewma.lua) → {backend: [{"peer",
+    "ewma_ms"}]}; anything else (the command unknown: no peak_ewma) → {}."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or "." not in parts[0]:
+            continue
+        try:
+            ms = round(float(parts[2]), 1)
+        except ValueError:
+            continue
+        out.setdefault(parts[0], []).append({"peer": parts[1], "ewma_ms": ms})
+    return out
