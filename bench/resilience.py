@@ -260,9 +260,9 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{r.get('errors')} | {s['h2']:.3f}/{s['h3']:.3f}/{s['h4']:.3f} |")
         lines.append("")
         if driver == "haproxy":
-            lines += ["HAProxy has no latency-aware choice: peak_ewma is carried as "
-                      "leastconn (a gap `meshctl status` reports), so the slow instance "
-                      "keeps the share its longer-held connections leave it.", ""]
+            lines += ["HAProxy's peak_ewma: plugins/haproxy/meshctl_ewma.lua sets the "
+                      "roundrobin weights every 0.1 s from each server's response-time "
+                      "estimate (not a per-request power of two choices).", ""]
         for label, v in d.get("degraded_verdict", {}).items():
             lines.append(f"- {label} against round_robin in the same run: p99 "
                          f"{v['peak_ewma_p99_ms']} ms vs {v['round_robin_p99_ms']} ms, "

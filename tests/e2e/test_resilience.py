@@ -766,10 +766,8 @@ def test_the_latency_aware_choice_sends_little_to_a_slow_instance(mesh: Mesh) ->
         got = counts(mesh)
         share = got["h4"] / 600
         if h1.proxy == "haproxy":
-            # carried as leastconn: the slow instance holds its connections longer
-            assert any("no latency-aware choice" in w for w in gaps(mesh))
-            assert share < 0.8 * rr["h4"] / 240, share
-            return
+            # weights from each server's estimate (plugins/haproxy/meshctl_ewma.lua)
+            assert not any("no latency-aware choice" in w for w in gaps(mesh))
         # Peak EWMA x (in flight + 1), power of two choices over the instances:
         # the slow one gets the first requests of the 4 callers before its first
         # answer is measured (at most 4, as an unmeasured instance starts with a
@@ -830,11 +828,6 @@ def test_the_latency_aware_choice_passes_by_a_slow_instance_beside_an_ejected_on
         assert statuses[200] >= 600 - 3 - 4, statuses
         assert got["h3"] <= 3 + 4, got
         share = got["h4"] / 600
-        if h1.proxy == "haproxy":
-            # leastconn, said in the gaps: less than round robin's half of the two left
-            assert any("no latency-aware choice" in w for w in gaps(mesh))
-            assert share < 0.4, got
-            return
         assert share <= 0.03, (got, f"{elapsed:.1f} s", live(mesh))
         # `meshctl status` shows what the choice is made on: the slow one's estimate.
         view = next(iter(live(mesh).values()))

@@ -190,12 +190,16 @@ def test_both_drivers_render_the_policies_and_say_their_gaps() -> None:
     assert "lua-load /usr/share/meshctl/plugins/haproxy/meshctl_outlier.lua" in hap
     assert "http-after-response set-var(txn.meshctl_od) lua.meshctl_outlier(3," in hap
     assert "observe layer7" not in hap and "on-error" not in hap
-    assert "balance leastconn" in hap and "maxconn 64" in hap
+    # peak_ewma: roundrobin over weights meshctl_ewma.lua sets from its estimates
+    assert "balance roundrobin" in hap and "maxconn 64" in hap
+    assert "lua-load /usr/share/meshctl/plugins/haproxy/meshctl_ewma.lua" in hap
+    assert "http-after-response set-var(txn.meshctl_ew) lua.meshctl_ewma" in hap
     assert "{ sc0_gpc0_rate ge 5 }" in hap and "hdr Retry-After 1" in hap
     hap_gaps = "\n".join(HAProxyDriver(PATHS).unsupported(snap))
     assert "MaxEjectionPercent" not in hap_gaps and "EnforcingConsecutive5xx" not in hap_gaps
     assert "a reload of HAProxy (a change the runtime API cannot make) puts ejected" in hap_gaps
-    assert "no latency-aware choice" in hap_gaps and "burst has no effect" in hap_gaps
+    assert "no latency-aware choice" not in hap_gaps and "burst has no effect" in hap_gaps
+    assert "not a per-request power of two choices" in hap_gaps
     nginx_gaps = "\n".join(NginxDriver(PATHS).unsupported(snap))
     assert "MaxEjectionPercent" not in nginx_gaps and "latency" not in nginx_gaps
 

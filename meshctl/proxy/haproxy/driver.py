@@ -223,6 +223,7 @@ class HAProxyDriver(ProxyDriver):
             outlier=any(b.http and b.policy.passive_health_check.max_failures
                         for b in hap.backends),
             budget=any(b.http and b.retries > 0 for b in hap.backends),
+            ewma=any(b.http and b.policy.balancer == "peak_ewma" for b in hap.backends),
         )
         return {self.main_file: text}
 
@@ -281,7 +282,12 @@ class HAProxyDriver(ProxyDriver):
         # which is an empty slot) was ejected by meshctl_outlier.lua (http) or
         # marked down by observe/on-error or a check (tcp).
         text = self.master_command("@1 show stat")
-        return resilience.servers_down(text)
+        out = resilience.servers_down(text)
+        # peak_ewma's estimates (meshctl_ewma.lua's CLI command, when loaded)
+        for backend, peers in resilience.estimates(self.master_command("@1 meshctl ewma")).items():
+            out.setdefault(backend, {})["balancer"] = "peak_ewma"
+            out[backend]["peers"] = peers
+        return out
 
     def validate(self, config_dir: Path) -> None:
         self._check([self.binary, "-c", "-f", str(config_dir / self.main_file)],

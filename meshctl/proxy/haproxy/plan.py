@@ -193,8 +193,10 @@ def plan(snapshot: Snapshot) -> HapPlan:
                     name = backend_name(o.caller, c, retry, timeout, o.policy)
                     how, consistent = balance(c, http)
                     if o.policy.balancer:
-                        # peak_ewma: a slower server holds its connections longer
-                        how, consistent = "leastconn", False
+                        # peak_ewma: on http, plugins/haproxy/meshctl_ewma.lua
+                        # sets the weights roundrobin follows; on tcp a slower
+                        # server holds its connections longer
+                        how, consistent = ("roundrobin" if http else "leastconn"), False
                     backends.setdefault(name, HapBackend(
                         name=name, caller=o.caller, tls=o.tls, cluster=c, http=http,
                         balance=how, consistent=consistent, retries=retry.tries,

@@ -38,9 +38,14 @@ def gaps(snapshot: Snapshot) -> list[str]:
                            "may eject every instance (MaxEjectionPercent is not enforced), "
                            "ignores EnforcingConsecutive5xx, and takes an instance back "
                            "after one TLS check succeeds")
-        if o.policy.balancer:
-            out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r}: HAProxy has no "
-                       "latency-aware choice; carried as leastconn (fewest connections)")
+        if o.policy.balancer and o.protocol != "http":
+            out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r} on tcp: HAProxy "
+                       "sees no answers to time; carried as leastconn (fewest connections)")
+        elif o.policy.balancer:
+            out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r}: weights set "
+                       "every 0.1 s from each server's response-time estimate (roundrobin "
+                       "follows them), not a per-request power of two choices; a reload "
+                       "starts the estimates afresh")
         if has_retries(o):
             out.append(f"{where(o)}: retry budget: HAProxy decides per request, before "
                        "sending it, whether it may retry (disable-l7-retry); connection "
@@ -78,4 +83,20 @@ def servers_down(show_stat: str) -> dict[str, Any]:
                                           "in_flight": int(inflight.get(name) or 0)})
             entry["ejected"].append({"peer": r.get("addr", ""), "status": status,
                                      "check": r.get("check_status", "")})
+    return out
+
+
+def estimates(text: str) -> dict[str, list[dict[str, Any]]]:
+    """``meshctl ewma`` (plugins/haproxy/meshctl_ewma.lua) → {backend: [{"peer",
+    "ewma_ms"}]}; anything else (the command unknown: no peak_ewma) → {}."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or "." not in parts[0]:
+            continue
+        try:
+            ms = round(float(parts[2]), 1)
+        except ValueError:
+            continue
+        out.setdefault(parts[0], []).append({"peer": parts[1], "ewma_ms": ms})
     return out
