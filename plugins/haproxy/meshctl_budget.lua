@@ -6,16 +6,17 @@
 -- HAProxy decides a retry inside the stream, where no Lua runs, so the budget
 -- decides once per request, before it is sent: a backend whose routes retry
 -- renders
---   http-request disable-l7-retry unless { lua.meshctl_retry_ok(P,M,N) -m int 1 }
--- (N: the backend's retries)
+--   http-request disable-l7-retry unless { lua.meshctl_retry_ok(P,M) -m int 1 }
 -- and a request the budget refuses is sent once and answered as it comes back
 -- (a connection failure is still tried again: disable-l7-retry leaves those).
 -- lua.meshctl_retry_ok counts the request. Retries are HAProxy's own counts,
 -- as meshctl_metrics.lua reads them: the tries the backend's servers count
 -- ("stot") less the requests the backend counts, read every POLL seconds by
--- a task; a request admitted since the last read counts as N retries (all it
--- may make) until the next read replaces them with what HAProxy counted, so
--- the lag of the reads cannot let retries past the budget.
+-- a task. So the budget can be passed by the retries of the requests admitted
+-- within one read interval (at most their NumRetries each): what one 0.05 s
+-- of traffic retries. (Counting each admitted request as all its retries
+-- until the next read closes that gap but refuses retries the budget has room
+-- for: a burst of fast requests, half of them failing once, ran out of it.)
 --
 -- One table for all threads (lua-load, not lua-load-per-thread); a reload
 -- starts the window afresh.
@@ -23,8 +24,7 @@ local WINDOW = 10
 local POLL = 0.05
 
 -- backend name -> { rq = {[slot] = n}, rr = {[slot] = n}, at = {[slot] = second},
--- tries = the retries HAProxy had counted at the last read, admitted = the
--- retries the requests allowed to retry since then may make }
+-- tries = the retries HAProxy had counted at the last read }
 local state = {}
 
 local function slot(s, now)
@@ -54,12 +54,12 @@ local function sums(s, now)
     return requests, retries
 end
 
-core.register_fetches("meshctl_retry_ok", function(txn, percent, min_per_second, retries_each)
+core.register_fetches("meshctl_retry_ok", function(txn, percent, min_per_second)
     local name = txn.f:be_name()
     local s = state[name]
     if s == nil then
         local be = core.backends[name]
-        s = { rq = {}, rr = {}, at = {}, tries = be and retried(be) or 0, admitted = 0 }
+        s = { rq = {}, rr = {}, at = {}, tries = be and retried(be) or 0 }
         state[name] = s
     end
     local now = core.now().sec
@@ -68,10 +68,9 @@ core.register_fetches("meshctl_retry_ok", function(txn, percent, min_per_second,
     local requests, retries = sums(s, now)
     local allowed = requests * (tonumber(percent) or 20) / 100
         + (tonumber(min_per_second) or 10) * WINDOW
-    if retries + s.admitted >= allowed then
+    if retries >= allowed then
         return 0
     end
-    s.admitted = s.admitted + (tonumber(retries_each) or 1)
     return 1
 end)
 
@@ -92,7 +91,6 @@ core.register_task(function()
                     s.tries = n
                 end
             end
-            s.admitted = 0
         end
         core.msleep(math.floor(POLL * 1000))
     end

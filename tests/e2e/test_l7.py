@@ -542,9 +542,13 @@ def test_retries_hide_an_instance_answering_503(clean: Mesh) -> None:
         "Destination": {"NumRetries": 2, "RetryOnStatusCodes": [503, 418]},
     }]})
     wait_applied(mesh, "the retry route", lambda r: r and r[0]["num_retries"] == 2)
-    results = burst(mesh, 200)
+    # Within the default retry budget (20 % of the requests + 10/s over 10 s:
+    # 120 retries for 100 requests). HAProxy's round robin sends every request
+    # to h2 first (the retry's redispatch moves its pointer on), so each needs
+    # a retry; nginx's sends every other one.
+    results = burst(mesh, 100)
     assert [r for r in results if r[0] >= 500] == []
-    assert versions(results) == {"200 v2": 200}
+    assert versions(results) == {"200 v2": 100}
 
     # 418 cannot be retried by either proxy: said in `meshctl status`.
     status = mesh["h1"].meshctl("status")

@@ -609,7 +609,13 @@ def test_a_retry_budget_bounds_retries_against_failing_instances(mesh: Mesh) -> 
             assert any("retry budget: HAProxy decides per request" in w for w in gaps(mesh))
         # Retries: 20 % of the requests plus the floor, 10/s over each 10 s
         # window the run touched (and one check-then-count race per client).
-        assert n <= total <= 1.2 * n + 100 * windows + threads, (total, windows)
+        # HAProxy decides before sending and reads its retry counts every
+        # 0.05 s (meshctl_budget.lua): the requests of one read interval can
+        # also make their 3 retries.
+        slack = threads
+        if mesh["h1"].proxy == "haproxy":
+            slack += 3 * n / (time.monotonic() - started) * 0.05
+        assert n <= total <= 1.2 * n + 100 * windows + slack, (total, windows, slack)
         print(f"{n} requests, the backends saw {total}")
     finally:
         set_mode(mesh)

@@ -48,7 +48,7 @@ def _haproxy(tmp_path: Path, budget: bool) -> Iterator[int]:
     for app in apps:
         threading.Thread(target=app.serve_forever, daemon=True).start()
     front = free_port()
-    rule = ("    http-request disable-l7-retry unless { lua.meshctl_retry_ok(20,10,3) -m int 1 }\n"
+    rule = ("    http-request disable-l7-retry unless { lua.meshctl_retry_ok(20,10) -m int 1 }\n"
             if budget else "")
     servers = "".join(f"    server s{i} 127.0.0.1:{a.server_address[1]}\n"
                       for i, a in enumerate(apps))
@@ -133,10 +133,13 @@ def test_without_the_budget_every_request_is_tried_four_times(unbudgeted: int) -
 def test_the_budget_bounds_retries_to_a_share_of_the_requests(budgeted: int) -> None:
     started = time.monotonic()
     got = _load(budgeted, 4, 250)
-    windows = int((time.monotonic() - started) // 10) + 1
+    elapsed = time.monotonic() - started
+    windows = int(elapsed // 10) + 1
     assert got == [503] * 1000
-    # 20 % of the requests, the floor of 10/s for each 10 s window the run
-    # touched, and per poll of HAProxy's counters (0.05 s) at most two more
-    # tries of each request admitted meanwhile (a handful at this rate).
-    print(f"servers saw {_Failing.seen} tries for 1000 requests")
-    assert 1000 < _Failing.seen <= 1.2 * 1000 + 100 * windows + 60, _Failing.seen
+    # 20 % of the requests and the floor of 10/s for each 10 s window the run
+    # touched, plus what the requests of one read interval of HAProxy's
+    # counters (0.05 s) can retry past it: 3 tries more each.
+    lag = 3 * 1000 / elapsed * 0.05
+    print(f"servers saw {_Failing.seen} tries for 1000 requests in {elapsed:.2f} s "
+          f"(lag allowance {lag:.0f})")
+    assert 1000 < _Failing.seen <= 1.2 * 1000 + 100 * windows + lag, _Failing.seen
