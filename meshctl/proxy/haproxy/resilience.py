@@ -44,8 +44,8 @@ def gaps(snapshot: Snapshot) -> list[str]:
         elif o.policy.balancer:
             out.append(f"{where(o)}: meshctl_balancer {o.policy.balancer!r}: weights set "
                        "every 0.1 s from each server's response-time estimate (roundrobin "
-                       "follows them), not a per-request power of two choices; a reload "
-                       "starts the estimates afresh")
+                       "follows them), not a per-request power of two choices, and in place "
+                       "of Consul's instance weights; a reload starts the estimates afresh")
         if has_retries(o):
             out.append(f"{where(o)}: retry budget: HAProxy decides per request, before "
                        "sending it, whether it may retry (disable-l7-retry); connection "
