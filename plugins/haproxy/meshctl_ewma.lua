@@ -5,10 +5,13 @@
 -- so the table below is the one view of the backend's answers.
 --
 -- Hooks (the template puts them in a backend with peak_ewma):
---   http-request set-var(txn.meshctl_t0) lua.meshctl_ewma_t0
+--   http-request set-var(txn.meshctl_ew0) date(0,us)
 --   http-after-response set-var(txn.meshctl_ew) lua.meshctl_ewma
 -- (HAProxy 2.6 has no res.timer.* fetches: the time is measured here, from
--- the backend's http-request to the answer, queue and connect included.)
+-- the backend's http-request to the answer, queue and connect included, on
+-- the date's clock at both ends. Its own variable: txn.meshctl_t0 is the
+-- frontend's start, which the metrics and the access log time the request
+-- from.)
 --
 -- Each server keeps a peak EWMA of its response time (a slower answer is
 -- taken at once, a faster one with weight 1 - exp(-dt/TAU)). A task sets,
@@ -31,6 +34,10 @@ local MAX_WEIGHT = 256
 
 -- backend name -> {server name -> {ewma = ms, t = last answer (s)}}
 local B = {}
+-- backends with answers since the last tick (an idle one is not weighed: its
+-- weights choose nothing), and when each last aged its estimates
+local ANSWERED = {}
+local AGED = {}
 
 local weigh
 
@@ -39,23 +46,19 @@ local function now()
     return t.sec + t.usec / 1e6
 end
 
-core.register_fetches("meshctl_ewma_t0", function(txn)
-    local t = core.now()
-    return t.sec * 1000000 + t.usec
-end)
-
 core.register_fetches("meshctl_ewma", function(txn)
     local sname = txn.sf:srv_name()
     if sname == nil or sname == "" then
         return nil
     end
-    local t0 = tonumber(txn:get_var("txn.meshctl_t0"))
+    local t0 = tonumber(txn:get_var("txn.meshctl_ew0"))
     if t0 == nil then
         return nil
     end
+    local ms = math.max(0, (tonumber(txn.f:date(0, "us")) - t0) / 1000)
     local t = now()
-    local ms = math.max(0, (t * 1e6 - t0) / 1000)
     local bname = txn.f:be_name()
+    ANSWERED[bname] = true
     local b = B[bname]
     if b == nil then
         b = {}
@@ -90,6 +93,8 @@ weigh = function(bname, b)
         return
     end
     local t = now()
+    local aging = 1 - math.exp(-math.max(t - (AGED[bname] or t), 0) / AGE)
+    AGED[bname] = t
     local costs, cheapest, lowest = {}, nil, nil
     for sname, srv in pairs(be.servers) do
         local st = srv:get_stats()
@@ -108,8 +113,7 @@ weigh = function(bname, b)
         local h = c.h
         if h and lowest and t - h.t > TAU then
             -- no answers for a while: age towards the backend's best
-            local w = 1 - math.exp(-TICK / 1000 / AGE)
-            h.ewma = h.ewma + w * (lowest - h.ewma)
+            h.ewma = h.ewma + aging * (lowest - h.ewma)
         end
         -- an unmeasured server costs the best's (it gets measured soon)
         local ewma = h and h.ewma or lowest or 0
@@ -129,9 +133,10 @@ end
 
 core.register_task(function()
     while true do
-        for bname, b in pairs(B) do
-            weigh(bname, b)
+        for bname in pairs(ANSWERED) do
+            weigh(bname, B[bname])
         end
+        ANSWERED = {}
         core.msleep(TICK)
     end
 end)

@@ -194,6 +194,12 @@ def test_both_drivers_render_the_policies_and_say_their_gaps() -> None:
     assert "balance roundrobin" in hap and "maxconn 64" in hap
     assert "lua-load /usr/share/meshctl/plugins/haproxy/meshctl_ewma.lua" in hap
     assert "http-after-response set-var(txn.meshctl_ew) lua.meshctl_ewma" in hap
+    # It times a server's answer from the backend, in its own variable: the
+    # request's start (txn.meshctl_t0, the metrics' and access log's) is set by
+    # the frontends alone.
+    assert "http-request set-var(txn.meshctl_ew0) date(0,us)" in hap
+    for section in hap.split("\nbackend ")[1:]:
+        assert "set-var(txn.meshctl_t0)" not in section.split("\nfrontend ")[0], section
     assert "{ sc0_gpc0_rate ge 5 }" in hap and "hdr Retry-After 1" in hap
     hap_gaps = "\n".join(HAProxyDriver(PATHS).unsupported(snap))
     assert "MaxEjectionPercent" not in hap_gaps and "EnforcingConsecutive5xx" not in hap_gaps
