@@ -24,7 +24,8 @@ local WINDOW = 10
 local POLL = 0.05
 
 -- backend name -> { rq = {[slot] = n}, rr = {[slot] = n}, at = {[slot] = second},
--- tries = the retries HAProxy had counted at the last read }
+-- tries = the retries HAProxy had counted at the last read, asked = a request
+-- came since then (an idle backend's counters are not read) }
 local state = {}
 
 local function slot(s, now)
@@ -65,6 +66,7 @@ core.register_fetches("meshctl_retry_ok", function(txn, percent, min_per_second)
     local now = core.now().sec
     local i = slot(s, now)
     s.rq[i] = s.rq[i] + 1
+    s.asked = true
     local requests, retries = sums(s, now)
     local allowed = requests * (tonumber(percent) or 20) / 100
         + (tonumber(min_per_second) or 10) * WINDOW
@@ -78,16 +80,15 @@ core.register_task(function()
     while true do
         local now = core.now().sec
         for name, s in pairs(state) do
-            local be = core.backends[name]
+            local be = s.asked and core.backends[name]
             if be then
+                s.asked = false
+                -- A request waiting for its first server counts -1 until it has
+                -- one: the count never goes below the last read.
                 local n = retried(be)
                 if n > s.tries then
                     local i = slot(s, now)
                     s.rr[i] = s.rr[i] + (n - s.tries)
-                end
-                -- A request waiting for its first server counts -1 until it has
-                -- one: never go below the last read.
-                if n > s.tries then
                     s.tries = n
                 end
             end
