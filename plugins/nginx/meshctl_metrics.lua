@@ -69,7 +69,6 @@ local incr_errors = 0
 
 -- Seconds between two additions of a worker's counts to the shared dict.
 local FLUSH = 0.1
-_M.FLUSH = FLUSH
 
 -- This worker's counts not yet in the shared dict: key -> value.
 local pending = {}
@@ -106,7 +105,6 @@ local function flush()
         incr(key, value)
     end
 end
-_M.flush = flush
 
 local function on_timer(premature)
     if premature then

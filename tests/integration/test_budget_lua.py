@@ -16,12 +16,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.integration.consul_dev import free_port
+from tests.integration.threads import in_threads
 
 pytestmark = pytest.mark.needs("haproxy")
 
@@ -110,29 +112,15 @@ def _get(port: int) -> int:
         return exc.code
 
 
-def _load(port: int, threads: int, each: int) -> list[int]:
-    out: list[int] = []
-
-    def run() -> None:
-        got = [_get(port) for _ in range(each)]
-        out.extend(got)
-    ts = [threading.Thread(target=run) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return out
-
-
 def test_without_the_budget_every_request_is_tried_four_times(unbudgeted: int) -> None:
-    got = _load(unbudgeted, 4, 250)
+    got = in_threads(4, 250, partial(_get, unbudgeted))
     assert got == [503] * 1000
     assert _Failing.seen == 4000
 
 
 def test_the_budget_bounds_retries_to_a_share_of_the_requests(budgeted: int) -> None:
     started = time.monotonic()
-    got = _load(budgeted, 4, 250)
+    got = in_threads(4, 250, partial(_get, budgeted))
     elapsed = time.monotonic() - started
     windows = int(elapsed // 10) + 1
     assert got == [503] * 1000

@@ -31,6 +31,7 @@ import pytest
 from meshctl.lab.mesh import wait_until
 from meshctl.resources import plugins_dir
 from tests.integration.consul_dev import free_port
+from tests.integration.threads import in_threads
 
 pytestmark = pytest.mark.needs("nginx")
 
@@ -155,15 +156,9 @@ http {{
         assert "meshctl metrics" not in errors, errors
 
 
-def _load(n: Nginx, count: int, threads: int = 4) -> None:
-    def run() -> None:
-        for _ in range(count // threads):
-            assert n.get()[0] == 200
-    ts = [threading.Thread(target=run) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+def _load(n: Nginx, count: int) -> None:
+    """``count`` requests from 4 clients at once, all answered 200."""
+    assert in_threads(4, count // 4, lambda: n.get()[0]) == [200] * count
 
 
 def test_the_control_endpoint_has_every_answered_request_of_both_workers(
