@@ -12,15 +12,24 @@
 -- of the servers of a backend with PassiveHealthCheck) is read from
 -- meshctl_outlier.lua's count at scrape time.
 --
--- Requests are counted once, at their final answer, by sample fetches in
+-- Requests are counted once, at their final answer, by a Lua converter in
 -- `http-after-response set-var(...)` (HAProxy 2.6 registers no Lua action
--- there, but a fetch runs anywhere a sample does): those rules run for every
--- answer, the server's and those HAProxy gives itself (403, 404, 429, 503 of
--- a return rule, and the 502/503/504 of a failed connection, a reset or a
--- timeout after forwarding), which `http-response` rules never see.
+-- there, but a converter runs anywhere a sample does): those rules run for
+-- every answer, the server's and those HAProxy gives itself (403, 404, 429, 503
+-- of a return rule, and the 502/503/504 of a failed connection, a reset or a
+-- timeout after forwarding), which `http-response` rules never see. HAProxy
+-- builds the whole key natively (set-var-fmt) and the converter only splits off
+-- the duration and adds: a converter gets no txn object (a sample fetch's costs
+-- HAProxy some 5 us to build, and each txn:get_var() or txn.f call more), and a
+-- key seen before costs no string building in Lua at all.
 --
---   http-after-response set-var(txn.meshctl_n) lua.meshctl_count_in(<service>)
---   http-after-response set-var(txn.meshctl_n) lua.meshctl_count_out(<caller>)
+--   http-after-response set-var(txn.meshctl_d) date(0,us),sub(txn.meshctl_t0)
+--   http-after-response set-var-fmt(txn.meshctl_k) <labels>|<backend>|<served>|%[var(txn.meshctl_d)]
+--   http-after-response set-var(txn.meshctl_n) var(txn.meshctl_k),lua.meshctl_count
+-- <labels> are the 7 label fields of a request (direction|local|peer|upstream|
+-- subset|route|code, the route 1-based), <backend> the outbound backend the
+-- request went to and <served> "1" when a server answered it ("" inbound).
+--
 -- Actions (the template calls them), for the kinds beside r:
 --   http-request  lua.meshctl_metrics_in_denied <service>  before its 403
 --   http-request  lua.meshctl_metrics_in_limited <service> before its 429
@@ -29,47 +38,57 @@
 --   http-request  lua.meshctl_metrics_outlier <caller>     in a backend with
 --                                                          PassiveHealthCheck: its labels
 --   tcp-request content lua.meshctl_metrics_tcp <dir> <service> <upstream>
--- and the duration of a TCP connection for its access-log record, at log time:
---   log-format ... %[lua.meshctl_tcp_duration]
--- sess.meshctl_t0 (tcp-request connection) is a TCP connection's start;
 -- txn.meshctl_t0 (date(0,us), set by the frontend's first rule) is the start,
 -- txn.meshctl_up the outbound's upstream (set there too); txn.meshctl_peer and
 -- txn.meshctl_subset are set by the backend a request went to, txn.meshctl_r
--- (the route) by the outbound's route rules.
+-- (the route, 0-based) by the outbound's route rules.
 -- Service on the status socket: lua.meshctl_metrics_control (GET: JSON).
 local cjson = require("cjson.safe")
 
 local buckets = require("meshctl_buckets")
 
 local C = {}
--- Set when the frontends log (see the template): only then are the timing
--- variables of the access-log record worth their cost.
-local LOGGED = os.getenv("MESHCTL_METRICS_LOG") == "1"
 
 local function add(key, v)
     C[key] = (C[key] or 0) + v
 end
 
-local bucket = buckets.bucket
+local BOUNDS = buckets.BOUNDS
+local NB = #BOUNDS + 1
 
-local function count(txn, labels)
-    add("r|" .. labels, 1)
-    local t0 = tonumber(txn:get_var("txn.meshctl_t0"))
-    if t0 then
-        -- The same clock as t0 (date(0,us)): core.now() is HAProxy's corrected
-        -- internal time, which drifts from the date after a detected clock jump.
-        local d = (tonumber(txn.f:date(0, "us")) - t0) / 1e6
-        if d < 0 then
-            d = 0
-        end
-        add("s|" .. labels, d)
-        add("b" .. bucket(d) .. "|" .. labels, 1)
-        if LOGGED then
-            txn:set_var("txn.meshctl_duration", string.format("%.6f", d))
-            txn:set_var("txn.meshctl_start", string.format("%.6f", t0 / 1e6))
-        end
+-- Requests by their key (labels|backend|served): { labels, backend, served,
+-- requests, duration sum (seconds), the NB bucket counts }.
+local E = {}
+
+local function entry(key)
+    local labels, be, served = key:match("^(.*)|([^|]*)|([^|]*)$")
+    local e = { labels or key, be or "", served or "", 0, 0 }
+    for i = 1, NB do
+        e[5 + i] = 0
     end
+    E[key] = e
+    return e
 end
+
+core.register_converters("meshctl_count", function(v)
+    local key, d = v:match("^(.*)|(%d*)$")
+    if key == nil then
+        return 0
+    end
+    local e = E[key] or entry(key)
+    e[4] = e[4] + 1
+    d = tonumber(d)
+    if d then
+        d = d / 1e6
+        e[5] = e[5] + d
+        local i = 1
+        while i < NB and d > BOUNDS[i] do
+            i = i + 1
+        end
+        e[5 + i] = e[5 + i] + 1
+    end
+    return 1
+end)
 
 local function var(txn, name)
     local v = txn:get_var(name)
@@ -79,12 +98,6 @@ local function var(txn, name)
     return tostring(v)
 end
 
-core.register_fetches("meshctl_count_in", function(txn, service)
-    count(txn, "inbound|" .. service .. "|" .. var(txn, "txn.meshctl_caller") .. "||||"
-        .. tostring(txn.sf:status()))
-    return 1
-end)
-
 core.register_action("meshctl_metrics_in_denied", { "http-req" }, function(txn, service)
     add("d|inbound|" .. service .. "|" .. var(txn, "txn.meshctl_caller") .. "||||", 1)
 end, 1)
@@ -93,35 +106,8 @@ core.register_action("meshctl_metrics_in_limited", { "http-req" }, function(txn,
     add("l|inbound|" .. service .. "|" .. var(txn, "txn.meshctl_caller") .. "||||", 1)
 end, 1)
 
--- HTTP backends a request went to -> the labels of their retries (the first
--- request's: a backend is one caller's view of one cluster); the requests of
--- each that reached no server (circuit open, over capacity, none up); the
--- retries last reported.
-local BACKENDS = {}
-local UNSERVED = {}
+-- The retries last reported, by backend.
 local RETRIED = {}
-
-core.register_fetches("meshctl_count_out", function(txn, caller)
-    -- HAProxy numbers routes from 0, the nginx router from 1: the label is 1-based.
-    local r = tonumber(txn:get_var("txn.meshctl_r"))
-    local route = r and tostring(r + 1) or ""
-    local cluster = "outbound|" .. caller .. "|" .. var(txn, "txn.meshctl_peer") .. "|"
-        .. var(txn, "txn.meshctl_up") .. "|" .. var(txn, "txn.meshctl_subset") .. "|"
-    count(txn, cluster .. route .. "|" .. tostring(txn.sf:status()))
-    if txn:get_var("txn.meshctl_peer") ~= nil then
-        local be = txn.f:be_name()
-        if be then
-            if BACKENDS[be] == nil then
-                BACKENDS[be] = cluster .. "|"
-            end
-            local srv = txn.f:srv_name()
-            if srv == nil or srv == "" then
-                UNSERVED[be] = (UNSERVED[be] or 0) + 1
-            end
-        end
-    end
-    return 1
-end)
 
 -- Backends with outlier detection -> the labels of their ejections (the first
 -- request's: a backend is one caller's view of one cluster).
@@ -158,22 +144,37 @@ core.register_action("meshctl_metrics_tcp", { "tcp-req" }, function(txn, dir, se
     FRONTENDS[txn.f:fe_name()] = dir .. "|" .. service .. "||" .. upstream .. "|||"
 end, 3)
 
--- The seconds since sess.meshctl_t0 (date(0,us) at the connection's accept),
--- for the record a tcp frontend logs at the connection's end ("" when the
--- frontend did not start the clock).
-core.register_fetches("meshctl_tcp_duration", function(txn)
-    local t0 = tonumber(txn:get_var("sess.meshctl_t0"))
-    if not t0 then
-        return ""
-    end
-    local d = (tonumber(txn.f:date(0, "us")) - t0) / 1e6
-    return string.format("%.6f", d < 0 and 0 or d)
-end)
-
 local function snapshot()
     local out = {}
     for k, v in pairs(C) do
         out[k] = v
+    end
+    -- HTTP backends requests went to -> the labels of their retries (an
+    -- entry's cluster: a backend is one caller's view of one cluster), and the
+    -- requests of each that reached no server (circuit open, over capacity,
+    -- none up).
+    local backends, unserved = {}, {}
+    for _, e in pairs(E) do
+        local labels = e[1]
+        out["r|" .. labels] = (out["r|" .. labels] or 0) + e[4]
+        out["s|" .. labels] = (out["s|" .. labels] or 0) + e[5]
+        for i = 1, NB do
+            if e[5 + i] > 0 then
+                local k = "b" .. i .. "|" .. labels
+                out[k] = (out[k] or 0) + e[5 + i]
+            end
+        end
+        local be = e[2]
+        if be ~= "" then
+            -- direction|caller|peer|upstream|subset: the cluster, "" route and code.
+            local cluster, peer = labels:match("^(outbound|[^|]*|([^|]*)|[^|]*|[^|]*)|")
+            if cluster and peer ~= "" then
+                backends[be] = backends[be] or (cluster .. "||")
+                if e[3] == "" then
+                    unserved[be] = (unserved[be] or 0) + e[4]
+                end
+            end
+        end
     end
     for name, labels in pairs(FRONTENDS) do
         local fe = core.frontends[name]
@@ -189,7 +190,7 @@ local function snapshot()
     for name, labels in pairs(OUTLIER) do
         out["e|" .. labels] = od and od.ejections(name) or 0
     end
-    for name, labels in pairs(BACKENDS) do
+    for name, labels in pairs(backends) do
         local be = core.backends[name]
         if be then
             -- Retries: every try is a stream its server counts ("stot"), every request
@@ -202,7 +203,7 @@ local function snapshot()
             for _, srv in pairs(be.servers) do
                 tries = tries + (tonumber(srv:get_stats().stot) or 0)
             end
-            local n = tries - (tonumber(be:get_stats().stot) or 0) + (UNSERVED[name] or 0)
+            local n = tries - (tonumber(be:get_stats().stot) or 0) + (unserved[name] or 0)
             if n < (RETRIED[name] or 0) then
                 n = RETRIED[name]
             end

@@ -208,9 +208,11 @@ def test_request_counts_rate_success_and_p99_per_pair_match_the_load(
         assert ratio < 1.0, name  # the 503s are in the denominator
 
     # p99 at web's outbound: below the bucket bound above the client's own p99
-    # (the sidecar sees the hop without the client's loopback), and not zero.
+    # (the sidecar sees the hop without the client's loopback), and not zero. Over
+    # every answer, as the client's: the 503s are fast, and without them in the
+    # sidecar's population its p99 was the slower one (6.5 ms against 4.95 ms).
     p99 = prom.value("histogram_quantile(0.99, sum by (le) (meshctl_request_duration_seconds_"
-                     f"bucket{_sel(*EDGES['web→api at web'], code='200')}))")
+                     f"bucket{_sel(*EDGES['web→api at web'])}))")
     client_p99 = report["latency_ms"]["p99"] / 1000
     bound = next((b for b in BOUNDS if b >= client_p99), float("inf"))
     assert p99 is not None and 0 < p99 <= bound, (p99, client_p99)

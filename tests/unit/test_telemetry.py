@@ -62,6 +62,17 @@ def test_a_record_parses_from_syslog_or_raw_and_haproxy_dashes_are_empty() -> No
     assert parse_record(b"[1, 2]") is None
 
 
+def test_haproxy_microseconds_become_seconds_exactly() -> None:
+    data = {k: v for k, v in record().items() if k not in ("start", "duration")}
+    r = parse_record(json.dumps({**data, "start_us": "1796000000000042",
+                                 "duration_us": "1234"}).encode())
+    assert r is not None and (r["start"], r["duration"]) == ("1796000000.000042", "0.001234")
+    # a variable HAProxy did not set ("-") stays empty, and seconds given win
+    r = parse_record(json.dumps({**data, "start_us": "-", "duration": "0.5",
+                                 "duration_us": "7"}).encode())
+    assert r is not None and (r["start"], r["duration"]) == ("", "0.5")
+
+
 def test_the_receiver_splits_access_lines_and_spans(tmp_path: Path) -> None:
     spans: list[dict[str, str]] = []
     sock = tmp_path / "t.sock"
