@@ -12,20 +12,21 @@
 -- of the servers of a backend with PassiveHealthCheck) is read from
 -- meshctl_outlier.lua's count at scrape time.
 --
--- Requests are counted once, at their final answer, by a Lua converter in
--- `http-after-response set-var(...)` (HAProxy 2.6 registers no Lua action
--- there, but a converter runs anywhere a sample does): those rules run for
--- every answer, the server's and those HAProxy gives itself (403, 404, 429, 503
--- of a return rule, and the 502/503/504 of a failed connection, a reset or a
--- timeout after forwarding), which `http-response` rules never see. HAProxy
--- builds the whole key natively (set-var-fmt) and the converter only splits off
--- the duration and adds: a converter gets no txn object (a sample fetch's costs
--- HAProxy some 5 us to build, and each txn:get_var() or txn.f call more), and a
--- key seen before costs no string building in Lua at all.
+-- Requests are counted once, at their final answer (templates/haproxy/count.j2).
+-- An answer a server gave passes the frontend's `http-response` rules, which
+-- count it with no Lua at all, in the meshctl_requests stick table (the agent
+-- reads it with "show table"; here only its keys are read, for the backends of
+-- the retries). An answer HAProxy gives itself (403, 404, 429, 503 of a return
+-- rule, and the 502/503/504 of a failed connection, a reset or a timeout after
+-- forwarding) passes no http-response rule; a Lua converter in
+-- `http-after-response set-var(...)` counts it here (HAProxy 2.6 registers no
+-- Lua action there, but a converter runs anywhere a sample does). HAProxy builds
+-- its key natively (set-var-fmt) and the converter only splits off the duration
+-- and adds: a converter gets no txn object (a sample fetch's costs HAProxy some
+-- 5 us to build), and a key seen before costs no string building in Lua.
 --
---   http-after-response set-var(txn.meshctl_d) date(0,us),sub(txn.meshctl_t0)
---   http-after-response set-var-fmt(txn.meshctl_k) <labels>|<backend>|<served>|%[var(txn.meshctl_d)]
---   http-after-response set-var(txn.meshctl_n) var(txn.meshctl_k),lua.meshctl_count
+--   http-after-response set-var-fmt(txn.meshctl_j) <labels>|<backend>|<served>|<us>
+--   http-after-response set-var(txn.meshctl_n) var(txn.meshctl_j),lua.meshctl_count
 -- <labels> are the 7 label fields of a request (direction|local|peer|upstream|
 -- subset|route|code, the route 1-based), <backend> the outbound backend the
 -- request went to and <served> "1" when a server answered it ("" inbound).
@@ -173,6 +174,18 @@ local function snapshot()
                 if e[3] == "" then
                     unserved[be] = (unserved[be] or 0) + e[4]
                 end
+            end
+        end
+    end
+    -- The requests servers answered are HAProxy's own counters (templates/
+    -- haproxy/count.j2; the agent reads them with "show table"): only their
+    -- backends are learnt here, from the keys (labels|backend|bucket).
+    local requests = core.backends["meshctl_requests"]
+    if requests and requests.stktable then
+        for key in pairs(requests.stktable:dump()) do
+            local cluster, peer, be = key:match("^(outbound|[^|]*|([^|]*)|[^|]*|[^|]*)|[^|]*|[^|]*|([^|]*)|")
+            if cluster and peer ~= "" and be ~= "" then
+                backends[be] = backends[be] or (cluster .. "||")
             end
         end
     end

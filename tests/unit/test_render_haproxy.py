@@ -231,24 +231,49 @@ def _sections(text: str, prefix: str) -> dict[str, str]:
     return dict(re.findall(rf"^frontend ({prefix}\S+)\n(.*?)(?=\n\n|\Z)", text, re.M | re.S))
 
 
-def test_every_http_answer_is_counted_once_after_the_response() -> None:
-    """Counting at http-after-response sees the answers HAProxy gives itself (a
-    return rule's, a failed try's 502/503/504); http-response rules do not."""
+def test_every_http_answer_is_counted_once_a_servers_by_haproxy_itself() -> None:
+    """A server's answer is counted by http-response rules in the stick table (no
+    Lua); an answer HAProxy gives itself (a return rule's, a failed try's
+    502/503/504), which no http-response rule sees, by the Lua converter at
+    http-after-response, and only then."""
     text = HAProxyDriver(PATHS).render(callers_snapshot(), "0123456789abcdef")["haproxy.cfg"]
+    assert re.search(r"^backend meshctl_requests\n    stick-table type string len 512 "
+                     r"size 100k store gpc\(33\)$", text, re.M)
     http = {n: body for n, body in {**_sections(text, "in_"), **_sections(text, "out_")}.items()
             if "mode http" in body}
     assert len(http) == len(CALLERS) * 3  # an inbound and two http outbounds each
     for name, body in http.items():
-        counts = re.findall(r"^    http-after-response set-var\(txn\.meshctl_n\) "
-                            r"var\(txn\.meshctl_k\),lua\.meshctl_count$", body, re.M)
-        keys = re.findall(r'^    http-after-response set-var-fmt\(txn\.meshctl_k\) "([a-z]+)\|',
-                          body, re.M)
-        assert len(counts) == 1, name
-        assert keys == ["inbound" if name.startswith("in_") else "outbound"], name
-        # The key is built by HAProxy, not by a Lua sample fetch (which costs a txn object).
+        direction = "inbound" if name.startswith("in_") else "outbound"
+        native = re.findall(r'^    http-response set-var-fmt\(txn\.meshctl_k\) "([a-z]+)\|.*'
+                            r'map_int\(/usr/share/meshctl/plugins/haproxy/meshctl_buckets\.map,16\)'
+                            r'\]"$', body, re.M)
+        assert native == [direction], name
+        assert body.count("http-response track-sc2 var(txn.meshctl_k) table "
+                          "meshctl_requests\n") == 1, name
+        bits = re.findall(r"^    http-response sc-inc-gpc\((\d+),2\) if "
+                          r"\{ var\(txn\.meshctl_d\),and\((\d+)\) -m int gt 0 \}$", body, re.M)
+        assert [(int(i), int(v)) for i, v in bits] == [(k + 1, 2 ** k) for k in range(32)], name
+        fallback = re.findall(r"^    http-after-response set-var\(txn\.meshctl_n\) "
+                              r"var\(txn\.meshctl_j\),lua\.meshctl_count "
+                              r"if \{ var\(txn\.meshctl_j\) -m found \}$", body, re.M)
+        assert len(fallback) == 1, name
+        assert ('set-var-fmt(txn.meshctl_j) "' + direction) in body, name
+        assert "if !{ var(txn.meshctl_k) -m found }" in body, name
+        # No Lua sample fetch per request (a fetch costs HAProxy a txn object).
         assert "lua.meshctl_count_" not in body, name
-        assert "http-response lua.meshctl_metrics" not in body, name
     assert "meshctl_metrics_out_local" not in text
+
+
+def test_the_bucket_map_is_the_histograms_bounds() -> None:
+    from meshctl.dataplane import BOUNDS
+    from meshctl.resources import plugins_dir
+
+    lines = [ln.split() for ln in (plugins_dir() / "haproxy" / "meshctl_buckets.map")
+             .read_text().splitlines() if ln and not ln.startswith("#")]
+    ranges = [(tuple(int(x) for x in r.split(":")), int(b)) for r, b in lines]
+    assert [b for _, b in ranges] == list(range(1, len(BOUNDS) + 1))
+    assert [hi for (_, hi), _ in ranges] == [round(b * 1e6) for b in BOUNDS]
+    assert [lo for (lo, _), _ in ranges] == [0] + [round(b * 1e6) + 1 for b in BOUNDS[:-1]]
 
 
 def test_tcp_frontends_log_their_connections_and_inbounds_their_failed_handshakes() -> None:

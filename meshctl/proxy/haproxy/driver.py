@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 from meshctl.errors import CompileError, ProxyError, ReloadError
 from meshctl.model import CertPaths, Cluster, Endpoint, Snapshot
 from meshctl.proxy.base import GENERATION_PLACEHOLDER, ProxyDriver
-from meshctl.proxy.haproxy import gaps, resilience
+from meshctl.proxy.haproxy import counters, gaps, resilience
 from meshctl.proxy.haproxy.plan import HapPlan, plan
 from meshctl.proxy.templating import environment
 
@@ -276,6 +276,18 @@ class HAProxyDriver(ProxyDriver):
                 if line and not line.startswith(_OK_ANSWERS):
                     raise ProxyError(f"haproxy refused a run-time endpoint update: {line} "
                                      f"(in: {'; '.join(batch)[:300]})")
+
+    def dataplane_counters(self) -> dict[str, float] | None:
+        lua = super().dataplane_counters()
+        if lua is None:
+            return None
+        # The answers servers gave: HAProxy's own stick table (count.j2), read from
+        # the current worker; its answers to what it cannot find start with "Unknown".
+        text = self.master_command(f"@1 show table {counters.TABLE}")
+        if not text.lstrip().startswith("# table:"):
+            raise ProxyError(f"haproxy answered {text.strip()[:200]!r} to "
+                             f"'show table {counters.TABLE}'")
+        return counters.merge(lua, counters.table_counters(text))
 
     def live_resilience(self) -> dict[str, Any]:
         # The current worker's counters: a server DOWN (not in maintenance,
