@@ -34,7 +34,9 @@ def test_lines_that_are_not_entries_are_skipped() -> None:
                       entry("too|few|fields|1", 5, [1]),
                       entry("inbound|api|web||||200||99", 5, [1]),  # no such bucket
                       "Unknown command"])
-    assert table_counters(text) == {}
+    bad: list[str] = []
+    assert table_counters(text, bad) == {}
+    assert bad == ["too|few|fields|1", "inbound|api|web||||200||99"]
 
 
 def test_each_request_is_in_one_source_and_the_sum_adds_them() -> None:

@@ -24,21 +24,23 @@ _ENTRY = re.compile(r"^0x[0-9a-f]+: key=(?P<key>.*?) use=\d+ exp=\d+(?: shard=\d
 _GPC = re.compile(r"\bgpc(\d+)=(\d+)")
 
 
-def table_counters(text: str) -> dict[str, float]:
+def table_counters(text: str, bad: list[str] | None = None) -> dict[str, float]:
     """``show table meshctl_requests`` → {"r|<labels>": n, "b<i>|<labels>": n,
     "s|<labels>": seconds}, summed over the backends of a label set. Lines that are
-    not entries (the header) and entries whose key does not parse are skipped."""
+    not entries (the header) are skipped; so are entries whose key does not parse
+    (longer than the table's key length, which HAProxy cuts), added to ``bad``."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = _ENTRY.match(line.strip())
         if m is None:
             continue
         fields = m["key"].split("|")
-        if len(fields) != 9 or not fields[8].isdigit():
+        if len(fields) != 9 or not fields[8].isdigit() or \
+                not 1 <= int(fields[8]) <= len(BOUNDS) + 1:
+            if bad is not None:
+                bad.append(m["key"])
             continue
         bucket = int(fields[8])
-        if not 1 <= bucket <= len(BOUNDS) + 1:
-            continue
         labels = "|".join(fields[:7])
         gpc = {int(i): int(v) for i, v in _GPC.findall(m["data"])}
         n = gpc.get(0, 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import re
 import signal
 import socket
@@ -36,6 +37,8 @@ from meshctl.proxy.base import GENERATION_PLACEHOLDER, ProxyDriver
 from meshctl.proxy.haproxy import counters, gaps, resilience
 from meshctl.proxy.haproxy.plan import HapPlan, plan
 from meshctl.proxy.templating import environment
+
+log = logging.getLogger("meshctl.proxy.haproxy")
 
 MIN_SLOTS = 4
 #: HAProxy server weights range 0-256
@@ -287,7 +290,16 @@ class HAProxyDriver(ProxyDriver):
         if not text.lstrip().startswith("# table:"):
             raise ProxyError(f"haproxy answered {text.strip()[:200]!r} to "
                              f"'show table {counters.TABLE}'")
-        return counters.merge(lua, counters.table_counters(text))
+        bad: list[str] = []
+        table = counters.table_counters(text, bad)
+        warned: set[str] = self.__dict__.setdefault("_unparsed_keys", set())
+        new = [k for k in bad if k not in warned]
+        if new:
+            warned.update(new)
+            log.warning("haproxy: %d request counter(s) not reported: key %r does not parse "
+                        "(longer than the stick table's 512 characters?); shorten the "
+                        "service, upstream or subset names", len(bad), new[0][:600])
+        return counters.merge(lua, table)
 
     def live_resilience(self) -> dict[str, Any]:
         # The current worker's counters: a server DOWN (not in maintenance,
