@@ -221,7 +221,10 @@ def test_without_a_policy_nothing_changes_in_the_rendered_sections() -> None:
     nginx = NginxDriver(PATHS).render(snap, "g1")["nginx.conf"]
     assert "meshctl_resilience\").admit" not in nginx and "limit_req" not in nginx
     hap = HAProxyDriver(PATHS).render(snap, "g1")["haproxy.cfg"]
-    assert "be_conn" not in hap and "observe" not in hap and "stick-table" not in hap
+    assert "be_conn" not in hap and "observe" not in hap
+    # The only stick table is the request counters' (no rate limit's, no tracking at the inbound).
+    assert hap.count("stick-table") == 1 and "stick-table type string len 512" in hap
+    assert "track-sc0" not in hap and "gpc0_rate" not in hap
 
 
 def test_policies_survive_the_persisted_snapshot_and_show_in_routes() -> None:
