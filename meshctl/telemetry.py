@@ -99,8 +99,6 @@ def parse_record(datagram: bytes) -> dict[str, str] | None:
         return None
     if not isinstance(data, dict):
         return None
-    # HAProxy writes "-" for a variable that is not set (and "-:-" for the server
-    # address of a connection that reached none): the same as nginx's "".
     # HAProxy has no arithmetic on fractions: it sends start and duration in
     # microseconds (start_us, duration_us), nginx in seconds.
     for name in ("start", "duration"):
@@ -108,6 +106,8 @@ def parse_record(datagram: bytes) -> dict[str, str] | None:
         if name not in data and isinstance(micros, str) and micros.isdigit():
             seconds, rest = divmod(int(micros), 1_000_000)
             data[name] = f"{seconds}.{rest:06d}"
+    # HAProxy writes "-" for a variable that is not set (and "-:-" for the server
+    # address of a connection that reached none): the same as nginx's "".
     out = {k: str(data.get(k, "")) for k in FIELDS}
     out = {k: "" if v in ("-", "-:-") else v for k, v in out.items()}
     out["kind"] = out["kind"] or "http"

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from meshctl.errors import CompileError, ProxyError, ReloadError
 from meshctl.model import CertPaths, Cluster, Endpoint, Snapshot
-from meshctl.proxy.base import GENERATION_PLACEHOLDER, ProxyDriver
+from meshctl.proxy.base import GENERATION_PLACEHOLDER, ProxyDriver, ProxyPaths
 from meshctl.proxy.haproxy import counters, gaps, resilience
 from meshctl.proxy.haproxy.plan import HapPlan, plan
 from meshctl.proxy.templating import environment
@@ -166,6 +166,11 @@ class HAProxyDriver(ProxyDriver):
     #: the last snapshot planned, and its plan (see _plan)
     _planned: tuple[Snapshot, HapPlan] | None = None
 
+    def __init__(self, paths: ProxyPaths, binary: str = "") -> None:
+        super().__init__(paths, binary)
+        #: stick-table keys already reported as not parsing (dataplane_counters)
+        self._unparsed_keys: set[str] = set()
+
     def record_counters(self, line: str) -> dict[str, float] | None:
         return embryonic_counters(line)
 
@@ -292,10 +297,9 @@ class HAProxyDriver(ProxyDriver):
                              f"'show table {counters.TABLE}'")
         bad: list[str] = []
         table = counters.table_counters(text, bad)
-        warned: set[str] = self.__dict__.setdefault("_unparsed_keys", set())
-        new = [k for k in bad if k not in warned]
+        new = [k for k in bad if k not in self._unparsed_keys]
         if new:
-            warned.update(new)
+            self._unparsed_keys.update(new)
             log.warning("haproxy: %d request counter(s) not reported: key %r does not parse "
                         "(longer than the stick table's 512 characters?); shorten the "
                         "service, upstream or subset names", len(bad), new[0][:600])
