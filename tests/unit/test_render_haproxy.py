@@ -298,3 +298,25 @@ def test_tcp_frontends_log_their_connections_and_inbounds_their_failed_handshake
         # The global log target (HAProxy's stderr) gets no record: the denial's line
         # comes from the Lua check.
         assert "\n    no log\n" in inbound and "log-format \"meshctl: denied" not in inbound
+
+
+def test_a_tcp_max_connections_counts_in_a_stick_table_not_fe_conn() -> None:
+    """fe_conn also counts a thread's accept about to find nothing, so with several
+    threads it can refuse a connection within the limit (the flake of stop 20)."""
+    import dataclasses
+
+    from meshctl.model import Limits
+
+    snap = snapshot(protocols={"web": "tcp", "api": "tcp"})
+    (o,) = snap.outbounds
+    limited = dataclasses.replace(o, policy=dataclasses.replace(
+        o.policy, limits=Limits(max_connections=3)))
+    snap = dataclasses.replace(snap, outbounds=(limited,))
+    text = HAProxyDriver(PATHS).render(snap, "0123456789abcdef")["haproxy.cfg"]
+    (outbound,) = _sections(text, "out_").values()
+    rules = [ln.strip() for ln in outbound.splitlines()
+             if ln.strip().startswith("stick-table") or "sc1" in ln or "reject" in ln]
+    assert rules == ["stick-table type integer size 1 store conn_cur",
+                     "tcp-request connection track-sc1 int(0)",
+                     "tcp-request connection reject if { sc1_conn_cur gt 3 }"]
+    assert "{ fe_conn" not in text
