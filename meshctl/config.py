@@ -184,6 +184,9 @@ class AgentConfig:
     default_intention_action: str = "deny"
     wait_min: float = field(default=0.1, metadata=DURATION)
     wait_max: float = field(default=1.0, metadata=DURATION)
+    # The quiet a burst of instance (health) changes alone waits for: they are
+    # pushed at run time, not reloaded. Never longer than wait_min.
+    endpoint_wait: float = field(default=0.01, metadata=DURATION)
     reload_min_interval: float = field(default=0.0, metadata=DURATION)
     # A reload a shared config entry caused waits a random part of this, so one
     # `consul config write` does not reload the whole fleet at once (see README).
@@ -215,6 +218,8 @@ class AgentConfig:
             raise _bad("default_intention_action", "must be 'allow' or 'deny'")
         if not (0 <= self.wait_min <= self.wait_max):
             raise _bad("wait_min", "quiescence needs 0 <= wait_min <= wait_max")
+        if self.endpoint_wait < 0:
+            raise _bad("endpoint_wait", "must be 0s or more")
         if not 0 <= self.reload_splay <= 3600:
             raise _bad("reload_splay", "must be 0s-1h (0s: reload at once)")
         if self.metrics_address and not LISTEN_ADDR.match(self.metrics_address):

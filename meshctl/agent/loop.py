@@ -74,7 +74,7 @@ from meshctl.errors import (
     VaultError,
 )
 from meshctl.fields import IgnoredField, ignored_sidecar_config
-from meshctl.model import CertPaths, LocalService, PlainMemo, Snapshot
+from meshctl.model import CertPaths, LocalService, Snapshot, TextMemo
 from meshctl.proxy.base import ProxyDriver
 from meshctl.resilience import describe_inbound, describe_upstream
 from meshctl.services import (
@@ -173,7 +173,7 @@ class Agent:
         self.watcher: WatchedValues = watcher
         self.vault: LeafIssuer = issuer or make_vault(cfg)
         self.store = CertStore(cfg.certs_dir)
-        self.trigger = Quiescence(cfg.wait_min, cfg.wait_max)
+        self.trigger = Quiescence(cfg.wait_min, cfg.wait_max, cfg.endpoint_wait)
         self._stop = threading.Event()
         # Which file each service id belongs to, and each file's last good
         # content, survive restarts: a newcomer file can never take a service
@@ -212,7 +212,7 @@ class Agent:
         # The chain targets' queries of the last full compile (for the endpoint fast path).
         self._targets: dict[str, TargetQuery | None] | None = None
         self._gaps: tuple[Snapshot | None, list[str]] = (None, [])  # driver.unsupported, cached
-        self._persist_memo: PlainMemo = {}  # the persisted snapshot's parts (Snapshot.to_dict)
+        self._persist_memo: TextMemo = {}  # the persisted snapshot's parts (Snapshot.to_json)
         # Consul's answers as compile reads them: the watcher's, else the last good kept
         # on disk (a restart while Consul is unreachable compiles from them).
         self._answers = AnswerStore(cfg.data_dir / "last-good-answers.json", self.watcher.get)
@@ -324,7 +324,8 @@ class Agent:
             self._change_seq += 1
             self._changed_keys[key] = self._change_seq  # type: ignore[index]
         log.debug("source changed: %s", key)
-        self.trigger.trigger()
+        # An instance's health alone is pushed at run time: it waits endpoint_wait.
+        self.trigger.trigger(fast=isinstance(key, HealthConnect))
 
     def _definitions_changed(self) -> None:
         # SIGHUP also follows a rotated access log (logrotate's postrotate).
@@ -337,7 +338,9 @@ class Agent:
     def on_settled(self) -> None:
         """The refetches a change asked for have answered."""
         # The refetches a change asked for have answered (changed or not): compile now.
-        self.trigger.trigger()
+        # Fast: it adds nothing to wait for; what the answers changed (a chain: not
+        # fast) made the burst's triggers already.
+        self.trigger.trigger(fast=True)
 
     def _start_dir_watch(self) -> None:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -821,7 +824,6 @@ class Agent:
                  services: list[ServiceDefinition], seen: dict[Key, int]) -> None:
         """The proxy serves ``snapshot`` (``result``): remember, report and persist it."""
         metrics.APPLY_TOTAL.labels(result=result.action).inc()
-        self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
         self._last_snapshot = snapshot
         self._served = True
         self._unkept_start = False
@@ -831,6 +833,9 @@ class Agent:
         self._apply_failures = 0
         self._failed_snapshot = None
         self._write_state(services)
+        # After the status file, as what follows: `meshctl status` (and whoever
+        # waits for it) sees what is served first.
+        self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
         if result.action != "unchanged":
             # After the status file: `meshctl status` shows what is served without
             # waiting for the (larger) snapshot file.

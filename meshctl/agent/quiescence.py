@@ -26,21 +26,34 @@ def splay_delay(window: float, rand: Callable[[], float] = random.random) -> flo
 
 
 class Quiescence:
-    """Debounce: fire once the trigger has been quiet for ``wait_min``, or after ``wait_max``."""
+    """Debounce: fire once the trigger has been quiet for ``wait_min``, or after ``wait_max``.
 
-    def __init__(self, wait_min: float, wait_max: float) -> None:
+    A burst made only of *fast* triggers (``trigger(fast=True)``: an instance
+    came, went or changed health) needs only ``wait_fast`` of quiet: the
+    agent pushes those at run time, without a reload, so there is little to
+    save by waiting and a failed instance keeps getting requests meanwhile.
+    Any other trigger in the burst brings back ``wait_min``; ``wait_max``
+    bounds both.
+    """
+
+    def __init__(self, wait_min: float, wait_max: float, wait_fast: float | None = None) -> None:
         self.wait_min = wait_min
         self.wait_max = wait_max
+        self.wait_fast = wait_min if wait_fast is None else min(wait_fast, wait_min)
         self._event = threading.Event()
         self._first: float | None = None
         self._last = 0.0
+        self._fast = True  # every trigger since the first was fast
         self._lock = threading.Lock()
 
-    def trigger(self) -> None:
+    def trigger(self, fast: bool = False) -> None:
         now = time.monotonic()
         with self._lock:
             if self._first is None:
                 self._first = now
+                self._fast = fast
+            else:
+                self._fast = self._fast and fast
             self._last = now
         self._event.set()
 
@@ -58,11 +71,13 @@ class Quiescence:
         while True:
             with self._lock:
                 first, last = self._first or 0.0, self._last
+                quiet = self.wait_fast if self._fast else self.wait_min
                 now = time.monotonic()
-                due = min(last + self.wait_min, first + self.wait_max)
+                due = min(last + quiet, first + self.wait_max)
                 if now >= due:
                     self._first = None
                     self._event.clear()
                     return True
-            # A trigger meanwhile only moves ``due`` later: sleeping until it never oversleeps.
+            # A trigger meanwhile only moves ``due`` later, or a slow one makes the
+            # quiet longer: sleeping until it never oversleeps.
             time.sleep(due - now)

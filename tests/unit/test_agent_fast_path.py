@@ -298,3 +298,34 @@ def test_render_config_renders_nginx_once_with_the_files_render_gives(host: Host
     assert host.driver.renders == before + 1
     assert config.files == NginxDriver.render(host.driver, snap, config.generation)
     assert config.files["nginx.conf"].count(config.generation) == NginxDriver.generation_marks
+
+
+def test_an_instance_change_waits_endpoint_wait_and_a_chain_change_wait_min(
+        host: Host) -> None:
+    """The agent's quiescence: a burst of health answers alone is pushed after
+    ``endpoint_wait`` of quiet; a chain (which may reload) waits ``wait_min``."""
+    import dataclasses
+
+    from meshctl.agent.quiescence import Quiescence
+
+    cfg = dataclasses.replace(host.cfg, wait_min=0.5, endpoint_wait=0.01)
+    host.agent.trigger = Quiescence(cfg.wait_min, cfg.wait_max, cfg.endpoint_wait)
+    assert not host.agent.trigger.wait(0.01)  # nothing pending
+    t0 = time.monotonic()
+    host.source.set(HTTP_UP, (A1, A2))
+    assert host.agent.trigger.wait(2.0)
+    assert time.monotonic() - t0 < cfg.wait_min
+    t0 = time.monotonic()
+    host.source.set(DiscoveryChain("api"), default_chain("api", "http", "dc1") | {"x": 1})
+    host.source.set(HTTP_UP, (A1,))
+    assert host.agent.trigger.wait(2.0)
+    assert time.monotonic() - t0 >= cfg.wait_min
+
+
+def test_endpoint_wait_defaults_below_wait_min_and_refuses_a_negative_value() -> None:
+    from meshctl.config import ConfigError
+
+    cfg = AgentConfig()
+    assert 0 <= cfg.endpoint_wait < cfg.wait_min
+    with pytest.raises(ConfigError, match="endpoint_wait"):
+        AgentConfig(endpoint_wait=-1.0)

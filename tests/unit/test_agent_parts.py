@@ -102,6 +102,35 @@ def test_quiescence_fires_once_quiet_for_wait_min() -> None:
     assert not q.wait(timeout=0.05)  # fired once: nothing pending
 
 
+def test_a_burst_of_instance_changes_alone_waits_only_endpoint_wait() -> None:
+    q = Quiescence(wait_min=1.0, wait_max=5.0, wait_fast=0.05)
+    before = time.monotonic()
+    q.trigger(fast=True)
+    q.trigger(fast=True)
+    fired, at = timed_wait(q, timeout=5.0)
+    assert fired and q.wait_fast <= at - before < q.wait_min
+
+
+def test_any_other_change_in_the_burst_brings_back_wait_min() -> None:
+    q = Quiescence(wait_min=0.4, wait_max=5.0, wait_fast=0.01)
+    q.trigger(fast=True)
+    q.trigger()  # a chain, a config entry, a definition: it may reload
+    before = time.monotonic()
+    q.trigger(fast=True)  # the slow one above still counts
+    fired, at = timed_wait(q, timeout=5.0)
+    assert fired and at - before >= q.wait_min
+    # The next burst starts afresh: instance changes alone again.
+    before = time.monotonic()
+    q.trigger(fast=True)
+    fired, at = timed_wait(q, timeout=5.0)
+    assert fired and at - before < q.wait_min
+
+
+def test_endpoint_wait_is_never_longer_than_wait_min() -> None:
+    assert Quiescence(wait_min=0.05, wait_max=1.0, wait_fast=0.5).wait_fast == 0.05
+    assert Quiescence(wait_min=0.05, wait_max=1.0).wait_fast == 0.05
+
+
 def test_quiescence_without_trigger_times_out() -> None:
     assert not Quiescence(0.01, 0.1).wait(timeout=0.05)
 
