@@ -50,6 +50,12 @@ def refused_instances(what: str) -> frozenset[RefusedInstance]:
         return _skipped.get(what, frozenset())
 
 
+def refused_by_watch() -> dict[str, frozenset[RefusedInstance]]:
+    """Every watch (``str(key)``) whose last answer had to leave instances out, with them."""
+    with _skipped_lock:
+        return {what: refused for what, refused in _skipped.items() if refused}
+
+
 def _refusal(dest_id: str, address: str, port: Any) -> str:
     """Why an instance cannot reach a proxy config ("" if it can): every reason, precisely."""
     reasons = []
