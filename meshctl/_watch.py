@@ -370,7 +370,11 @@ class _Pool:
     """A fixed number of worker threads (one session each) fetching polled keys when due.
 
     The queue holds at most one request per key: asking again moves it earlier
-    (and makes it blocking, if the new request is), never duplicates it.
+    (and makes it blocking, if the new request is), never duplicates it. A key
+    is never fetched by two workers at once: asked for while a fetch of it is
+    in flight, it waits for that fetch to end. (Two fetches of one key could
+    answer out of order, and the older answer, delivered last, would stay:
+    a config entry's change then lost until the next resync.)
     """
 
     def __init__(self, watcher: Watcher, size: int) -> None:
@@ -383,6 +387,8 @@ class _Pool:
         self.threads: list[threading.Thread] = []
         self.sessions: list[Session] = []
         self.busy = 0
+        self.inflight: set[Key] = set()  # being fetched by a worker
+        self.deferred: dict[Key, bool] = {}  # asked for while in flight -> blocking
         self.stopping = False
 
     def schedule(self, key: Key, due: float, blocking: bool = False) -> None:
@@ -409,6 +415,7 @@ class _Pool:
     def drop(self, key: Key) -> None:
         with self.cv:
             self.queued.pop(key, None)  # its heap item is skipped when it comes up
+            self.deferred.pop(key, None)
 
     def _next(self) -> tuple[Key, bool] | None:
         with self.cv:
@@ -421,6 +428,11 @@ class _Pool:
                     if rest <= 0:
                         heapq.heappop(self.heap)
                         blocking = self.queued.pop(key)[2]
+                        if key in self.inflight:
+                            # Fetched once its fetch in flight has ended (_done).
+                            self.deferred[key] = self.deferred.get(key, False) or blocking
+                            continue
+                        self.inflight.add(key)
                         self.busy += 1
                         return key, blocking
                     self.cv.wait(rest)
@@ -445,8 +457,7 @@ class _Pool:
                                 return
                     self.watcher._poll(session, key, blocking)
                 finally:
-                    with self.cv:
-                        self.busy -= 1
+                    self._done(key)
         finally:
             if session is not None:
                 with self.cv:
@@ -454,11 +465,21 @@ class _Pool:
                         self.sessions.remove(session)
             _close(session, "pool")
 
+    def _done(self, key: Key) -> None:
+        """A worker's fetch of ``key`` ended: a request that waited for it is due now."""
+        with self.cv:
+            self.busy -= 1
+            self.inflight.discard(key)
+            again = self.deferred.pop(key, None)
+        if again is not None:
+            self.schedule(key, time.monotonic(), again)
+
     def stop(self) -> list[threading.Thread]:
         with self.cv:
             self.stopping = True
             self.heap.clear()
             self.queued.clear()
+            self.deferred.clear()
             sessions = list(self.sessions)
             self.cv.notify_all()
         for s in sessions:

@@ -526,6 +526,31 @@ def test_a_refetch_waits_for_a_view_that_lags_the_feed(store: Store) -> None:
         w.stop()
 
 
+def test_a_key_asked_for_again_while_it_is_fetched_waits_for_that_fetch(store: Store) -> None:
+    """Two workers never fetch one key at once: their answers could arrive out of
+    order and leave the older one (a chain from before a config entry's change)."""
+    store.per_key = True
+    store.set("k", "old")
+    store.set("feed", [])
+    w = bounded(store, max_blocking=0, workers=4, refresh_wait="0.3s")
+    try:
+        w.watch(BudgetKey("k"))
+        eventually(lambda: w.get(BudgetKey("k")) == "old" and w.has_value(FeedKey("feed")))
+        w.refresh({BudgetKey("k")})
+        eventually(lambda: store.active.get("k") == 1)  # a blocking refetch waits
+        for _ in range(3):
+            w.refresh({BudgetKey("k")})  # other workers are free: they must not take it
+            time.sleep(0.02)
+        assert store.max_active["k"] == 1
+        store.set("k", "new")
+        eventually(lambda: w.get(BudgetKey("k")) == "new")
+        eventually(lambda: not w.settling())  # the waiting request ran, after the first
+        assert store.max_active["k"] == 1
+        assert w.get(BudgetKey("k")) == "new"
+    finally:
+        w.stop()
+
+
 def test_poll_keys_hold_no_loop_and_follow_what_names_them(store: Store) -> None:
     settled = threading.Event()
     store.set("chain", "c1")
