@@ -20,15 +20,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from meshctl._fs import write_atomic
 from meshctl.agent.status import running_agent
 from meshctl.config import AgentConfig
 from meshctl.errors import ConfigError
 from meshctl.names import check_service_name
 from meshctl.snapshot_io import read_state
-from meshctl.vault.leaf import CertStore, chains_to, format_serial, split_pem_certs
+from meshctl.vault.leaf import CertStore, chains_to, format_serial
 
 #: the renewal request file in run_dir
 RENEW_FILE = "renew.json"
@@ -56,24 +54,12 @@ class LeafView:
                 "issuer": self.issuer, "chains_to_bundle": self.chains}
 
 
-def _name(cert: x509.Certificate, of: str) -> str:
-    subject = cert.subject if of == "subject" else cert.issuer
-    cns = subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    value = cns[0].value if cns else subject.rfc4514_string()
-    return value if isinstance(value, str) else value.decode()
-
-
-def _uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
-
-
 def local_leaves(cfg: AgentConfig) -> list[LeafView]:
     """Every leaf in ``certs_dir``, sorted by service. Raises ConfigError for a file
     that is not a certificate (naming it)."""
+    # The CLI reads certificates itself (the agent leaves that to its helper process).
+    from meshctl.vault.pem import common_name, sans, split_pem_certs
+
     store = CertStore(cfg.certs_dir)
     try:
         ca = store.ca_path.read_text("ascii")
@@ -89,15 +75,17 @@ def local_leaves(cfg: AgentConfig) -> list[LeafView]:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ConfigError(f"{path}: not a readable PEM certificate ({exc}); the agent "
                               "issues it again if it is removed") from None
-        out.append(LeafView(path.stem, " ".join(_uri_sans(cert)) or "(no URI SAN)",
+        out.append(LeafView(path.stem, " ".join(sans(cert)[1]) or "(no URI SAN)",
                             format_serial(cert.serial_number), cert.not_valid_before_utc,
                             cert.not_valid_after_utc, renews.get(path.stem),
-                            _name(cert, "issuer"), bool(ca) and chains_to(pem, ca)))
+                            common_name(cert, "issuer"), bool(ca) and chains_to(pem, ca)))
     return out
 
 
 def ca_bundle(cfg: AgentConfig) -> list[dict[str, Any]]:
     """The CA bundle's certificates: subject, serial, validity. Raises ConfigError."""
+    from meshctl.vault.pem import common_name, split_pem_certs
+
     path = CertStore(cfg.certs_dir).ca_path
     try:
         certs = split_pem_certs(path.read_text("ascii"))
@@ -105,7 +93,7 @@ def ca_bundle(cfg: AgentConfig) -> list[dict[str, Any]]:
         return []
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{path}: not a readable PEM bundle ({exc})") from None
-    return [{"subject": _name(c, "subject"), "serial": format_serial(c.serial_number),
+    return [{"subject": common_name(c), "serial": format_serial(c.serial_number),
              "not_before": c.not_valid_before_utc.isoformat(),
              "not_after": c.not_valid_after_utc.isoformat()} for c in certs]
 

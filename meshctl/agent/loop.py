@@ -85,6 +85,7 @@ from meshctl.services import (
 )
 from meshctl.snapshot_io import read_snapshot
 from meshctl.telemetry import Receiver
+from meshctl.vault import cryptoproc
 from meshctl.vault.client import explain_refusal
 from meshctl.vault.leaf import CertStore, LeafIssuer, ensure_leaf, refresh_ca, renew_at, utcnow
 
@@ -227,6 +228,9 @@ class Agent:
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT; deregister on the way out if configured."""
+        # X.509 work (keys, CSRs, chains) runs in a short-lived helper process,
+        # so this long-running one never loads cryptography (meshctl.vault.cryptoproc).
+        cryptoproc.use_helper()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: self._reload())
@@ -564,6 +568,13 @@ class Agent:
         return min(5.0, self.cfg.sync_interval) * (0.5 + random.random())
 
     def _refresh_certificates(self, services: list[ServiceDefinition]) -> None:
+        try:
+            self._refresh_certificates_now(services)
+        finally:
+            # The certificate work of this pass is done: its helper process goes.
+            cryptoproc.release()
+
+    def _refresh_certificates_now(self, services: list[ServiceDefinition]) -> None:
         names = sorted({d.name for d in services})
         now = self.clock()
         due = [n for n in names if n not in self._certs or self._certs[n].renew_at <= now]

@@ -27,13 +27,13 @@ from typing import Any, Protocol, TypeVar
 
 import hvac
 import hvac.exceptions
-from cryptography.x509.oid import NameOID
 
 from meshctl._transport import describe
 from meshctl.config import VaultSettings
 from meshctl.errors import ConfigError, SourceError, VaultError
 from meshctl.model import identity_dns, spiffe_id
 from meshctl.names import HTTP_ADDR, check_service_name
+from meshctl.vault import cryptoproc
 from meshctl.vault.leaf import (
     LeafCert,
     identity_problem,
@@ -41,7 +41,6 @@ from meshctl.vault.leaf import (
     new_key_and_csr,
     parse_duration,
     pem_certs,
-    split_pem_certs,
 )
 
 log = logging.getLogger("meshctl.vault")
@@ -412,15 +411,10 @@ def setup_trust_domains(ca_pem: str) -> set[str]:
     """The trust domains ``meshctl vault setup`` created the CAs of ``ca_pem`` for
     (read from their CN); empty when no CA of the bundle was made by it."""
     out: set[str] = set()
-    try:
-        certs = split_pem_certs(ca_pem) if ca_pem.strip() else []
-    except ValueError:
-        return out
-    for cert in certs:
-        for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
-            m = _SETUP_CA_CN.match(str(attr.value))
-            if m:
-                out.add(m.group(1))
+    for cn in cryptoproc.call("subject_cns", ca_pem):
+        m = _SETUP_CA_CN.match(cn)
+        if m:
+            out.add(m.group(1))
     return out
 
 

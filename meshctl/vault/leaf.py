@@ -6,6 +6,10 @@ local CA in tests). Everything here but :class:`CertStore` and those two is
 pure: no network, no clock (``now`` is always passed in), no global
 randomness (``rng`` is passed in) — except the OS's CSPRNG behind
 :func:`new_key_and_csr`, as a private key must be.
+
+The X.509 and key work itself is ``meshctl.vault.pem``'s, reached through
+``meshctl.vault.cryptoproc``: in this process for the CLI and the tests, in
+a short-lived helper process for the agent.
 """
 
 from __future__ import annotations
@@ -22,16 +26,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from meshctl._fs import write_atomic
 from meshctl.errors import ConfigError, DiskError, SourceError, VaultError
 from meshctl.model import CertPaths, identity_dns, spiffe_id
 from meshctl.names import check_service_name, duration_ms
+from meshctl.vault import cryptoproc
+from meshctl.vault.cryptoproc import PemInputError
 
 log = logging.getLogger("meshctl.vault")
 
@@ -71,32 +71,6 @@ def format_serial(serial: int) -> str:
     return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))
 
 
-def split_pem_certs(pem: str) -> list[x509.Certificate]:
-    """All certificates in a PEM text, in order; ValueError if there is none or one is bad."""
-    return list(x509.load_pem_x509_certificates(pem.encode("ascii")))
-
-
-def _spki(key: PrivateKeyTypes | x509.Certificate) -> bytes:
-    public = key.public_key()
-    return public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _is_self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
-        return False
-    return _issued_by(cert, cert)
-
-
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except Exception:  # InvalidSignature, ValueError, TypeError (key type mismatch)
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class LeafCert:
     """One service's certificate, its private key and the CA chain that issued it.
@@ -124,39 +98,19 @@ class LeafCert:
         ``where`` (never quoting key material).
         """
         try:
-            certs = split_pem_certs(cert_pem)
-        except ValueError:
-            raise SourceError(f"{where}: certificate is not valid PEM") from None
-        try:
-            key = serialization.load_pem_private_key(key_pem.encode("ascii"), password=None)
-        except (ValueError, TypeError, UnicodeEncodeError):
-            raise SourceError(f"{where}: private key is not a valid unencrypted PEM key") from None
-        if ca_pem.strip():
-            try:
-                split_pem_certs(ca_pem)
-            except ValueError:
-                raise SourceError(f"{where}: CA bundle is not valid PEM") from None
-        leaf = certs[0]
-        if _spki(key) != _spki(leaf):
-            raise SourceError(f"{where}: private key does not belong to the certificate")
-        try:
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            dns = tuple(san.get_values_for_type(x509.DNSName))
-            uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
-        except x509.ExtensionNotFound:
-            dns, uris = (), ()
-        cns = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        cn = cns[0].value if cns else ""
+            facts = cryptoproc.call("parse_leaf", cert_pem, key_pem, ca_pem)
+        except PemInputError as exc:
+            raise SourceError(f"{where}: {exc}") from None
         return cls(
             cert_pem=cert_pem,
             key_pem=key_pem,
             ca_pem=ca_pem,
-            serial=format_serial(leaf.serial_number),
-            not_before=leaf.not_valid_before_utc,
-            not_after=leaf.not_valid_after_utc,
-            common_name=cn if isinstance(cn, str) else cn.decode(),
-            dns_names=dns,
-            uri_sans=uris,
+            serial=format_serial(facts["serial"]),
+            not_before=datetime.fromisoformat(facts["not_before"]),
+            not_after=datetime.fromisoformat(facts["not_after"]),
+            common_name=facts["common_name"],
+            dns_names=tuple(facts["dns_names"]),
+            uri_sans=tuple(facts["uri_sans"]),
         )
 
     @property
@@ -180,21 +134,7 @@ class LeafCert:
 def chains_to(cert_pem: str, ca_pem: str) -> bool:
     """True if the first certificate of ``cert_pem`` (through the intermediates after it)
     was issued by a CA in ``ca_pem``. Checks signatures only, not validity or policy."""
-    try:
-        chain = split_pem_certs(cert_pem)
-        anchors = split_pem_certs(ca_pem)
-    except ValueError:
-        return False
-    current, rest = chain[0], chain[1:]
-    for _ in range(len(chain) + 1):
-        if any(_issued_by(current, anchor) for anchor in anchors):
-            return True
-        parent = next((c for c in rest if _issued_by(current, c)), None)
-        if parent is None:
-            return False
-        current = parent
-        rest = [c for c in rest if c is not parent]
-    return False
+    return bool(cryptoproc.call("chains_to", cert_pem, ca_pem))
 
 
 def new_key_and_csr(common_name: str, dns_names: list[str], uri_sans: list[str]) -> tuple[str, str]:
@@ -202,33 +142,14 @@ def new_key_and_csr(common_name: str, dns_names: list[str], uri_sans: list[str])
     SANs: ``(key_pem, csr_pem)``. The key is generated here, on the host that will
     use it, and never sent anywhere: Vault signs the CSR and sees the public key
     only."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
-    sans += [x509.UniformResourceIdentifier(u) for u in uri_sans]
-    builder = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)])
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    csr = builder.sign(key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode("ascii")
-    return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    key_pem, csr_pem = cryptoproc.call("new_key_and_csr", common_name, dns_names, uri_sans)
+    return key_pem, csr_pem
 
 
 def leaf_chain_pem(certificate: str, ca_chain: list[str]) -> str:
     """The PEM a proxy presents: the leaf, then the non-root CAs of its chain."""
     parts = [certificate.strip()]
-    for pem in ca_chain:
-        try:
-            certs = split_pem_certs(pem)
-        except ValueError:
-            continue
-        if not any(_is_self_signed(c) for c in certs):
-            parts.append(pem.strip())
+    parts += [pem.strip() for pem in cryptoproc.call("non_root", list(ca_chain))]
     return "\n".join(parts) + "\n"
 
 
@@ -445,23 +366,10 @@ def pem_certs(pems: Iterable[str], where: str) -> list[str]:
     """Distinct certificates of several PEM texts, in order, re-encoded canonically.
 
     Raises VaultError naming ``where`` when a text is not PEM."""
-    seen: set[bytes] = set()
-    out: list[str] = []
-    for pem in pems:
-        if not pem or not pem.strip():
-            continue
-        try:
-            certs = split_pem_certs(pem)
-        except ValueError:
-            raise VaultError(f"{where}: answer is not PEM") from None
-        for cert in certs:
-            der = cert.public_bytes(Encoding.DER)
-            if der not in seen:
-                seen.add(der)
-                out.append(cert.public_bytes(Encoding.PEM).decode("ascii").strip())
-    return out
-
-
+    try:
+        return list(cryptoproc.call("canonical_certs", list(pems)))
+    except PemInputError:
+        raise VaultError(f"{where}: answer is not PEM") from None
 
 
 def ensure_leaf(
