@@ -859,12 +859,11 @@ class Agent:
         self._apply_failures = 0
         self._failed_snapshot = None
         self._write_state(services)
-        # After the status file, as what follows: `meshctl status` (and whoever
-        # waits for it) sees what is served first.
+        # Everything below comes after the status file: `meshctl status` (and
+        # whoever waits for it) sees what is served without waiting for the
+        # gauges or the (larger) snapshot file.
         self._endpoint_gauges = _update_endpoint_gauges(snapshot, self._endpoint_gauges)
         if result.action != "unchanged":
-            # After the status file: `meshctl status` shows what is served without
-            # waiting for the (larger) snapshot file.
             self._persist(snapshot)
         # The answers it was compiled from, for a restart while Consul is unreachable.
         self._answers.keep(self._wanted_since, self._accepted)

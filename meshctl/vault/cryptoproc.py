@@ -18,7 +18,6 @@ no helper.
 from __future__ import annotations
 
 import json
-import logging
 import select
 import subprocess
 import sys
@@ -27,8 +26,6 @@ from collections import OrderedDict
 from typing import Any
 
 from meshctl.errors import SourceError
-
-log = logging.getLogger("meshctl.vault")
 
 #: seconds a helper may take to answer one call (key generation is milliseconds)
 TIMEOUT = 30.0
