@@ -252,7 +252,7 @@ function _M.balance(id)
     local attempt = ngx.ctx.meshctl_attempt
     if attempt == nil then
         attempt = 0
-        -- The route's retries ($meshctl_tries, set by its named location), else
+        -- The route's retries ($meshctl_tries, set by the router), else
         -- connection failures move on to up to two more peers.
         local tries = tonumber(ngx.var.meshctl_tries or "")
         if tries == nil or tries < 0 then

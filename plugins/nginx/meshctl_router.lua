@@ -11,13 +11,18 @@
 --   3. failover: the first of the split's cluster and its failover clusters
 --      that has endpoints;
 --   4. request header changes (split, then route), prefix rewrite, hash key;
---   5. ngx.exec to the action's named location (timeouts, retries, TLS name).
+--   5. the action of that cluster: its upstream block, TLS name, tries,
+--      section and labels into variables, then ngx.exec to the named location
+--      of its literal settings (timeouts, retry conditions), which the
+--      caller's actions with the same settings share.
 -- respond() runs in that location's header filter: response header changes.
 --
 -- Document:
 -- {"outbounds": {"<key>": {"routes": [{"match": {...}, "splits": [{"upto": 9000,
 --   "cluster": id, "failover": [ids], "actions": {id: name}, "req": ops,
 --   "resp": ops}], "rewrite": {"strip": n, "to": "/"}, "req": ops, "resp": ops}]}},
+--  "actions": {name: {"loc": location, "up": upstream block, "tls": TLS name,
+--   "tries": n, "section": section or "", "peer": service, "subset": subset}},
 --  "clusters": {id: {"lb": "ring_hash", "ring": 1024, "hash": [...], "choices": 2}}}
 -- ops: {"remove": [names], "set": [[name, value]], "add": [[name, value]]}
 local cjson = require("cjson.safe")
@@ -44,8 +49,9 @@ local function check_regex(rx, where)
 end
 
 local function check_doc(doc)
-    if type(doc) ~= "table" or type(doc.outbounds) ~= "table" or type(doc.clusters) ~= "table" then
-        error("meshctl router: route table needs outbounds and clusters")
+    if type(doc) ~= "table" or type(doc.outbounds) ~= "table" or type(doc.clusters) ~= "table"
+        or type(doc.actions) ~= "table" then
+        error("meshctl router: route table needs outbounds, actions and clusters")
     end
     for key, o in pairs(doc.outbounds) do
         for i, r in ipairs(o.routes or {}) do
@@ -66,6 +72,14 @@ local function check_doc(doc)
             end
             if type(r.splits) ~= "table" or #r.splits == 0 then
                 error("meshctl router: " .. where .. " has no destination")
+            end
+            for _, sp in ipairs(r.splits) do
+                for cluster, name in pairs(sp.actions or {}) do
+                    if type(doc.actions[name]) ~= "table" then
+                        error("meshctl router: " .. where .. ": cluster " .. cluster
+                            .. " has no action " .. tostring(name))
+                    end
+                end
             end
         end
     end
@@ -336,9 +350,17 @@ function _M.route(key)
                     path = r.rewrite.to .. path:sub(r.rewrite.strip + 1)
                 end
             end
-            ngx.var.meshctl_uri = query and (path .. "?" .. query) or path
-            ngx.var.meshctl_hash = hash_key(DOC.clusters[cluster], headers, args)
-            return ngx.exec("@" .. split.actions[cluster])
+            local var = ngx.var
+            var.meshctl_uri = query and (path .. "?" .. query) or path
+            var.meshctl_hash = hash_key(DOC.clusters[cluster], headers, args)
+            local a = DOC.actions[split.actions[cluster]]
+            var.meshctl_block = a.up
+            var.meshctl_tls_name = a.tls
+            var.meshctl_tries = a.tries
+            var.meshctl_section = a.section
+            var.meshctl_peer = a.peer
+            var.meshctl_subset = a.subset
+            return ngx.exec("@" .. a.loc)
         end
     end
     return ngx.exit(404)

@@ -407,11 +407,22 @@ def test_nginx_carries_the_route_table_as_data() -> None:
     assert o["routes"][0]["match"]["headers"][0] == {"name": "x-canary", "exact": "1",
                                                      "invert": False}
     assert [s["upto"] for s in o["routes"][2]["splits"]] == [9000, 10000]
-    assert 'require("meshctl_router").route("o19001_' in text
+    # The listener's port names its route table key; the router gets it from the map.
+    assert re.search(r"map \$server_port \$meshctl_route_0 \{\n\s+default \"\";\n"
+                     r"\s+19001 o19001_[0-9a-f]{6};", text)
+    assert 'require("meshctl_router").route(ngx.var.meshctl_route_0)' in text
+    # The admin route's action: its retries, TLS name and block are data; its
+    # literal settings are the named location it jumps to.
+    (admin,) = (table["actions"][name] for name in o["routes"][1]["splits"][0]["actions"]
+                .values())
+    assert admin["tries"] == 3 and admin["tls"] == "admin.svc.meshctl.test"
+    assert admin["up"] == "web." + o["routes"][1]["splits"][0]["cluster"]
+    location = text[text.index(f"location @{admin['loc']} {{"):]
+    location = location[:location.index("\n        }\n")]
     assert "proxy_next_upstream error timeout http_500 http_502 http_503 http_504 " \
-           "non_idempotent;" in text
-    assert "set $meshctl_tries 3;" in text and "proxy_read_timeout 2000ms;" in text
-    assert "proxy_ssl_name admin.svc.meshctl.test;" in text
+           "non_idempotent;" in location
+    assert "proxy_read_timeout 2000ms;" in location
+    assert "proxy_ssl_name $meshctl_tls_name;" in location
 
 
 def test_nginx_endpoint_document_includes_failover_clusters() -> None:

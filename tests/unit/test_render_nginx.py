@@ -12,8 +12,10 @@ from meshctl.names import SERVICE_NAME
 from meshctl.proxy.base import ProxyPaths, generation_of
 from meshctl.proxy.l7 import caller_section
 from meshctl.proxy.nginx.driver import NginxDriver
+from meshctl.proxy.nginx.plan import http_plan
 from meshctl.proxy.templating import ident
-from tests.meshdata import CALLERS, caller_certs, callers_snapshot, snapshot
+from meshctl.services import Upstream
+from tests.meshdata import CALLERS, api_instances, caller_certs, callers_snapshot, snapshot, web
 
 PATHS = ProxyPaths(
     Path("/var/lib/meshctl/proxy/current"),
@@ -30,7 +32,10 @@ def render(snap: object = None) -> str:
 def test_http_outbound_verifies_destination_identity_and_presents_own_cert() -> None:
     text = render()
     assert "proxy_ssl_verify on;" in text
-    assert "proxy_ssl_name api.svc.meshctl.test;" in text
+    # The name to verify is the action's, set by the router from the route table.
+    assert "proxy_ssl_name $meshctl_tls_name;" in text
+    (action,) = http_plan(snapshot()).table()["actions"].values()
+    assert action["tls"] == "api.svc.meshctl.test"
     assert "proxy_ssl_certificate /var/lib/meshctl/certs/web.crt;" in text
     assert "keepalive 512;" in text
     # http endpoints are not in the file: the Lua balancer gets them at run time
@@ -109,9 +114,9 @@ def _outbound_servers(block: str) -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = []
     caller = None
     for line in block.splitlines():
-        m = re.match(r"    # (outbound|inbound): (\S+)", line)
+        m = re.match(r"    # (outbound: |outbounds of |inbound: )([a-z0-9-]+)", line)
         if m:
-            caller = m.group(2) if m.group(1) == "outbound" else None
+            caller = m.group(2) if m.group(1) != "inbound: " else None
         elif line == "    server {" and caller is not None:
             out.append((caller, []))
         elif line == "    }":
@@ -121,9 +126,13 @@ def _outbound_servers(block: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _pools(block: str, target: str) -> tuple[set[str], dict[str, set[str]], dict[str, set[str]]]:
+def _pools(block: str, target: str, routes: dict[str, set[str]]
+           ) -> tuple[set[str], dict[str, set[str]], dict[str, set[str]]]:
     """The block's mesh upstreams (not ``local_``), the callers proxying into each, and
-    the client certificates each caller's outbound servers present."""
+    the client certificates each caller's outbound servers present.
+
+    ``target`` matches a literal ``proxy_pass``; ``routes`` gives the upstream
+    blocks the router's actions send a route table key's requests to."""
     declared = set(re.findall(r"^    upstream (\S+) \{$", block, re.M))
     users: dict[str, set[str]] = {}
     certs: dict[str, set[str]] = {}
@@ -132,6 +141,10 @@ def _pools(block: str, target: str) -> tuple[set[str], dict[str, set[str]], dict
             m = re.match(target, line)
             if m:
                 users.setdefault(m.group(1), set()).add(caller)
+            m = re.match(r"# \S+ -> \S+ \(\"(\S+)\"\)$", line)
+            if m:
+                for up in routes[m.group(1)]:
+                    users.setdefault(up, set()).add(caller)
             if line.startswith("proxy_ssl_certificate "):
                 certs.setdefault(caller, set()).add(line.split()[1].rstrip(";"))
     return {u for u in declared if not u.startswith("local_")}, users, certs
@@ -142,9 +155,13 @@ def test_no_upstream_block_is_shared_by_two_callers() -> None:
     peer only, so a block two callers' locations proxy into mixes their identities."""
     text = render(callers_snapshot())
     http, stream = text.split("\nhttp {", 1)[1].split("\nstream {", 1)
+    table = http_plan(callers_snapshot()).table()
+    routes = {key: {table["actions"][a]["up"] for r in o["routes"] for sp in r["splits"]
+                    for a in sp["actions"].values()}
+              for key, o in table["outbounds"].items()}
     for block, target, per_caller in ((http, r"proxy_pass https://([^$/;]+)", 2),
                                       (stream, r"proxy_pass ([^$][^;]*);", 1)):
-        declared, users, certs = _pools(block, target)
+        declared, users, certs = _pools(block, target, routes)
         shared = {u: sorted(c) for u, c in users.items() if len(c) > 1}
         assert shared == {}
         assert set(users) == declared  # every target is an upstream of this config
@@ -198,3 +215,66 @@ def test_a_caller_outside_the_service_grammar_names_no_upstream() -> None:
     for bad in ("local_x", "web.c_api", "Web", ""):
         with pytest.raises(CompileError, match="service name"):
             caller_section(bad, "c_api_12345678")
+
+
+def _many_upstreams(n: int, address: str = "127.0.0.1") -> object:
+    dests = [f"svc{k}" for k in range(n)]
+    return snapshot(web(tuple(Upstream(d, 19001 + k, address) for k, d in enumerate(dests))),
+                    instances={d: api_instances(1) for d in dests},
+                    protocols={"web": "http", **{d: "http" for d in dests}})
+
+
+def test_a_callers_http_upstreams_share_one_tls_client_context() -> None:
+    """nginx 1.22 loads the certificate and key of every location that proxies over
+    TLS (1.2 ms each) and shares none: a location per upstream made a config of a
+    thousand upstreams take 1.4 s to check and as long to reload. The caller's
+    upstreams are one server listening on all their ports, and their actions with
+    the same literal settings one location."""
+    text = render(_many_upstreams(40))
+    http = text.split("\nhttp {", 1)[1].split("\nstream {", 1)[0]
+    assert http.count("proxy_ssl_certificate ") == 1
+    assert http.count("proxy_pass https://") == 1
+    outbound = http[http.index("    # outbounds of web,"):]
+    assert outbound.count("\n        listen 127.0.0.1:") == 40
+    for k in range(40):  # each listener's port names its route table key and destination
+        assert re.search(rf"\n        {19001 + k} o{19001 + k}_[0-9a-f]{{6}};", http)
+        assert f"\n        {19001 + k} svc{k};" in http
+        assert re.search(rf"^    upstream web\.c_svc{k}_[0-9a-f]+ \{{$", http, re.M)
+
+
+def test_listeners_on_one_port_but_two_addresses_are_two_servers() -> None:
+    """$server_port names the listener, so no server may hold a port twice."""
+    snap = snapshot(web((Upstream("api", 19001, "127.0.0.1"), Upstream("billing", 19001,
+                                                                        "127.0.0.2"))),
+                    instances={"api": api_instances(1), "billing": api_instances(1)},
+                    protocols={"web": "http", "api": "http", "billing": "http"})
+    plan = http_plan(snap)
+    assert [[p.outbound.destination for p in s.outbounds] for s in plan.servers] == \
+        [["api"], ["billing"]]
+    text = render(snap)
+    assert text.count("\n    # outbounds of web,") == 2
+    assert "route(ngx.var.meshctl_route_0)" in text and "route(ngx.var.meshctl_route_1)" in text
+
+
+def test_actions_of_one_caller_with_other_timeouts_get_their_own_location() -> None:
+    """A location is shared only by actions whose literal settings are the same."""
+    plain = http_plan(_many_upstreams(3))
+    (server,) = plain.servers
+    assert len(server.locations) == 1
+    actions = plain.table()["actions"]
+    assert len(actions) == 3 and {a["loc"] for a in actions.values()} == \
+        {server.locations[0].name}
+    assert sorted(a["up"] for a in actions.values()) == sorted(u.name for u in plain.upstreams)
+    slow = Upstream("svc1", 19002, config=(("connect_timeout_ms", "2500"),))
+    snap = snapshot(web((Upstream("svc0", 19001), slow)),
+                    instances={d: api_instances(1) for d in ("svc0", "svc1")},
+                    protocols={"web": "http", "svc0": "http", "svc1": "http"})
+    plan = http_plan(snap)
+    (server,) = plan.servers
+    assert len(server.locations) == 2
+    by_up = {a["up"].split(".")[1].split("_")[1]: a["loc"] for a in plan.table()["actions"]
+             .values()}
+    text = render(snap)
+    for svc, want in (("svc0", "5000ms"), ("svc1", "2500ms")):
+        body = text[text.index(f"location @{by_up[svc]} {{"):]
+        assert f"proxy_connect_timeout {want};" in body[:body.index("\n        }\n")]

@@ -1,19 +1,31 @@
 """How nginx says a Snapshot's outbounds: the plan the nginx templates print.
 
-An http outbound is one ``server`` whose ``location /`` hands the request to
-the Lua router (``plugins/nginx/meshctl_router.lua``). The route table —
-matches, weights, header changes, rewrites, load-balancing settings — is JSON
-*data* for Lua, carried base64-encoded in ``init_by_lua`` (values from config
-entries are never nginx syntax). The router picks a route, a split and
-(failover) the first cluster with endpoints, then jumps to a named location,
-one per *action*: a cluster with the route's timeouts and retry policy, which
-nginx directives must state statically. An action proxies to the ``upstream``
-block of its (caller, cluster) pair (``l7.caller_section``), never to one
-another caller also uses: nginx keeps idle connections per upstream block
-keyed by peer address only, not by the client certificate a location
-presents, so a block shared by two callers would hand one caller's
-authenticated connection to the other's requests. The ``stream`` block follows
-the same rule (its TLS sessions are kept per upstream peer).
+The http outbounds of one caller (one client certificate) are one ``server``
+listening on all their ports. Its ``location /`` hands the request to the Lua
+router (``plugins/nginx/meshctl_router.lua``) with the route table key of the
+listener it entered (a ``map`` on ``$server_port``). The route table —
+matches, weights, header changes, rewrites, load-balancing settings, and what
+each *action* sends where — is JSON *data* for Lua, carried base64-encoded in
+``init_by_lua`` (values from config entries are never nginx syntax).
+
+The router picks a route, a split and (failover) the first cluster with
+endpoints; that cluster with the route's timeouts and retries is an action.
+The router sets the action's upstream block, TLS name, tries and section in
+variables and jumps to the named location for its *literal* settings (the
+timeouts and retry conditions nginx directives must state statically), which
+all the caller's actions with those settings share. So a config with a
+thousand upstreams holds one TLS client context per caller and setting, not
+one per upstream: nginx 1.22 loads the certificate and key once for each
+location that proxies over TLS (about 1.2 ms each with OpenSSL 3), and shares
+none between locations.
+
+An action proxies to the ``upstream`` block of its (caller, cluster) pair
+(``l7.caller_section``), never to one another caller also uses: nginx keeps
+idle connections per upstream block keyed by peer address only, not by the
+client certificate a location presents, so a block shared by two callers
+would hand one caller's authenticated connection to the other's requests.
+The ``stream`` block follows the same rule (its TLS sessions are kept per
+upstream peer).
 """
 
 from __future__ import annotations
@@ -21,11 +33,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
-from meshctl.model import Cluster, HeaderOps, Outbound, Route, Snapshot
+from meshctl.model import CertPaths, Cluster, HeaderOps, Outbound, Route, Snapshot
 from meshctl.proxy import l7
+from meshctl.proxy.resilience import connect_timeout_ms
 
 #: status codes nginx can retry on (proxy_next_upstream http_<code>)
 RETRY_CODES = frozenset({500, 502, 503, 504, 403, 404, 429})
@@ -62,38 +76,70 @@ class NginxUpstream:
 
 
 @dataclass(frozen=True)
-class NginxAction:
-    """A named location: one cluster with one route's timeouts and retries."""
+class NginxLocation:
+    """A named location of a caller's server: the literal settings its actions share.
+
+    The action (upstream block, TLS name, tries, section) comes in variables
+    the router sets; what is here must be nginx syntax.
+    """
 
     name: str
-    cluster: Cluster
     read_timeout_ms: int
     next_upstream: tuple[str, ...]
-    tries: int  # -1: the balancer's default (up to 2 more peers)
-    upstream: str  # the caller's upstream block for the cluster (caller_section)
+    connect_timeout_ms: int
     #: least_request counts this worker's requests in flight per peer, so the
     #: request's end (log phase) must be seen; other policies skip that phase.
-    counts_inflight: bool = False
+    counts_inflight: bool
+    #: the sections of its actions carry a resilience policy (admission, budget)
+    resilient: bool
+    #: a route or split of the outbound changes response headers: only then does
+    #: a response pass through the router's header filter (each Lua phase costs
+    #: CPU on every request).
+    response_ops: bool
 
 
 @dataclass(frozen=True)
 class NginxOutbound:
+    """One http outbound: a listener of its caller's server, and its route table key."""
+
     outbound: Outbound
     key: str
-    actions: tuple[NginxAction, ...]
-    #: some route or split of this outbound changes response headers: only then
-    #: does a response pass through the router's header filter (each Lua phase
-    #: costs CPU on every request).
-    response_ops: bool = False
+
+
+@dataclass(frozen=True)
+class NginxCallerServer:
+    """The ``server`` of one caller's http outbounds: all of them present ``tls``.
+
+    ``index`` names its maps (``$meshctl_route_<index>``, ``$meshctl_dest_<index>``,
+    keyed by ``$server_port``); its listeners' ports are distinct.
+    """
+
+    index: int
+    caller: str
+    tls: CertPaths
+    outbounds: tuple[NginxOutbound, ...]
+    locations: tuple[NginxLocation, ...]
+
+    @property
+    def resilient(self) -> bool:
+        return any(loc.resilient for loc in self.locations)
 
 
 @dataclass(frozen=True)
 class NginxPlan:
-    outbounds: tuple[NginxOutbound, ...]
+    servers: tuple[NginxCallerServer, ...]
     #: the route table for the Lua router, base64 JSON in lines of 76 characters
     table_chunks: tuple[str, ...]
     #: the http block's upstream blocks, one per (caller, cluster), sorted by name
     upstreams: tuple[NginxUpstream, ...] = ()
+
+    @property
+    def outbounds(self) -> tuple[NginxOutbound, ...]:
+        return tuple(p for s in self.servers for p in s.outbounds)
+
+    def table(self) -> dict[str, Any]:
+        """The route table the chunks carry, decoded."""
+        return json.loads(base64.b64decode("".join(self.table_chunks)))  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -120,53 +166,94 @@ def _ops(ops: HeaderOps) -> dict[str, Any] | None:
             "add": [list(p) for p in ops.add]}
 
 
-def http_plan(snapshot: Snapshot) -> NginxPlan:
-    """Named locations per http outbound and the Lua route table of all of them."""
-    outs: list[NginxOutbound] = []
+def _digest(spec: object) -> str:
+    return hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
+
+
+def _caller_groups(outbounds: list[Outbound]) -> list[list[Outbound]]:
+    """The http outbounds by (caller, certificate), each group with distinct ports
+    (``$server_port`` names the listener): a port seen twice starts another group."""
+    groups: dict[tuple[str, CertPaths, int], list[Outbound]] = {}
+    for o in outbounds:
+        n = 0
+        while any(x.bind_port == o.bind_port for x in groups.get((o.caller, o.tls, n), ())):
+            n += 1
+        groups.setdefault((o.caller, o.tls, n), []).append(o)
+    return list(groups.values())
+
+
+def http_plan(snapshot: Snapshot, resilient: Container[str] | None = None) -> NginxPlan:
+    """The callers' servers, their shared locations and the Lua route table.
+
+    ``resilient``: the sections (upstream blocks) with a resilience policy
+    (``resilience_plan(snapshot).sections``, computed when None).
+    """
+    if resilient is None:
+        from meshctl.proxy.nginx.resilience import resilience_plan
+        resilient = resilience_plan(snapshot).sections
+    servers: list[NginxCallerServer] = []
     upstreams: dict[str, NginxUpstream] = {}
-    table: dict[str, Any] = {"outbounds": {}, "clusters": {}}
-    for o in snapshot.outbounds:
-        if o.protocol != "http":
-            continue
-        key = l7.outbound_key(o)
-        actions: dict[str, NginxAction] = {}
-        routes = []
-        for r in o.routes:
-            splits = []
-            upto = 0
-            total = sum(wc.weight for wc in r.clusters) or 1.0
-            for j, wc in enumerate(r.clusters):
-                upto = (10000 if j == len(r.clusters) - 1
-                        else upto + round(wc.weight * 10000 / total))
-                by_cluster = {}
-                for c in l7.clusters_in(snapshot, [wc.cluster]):
-                    retry = retry_policy(r, c)
-                    spec = (c.id, l7.read_timeout_ms(r, c), retry.conditions, retry.tries)
-                    name = "a_" + hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
-                    upstream = l7.caller_section(o.caller, c.id)
-                    actions[name] = NginxAction(name, c, spec[1], retry.conditions, retry.tries,
-                                                upstream, c.lb_policy == "least_request")
-                    upstreams[upstream] = NginxUpstream(upstream, o.caller, c)
-                    by_cluster[c.id] = name
-                splits.append(_present({
-                    "upto": upto, "cluster": wc.cluster,
-                    "failover": list(snapshot.cluster(wc.cluster).failover),
-                    "actions": by_cluster, "req": _ops(wc.request_headers),
-                    "resp": _ops(wc.response_headers)}))
-            routes.append(_present({"match": _match(r), "splits": splits,
-                                    "rewrite": l7.rewrite(r), "req": _ops(r.request_headers),
-                                    "resp": _ops(r.response_headers)}))
-        table["outbounds"][key] = {"routes": routes}
-        response_ops = any(r.response_headers or any(wc.response_headers for wc in r.clusters)
-                           for r in o.routes)
-        outs.append(NginxOutbound(o, key, tuple(sorted(actions.values(), key=lambda a: a.name)),
-                                  bool(response_ops)))
-        for a in actions.values():
-            table["clusters"][a.cluster.id] = lb_settings(a.cluster)
+    table: dict[str, Any] = {"outbounds": {}, "clusters": {}, "actions": {}}
+    groups = _caller_groups([o for o in snapshot.outbounds if o.protocol == "http"])
+    for index, group in enumerate(groups):
+        locations: dict[str, NginxLocation] = {}
+        members: list[NginxOutbound] = []
+        for o in group:
+            key = l7.outbound_key(o)
+            response_ops = any(r.response_headers or any(wc.response_headers
+                                                         for wc in r.clusters)
+                               for r in o.routes)
+            routes = []
+            for r in o.routes:
+                splits = []
+                upto = 0
+                total = sum(wc.weight for wc in r.clusters) or 1.0
+                for j, wc in enumerate(r.clusters):
+                    upto = (10000 if j == len(r.clusters) - 1
+                            else upto + round(wc.weight * 10000 / total))
+                    by_cluster = {}
+                    for c in l7.clusters_in(snapshot, [wc.cluster]):
+                        upstream = l7.caller_section(o.caller, c.id)
+                        upstreams[upstream] = NginxUpstream(upstream, o.caller, c)
+                        loc = _location(o, r, c, upstream in resilient, response_ops)
+                        locations[loc.name] = loc
+                        action = _present({
+                            "loc": loc.name, "up": upstream, "tls": c.tls_name,
+                            "tries": retry_policy(r, c).tries, "peer": c.service,
+                            "subset": c.subset or "",
+                            "section": upstream if loc.resilient else ""})
+                        name = "a_" + _digest(sorted(action.items()))
+                        table["actions"][name] = action
+                        table["clusters"][c.id] = lb_settings(c)
+                        by_cluster[c.id] = name
+                    splits.append(_present({
+                        "upto": upto, "cluster": wc.cluster,
+                        "failover": list(snapshot.cluster(wc.cluster).failover),
+                        "actions": by_cluster, "req": _ops(wc.request_headers),
+                        "resp": _ops(wc.response_headers)}))
+                routes.append(_present({"match": _match(r), "splits": splits,
+                                        "rewrite": l7.rewrite(r),
+                                        "req": _ops(r.request_headers),
+                                        "resp": _ops(r.response_headers)}))
+            table["outbounds"][key] = {"routes": routes}
+            members.append(NginxOutbound(o, key))
+        servers.append(NginxCallerServer(
+            index, group[0].caller, group[0].tls, tuple(members),
+            tuple(sorted(locations.values(), key=lambda x: x.name))))
     raw = base64.b64encode(json.dumps(table, sort_keys=True, separators=(",", ":"))
                            .encode()).decode()
     chunks = tuple(raw[i:i + 76] for i in range(0, len(raw), 76))
-    return NginxPlan(tuple(outs), chunks, _sorted_upstreams(upstreams))
+    return NginxPlan(tuple(servers), chunks, _sorted_upstreams(upstreams))
+
+
+def _location(o: Outbound, r: Route, c: Cluster, resilient: bool,
+              response_ops: bool) -> NginxLocation:
+    """The shared location of an action of ``o``: one per set of literal settings."""
+    retry = retry_policy(r, c)
+    spec = (l7.read_timeout_ms(r, c), retry.conditions,
+            connect_timeout_ms(o, c.connect_timeout_ms), c.lb_policy == "least_request",
+            resilient, response_ops)
+    return NginxLocation("l_" + _digest(spec), *spec)
 
 
 def stream_plan(snapshot: Snapshot) -> NginxStreamPlan:
