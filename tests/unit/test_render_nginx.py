@@ -12,7 +12,7 @@ from meshctl.names import SERVICE_NAME
 from meshctl.proxy.base import ProxyPaths, generation_of
 from meshctl.proxy.l7 import caller_section
 from meshctl.proxy.nginx.driver import NginxDriver
-from meshctl.proxy.nginx.plan import http_plan
+from meshctl.proxy.nginx.plan import http_plan, stream_plan
 from meshctl.proxy.templating import ident
 from meshctl.services import Upstream
 from tests.meshdata import CALLERS, api_instances, caller_certs, callers_snapshot, snapshot, web
@@ -132,7 +132,8 @@ def _pools(block: str, target: str, routes: dict[str, set[str]]
     the client certificates each caller's outbound servers present.
 
     ``target`` matches a literal ``proxy_pass``; ``routes`` gives the upstream
-    blocks the router's actions send a route table key's requests to."""
+    blocks the router's actions send a route table key's requests to; a tcp
+    listener's comment names the block its port maps to."""
     declared = set(re.findall(r"^    upstream (\S+) \{$", block, re.M))
     users: dict[str, set[str]] = {}
     certs: dict[str, set[str]] = {}
@@ -145,6 +146,9 @@ def _pools(block: str, target: str, routes: dict[str, set[str]]
             if m:
                 for up in routes[m.group(1)]:
                     users.setdefault(up, set()).add(caller)
+            m = re.match(r"# \S+ -> \S+: (\S+)$", line)  # a tcp listener and its block
+            if m:
+                users.setdefault(m.group(1), set()).add(caller)
             if line.startswith("proxy_ssl_certificate "):
                 certs.setdefault(caller, set()).add(line.split()[1].rstrip(";"))
     return {u for u in declared if not u.startswith("local_")}, users, certs
@@ -278,3 +282,22 @@ def test_actions_of_one_caller_with_other_timeouts_get_their_own_location() -> N
     for svc, want in (("svc0", "5000ms"), ("svc1", "2500ms")):
         body = text[text.index(f"location @{by_up[svc]} {{"):]
         assert f"proxy_connect_timeout {want};" in body[:body.index("\n        }\n")]
+
+
+def test_a_callers_tcp_upstreams_share_one_stream_server_per_setting() -> None:
+    """The stream block as the http one: one TLS context per caller and settings."""
+    dests = [f"db{k}" for k in range(30)]
+    ups = [Upstream(d, 19001 + k) for k, d in enumerate(dests)]
+    ups[7] = Upstream("db7", 19008, config=(("limits", '{"max_connections":3}'),))
+    snap = snapshot(web(tuple(ups)), instances={d: api_instances(1) for d in dests},
+                    protocols={"web": "http"})
+    plan = stream_plan(snap)
+    assert sorted(len(s.outbounds) for s in plan.servers) == [1, 29]
+    (limited,) = (s for s in plan.servers if s.max_connections)
+    assert limited.max_connections == 3 and limited.outbounds[0].outbound.destination == "db7"
+    stream = render(snap).split("\nstream {", 1)[1]
+    assert stream.count("proxy_ssl_certificate ") == 2
+    assert stream.count("limit_conn meshctl_tcp_conns 3;") == 1
+    for k, d in enumerate(dests):  # each port maps to its block and the name to verify
+        assert re.search(rf"\n        {19001 + k} web\.c_{d}_[0-9a-f]+;", stream)
+        assert f"\n        {19001 + k} {d}.svc.meshctl.test;" in stream

@@ -33,13 +33,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Container
+from collections.abc import Callable, Container, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from meshctl.model import CertPaths, Cluster, HeaderOps, Outbound, Route, Snapshot
 from meshctl.proxy import l7
 from meshctl.proxy.resilience import connect_timeout_ms
+
+_T = TypeVar("_T")
 
 #: status codes nginx can retry on (proxy_next_upstream http_<code>)
 RETRY_CODES = frozenset({500, 502, 503, 504, 403, 404, 429})
@@ -153,10 +155,31 @@ class NginxStreamOutbound:
 
 
 @dataclass(frozen=True)
-class NginxStreamPlan:
+class NginxStreamServer:
+    """The stream ``server`` of a caller's tcp outbounds with the same literal
+    settings (connect timeout, MaxConnections): one TLS context for all of them.
+
+    ``index`` names its maps (``$meshctl_tcp_up_<index>``, ...), keyed by
+    ``$server_port``; its listeners' ports are distinct.
+    """
+
+    index: int
+    caller: str
+    tls: CertPaths
+    connect_timeout_ms: int
+    max_connections: int
     outbounds: tuple[NginxStreamOutbound, ...]
+
+
+@dataclass(frozen=True)
+class NginxStreamPlan:
+    servers: tuple[NginxStreamServer, ...]
     #: the stream block's upstream blocks, one per (caller, cluster), sorted by name
     upstreams: tuple[NginxUpstream, ...]
+
+    @property
+    def outbounds(self) -> tuple[NginxStreamOutbound, ...]:
+        return tuple(x for s in self.servers for x in s.outbounds)
 
 
 def _ops(ops: HeaderOps) -> dict[str, Any] | None:
@@ -170,15 +193,16 @@ def _digest(spec: object) -> str:
     return hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
 
 
-def _caller_groups(outbounds: list[Outbound]) -> list[list[Outbound]]:
-    """The http outbounds by (caller, certificate), each group with distinct ports
-    (``$server_port`` names the listener): a port seen twice starts another group."""
-    groups: dict[tuple[str, CertPaths, int], list[Outbound]] = {}
-    for o in outbounds:
-        n = 0
-        while any(x.bind_port == o.bind_port for x in groups.get((o.caller, o.tls, n), ())):
+def _port_groups(items: Iterable[_T], key: Callable[[_T], Hashable],
+                 port: Callable[[_T], int]) -> list[list[_T]]:
+    """``items`` grouped by ``key``, each group with distinct ports (``$server_port``
+    names the listener of a server): a port seen twice in a group starts another."""
+    groups: dict[tuple[Hashable, int], list[_T]] = {}
+    for item in items:
+        k, n = key(item), 0
+        while any(port(x) == port(item) for x in groups.get((k, n), ())):
             n += 1
-        groups.setdefault((o.caller, o.tls, n), []).append(o)
+        groups.setdefault((k, n), []).append(item)
     return list(groups.values())
 
 
@@ -194,7 +218,8 @@ def http_plan(snapshot: Snapshot, resilient: Container[str] | None = None) -> Ng
     servers: list[NginxCallerServer] = []
     upstreams: dict[str, NginxUpstream] = {}
     table: dict[str, Any] = {"outbounds": {}, "clusters": {}, "actions": {}}
-    groups = _caller_groups([o for o in snapshot.outbounds if o.protocol == "http"])
+    groups = _port_groups((o for o in snapshot.outbounds if o.protocol == "http"),
+                          lambda o: (o.caller, o.tls), lambda o: o.bind_port)
     for index, group in enumerate(groups):
         locations: dict[str, NginxLocation] = {}
         members: list[NginxOutbound] = []
@@ -257,7 +282,8 @@ def _location(o: Outbound, r: Route, c: Cluster, resilient: bool,
 
 
 def stream_plan(snapshot: Snapshot) -> NginxStreamPlan:
-    """The tcp outbounds and their upstream blocks, one per (caller, cluster).
+    """The tcp outbounds, by caller and settings, and their upstream blocks, one
+    per (caller, cluster).
 
     Every cluster an outbound may fail over to gets the caller's block, as
     before; the listener uses the active one (``Snapshot.active``).
@@ -272,7 +298,16 @@ def stream_plan(snapshot: Snapshot) -> NginxStreamPlan:
             upstreams[name] = NginxUpstream(name, o.caller, c)
         active = snapshot.active(o.default_cluster)
         outs.append(NginxStreamOutbound(o, active, l7.caller_section(o.caller, active.id)))
-    return NginxStreamPlan(tuple(outs), _sorted_upstreams(upstreams))
+    groups = _port_groups(outs, lambda s: (s.outbound.caller, s.outbound.tls,
+                                           s.cluster.connect_timeout_ms,
+                                           s.outbound.policy.limits.max_connections),
+                          lambda s: s.outbound.bind_port)
+    servers = tuple(
+        NginxStreamServer(n, g[0].outbound.caller, g[0].outbound.tls,
+                          g[0].cluster.connect_timeout_ms,
+                          g[0].outbound.policy.limits.max_connections, tuple(g))
+        for n, g in enumerate(groups))
+    return NginxStreamPlan(servers, _sorted_upstreams(upstreams))
 
 
 def _sorted_upstreams(upstreams: dict[str, NginxUpstream]) -> tuple[NginxUpstream, ...]:
