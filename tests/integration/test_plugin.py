@@ -39,7 +39,7 @@ print(json.dumps({
     "name": driver.name,
     "state_dir": str(driver.paths.state_dir),
     "files": sorted(files),
-    "renders_api_upstream": "api.svc.meshctl.test" in "".join(files.values()),
+    "renders_api_upstream": "upstream web.c_api_" in "".join(files.values()),
 }))
 """
 
