@@ -198,11 +198,13 @@ def _port_groups(items: Iterable[_T], key: Callable[[_T], Hashable],
     """``items`` grouped by ``key``, each group with distinct ports (``$server_port``
     names the listener of a server): a port seen twice in a group starts another."""
     groups: dict[tuple[Hashable, int], list[_T]] = {}
+    ports: dict[tuple[Hashable, int], set[int]] = {}
     for item in items:
-        k, n = key(item), 0
-        while any(port(x) == port(item) for x in groups.get((k, n), ())):
+        k, n, p = key(item), 0, port(item)
+        while p in ports.get((k, n), ()):
             n += 1
         groups.setdefault((k, n), []).append(item)
+        ports.setdefault((k, n), set()).add(p)
     return list(groups.values())
 
 
