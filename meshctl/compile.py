@@ -13,10 +13,10 @@ grammar or is a name compile made itself (``cluster_id`` …).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from meshctl.chain import chain_key, compile_chain, default_chain
+from meshctl.chain import CompiledChain, chain_key, compile_chain, default_chain
 from meshctl.errors import CompileError
 from meshctl.intentions import Authorization, compile_intentions
 from meshctl.intentions import failed as failed_authorization
@@ -48,6 +48,7 @@ def compile_snapshot(
     intentions_fallback: Mapping[str, Any] | None = None,
     chains: Mapping[str, Mapping[str, Any] | None] | None = None,
     service_defaults: Mapping[str, Any] | None = None,
+    memo: CompileMemo | None = None,
 ) -> Snapshot:
     """Compile local services and what Consul answered into a Snapshot.
 
@@ -80,9 +81,18 @@ def compile_snapshot(
     upstreams, its ``MaxInboundConnections``/``Local*TimeoutMs`` its inbound
     (``meshctl.resilience``, with the definitions' own ``config`` keys).
 
+    ``memo`` (an empty dict at first, then what the previous call left in it):
+    an upstream whose chain answer and instance lists are the very objects the
+    previous call compiled keeps that call's routes and clusters, and an
+    outbound equal to the previous one is that object. The result is the same;
+    at 1,000 upstreams a structural change then compiles one chain, not a
+    thousand, and the saved snapshot reuses the JSON text of the rest
+    (``Snapshot.to_json``).
+
     Raises CompileError on any value that is not safe to place into a proxy
     configuration.
     """
+    fresh: CompileMemo = {}
     protocols = protocols or {}
     service_defaults = service_defaults or {}
     warnings: list[str] = []
@@ -167,7 +177,7 @@ def compile_snapshot(
             outbound = _outbound_from_chain(
                 chains, d.name, dest, up.datacenter or "", clusters, warnings,
                 trust_domain=trust_domain, datacenter=datacenter, instances=instances,
-                default_protocol=protocols.get(dest, "tcp"),
+                default_protocol=protocols.get(dest, "tcp"), memo=(memo, fresh),
             )
             if outbound is None:
                 continue
@@ -176,19 +186,26 @@ def compile_snapshot(
                 service_defaults.get(d.name), dest, up.config, caller=d.name,
                 where=f"{where}: connect.sidecar_service.proxy.upstreams[{dest}]",
                 warnings=warnings)
-            outbounds.append(
-                Outbound(
-                    caller=d.name,
-                    destination=dest,
-                    bind_address=bind[0],
-                    bind_port=bind[1],
-                    protocol=protocol_of(dest, protocol),
-                    tls=local.certs,
-                    routes=routes,
-                    policy=policy,
-                )
+            new = Outbound(
+                caller=d.name,
+                destination=dest,
+                bind_address=bind[0],
+                bind_port=bind[1],
+                protocol=protocol_of(dest, protocol),
+                tls=local.certs,
+                routes=routes,
+                policy=policy,
             )
+            okey = ("outbound", d.name, dest, bind)
+            old = memo.get(okey) if memo is not None else None
+            if old is not None and old[0] == new:
+                new = old[0]
+            fresh[okey] = (new, None, None)
+            outbounds.append(new)
 
+    if memo is not None:
+        memo.clear()
+        memo.update(fresh)
     return Snapshot(
         node=node,
         trust_domain=trust_domain,
@@ -212,16 +229,69 @@ def _outbound_from_chain(
     datacenter: str,
     instances: Mapping[Any, Sequence[Instance]],
     default_protocol: str,
+    memo: tuple[CompileMemo | None, CompileMemo],
 ) -> tuple[str, tuple[Route, ...]] | None:
-    """One upstream's (protocol, routes); its clusters are added to ``clusters``."""
+    """One upstream's (protocol, routes); its clusters are added to ``clusters``.
+
+    ``memo``: the previous call's memo and this call's (see compile_snapshot).
+    """
     key = chain_key(dest, dc)
     if chains is not None and key in chains and chains[key] is None:
         warnings.append(f"upstream {dest!r} of {caller!r}: waiting for its discovery chain")
         return None
-    answer = (chains or {}).get(key) or default_chain(dest, default_protocol, dc or datacenter)
-    compiled = compile_chain(answer, destination=dest, trust_domain=trust_domain,
-                             datacenter=datacenter, instances=instances)
+    given = (chains or {}).get(key)
+    answer = given or default_chain(dest, default_protocol, dc or datacenter)
+    # A given answer is known by identity (the watcher replaces a changed one),
+    # the default chain by what it is made from.
+    source: object = given if given else ("default", dest, default_protocol, dc or datacenter)
+    mkey = ("chain", dest, dc, trust_domain, datacenter)
+    previous, fresh = memo
+    hit = previous.get(mkey) if previous is not None else None
+    compiled: CompiledChain
+    if hit is not None and hit[1] is not None \
+            and (hit[0] is source or (not given and hit[0] == source)) \
+            and all(instances.get(q) is v for q, v in hit[1]):
+        source, reads, compiled = hit
+    else:
+        seen = _Reads(instances)
+        compiled = compile_chain(answer, destination=dest, trust_domain=trust_domain,
+                                 datacenter=datacenter, instances=seen)
+        # Only immutable lists can be recognised again by identity: a result
+        # that read any other is not reused.
+        reads = tuple(seen.reads.items()) if all(
+            isinstance(v, tuple) or v is None for v in seen.reads.values()) else None
+    fresh[mkey] = (source, reads, compiled)
     for c in compiled.clusters:
         clusters.setdefault(c.id, c)
     warnings.extend(compiled.warnings)
     return compiled.protocol, compiled.routes
+
+
+#: what compile_snapshot keeps between calls: key -> (what it was made from, the
+#: instance lists it read by query (None: not reusable), the result)
+CompileMemo = dict[tuple[Any, ...], tuple[Any, tuple[tuple[Any, Any], ...] | None, Any]]
+
+
+class _Reads(Mapping[Any, Sequence[Instance]]):
+    """``instances`` as compile_chain sees it, remembering each list it asked for."""
+
+    def __init__(self, instances: Mapping[Any, Sequence[Instance]]) -> None:
+        self._instances = instances
+        self.reads: dict[Any, Sequence[Instance] | None] = {}
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        value = self._instances.get(key)
+        self.reads[key] = value
+        return default if value is None else value
+
+    def __getitem__(self, key: Any) -> Sequence[Instance]:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._instances)
+
+    def __len__(self) -> int:
+        return len(self._instances)

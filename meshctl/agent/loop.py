@@ -56,6 +56,7 @@ from meshctl.agent.quiescence import Quiescence, splay_delay
 from meshctl.agent.status import AgentState, pid_path, write_status
 from meshctl.apply import Applier, ApplyResult
 from meshctl.chain import TargetQuery
+from meshctl.compile import CompileMemo
 from meshctl.config import AgentConfig
 from meshctl.consul.keys import (
     ConfigEntries,
@@ -215,6 +216,7 @@ class Agent:
         self._gaps: tuple[Snapshot | None, list[str]] = (None, [])  # driver.unsupported, cached
         self._def_reprs: dict[str, tuple[ServiceDefinition, str]] = {}
         self._persist_memo: TextMemo = {}  # the persisted snapshot's parts (Snapshot.to_json)
+        self._compile_memo: CompileMemo = {}  # the last compile's chains (compile_snapshot)
         # Consul's answers as compile reads them: the watcher's, else the last good kept
         # on disk (a restart while Consul is unreachable compiles from them).
         self._answers = AnswerStore(cfg.data_dir / "last-good-answers.json", self.watcher.get)
@@ -803,7 +805,8 @@ class Agent:
         fallback = {ls.definition.name: self._answers.kept(IntentionMatch(ls.definition.name))
                     for ls in locals_}
         try:
-            snapshot = build_snapshot(self.cfg, locals_, self._answers.get, fallback)
+            snapshot = build_snapshot(self.cfg, locals_, self._answers.get, fallback,
+                                      self._compile_memo)
         except CompileError as exc:
             self._source_error("compile", exc)
             self._write_state(services)

@@ -7,13 +7,13 @@ a one-shot query (``meshctl render``); nothing here does I/O of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from meshctl._watch import Key
 from meshctl.chain import TargetQuery, chain_key, chain_queries, chain_targets, target_endpoints
-from meshctl.compile import compile_snapshot
+from meshctl.compile import CompileMemo, compile_snapshot
 from meshctl.config import AgentConfig
 from meshctl.consul.keys import (
     WATCHED_KINDS,
@@ -173,13 +173,14 @@ def protocols_from(get: Getter, names: set[str]) -> dict[str, str]:
     return out
 
 
-def instances_from(get: Getter, queries: set[TargetQuery]) -> dict[Any, list[Instance]]:
-    """Instances per chain target, for the targets whose health has an answer."""
-    out: dict[Any, list[Instance]] = {}
+def instances_from(get: Getter, queries: set[TargetQuery]) -> dict[Any, Sequence[Instance]]:
+    """Instances per chain target, for the targets whose health has an answer: the
+    answer itself when it is a tuple, so that compile can tell an unchanged one."""
+    out: dict[Any, Sequence[Instance]] = {}
     for q in queries:
         value = get(health_of(q))
         if value is not None:
-            out[q] = list(value)
+            out[q] = value if isinstance(value, tuple) else tuple(value)
     return out
 
 
@@ -203,11 +204,12 @@ def accepted_intentions(get: Getter, snapshot: Snapshot, default_action: str
 
 
 def build_snapshot(cfg: AgentConfig, locals_: list[LocalService], get: Getter,
-                   intentions_fallback: Mapping[str, Any] | None = None) -> Snapshot:
+                   intentions_fallback: Mapping[str, Any] | None = None,
+                   memo: CompileMemo | None = None) -> Snapshot:
     """compile() fed from a value getter (the agent's answers, or a one-shot query).
 
     ``intentions_fallback``: each local service's last intention answer that
-    compiled (see ``compile_snapshot``).
+    compiled; ``memo``: the agent's between passes (see ``compile_snapshot``).
     """
     upstreams = upstreams_of([ls.definition for ls in locals_])
     destinations = {dest for dest, _ in upstreams}
@@ -226,4 +228,5 @@ def build_snapshot(cfg: AgentConfig, locals_: list[LocalService], get: Getter,
         intentions={name: get(IntentionMatch(name)) for name in local_names},
         default_intention_action=cfg.default_intention_action,
         intentions_fallback=intentions_fallback,
+        memo=memo,
     )

@@ -388,7 +388,7 @@ def test_watch_set_follows_the_chain() -> None:
 def test_only_answered_targets_have_instances() -> None:
     # (The last good answers are the agent's to keep: tests/unit/test_agent_answers.py.)
     got = instances_from({health_of(V1): (H3,)}.get, {V1, V2})
-    assert got == {V1: [H3]}
+    assert got == {V1: (H3,)}
 
 
 # ---------------------------------------------------------------- drivers
