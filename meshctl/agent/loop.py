@@ -399,6 +399,13 @@ class Agent:
             services = self._services = self._read_definitions()
         else:
             services = self._services
+        defs_moved = services != previous
+        if changed and defs_moved:
+            # New definitions: their upstreams' first answers are fetched while
+            # they register and their certificates are issued (at 1,000
+            # upstreams those answers take seconds); the compile below watches
+            # again, with what the chains answered meanwhile.
+            self._watch_upstreams(services)
         address = self._sidecar_address()  # a Consul call while it is unknown: once per pass
         before = self._pass_inputs(address)
         self._sync_registrations(services, address)
@@ -406,7 +413,7 @@ class Agent:
         # What this host caused (its definitions, registrations, certificates) is
         # never splayed: only what every host sees alike.
         inputs_moved = self._pass_inputs(address) != before
-        local = inputs_moved or services != previous
+        local = inputs_moved or defs_moved
         if changed and not local and self._push_endpoints_only(services, seen):
             # Only instances changed: pushed at run time, nothing compiled or rendered
             # (and the watched keys and ignored fields, which follow the chains and
