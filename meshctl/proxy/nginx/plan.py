@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 from meshctl.model import CertPaths, Cluster, HeaderOps, Outbound, Route, Snapshot
 from meshctl.proxy import l7
 from meshctl.proxy.resilience import connect_timeout_ms
+from meshctl.proxy.templating import ident, label
 
 _T = TypeVar("_T")
 
@@ -245,9 +246,11 @@ def http_plan(snapshot: Snapshot, resilient: Container[str] | None = None) -> Ng
                         loc = _location(o, r, c, upstream in resilient, response_ops)
                         locations[loc.name] = loc
                         action = _present({
-                            "loc": loc.name, "up": upstream, "tls": c.tls_name,
-                            "tries": retry_policy(r, c).tries, "peer": c.service,
-                            "subset": c.subset or "",
+                            # Names checked as the template's filters check them: the
+                            # block, the identity to verify, the metric labels.
+                            "loc": loc.name, "up": ident(upstream), "tls": ident(c.tls_name),
+                            "tries": retry_policy(r, c).tries, "peer": ident(c.service),
+                            "subset": label(c.subset or ""),
                             "section": upstream if loc.resilient else ""})
                         name = "a_" + _digest(sorted(action.items()))
                         table["actions"][name] = action
