@@ -198,9 +198,9 @@ def compile_snapshot(
             )
             okey = ("outbound", d.name, dest, bind)
             old = memo.get(okey) if memo is not None else None
-            if old is not None and old[0] == new:
-                new = old[0]
-            fresh[okey] = (new, None, None)
+            if old == new:
+                new = old
+            fresh[okey] = new
             outbounds.append(new)
 
     if memo is not None:
@@ -267,9 +267,10 @@ def _outbound_from_chain(
     return compiled.protocol, compiled.routes
 
 
-#: what compile_snapshot keeps between calls: key -> (what it was made from, the
-#: instance lists it read by query (None: not reusable), the result)
-CompileMemo = dict[tuple[Any, ...], tuple[Any, tuple[tuple[Any, Any], ...] | None, Any]]
+#: what compile_snapshot keeps between calls: ``("chain", …)`` -> (what the chain
+#: was made from, the instance lists it read by query (None: not reusable), the
+#: CompiledChain); ``("outbound", …)`` -> the Outbound
+CompileMemo = dict[tuple[Any, ...], Any]
 
 
 class _Reads(Mapping[Any, Sequence[Instance]]):

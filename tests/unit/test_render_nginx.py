@@ -301,3 +301,17 @@ def test_a_callers_tcp_upstreams_share_one_stream_server_per_setting() -> None:
     for k, d in enumerate(dests):  # each port maps to its block and the name to verify
         assert re.search(rf"\n        {19001 + k} web\.c_{d}_[0-9a-f]+;", stream)
         assert f"\n        {19001 + k} {d}.svc.meshctl.test;" in stream
+
+
+def test_a_tcp_upstreams_connect_timeout_overrides_its_clusters() -> None:
+    """ConnectTimeoutMs of an upstream (Consul's OverrideConnectTimeout) holds for a
+    tcp upstream as for an http one, in a stream server of its own."""
+    slow = Upstream("db1", 19002, config=(("connect_timeout_ms", "2500"),))
+    snap = snapshot(web((Upstream("db0", 19001), slow)),
+                    instances={d: api_instances(1) for d in ("db0", "db1")},
+                    protocols={"web": "http"})
+    by_dest = {s.outbounds[0].outbound.destination: s.connect_timeout_ms
+               for s in stream_plan(snap).servers}
+    assert by_dest == {"db0": 5000, "db1": 2500}
+    stream = render(snap).split("\nstream {", 1)[1]
+    assert "proxy_connect_timeout 2500ms;" in stream and "proxy_connect_timeout 5000ms;" in stream

@@ -57,6 +57,7 @@ class NginxDriver(ProxyDriver):
         return "nginx"
 
     def render(self, snapshot: Snapshot, generation: str) -> dict[str, str]:
+        resil = resilience.resilience_plan(snapshot)
         text = environment("nginx").get_template("nginx.conf.j2").render(
             node=snapshot.node,
             generation=generation,
@@ -77,11 +78,10 @@ class NginxDriver(ProxyDriver):
             deny_socket=str(self.deny_socket),
             status_socket=str(self.paths.status_socket),
             endpoints_file=str(self.endpoints_file),
-            l7=plan.http_plan(snapshot),
+            l7=plan.http_plan(snapshot, resil.sections),
             stream=plan.stream_plan(snapshot),
-            resil=resilience.resilience_plan(snapshot),
+            resil=resil,
             inbound_bound=shared.inbound_bound,
-            connect_timeout_ms=shared.connect_timeout_ms,
             http_inbounds=[i for i in snapshot.inbounds if i.protocol == "http"],
             stream_inbounds=[i for i in snapshot.inbounds if i.protocol != "http"],
         )

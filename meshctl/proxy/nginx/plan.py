@@ -136,10 +136,6 @@ class NginxPlan:
     #: the http block's upstream blocks, one per (caller, cluster), sorted by name
     upstreams: tuple[NginxUpstream, ...] = ()
 
-    @property
-    def outbounds(self) -> tuple[NginxOutbound, ...]:
-        return tuple(p for s in self.servers for p in s.outbounds)
-
     def table(self) -> dict[str, Any]:
         """The route table the chunks carry, decoded."""
         return json.loads(base64.b64decode("".join(self.table_chunks)))  # type: ignore[no-any-return]
@@ -158,7 +154,8 @@ class NginxStreamOutbound:
 @dataclass(frozen=True)
 class NginxStreamServer:
     """The stream ``server`` of a caller's tcp outbounds with the same literal
-    settings (connect timeout, MaxConnections): one TLS context for all of them.
+    settings (connect timeout: the upstream's ConnectTimeoutMs, else the
+    cluster's; MaxConnections): one TLS context for all of them.
 
     ``index`` names its maps (``$meshctl_tcp_up_<index>``, ...), keyed by
     ``$server_port``; its listeners' ports are distinct.
@@ -243,13 +240,14 @@ def http_plan(snapshot: Snapshot, resilient: Container[str] | None = None) -> Ng
                     for c in l7.clusters_in(snapshot, [wc.cluster]):
                         upstream = l7.caller_section(o.caller, c.id)
                         upstreams[upstream] = NginxUpstream(upstream, o.caller, c)
-                        loc = _location(o, r, c, upstream in resilient, response_ops)
+                        retry = retry_policy(r, c)
+                        loc = _location(o, r, c, retry, upstream in resilient, response_ops)
                         locations[loc.name] = loc
                         action = _present({
                             # Names checked as the template's filters check them: the
                             # block, the identity to verify, the metric labels.
                             "loc": loc.name, "up": ident(upstream), "tls": ident(c.tls_name),
-                            "tries": retry_policy(r, c).tries, "peer": ident(c.service),
+                            "tries": retry.tries, "peer": ident(c.service),
                             "subset": label(c.subset or ""),
                             "section": upstream if loc.resilient else ""})
                         name = "a_" + _digest(sorted(action.items()))
@@ -276,10 +274,9 @@ def http_plan(snapshot: Snapshot, resilient: Container[str] | None = None) -> Ng
     return NginxPlan(tuple(servers), chunks, _sorted_upstreams(upstreams))
 
 
-def _location(o: Outbound, r: Route, c: Cluster, resilient: bool,
+def _location(o: Outbound, r: Route, c: Cluster, retry: l7.RetryPolicy, resilient: bool,
               response_ops: bool) -> NginxLocation:
     """The shared location of an action of ``o``: one per set of literal settings."""
-    retry = retry_policy(r, c)
     spec = (l7.read_timeout_ms(r, c), retry.conditions,
             connect_timeout_ms(o, c.connect_timeout_ms), c.lb_policy == "least_request",
             resilient, response_ops)
@@ -303,13 +300,14 @@ def stream_plan(snapshot: Snapshot) -> NginxStreamPlan:
             upstreams[name] = NginxUpstream(name, o.caller, c)
         active = snapshot.active(o.default_cluster)
         outs.append(NginxStreamOutbound(o, active, l7.caller_section(o.caller, active.id)))
-    groups = _port_groups(outs, lambda s: (s.outbound.caller, s.outbound.tls,
-                                           s.cluster.connect_timeout_ms,
+    def connect_ms(s: NginxStreamOutbound) -> int:
+        return connect_timeout_ms(s.outbound, s.cluster.connect_timeout_ms)
+
+    groups = _port_groups(outs, lambda s: (s.outbound.caller, s.outbound.tls, connect_ms(s),
                                            s.outbound.policy.limits.max_connections),
                           lambda s: s.outbound.bind_port)
     servers = tuple(
-        NginxStreamServer(n, g[0].outbound.caller, g[0].outbound.tls,
-                          g[0].cluster.connect_timeout_ms,
+        NginxStreamServer(n, g[0].outbound.caller, g[0].outbound.tls, connect_ms(g[0]),
                           g[0].outbound.policy.limits.max_connections, tuple(g))
         for n, g in enumerate(groups))
     return NginxStreamPlan(servers, _sorted_upstreams(upstreams))
