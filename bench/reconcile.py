@@ -70,6 +70,9 @@ class Values:
     def statuses(self) -> dict[Any, dict[str, Any]]:
         return {}
 
+    def status_version(self) -> int:
+        return 0
+
     def settling(self) -> bool:
         return False
 

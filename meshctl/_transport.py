@@ -1,16 +1,19 @@
 """Short, secret-free accounts of an HTTP client's transport failures.
 
-Shared by the Consul and Vault adapters (both speak HTTP through requests), so
-an operator reads the same words, and the same hint at the setting to fix, for
-either: :func:`describe`. Never quotes anything but the OpenSSL reason, the
-errno text and exception class names.
+Shared by the Consul and Vault adapters (requests, and urllib3 under the
+agent's Consul watches), so an operator reads the same words, and the same hint
+at the setting to fix, for either: :func:`describe`. Never quotes anything but
+the OpenSSL reason, the errno text and exception class names.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 
 import requests
+import urllib3.exceptions as u3
 
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()\]]+)")
 _SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\] ([^('\"]+)")
@@ -80,6 +83,8 @@ def describe(
     ``env_prefix`` name the settings, as for :func:`tls_failure`.
     """
     # SSLError and ConnectTimeout are ConnectionErrors too: most specific first.
+    if isinstance(exc, u3.HTTPError):
+        return _describe_urllib3(exc, section, env_prefix, timeout)
     if isinstance(exc, requests.exceptions.SSLError):
         return tls_failure(exc, section, env_prefix)
     if isinstance(exc, requests.exceptions.Timeout):
@@ -89,3 +94,23 @@ def describe(
     if isinstance(exc, requests.exceptions.RequestException):
         return f"request failed: {type(exc).__name__}"
     return None
+
+
+def _describe_urllib3(
+    exc: u3.HTTPError, section: str, env_prefix: str, timeout: float | None
+) -> str:
+    """:func:`describe` for urllib3's own exceptions (a watch's lean session)."""
+    if isinstance(exc, u3.SSLError):
+        return tls_failure(exc, section, env_prefix)
+    # NewConnectionError is a ConnectTimeoutError too: it comes first.
+    if isinstance(exc, u3.NewConnectionError):
+        return f"cannot connect: {errno_reason(exc) or type(exc).__name__}"
+    if isinstance(exc, u3.TimeoutError):
+        return f"no answer within {timeout:g}s" if timeout is not None else "no answer in time"
+    if isinstance(exc, u3.ProtocolError):
+        cause = exc.args[1] if len(exc.args) > 1 else None
+        code = getattr(cause, "errno", None)
+        if isinstance(code, int) and code in errno.errorcode:
+            return f"connection lost: {os.strerror(code)}"
+        return "connection lost: the server closed it before answering"
+    return f"request failed: {type(exc).__name__}"

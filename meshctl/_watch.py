@@ -235,6 +235,8 @@ class _Entry:
         with self.watcher._lock:
             before = self.status
             went_bad = before.state != "error"
+            if went_bad or before.error != message:
+                self.watcher._status_version += 1
             self.status = WatchStatus(
                 state="error",
                 error=message,
@@ -250,6 +252,8 @@ class _Entry:
         now = time.time()
         with self.watcher._lock:
             before = self.status
+            if before.state != "ok":
+                self.watcher._status_version += 1
             self.status = WatchStatus(
                 state="ok",
                 since=now if before.state != "ok" else before.since,
@@ -537,6 +541,9 @@ class Watcher:
         self.on_settled = on_settled
         self._lock = threading.RLock()
         self._loops: dict[Key, _Entry] = {}
+        # Moves whenever a key is added or dropped or its (state, error) changes:
+        # a consumer compares it instead of every key's status (status_version()).
+        self._status_version = 0
         self._own: dict[Key, Subscription] = {}
         self._feed_subs: dict[Key, Subscription] = {}
         self._group_last: dict[Hashable, Any] = {}
@@ -566,6 +573,7 @@ class Watcher:
             fresh = entry is None
             if entry is None:
                 entry = self._loops[key] = self._new_entry(key)
+                self._status_version += 1
             entry.subs.append(sub)
             has_value, value = entry.has_value, entry.value
         if fresh:
@@ -625,6 +633,7 @@ class Watcher:
             if entry.subs:
                 return
             del self._loops[sub.key]
+            self._status_version += 1
             budget = follow_of(sub.key) == "budget"
             if budget and not entry.polled and not self._stopped:
                 promoted = self._promote()
@@ -782,6 +791,12 @@ class Watcher:
         with self._lock:
             return {key: loop.status.to_dict() for key, loop in self._loops.items()}
 
+    def status_version(self) -> int:
+        """A number that moves when :meth:`statuses` would differ in a key or in
+        a key's state or error (not merely in its last success or failure count)."""
+        with self._lock:
+            return self._status_version
+
     def keys(self) -> set[Key]:
         """The keys that are followed (a loop of their own or polled)."""
         with self._lock:
@@ -802,6 +817,7 @@ class Watcher:
             self._stopped = True
             loops = [e for e in self._loops.values() if isinstance(e, _Loop)]
             self._loops.clear()
+            self._status_version += 1
             self._own.clear()
             self._feed_subs.clear()
         for loop in loops:

@@ -33,7 +33,6 @@ from meshctl.consul.session import (
     blocking_params,
     consul_at,
     describe_failure,
-    indexed,
 )
 from meshctl.errors import ConsulError
 from meshctl.model import Instance
@@ -57,10 +56,7 @@ def _get(key: object, session: ConsulSession, path: str, params: list[tuple[str,
     """GET ``path`` for watch ``key``: ``(index, data)``, or ConsulError naming the
     Consul address, the key and what went wrong (never the token)."""
     try:
-        index, data = session.consul.http.get(
-            indexed(allow_404=allow_404), path, params=params,
-            headers=session.consul.prepare_headers(),
-        )
+        index, data = session.get(path, params, allow_404=allow_404)
     except FAILURES as exc:
         raise ConsulError(f"{consul_at(session.addr)}{key}: {describe_failure(exc)}") from None
     return int(index), data

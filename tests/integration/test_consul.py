@@ -524,3 +524,27 @@ def test_every_watch_key_names_the_consul_address_when_it_fails() -> None:
             assert "s3cr3t" not in str(info.value)
     finally:
         session.close()
+
+
+def test_a_watch_session_keeps_py_consuls_answer_rules(dev: ConsulDev, client: ConsulClient,
+                                                       raw: consul.Consul) -> None:
+    """The watches GET without py-consul's HTTP layer: same index, data and refusals."""
+    raw.config.set("service-defaults", "rules", {"Protocol": "http"})
+    session = client.session()
+    try:
+        index, entry = ConfigEntry("service-defaults", "rules").fetch(session, 0, "1s")
+        assert index > 0 and entry["Protocol"] == "http"
+        # A 404 a key allows is an absent value, with Consul's index.
+        index, absent = ConfigEntry("service-defaults", "nosuch").fetch(session, 0, "1s")
+        assert absent is None and index > 0
+        # Consul's refusal (1.14 answers 500 to a filter it cannot parse), in its own words.
+        with pytest.raises(ConsulError) as info:
+            HealthConnect("web", filter="Service.Meta.x ==").fetch(session, 0, "1s")
+        assert ": 500 1:18 (17): no match found" in str(info.value), info.value
+        # A blocking query holds until its wait, then answers the same index.
+        started = time.monotonic()
+        again, _ = ConfigEntry("service-defaults", "rules").fetch(session, index, "1s")
+        assert again == index and time.monotonic() - started >= 0.9
+    finally:
+        session.close()
+        raw.config.delete("service-defaults", "rules")

@@ -15,7 +15,7 @@ import pytest
 
 from meshctl.config import ConsulSettings
 from meshctl.consul.client import ConsulClient
-from meshctl.consul.keys import IntentionMatch
+from meshctl.consul.keys import HealthConnect, IntentionMatch
 from meshctl.errors import ConsulError
 from tests.integration.consul_dev import ConsulDev, free_port
 from tests.pki import TestCA
@@ -100,5 +100,24 @@ def test_without_the_ca_or_client_certificate_it_is_refused(
     with pytest.raises(ConsulError) as info:
         ConsulClient(tls_consul.settings(**change), timeout=5).advertise_address()
     message = str(info.value)
+    assert expected in message, message
+    assert TOKEN not in message
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"cacert": ""}, "TLS handshake failed: certificate verify failed"),
+    ({"client_cert": "", "client_key": ""}, "consul.client_cert and consul.client_key"),
+])
+def test_a_watch_session_refused_names_the_setting_to_fix(
+        tls_consul: TLSConsul, change: dict[str, str], expected: str) -> None:
+    """The watches' own HTTPS connection (urllib3, not requests) says the same as py-consul."""
+    session = ConsulClient(tls_consul.settings(**change), timeout=5).session()
+    try:
+        with pytest.raises(ConsulError) as info:
+            HealthConnect("api").fetch(session, 0, "1s")
+    finally:
+        session.close()
+    message = str(info.value)
+    assert message.startswith(f"Consul at {tls_consul.addr}: health.connect(api): "), message
     assert expected in message, message
     assert TOKEN not in message

@@ -70,6 +70,9 @@ class MemorySource:
     def statuses(self) -> dict[Key, dict[str, Any]]:
         return {}
 
+    def status_version(self) -> int:
+        return 0  # statuses() never changes
+
     def settling(self) -> bool:
         return False
 

@@ -106,3 +106,33 @@ def test_describe_tls_names_the_section() -> None:
         "TLS handshake failed: certificate verify failed: self-signed certificate "
         "(is consul.cacert / CONSUL_CACERT the CA of the server's certificate?)"
     )
+
+
+def _urllib3_cases() -> list[tuple[BaseException, float | None, str]]:
+    import http.client
+
+    import urllib3.exceptions as u3
+    from urllib3.connection import HTTPConnection
+
+    conn = HTTPConnection("127.0.0.1", 1)
+    return [
+        (u3.NewConnectionError(conn, "Failed to establish a new connection: [Errno 111] "
+                                     "Connection refused"), 10.0,
+         "cannot connect: Connection refused"),
+        (u3.ReadTimeoutError(None, "/v1/health/connect/api", "timed out"), None,  # type: ignore[arg-type]
+         "no answer in time"),
+        (u3.ConnectTimeoutError(conn, "timed out"), 10.0, "no answer within 10s"),
+        (u3.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset")), None,
+         "connection lost: Connection reset by peer"),
+        (u3.ProtocolError("Connection aborted.", http.client.RemoteDisconnected("closed")),
+         None, "connection lost: the server closed it before answering"),
+        (u3.LocationParseError("x"), 10.0, "request failed: LocationParseError"),
+    ]
+
+
+@pytest.mark.parametrize(("exc", "timeout", "expected"), _urllib3_cases())
+def test_urllib3_failures_read_like_requests_ones(
+    exc: BaseException, timeout: float | None, expected: str
+) -> None:
+    """The agent's watches GET through urllib3 directly: the same words, for either."""
+    assert describe(exc, "consul", "CONSUL", timeout) == expected

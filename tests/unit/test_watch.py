@@ -325,6 +325,39 @@ def test_errors_keep_the_last_value_and_log_once_per_change(
     assert len([m for m in messages if "recovered" in m]) == 2
 
 
+def test_the_status_version_moves_with_keys_and_their_state_not_with_answers(
+    store: Store, watcher: Watcher
+) -> None:
+    """What the agent compares on every timer-woken pass instead of each key's status."""
+    v0 = watcher.status_version()
+    key = MemKey("web")
+    store.set("web", ["a"])
+    sub = watcher.watch(key)
+    eventually(lambda: watcher.get(key) == ["a"])
+    v1 = watcher.status_version()
+    assert v1 > v0  # a key came, and went from pending to ok
+    for value in (["a", "b"], ["c"]):  # answers alone: the statuses read the same
+        store.set("web", value)
+        eventually(lambda value=value: watcher.get(key) == value)  # type: ignore[misc]
+    assert watcher.status_version() == v1
+    store.fail("connection refused")
+    eventually(lambda: (watcher.status(key) or WatchStatus()).failures >= 3)
+    v2 = watcher.status_version()
+    assert v2 > v1
+    eventually(lambda: (watcher.status(key) or WatchStatus()).failures >= 6)
+    assert watcher.status_version() == v2  # the same error again and again
+    store.fail("no route to host")
+    eventually(lambda: (watcher.status(key) or WatchStatus()).error == "no route to host")
+    v3 = watcher.status_version()
+    assert v3 > v2
+    store.fail(None)
+    eventually(lambda: (watcher.status(key) or WatchStatus()).ok)
+    v4 = watcher.status_version()
+    assert v4 > v3
+    sub.cancel()
+    assert watcher.status_version() > v4 and watcher.statuses() == {}
+
+
 def test_error_before_any_answer(store: Store, watcher: Watcher) -> None:
     store.fail("no route")
     key = MemKey("web")
