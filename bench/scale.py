@@ -153,15 +153,20 @@ def _sockets(pid: int) -> set[str]:
 
 
 def consul_connections(pid: int) -> int:
-    """Established TCP connections of ``pid`` to 127.0.0.1:8500 (its namespace's table)."""
+    """Established TCP connections of ``pid`` to 127.0.0.1:8500 (its namespace's table).
+
+    Counted by socket inode: the kernel builds ``/proc/net/tcp`` in pieces and
+    repeats lines when sockets come and go meanwhile (nginx binding a thousand
+    listeners, say), which read once showed 116 "connections" where 29 were.
+    """
     inodes = _sockets(pid)
     want = f"0100007F:{CONSUL_PORT:04X}"
-    count = 0
+    seen: set[str] = set()
     for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
         cols = line.split()
         if cols[2] == want and cols[3] == "01" and cols[9] in inodes:
-            count += 1
-    return count
+            seen.add(cols[9])
+    return len(seen)
 
 
 def threads(pid: int) -> int:
@@ -255,7 +260,7 @@ class Scale:
 
     def start(self) -> dict[str, Any]:
         t0 = time.monotonic()
-        self.h1.start_agent(wait=False, log_level="info")
+        self.h1.start_agent(wait=False, log_level=os.environ.get("SCALE_LOG_LEVEL", "info"))
         expected = self.expected()
         elapsed = self._wait("every upstream applied with its endpoints",
                              lambda: self.applied(expected), timeout=300)

@@ -616,12 +616,29 @@ class Watcher:
                 self._own.pop(key).cancel()
             for key in sorted(wanted - set(self._own), key=str):
                 self._own[key] = self.watch(key)
-            for mode, n in self.counts().items():
-                if mode != "workers":
-                    metrics.WATCHES.labels(mode=mode).set(n)
         finally:
             self._batch = False
+        self._fill_slots()
+        for mode, n in self.counts().items():
+            if mode != "workers":
+                metrics.WATCHES.labels(mode=mode).set(n)
         self._plan_feeds()
+
+    def _fill_slots(self) -> None:
+        """Give every free blocking slot to an overflowing key (after a batch of changes)."""
+        started: list[_Loop] = []
+        with self._lock:
+            if self._stopped or self.max_blocking is None:
+                return
+            held = sum(1 for k, e in self._loops.items()
+                       if not e.polled and follow_of(k) == "budget")
+            for _ in range(self.max_blocking - held):
+                loop = self._promote()
+                if loop is None:
+                    break
+                started.append(loop)
+        for loop in started:
+            loop.start()
 
     def _unsubscribe(self, sub: Subscription) -> None:
         promoted: _Loop | None = None
@@ -635,7 +652,10 @@ class Watcher:
             del self._loops[sub.key]
             self._status_version += 1
             budget = follow_of(sub.key) == "budget"
-            if budget and not entry.polled and not self._stopped:
+            # Within watch_only, the freed slot is handed on once the whole change
+            # is known (_fill_slots): promoted now, it could go to a key the same
+            # change drops next, a loop and a connection started only to be cut.
+            if budget and not entry.polled and not self._stopped and not self._batch:
                 promoted = self._promote()
         if isinstance(entry, _Loop):
             entry.stop()

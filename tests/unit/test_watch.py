@@ -645,6 +645,38 @@ def test_a_freed_slot_goes_to_a_polled_key(store: Store) -> None:
         w.stop()
 
 
+def test_a_change_that_drops_slot_holders_starts_loops_only_for_keys_it_keeps(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slots freed within one watch_only go to the keys that stay, once: no loop (and
+    connection) is started for a key the same change drops."""
+    import meshctl._watch as watch
+
+    names = "abcdef"
+    for name in names:
+        store.set(name, name)
+    w = bounded(store, max_blocking=2)
+    started: list[str] = []
+    real_start = watch._Loop.start
+
+    def start(loop: watch._Loop) -> None:
+        started.append(loop.key.name)
+        real_start(loop)
+
+    monkeypatch.setattr(watch._Loop, "start", start)
+    try:
+        w.watch_only({BudgetKey(n) for n in names})
+        eventually(lambda: all(w.get(BudgetKey(n)) == n for n in names))
+        assert sorted(n for n in started if n in names) == ["a", "b"]
+        started.clear()
+        w.watch_only({BudgetKey("e"), BudgetKey("f")})
+        assert sorted(started) == ["e", "f"]  # not c and d, dropped by the same change
+        assert w.counts()["blocking"] == 2 and w.counts()["polled"] == 0
+        assert w.get(BudgetKey("e")) == "e"
+    finally:
+        w.stop()
+
+
 def test_stop_is_prompt_with_workers_blocked(store: Store) -> None:
     store.per_key = True
     store.set("k", "v")
