@@ -32,7 +32,8 @@ A key's ``blocking_wait``, if set, replaces the watcher's ``wait`` for its loop.
 A key with an ``affected(old, new, keys, get)`` method names, when its value
 changes from ``old`` to ``new``, which of the polled ``keys`` may have changed
 too; the pool refetches them (blocking up to ``refresh_wait`` past their last
-index when the key's ``refresh_blocking`` is true: a view that lags the feed is
+index when the key's ``refresh_blocking`` is true and the change names at most
+``BLOCKING_REFRESH_MAX`` keys: a view that lags the feed is
 waited for, not missed). Until those answers are in, ``settling()`` is true and
 ``on_settled`` runs when they are, so a consumer compiles once, not per piece.
 A key whose ``notify`` is false (a feed) does not reach the watcher's ``on_change``.
@@ -67,6 +68,7 @@ MAX_ERROR_LEN = 300
 DEFAULT_WORKERS = 4
 DEFAULT_RESYNC = 300.0  # s between re-reads of a polled key: under Consul's 20 min view TTL
 DEFAULT_REFRESH_WAIT = "1s"
+BLOCKING_REFRESH_MAX = 8  # keys one change may refetch blocking (see refresh())
 SETTLE_MAX = 3.0  # s a consumer waits at most for refetches a change asked for
 
 
@@ -731,8 +733,12 @@ class Watcher:
             for e in entries:
                 if e.asked is None:
                     e.asked = now
+        # A blocking refetch holds a worker up to refresh_wait when the view has
+        # nothing new: worth it for the few keys one change names, not for a
+        # batch that would queue every other fetch behind it (read at once).
+        few = len(entries) <= BLOCKING_REFRESH_MAX
         for e in sorted(entries, key=lambda e: str(e.key)):
-            blocking = bool(getattr(e.key, "refresh_blocking", False)) and e.index > 0
+            blocking = few and bool(getattr(e.key, "refresh_blocking", False)) and e.index > 0
             self._pool.schedule(e.key, now, blocking)
 
     def settling(self) -> bool:
@@ -749,6 +755,7 @@ class Watcher:
             if not isinstance(entry, _Polled) or self._stopped:
                 return
             index = entry.index if blocking else 0
+        started = time.monotonic()
         try:
             returned, value = key.fetch(session, index, self.refresh_wait if index else self.wait)
         except Exception as exc:
@@ -764,6 +771,9 @@ class Watcher:
             if self._loops.get(key) is not entry:  # dropped or promoted meanwhile
                 return
         entry.attempt = 0
+        if index and returned == index:
+            log.debug("watch %s: a refetch the feed asked for found no change in %.2fs",
+                      key, time.monotonic() - started)
         entry.index = next_index(index, returned)
         entry._succeeded(value)
         self._answered(entry)

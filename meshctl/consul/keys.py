@@ -272,7 +272,11 @@ class HealthChecks:
                     continue
                 if check[0]:
                     services.add(check[0].removesuffix("-sidecar-proxy"))
-                else:
+                elif before is None or after is None or before[1] != after[1]:
+                    # A node check counts when it comes, goes or changes status: only
+                    # then can the health of the node's instances change. (A node
+                    # check rewritten with its status unchanged named every instance
+                    # on the node, hundreds of refetches that found nothing new.)
                     nodes.add(ident[0])
         out: set[Key] = set()
         for key in keys:

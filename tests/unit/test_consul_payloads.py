@@ -237,6 +237,14 @@ def test_the_health_feed_names_the_services_and_nodes_whose_checks_changed() -> 
     assert feed.affected(old, grown, keys, values.get) == {kv}
     node_down = {**old, ("h3", "serfHealth"): ("", "critical", 11)}
     assert feed.affected(old, node_down, keys, values.get) == {kv}
+    # A node check rewritten with the same status (its modify index moved) changes no
+    # instance's health: it names nobody (it named every instance on the node).
+    rewritten = {**old, ("h2", "serfHealth"): ("", "passing", 12)}
+    assert feed.affected(old, rewritten, keys, values.get) == set()
+    assert feed.affected(old, {**old, ("h2", "serfHealth"): ("", "critical", 12)},
+                         keys, values.get) == {api}
+    assert feed.affected(rewritten, {("h2", "ttl-api"): old[("h2", "ttl-api")]},
+                         keys, values.get) == {api}  # a node check that went away
     assert feed.affected(None, new, keys, values.get) == set()  # a first answer
     assert feed.affected(new, new, keys, values.get) == set()
     assert 'ServiceName matches `^(api|kv)(-sidecar-proxy)?$`' in feed.filter_expr()

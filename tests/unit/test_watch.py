@@ -559,6 +559,44 @@ def test_a_refetch_waits_for_a_view_that_lags_the_feed(store: Store) -> None:
         w.stop()
 
 
+def test_a_change_that_names_many_keys_reads_them_at_once(store: Store) -> None:
+    """A refetch that blocks holds a worker up to refresh_wait when nothing is new;
+    for a change naming hundreds of keys (a node check) that queued every other
+    fetch behind them for minutes. Beyond a few keys, they are read without blocking."""
+    from meshctl._watch import BLOCKING_REFRESH_MAX
+
+    n = BLOCKING_REFRESH_MAX + 4
+    store.per_key = True
+    names = [f"k{i:02d}" for i in range(n)]
+    for name in names:
+        store.set(name, "v1")
+    store.set("feed", [])
+    w = bounded(store, max_blocking=0, workers=2, refresh_wait="30s")
+    try:
+        w.watch_only({BudgetKey(name) for name in names})
+        eventually(lambda: all(w.get(BudgetKey(name)) == "v1" for name in names))
+        eventually(lambda: w.has_value(FeedKey("feed")))
+        asked = len(store.requests)
+        store.set("feed", names)  # names all of them; none changed
+
+        def again() -> list[tuple[str, int]]:
+            return [(name, i) for name, i in store.requests[asked:] if name != "feed"]
+
+        eventually(lambda: len(again()) == n, timeout=3.0)  # not n / 2 x 30 s
+        eventually(lambda: not w.settling())
+        assert sorted(name for name, _ in again()) == names
+        assert all(index == 0 for _, index in again())
+        # A change naming a few keys still waits for their views.
+        asked = len(store.requests)
+        store.set("feed", names[2:])  # the feed's change names k00 and k01
+        eventually(lambda: store.active.get(names[0]) == 1)
+        assert w.settling()
+        store.set(names[0], "v2")
+        eventually(lambda: w.get(BudgetKey(names[0])) == "v2")
+    finally:
+        w.stop()
+
+
 def test_a_key_asked_for_again_while_it_is_fetched_waits_for_that_fetch(store: Store) -> None:
     """Two workers never fetch one key at once: their answers could arrive out of
     order and leave the older one (a chain from before a config entry's change)."""
