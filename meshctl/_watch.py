@@ -726,19 +726,26 @@ class Watcher:
                 log.exception("watch %s: the watcher's callback failed", key)
 
     def refresh(self, keys: Iterable[Key]) -> None:
-        """Refetch these polled keys now (others are ignored); ``settling()`` until they answer."""
+        """Refetch these polled keys now (others are ignored); ``settling()`` until
+        those read at once have answered."""
         now = time.monotonic()
         with self._lock:
             entries = [e for k in keys if isinstance(e := self._loops.get(k), _Polled)]
-            for e in entries:
-                if e.asked is None:
-                    e.asked = now
         # A blocking refetch holds a worker up to refresh_wait when the view has
         # nothing new: worth it for the few keys one change names, not for a
         # batch that would queue every other fetch behind it (read at once).
         few = len(entries) <= BLOCKING_REFRESH_MAX
-        for e in sorted(entries, key=lambda e: str(e.key)):
-            blocking = few and bool(getattr(e.key, "refresh_blocking", False)) and e.index > 0
+        jobs = [(e, few and bool(getattr(e.key, "refresh_blocking", False)) and e.index > 0)
+                for e in sorted(entries, key=lambda e: str(e.key))]
+        with self._lock:
+            for e, blocking in jobs:
+                # A blocking refetch answers when its view moves (a change of its
+                # own, then) or after refresh_wait with nothing new: a consumer
+                # does not hold a compile for it (that held a protocol change 0.2 s
+                # behind an unrelated instance's refetch).
+                if e.asked is None and not blocking:
+                    e.asked = now
+        for e, blocking in jobs:
             self._pool.schedule(e.key, now, blocking)
 
     def settling(self) -> bool:
