@@ -320,3 +320,51 @@ def test_a_tcp_max_connections_counts_in_a_stick_table_not_fe_conn() -> None:
                      "tcp-request connection track-sc1 int(0)",
                      "tcp-request connection reject if { sc1_conn_cur gt 3 }"]
     assert "{ fe_conn" not in text
+
+
+def test_an_endpoint_push_sends_only_the_backends_whose_slots_moved(tmp_path: Path) -> None:
+    """At 1,000 upstreams a push of every slot was ~9,000 commands (2 s) for one
+    instance; a new worker (reload, start) or a refused push gets every slot again."""
+    from meshctl.errors import ProxyError
+    from meshctl.proxy.haproxy.driver import HAProxyDriver
+
+    driver = HAProxyDriver(ProxyPaths(tmp_path / "c", tmp_path / "s", tmp_path / "r",
+                                      tmp_path / "p"))
+    sent: list[str] = []
+    refuse = {"on": False}
+
+    def master(command: str, timeout: float = 10.0) -> str:
+        sent.append(command)
+        return "No such server.\n" if refuse["on"] else ""
+
+    driver.master_command = master  # type: ignore[method-assign]
+
+    def backends_in(commands: list[str]) -> set[str]:
+        return {part.split()[3].split("/")[0] for c in commands for part in c.split("; ")
+                if part.startswith("@1 set server")}
+
+    state = {"backends": {"api": {"s1": ["198.18.0.12", 21000, 100], "s2": None},
+                          "db": {"s1": ["198.18.0.13", 21000, 100], "s2": None}}}
+    driver.push_endpoints(state)
+    assert backends_in(sent) == {"api", "db"}
+    sent.clear()
+    moved = {"backends": {**state["backends"],
+                          "db": {"s1": ["198.18.0.13", 21000, 100],
+                                 "s2": ["198.18.0.12", 21001, 100]}}}
+    driver.push_endpoints(moved)
+    assert backends_in(sent) == {"db"}
+    sent.clear()
+    driver.push_endpoints(moved)
+    assert sent == []  # nothing moved
+    driver.reload()  # a new worker starts from its config
+    sent.clear()
+    driver.push_endpoints(moved)
+    assert backends_in(sent) == {"api", "db"}
+    sent.clear()
+    refuse["on"] = True
+    with pytest.raises(ProxyError):
+        driver.push_endpoints(state)
+    refuse["on"] = False
+    sent.clear()
+    driver.push_endpoints(state)  # after a refusal, nothing is assumed
+    assert backends_in(sent) == {"api", "db"}
