@@ -57,7 +57,20 @@ def _queries(get: Getter, upstreams: set[tuple[str, str]], datacenter: str) -> s
                 out |= chain_queries(chain, datacenter)
             except CompileError:
                 continue  # compile() reports it; nothing to watch for a refused chain
+        else:
+            out.add(default_target(dest, dc, datacenter))
     return out
+
+
+def default_target(dest: str, dc: str, datacenter: str) -> TargetQuery:
+    """The one target of ``dest``'s chain when no config entry shapes it (most upstreams).
+
+    Watched while the chain itself is not known yet, so that a new upstream's
+    instances are fetched beside its chain, not after it (and after the
+    registration the same pass makes); the chain's own targets replace it once
+    it answers, and a chain that reaches elsewhere only costs that one fetch.
+    """
+    return TargetQuery(service=dest, datacenter="" if dc in ("", datacenter) else dc)
 
 
 def targets_of(get: Getter, services: list[ServiceDefinition], datacenter: str
@@ -125,7 +138,8 @@ def source_keys(services: list[ServiceDefinition], get: Getter, datacenter: str)
     """Every Consul key the snapshot of these local services depends on.
 
     Each upstream's discovery chain and, once ``get`` knows a chain, one
-    health watch per target it reaches, with the target subset's filter; who
+    health watch per target it reaches, with the target subset's filter (until
+    then, the default chain's one target: ``default_target``); who
     may call each local service (its intention match). Chains and matches
     depend only on config entries, so the entries are watched one list per
     kind (WATCHED_KINDS), whose changes refetch only the chains and matches

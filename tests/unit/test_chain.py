@@ -374,7 +374,9 @@ def test_watch_set_follows_the_chain() -> None:
                                   upstreams=(Upstream("api", 19001),))]
     before = source_keys(services, {}.get, "dc1")
     assert DiscoveryChain("api") in before
-    assert not any(isinstance(k, HealthConnect) for k in before)
+    # Until the chain answers, its default target, fetched beside the chain...
+    assert {k for k in before if isinstance(k, HealthConnect)} == {HealthConnect("api",
+                                                                                 passing=False)}
     known = {DiscoveryChain("api"): chain("api")}
     keys = source_keys(services, known.get, "dc1")
     health = {k for k in keys if isinstance(k, HealthConnect)}
@@ -382,7 +384,25 @@ def test_watch_set_follows_the_chain() -> None:
         HealthConnect("api", passing=False, filter="Service.Meta.version == v1"),
         HealthConnect("api", passing=True, filter="Service.Meta.version == v2"),
         HealthConnect("admin", passing=False),
-    }
+    }  # ...then the chain's own targets (api's chain splits by subset)
+
+
+def test_the_default_target_is_the_key_a_default_chain_asks_for() -> None:
+    """The speculative health key equals the one Consul's recorded default chain
+    gives (else every new upstream would fetch its instances twice)."""
+    plain = json.loads((CHAINS / "plain.json").read_text())
+    for dc in ("", "dc1"):
+        services = [ServiceDefinition(name="web", id="web", port=1, source="web.json",
+                                      upstreams=(Upstream("plain", 19001, datacenter=dc),))]
+        before = {k for k in source_keys(services, {}.get, "dc1") if isinstance(k, HealthConnect)}
+        known = {DiscoveryChain("plain", compile_dc=dc): plain}
+        after = {k for k in source_keys(services, known.get, "dc1")
+                 if isinstance(k, HealthConnect)}
+        assert before == after == {HealthConnect("plain", passing=False)}
+    remote = [ServiceDefinition(name="web", id="web", port=1, source="web.json",
+                                upstreams=(Upstream("plain", 19001, datacenter="dc2"),))]
+    assert {k for k in source_keys(remote, {}.get, "dc1") if isinstance(k, HealthConnect)} == {
+        HealthConnect("plain", passing=False, datacenter="dc2")}
 
 
 def test_only_answered_targets_have_instances() -> None:
