@@ -730,14 +730,14 @@ class Watcher:
         those read at once have answered."""
         now = time.monotonic()
         with self._lock:
-            entries = [e for k in keys if isinstance(e := self._loops.get(k), _Polled)]
-        # A blocking refetch holds a worker up to refresh_wait when the view has
-        # nothing new: worth it for the few keys one change names, not for a
-        # batch that would queue every other fetch behind it (read at once).
-        few = len(entries) <= BLOCKING_REFRESH_MAX
-        jobs = [(e, few and bool(getattr(e.key, "refresh_blocking", False)) and e.index > 0)
-                for e in sorted(entries, key=lambda e: str(e.key))]
-        with self._lock:
+            entries = sorted((e for k in keys if isinstance(e := self._loops.get(k), _Polled)),
+                             key=lambda e: str(e.key))
+            # A blocking refetch holds a worker up to refresh_wait when the view has
+            # nothing new: worth it for the few keys one change names, not for a
+            # batch that would queue every other fetch behind it (read at once).
+            few = len(entries) <= BLOCKING_REFRESH_MAX
+            jobs = [(e, few and bool(getattr(e.key, "refresh_blocking", False)) and e.index > 0)
+                    for e in entries]
             for e, blocking in jobs:
                 # A blocking refetch answers when its view moves (a change of its
                 # own, then) or after refresh_wait with nothing new: a consumer

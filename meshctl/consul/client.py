@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import logging
@@ -59,7 +58,7 @@ class ConsulClient:
         self.sidecar_check_interval = sidecar_check_interval
         self._client: consul.Consul | None = None
         self._lean: ConsulSession | None = None  # GETs whose bytes are compared
-        self._services_memo: tuple[bytes, Mapping[str, Any]] | None = None
+        self._services_memo: tuple[bytes, Mapping[str, Any]] | None = None  # (body, decoded)
         self._lock = threading.Lock()
         if self.settings.tls_server_name:
             log.warning(
@@ -190,8 +189,7 @@ class ConsulClient:
             return session.get_bytes("/v1/agent/services", [])[2]
 
         body = self._call("list services", fetch)
-        digest = hashlib.sha256(body).digest()
-        if self._services_memo is not None and self._services_memo[0] == digest:
+        if self._services_memo is not None and self._services_memo[0] == body:
             return self._services_memo[1]
         try:
             services = json.loads(body)
@@ -199,7 +197,7 @@ class ConsulClient:
             services = None
         if not isinstance(services, Mapping):
             raise ConsulError(f"{consul_at(self.settings.addr)}list services: unexpected answer")
-        self._services_memo = (digest, services)
+        self._services_memo = (body, services)
         return services
 
     def local_sidecars(self) -> dict[str, Sidecar]:

@@ -30,8 +30,8 @@ import certifi
 import consul
 import requests
 import urllib3
+from consul.base import Response
 from consul.callback import CB
-from consul.std import parse_duration
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -122,20 +122,6 @@ class _TrackedHTTPSConnection(HTTPSConnection):
         self.tracker.connected(self)
 
 
-def _make_abortable(client: consul.Consul, tracker: _Tracker) -> None:
-    """Route the client's connections through ``tracker`` (per session, not global)."""
-    http_conn = type("_Conn", (_TrackedHTTPConnection,), {"tracker": tracker})
-    https_conn = type("_TLSConn", (_TrackedHTTPSConnection,), {"tracker": tracker})
-    pools = {
-        "http": type("_Pool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-        "https": type("_TLSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
-    }
-    session: requests.Session = client.http.session
-    for prefix in ("http://", "https://"):
-        adapter = session.get_adapter(prefix)
-        adapter.poolmanager.pool_classes_by_scheme = pools  # type: ignore[attr-defined]
-
-
 def consul_at(addr: str) -> str:
     """The start of every Consul error: which Consul, as Vault errors name their Vault."""
     return f"Consul at {addr}: " if addr else "Consul: "
@@ -144,18 +130,16 @@ def consul_at(addr: str) -> str:
 class ConsulSession:
     """One watch loop's own connection to Consul, abortable.
 
-    ``client``: a py-consul client whose address, TLS files and token the
-    session uses (each session has its own; :meth:`get` never goes through its
-    requests session). ``addr``: the Consul address, for error messages.
+    ``client``: a py-consul client whose address, TLS files, timeout and token
+    the session uses (its requests session stays unused). ``addr``: the Consul
+    address, for error messages.
     """
 
     def __init__(self, client: consul.Consul, addr: str = "") -> None:
         self.consul = client
         self.addr = addr
         self._tracker = _Tracker()
-        _make_abortable(client, self._tracker)
         self._pool = _lean_pool(client.http, self._tracker)
-        self._timeout: float | None = getattr(client.http, "connections_timeout", None)
 
     def get(self, path: str, params: list[tuple[str, Any]],
             allow_404: bool = False) -> tuple[int, Any]:
@@ -177,39 +161,22 @@ class ConsulSession:
         if params:
             url = f"{url}?{urllib.parse.urlencode(params)}"
         headers = self.consul.prepare_headers()
+        # py-consul's limit (its call timeout, plus a blocking query's wait and
+        # jitter), for the connect and for each read, as requests applies it.
         response = self._pool.urlopen("GET", url, headers=headers, retries=False,
-                                      redirect=False, timeout=self._timeout_for(params),
+                                      redirect=False, timeout=self.consul.http.timeout(params),
                                       preload_content=True)
         code = response.status
         if code >= 400:
-            CB._status(_Answer(code, response.data.decode("utf-8", "replace")), allow_404)
+            CB._status(Response(code, response.headers,
+                                response.data.decode("utf-8", "replace")), allow_404)
         return code, response.headers.get("X-Consul-Index"), response.data
-
-    def _timeout_for(self, params: list[tuple[str, Any]]) -> urllib3.Timeout:
-        """py-consul's limits: the call's timeout, plus a blocking query's wait and jitter."""
-        if self._timeout is None:
-            return urllib3.Timeout(connect=None, read=None)
-        read = self._timeout
-        given = dict(params)
-        if "index" in given:
-            wait = parse_duration(str(given["wait"])) if "wait" in given else 300.0
-            read += wait + wait / 16
-        return urllib3.Timeout(connect=self._timeout, read=read)
 
     def abort(self) -> None:
         self._tracker.abort()
 
     def close(self) -> None:
         self._pool.close()
-        self.consul.http.session.close()
-
-
-class _Answer:
-    """The two fields of an answer py-consul's status rules read."""
-
-    def __init__(self, code: int, body: str) -> None:
-        self.code = code
-        self.body = body
 
 
 def _lean_pool(http: Any, tracker: _Tracker) -> HTTPConnectionPool:
